@@ -1,0 +1,34 @@
+# The two commands a newcomer needs: `make run` and `make test`. Both work from a fresh clone.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install run test lint bench clean
+
+install: $(STAMP)
+
+# Re-install only when the dependency list changes.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[local,embedded,dev]'
+	touch $(STAMP)
+
+run: install
+	$(BIN)/rag-serve --ingest-examples
+
+test: install
+	$(BIN)/pytest -q
+
+lint: install
+	$(BIN)/ruff check service ingest tests bench
+	$(BIN)/ruff format --check service ingest tests bench
+	$(BIN)/mypy
+
+bench: install
+	$(BIN)/python -m bench.ingest
+	$(BIN)/python -m bench.retrieval ../shared/data/msmarco-5k
+
+clean:
+	rm -rf $(VENV) .ragcache .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""rag-ingest: load, chunk, embed and store documents."""

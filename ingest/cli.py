@@ -1,0 +1,256 @@
+"""`rag-ingest`: load documents into the corpus.
+
+Exit codes: 0 all good, 1 some files or lines failed (the rest was ingested),
+2 nothing could be done (bad arguments, database unreachable, embedding model mismatch).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Coroutine
+from contextlib import suppress
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from ingest.loaders import Format, LoadFailure, SourceDocument, discover, load
+from ingest.pipeline import IngestOptions, IngestReport, ingest_documents
+from service.corpus import open_corpus
+from service.db import CorpusMismatchError
+from service.settings import Settings
+from service.store import corpus_status
+
+app = typer.Typer(help="Load documents into the ragcache corpus.", no_args_is_help=True, add_completion=False)
+out = Console()
+err = Console(stderr=True)
+
+T = TypeVar("T")
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON summary.")]
+SourceOpt = Annotated[str | None, typer.Option("--source", help="Tag documents with this source name.")]
+
+
+class _Fatal(Exception):
+    pass
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        return asyncio.run(coro)
+    except CorpusMismatchError as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    except (_Fatal, OSError) as exc:
+        err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+
+
+class _ProgressView:
+    """A rich bar on a terminal; a plain line every few seconds otherwise."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.tty = enabled and err.is_terminal
+        self.enabled = enabled
+        self.documents = self.chunks = self.tokens = 0
+        self.total = 0
+        self.started = time.perf_counter()
+        self._last_line = 0.0
+        self._bar: Progress | None = None
+        self._task: Any = None
+
+    def __enter__(self) -> _ProgressView:
+        if self.tty:
+            self._bar = Progress(
+                TextColumn("[bold]ingest"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("docs · {task.fields[chunks]} chunks · {task.fields[rate]} tok/s"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=err,
+            )
+            self._bar.__enter__()
+            self._task = self._bar.add_task("ingest", total=None, chunks=0, rate=0)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(None, None, None)
+
+    def start(self, documents: int) -> None:
+        self.total = documents
+        self.started = time.perf_counter()
+        if self._bar is not None:
+            self._bar.update(self._task, total=documents)
+
+    def advance(self, documents: int, chunks: int, tokens: int) -> None:
+        self.documents += documents
+        self.chunks += chunks
+        self.tokens += tokens
+        rate = int(self.tokens / max(time.perf_counter() - self.started, 1e-6))
+        if self._bar is not None:
+            self._bar.update(self._task, advance=documents, chunks=self.chunks, rate=rate)
+        elif self.enabled and (time.perf_counter() - self._last_line > 5 or self.documents == self.total):
+            self._last_line = time.perf_counter()
+            err.print(f"ingest: {self.documents}/{self.total} documents, {self.chunks} chunks, {rate} tokens/s")
+
+
+def _print_report(report: IngestReport, as_json: bool) -> None:
+    if as_json:
+        data = report.as_dict()
+        data["failures"] = [{"path": f.path, "reason": f.reason} for f in report.failures]
+        out.print_json(json.dumps(data))
+    else:
+        for failure in report.failures:
+            err.print(f"[red]failed[/] {failure.path}: {failure.reason}")
+        out.print(
+            f"{report.documents} documents: {report.added} added, {report.updated} updated, "
+            f"{report.unchanged} unchanged, {report.deleted} deleted; {report.chunks} chunks, "
+            f"{report.tokens} tokens, {report.embeddings_computed} embeddings computed; "
+            f"{len(report.failures)} failed; {report.seconds:.1f}s"
+        )
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def _load_all(paths: list[str], source: str | None, fmt: Format) -> list[SourceDocument | LoadFailure]:
+    entries, failures = discover(paths, source=source)
+    items: list[SourceDocument | LoadFailure] = list(failures)
+    for entry in entries:
+        items.extend(load(entry, fmt))
+    return items
+
+
+async def _ingest(items: list[SourceDocument | LoadFailure], show_progress: bool) -> IngestReport:
+    settings = Settings()
+    async with open_corpus(settings, with_embedder=True) as corpus:
+        assert corpus.embedder is not None
+        options = IngestOptions(settings.chunk_tokens, settings.chunk_overlap, settings.embed_batch_size)
+        with _ProgressView(show_progress) as view:
+            return await ingest_documents(corpus.store, corpus.embedder, items, options, view)
+
+
+@app.command()
+def add(
+    paths: Annotated[list[str], typer.Argument(help="Files, folders (recursive) or glob patterns.")],
+    source: SourceOpt = None,
+    fmt: Annotated[str, typer.Option("--format", help="auto | jsonl | beir")] = "auto",
+    as_json: JsonFlag = False,
+) -> None:
+    """Add new and changed documents; unchanged ones are skipped without re-embedding."""
+    if fmt not in ("auto", "jsonl", "beir"):
+        err.print(f"[red]error:[/] --format must be auto, jsonl or beir, not {fmt!r}")
+        raise typer.Exit(2)
+    items = _load_all(paths, source, fmt)  # type: ignore[arg-type]
+    _print_report(_run(_ingest(items, not as_json)), as_json)
+
+
+@app.command()
+def sync(
+    directory: Annotated[Path, typer.Argument(help="The folder that is the whole truth for its source.")],
+    source: SourceOpt = None,
+    fmt: Annotated[str, typer.Option("--format", help="auto | jsonl | beir")] = "auto",
+    as_json: JsonFlag = False,
+) -> None:
+    """Make a source match a folder: add new and changed documents, delete those that are gone."""
+    if not directory.is_dir():
+        err.print(f"[red]error:[/] {directory}: not a directory")
+        raise typer.Exit(2)
+    name = source or directory.resolve().name
+    items = _load_all([str(directory)], name, fmt)  # type: ignore[arg-type]
+
+    async def run() -> IngestReport:
+        report = await _ingest(items, not as_json)
+        present = {i.external_id for i in items if isinstance(i, SourceDocument)}
+        # A file that exists but failed to load keeps its previous version.
+        present |= {
+            Path(f.path).relative_to(directory).as_posix() for f in report.failures if _inside(f.path, directory)
+        }
+        async with open_corpus(Settings()) as corpus:
+            gone = sorted(await corpus.store.external_ids(name) - present)
+            if gone:
+                report.deleted = await corpus.store.delete_documents(source=name, external_ids=gone)
+        return report
+
+    _print_report(_run(run()), as_json)
+
+
+def _inside(path: str, directory: Path) -> bool:
+    with suppress(ValueError):
+        Path(path).relative_to(directory)
+        return True
+    return False
+
+
+@app.command()
+def delete(
+    source: SourceOpt = None,
+    ids: Annotated[list[str] | None, typer.Option("--id", help="External document id (repeatable).")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Delete documents by source, by id, or by id within a source."""
+    if source is None and not ids:
+        err.print("[red]error:[/] give --source NAME and/or --id ID")
+        raise typer.Exit(2)
+
+    async def run() -> int:
+        async with open_corpus(Settings(), migrate_schema=False) as corpus:
+            if not (await corpus_status(corpus.pool)).initialised:
+                return 0
+            return await corpus.store.delete_documents(source=source, external_ids=ids or [])
+
+    deleted = _run(run())
+    if as_json:
+        out.print_json(json.dumps({"deleted": deleted}))
+    else:
+        out.print(f"{deleted} documents deleted")
+
+
+@app.command()
+def status(as_json: JsonFlag = False) -> None:
+    """Documents, chunks, tokens, embedding model and indexes of the corpus."""
+
+    async def run() -> dict[str, Any]:
+        async with open_corpus(Settings(), migrate_schema=False) as corpus:
+            info = await corpus_status(corpus.pool)
+            return info.__dict__
+
+    info = _run(run())
+    if as_json:
+        out.print_json(json.dumps(info))
+        return
+    table = Table(title="ragcache corpus", show_header=False)
+    for key in (
+        "embedding_model",
+        "embedding_dim",
+        "documents",
+        "chunks",
+        "tokens",
+        "hnsw_index",
+        "fulltext_index",
+    ):
+        table.add_row(key, str(info[key]))
+    for name, counts in info["sources"].items():
+        table.add_row(f"source {name}", f"{counts['documents']} documents, {counts['chunks']} chunks")
+    out.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""Postgres connections and schema migrations.
+
+Migrations are ordered SQL files in `service/migrations/`, applied at start under an
+advisory lock and recorded in `schema_migrations`. A 40-line runner on asyncpg is simpler
+than pulling in Alembic (SQLAlchemy) or yoyo (a sync driver) for plain SQL files.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import asyncpg
+from pgvector.asyncpg import register_vector
+
+MIGRATION_LOCK = 0x72616763  # "ragc": serialises concurrent starts (API workers, ingest)
+NOTIFY_CHANNEL = "ragcache_corpus"
+
+
+class CorpusMismatchError(RuntimeError):
+    """The configured embedding model differs from the one the corpus was built with."""
+
+
+@dataclass(frozen=True)
+class SchemaParams:
+    embedding_model: str
+    embedding_dim: int
+    hnsw_m: int = 16
+    hnsw_ef_construction: int = 64
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+def load_migrations() -> list[Migration]:
+    found = []
+    for entry in resources.files("service.migrations").iterdir():
+        match = re.fullmatch(r"(\d{4})_(\w+)\.sql", entry.name)
+        if match:
+            found.append(Migration(int(match[1]), match[2], entry.read_text(encoding="utf-8")))
+    return sorted(found, key=lambda m: m.version)
+
+
+def render(sql: str, params: SchemaParams) -> str:
+    return (
+        sql.replace("{embedding_dim}", str(params.embedding_dim))
+        .replace("{hnsw_m}", str(params.hnsw_m))
+        .replace("{hnsw_ef_construction}", str(params.hnsw_ef_construction))
+    )
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await register_vector(conn)
+
+
+async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10, **kwargs: Any) -> asyncpg.Pool:
+    """A pool whose connections speak pgvector's binary format. Call after `migrate`."""
+    pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, init=_init_connection, **kwargs)
+    assert pool is not None
+    return pool
+
+
+async def migrate(dsn: str, params: SchemaParams) -> list[int]:
+    """Apply pending migrations, then refuse a corpus built with another embedding model.
+
+    Returns the versions applied by this call.
+    """
+    conn: asyncpg.Connection = await asyncpg.connect(dsn)
+    try:
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+            await conn.execute(
+                """CREATE TABLE IF NOT EXISTS schema_migrations (
+                       version integer PRIMARY KEY, name text NOT NULL,
+                       applied_at timestamptz NOT NULL DEFAULT now())"""
+            )
+            applied = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+            done = []
+            for migration in load_migrations():
+                if migration.version in applied:
+                    continue
+                await conn.execute(render(migration.sql, params))
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                    migration.version,
+                    migration.name,
+                )
+                done.append(migration.version)
+            row = await conn.fetchrow("SELECT embedding_model, embedding_dim FROM corpus")
+            if row is None:
+                await conn.execute(
+                    "INSERT INTO corpus (embedding_model, embedding_dim) VALUES ($1, $2)",
+                    params.embedding_model,
+                    params.embedding_dim,
+                )
+            elif (row["embedding_model"], row["embedding_dim"]) != (
+                params.embedding_model,
+                params.embedding_dim,
+            ):
+                raise CorpusMismatchError(
+                    f"the corpus was built with embedding model {row['embedding_model']!r} "
+                    f"({row['embedding_dim']} dimensions) but {params.embedding_model!r} "
+                    f"({params.embedding_dim} dimensions) is configured; set RAG_EMBEDDING_MODEL back, "
+                    "or start from an empty database and re-ingest"
+                )
+            return done
+    finally:
+        await conn.close()

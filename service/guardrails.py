@@ -1,0 +1,441 @@
+"""Input guardrails: the first step of every request, before any I/O.
+
+Why it is pure: it runs ahead of the cache, the database and the model, so it
+must be cheap, deterministic and testable without a running stack. The service
+builds a :class:`GuardrailPolicy` from its settings, passes a token counter in,
+and maps :class:`GuardrailViolation` to an HTTP 400 error.
+
+Order of checks (part of the contract):
+NFC normalise -> empty -> control chars -> length (chars) -> PII -> injection
+-> tokens. PII is redacted before any later step sees the text, and the token
+count is taken on the final text that goes downstream.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from types import MappingProxyType
+from typing import Final, Literal
+
+__all__ = [
+    "CONTROL_CHARACTERS",
+    "EMPTY_QUESTION",
+    "PII_DETECTED",
+    "PII_REDACTED",
+    "PROMPT_INJECTION",
+    "QUESTION_TOO_LONG",
+    "TOO_MANY_TOKENS",
+    "Action",
+    "GuardrailPolicy",
+    "GuardrailResult",
+    "GuardrailViolation",
+    "PiiMode",
+    "check_question",
+    "luhn_valid",
+    "normalize_for_key",
+]
+
+# Stable codes: clients, logs and metrics rely on these strings.
+EMPTY_QUESTION: Final = "empty_question"
+QUESTION_TOO_LONG: Final = "question_too_long"
+TOO_MANY_TOKENS: Final = "too_many_tokens"
+CONTROL_CHARACTERS: Final = "control_characters"
+PROMPT_INJECTION: Final = "prompt_injection"
+PII_DETECTED: Final = "pii_detected"
+PII_REDACTED: Final = "pii_redacted"
+
+
+class Action(StrEnum):
+    """What a check does on a hit: reject the request, or let it pass and record it."""
+
+    BLOCK = "block"
+    FLAG = "flag"
+
+
+PiiMode = Literal["redact", "block", "allow"]
+_PII_MODES: Final = frozenset({"redact", "block", "allow"})
+
+
+@dataclass(frozen=True)
+class GuardrailPolicy:
+    """Operator-tunable limits; built by the service from its settings.
+
+    ``pii="allow"`` switches PII scanning off entirely (no redaction, no flag).
+    """
+
+    max_chars: int = 4000
+    max_tokens: int = 1000
+    injection: Action = Action.BLOCK
+    pii: PiiMode = "redact"
+    control_chars: Action = Action.BLOCK
+
+    def __post_init__(self) -> None:
+        """Fail fast on bad settings and accept plain strings for the actions."""
+        if self.max_chars < 1 or self.max_tokens < 1:
+            raise ValueError("max_chars and max_tokens must be positive")
+        if self.pii not in _PII_MODES:
+            raise ValueError(f"pii must be one of {sorted(_PII_MODES)}, got {self.pii!r}")
+        object.__setattr__(self, "injection", Action(self.injection))
+        object.__setattr__(self, "control_chars", Action(self.control_chars))
+
+
+@dataclass(frozen=True)
+class GuardrailResult:
+    """The question as it may be used downstream, plus what the checks recorded.
+
+    ``flags`` holds codes that were detected but allowed by policy, in check
+    order; ``redactions`` counts replaced PII per kind (``email``, ``phone``,
+    ``card``); ``token_count`` is measured on ``text``.
+    """
+
+    text: str
+    flags: tuple[str, ...] = ()
+    redactions: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}), hash=False)
+    token_count: int = 0
+
+    def __post_init__(self) -> None:
+        """Freeze the containers so a result can be shared safely."""
+        object.__setattr__(self, "flags", tuple(self.flags))
+        object.__setattr__(self, "redactions", MappingProxyType(dict(self.redactions)))
+
+
+class GuardrailViolation(Exception):
+    """A rejected question. ``message`` never echoes the user's text or PII."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+# --------------------------------------------------------------------------
+# Normalisation helpers
+# --------------------------------------------------------------------------
+
+# Zero-width characters that carry no content at the edges of a question.
+_ZERO_WIDTH: Final = "\u200b\u200c\u200d\u2060\ufeff"
+_EDGES: Final = re.compile(rf"^[\s{_ZERO_WIDTH}]+|[\s{_ZERO_WIDTH}]+$")
+_WHITESPACE_RUN: Final = re.compile(r"\s+")
+
+# C0/C1 controls except \t \n \r, DEL, and the bidi embedding/override/isolate
+# characters used in "Trojan Source" attacks (U+202A-E, U+2066-9).
+_CONTROL: Final = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def _nfc_strip(text: str) -> str:
+    """NFC first so that equal-looking questions are equal strings."""
+    return _EDGES.sub("", unicodedata.normalize("NFC", text))
+
+
+def _is_blank(text: str) -> bool:
+    """Blank means nothing but whitespace and invisible format (Cf) characters."""
+    return all(ch.isspace() or unicodedata.category(ch) == "Cf" for ch in text)
+
+
+def normalize_for_key(text: str) -> str:
+    """Canonical form for cache keys: NFC, casefolded, single-spaced, stripped.
+
+    NFC is applied again after casefolding because casefolding can emit
+    decomposed sequences; this keeps the function idempotent.
+    """
+    folded = unicodedata.normalize("NFC", unicodedata.normalize("NFC", text).casefold())
+    return _WHITESPACE_RUN.sub(" ", folded).strip()
+
+
+# --------------------------------------------------------------------------
+# PII
+# --------------------------------------------------------------------------
+
+
+def luhn_valid(digits: str) -> bool:
+    """Luhn checksum, so that arbitrary 16-digit numbers are not taken for cards."""
+    if not digits or not all("0" <= ch <= "9" for ch in digits):
+        return False
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        n = ord(ch) - 48
+        if i % 2 == 1:
+            n *= 2
+            if n > 9:
+                n -= 9
+        total += n
+    return total % 10 == 0
+
+
+_EMAIL: Final = re.compile(
+    r"(?<![\w.%+\-])[\w.%+\-]+@"
+    r"(?:[^\W_](?:[\w\-]*[^\W_])?\.)+"
+    # "icon@2x.png" is an asset name, not an address.
+    r"(?!(?:png|jpe?g|gif|svg|webp|ico|bmp)\b)[^\W\d_]{2,}\b"
+)
+
+# 13-19 digits, either contiguous or in the printed groupings (4-4-4-4[-1..3],
+# Amex 4-6-5, Diners 4-6-4) with one consistent separator.
+_CARD: Final = re.compile(
+    r"(?<![\w.\-])(?:"
+    r"[0-9]{13,19}"
+    r"|[0-9]{4}(?P<s1>[ \-])[0-9]{4}(?P=s1)[0-9]{4}(?P=s1)[0-9]{4}"
+    r"(?:(?P=s1)(?P<tail>[0-9]{1,3}))?"
+    r"|[0-9]{4}(?P<s2>[ \-])[0-9]{6}(?P=s2)[0-9]{4,5}"
+    r")(?!\w|[.\-][0-9])"
+)
+
+# +CC forms: a country code, optional "(0)"/"(555)" part, digit groups joined
+# by single separators. The digit count (10-15, E.164) is checked afterwards.
+_INTL_PHONE: Final = re.compile(
+    r"(?<![\w+])\+[0-9]{1,3}"
+    r"(?:[ .\-]|[ .\-]?\([0-9]{1,5}\)[ .\-]?)?"
+    r"[0-9]+(?:[ .\-][0-9]+)*(?![0-9])"
+)
+
+# North American forms: (555) 123-4567, 555-123-4567, 555.123.4567, 1-800-...
+# Separators are required so that timestamps and IDs are left alone.
+_NA_PHONE: Final = re.compile(
+    r"(?<![\w.+\-/])(?:1[ .\-]?)?"
+    r"(?:\([0-9]{3}\)[ .\-]?|[0-9]{3}[ .\-])"
+    r"[0-9]{3}[ .\-][0-9]{4}"
+    r"(?!\w|[.\-/][0-9])"
+)
+
+_PLACEHOLDERS: Final[Mapping[str, str]] = MappingProxyType({"email": "[EMAIL]", "card": "[CARD]", "phone": "[PHONE]"})
+_PII_NAMES: Final[Mapping[str, str]] = MappingProxyType(
+    {"email": "email address", "card": "payment card number", "phone": "phone number"}
+)
+
+
+def _digits(text: str) -> str:
+    return "".join(ch for ch in text if "0" <= ch <= "9")
+
+
+def _is_card(digits: str) -> bool:
+    """Card = 13-19 digits, a major-network leading digit (2-6), Luhn-valid.
+
+    The leading-digit rule keeps all-zero strings and 13-digit millisecond
+    timestamps (which start with 1) from being redacted.
+    """
+    return 13 <= len(digits) <= 19 and digits[0] in "23456" and luhn_valid(digits)
+
+
+def _redact_pii(text: str) -> tuple[str, dict[str, int]]:
+    """Replace PII with placeholders; emails first (they may contain digits)."""
+    counts: dict[str, int] = {}
+
+    def hit(kind: str) -> str:
+        counts[kind] = counts.get(kind, 0) + 1
+        return _PLACEHOLDERS[kind]
+
+    def email(m: re.Match[str]) -> str:
+        return hit("email")
+
+    def card(m: re.Match[str]) -> str:
+        raw = m.group(0)
+        if _is_card(_digits(raw)):
+            return hit("card")
+        tail = m.group("tail")
+        if tail is not None:
+            # "4111 1111 1111 1111 200 items": the card is the 16-digit head.
+            head_len = m.start("tail") - m.start() - 1
+            if _is_card(_digits(raw[:head_len])):
+                return hit("card") + raw[head_len:]
+        return raw
+
+    def intl_phone(m: re.Match[str]) -> str:
+        return hit("phone") if 10 <= len(_digits(m.group(0))) <= 15 else m.group(0)
+
+    def na_phone(m: re.Match[str]) -> str:
+        return hit("phone")
+
+    text = _EMAIL.sub(email, text)
+    text = _CARD.sub(card, text)
+    text = _INTL_PHONE.sub(intl_phone, text)
+    text = _NA_PHONE.sub(na_phone, text)
+    return text, counts
+
+
+# --------------------------------------------------------------------------
+# Prompt injection
+# --------------------------------------------------------------------------
+
+# Letters spelled out with single separators ("i g n o r e") are joined in the
+# detection view; a double space still separates words.
+_SPACED_LETTERS: Final = re.compile(r"(?<!\w)(?:\w[ ._*\-]){2,}\w(?!\w)")
+_SPACER: Final = re.compile(r"[ ._*\-]")
+_HSPACE: Final = re.compile(r"[^\S\n]+")
+_QUOTES: Final = re.compile("[\u2018\u2019\u201b\u2032`]")
+
+# Start of an imperative: text/sentence start, punctuation, or a politeness
+# word. Used where the phrase alone is also a normal question ("how do I print
+# the system prompt in LangChain?").
+_IMP: Final = r"(?:^|[.!?;:,>\"'(\[\n]\s*|\b(?:please|now|just|first|kindly|ok|okay)\s*,?\s+)"
+_LEAK_VERB: Final = (
+    r"(?:reveal|print|show|display|output|repeat|leak|dump|expose|disclose|"
+    r"recite|echo|paste|share|tell|give|list|write\s+out|spell\s+out)"
+)
+_PROMPT_TARGET: Final = (
+    r"(?:(?:full|exact|complete|entire|whole|actual|real)\s+)?"
+    r"(?:system[\s\-]*prompt|pre-?prompt|"
+    r"(?:system|initial|original|hidden|secret|internal|confidential|developer)"
+    r"[\s\-]+(?:prompts?|instructions|messages?|rules|directives))"
+)
+_UNRESTRICTED_WORDS: Final = (
+    r"restrictions|limitations|filters?|filtering|censorship|guardrails|"
+    r"guidelines|ethics|morals|morality|safeguards|content\s+polic(?:y|ies)"
+)
+_UNRESTRICTED: Final = r"(?:" + _UNRESTRICTED_WORDS + r")"
+
+_INJECTION_PATTERNS: Final[tuple[re.Pattern[str], ...]] = tuple(
+    re.compile(p)
+    for p in (
+        # ignore/disregard/forget (all) previous/prior/above ... instructions
+        r"\b(?:ignore|disregard|forget)\s+(?:\w+\s+){0,3}?"
+        r"(?:previous|prior|above|preceding|earlier|foregoing|former|original|"
+        r"initial|all|any|every|your)\s+(?:\w+\s+){0,2}?"
+        r"(?:instructions?|prompts?|directions|directives|programming)\b",
+        # ... the system prompt / developer message
+        r"\b(?:ignore|disregard|forget)\s+(?:\w+\s+){0,2}?"
+        r"(?:system|developer|hidden|initial|original)\s*(?:prompt|message|instructions?)\b",
+        _IMP + r"(?:override|bypass|overrule)\s+(?:\w+\s+){0,2}?"
+        r"(?:system|developer|safety)\s*(?:prompt|message|instructions?|rules|guardrails)\b",
+        # ... your rules / everything above / the above
+        r"\b(?:ignore|disregard|forget)\s+(?:all\s+)?(?:of\s+)?your\s+(?:\w+\s+){0,2}?"
+        r"(?:rules|guidelines|training|restrictions|guardrails|filters)\b",
+        r"\b(?:ignore|disregard|forget)\s+(?:all|everything|anything)\s+"
+        r"(?:(?:that\s+)?(?:was\s+|you\s+were\s+|i\s+)?(?:said|told|written|given|wrote)\s+)?"
+        r"(?:above|before|previously|prior|so\s+far|earlier)\b",
+        r"\b(?:ignore|disregard|forget)\s+(?:all\s+)?(?:of\s+)?the\s+(?:above|foregoing)"
+        r"\s*(?:[.,;:!]|$|and\b)",
+        # reveal/print/show your system prompt / hidden instructions
+        r"\b" + _LEAK_VERB + r"\s+(?:me\s+|us\s+)?(?:\w+\s+){0,2}?your\s+"
+        r"(?:" + _PROMPT_TARGET + r"|prompt|instructions\s+verbatim)\b",
+        r"\bwhat(?:\s+(?:is|are|was|were)|'s|'re)\s+your\s+(?:" + _PROMPT_TARGET + r"|prompt)\b",
+        _IMP + _LEAK_VERB + r"\s+(?:me\s+|us\s+)?(?:\w+\s+){0,2}?"
+        r"(?:the\s+|any\s+|all\s+)?" + _PROMPT_TARGET + r"\b",
+        _IMP + r"(?:repeat|print|output|reveal)\s+(?:me\s+)?"
+        r"(?:all\s+|everything\s+|the\s+(?:text|words|content|instructions|prompt)\s+)"
+        # "... above." ends the request; "print the text above the table" is a question.
+        r"(?:(?:above|before\s+this|so\s+far)(?:\s+verbatim)?\s*(?:[.,;:!?]|$|and\b)|verbatim\b)",
+        # personas: DAN, developer mode, unrestricted
+        r"\byou\s+are\s+now\s+(?:in\s+|a\s+|an\s+|the\s+)?"
+        r"(?:dan|stan|developer\s+mode|dev\s+mode|god\s+mode|jailbreak\s+mode|jailbroken|"
+        r"unrestricted|uncensored|unfiltered|unbound|unchained|evil)\b",
+        r"\byou\s+are\s+(?:a\s+|an\s+)?(?:dan|jailbroken|unrestricted\s+ai|uncensored\s+ai)\b",
+        r"\byou\s+are\s+(?:now\s+)?no\s+longer\s+(?:bound|restricted|limited|constrained)\b",
+        r"\b(?:you|chatgpt|assistant|ai|model|claude|gpt|llm|bot)\s+(?:are\s+now\s+|is\s+now\s+)?"
+        r"(?:in\s+|with\s+)(?:developer|dev)\s+mode\b",
+        r"\b(?:dan|jailbreak)\s+mode\b",
+        r"\bdan\b.{0,40}\bdo\s+anything\s+now\b|\bdo\s+anything\s+now\b.{0,40}\bdan\b",
+        r"\b(?:act|pretend|roleplay|behave)\s+(?:to\s+be\s+|as\s+|like\s+)(?:a\s+|an\s+)?(?:dan|stan)\b",
+        # act as ... without restrictions
+        r"(?:" + _IMP + r"|\byou\s+(?:will\s+|to\s+|should\s+|must\s+|shall\s+|now\s+|"
+        r"are\s+going\s+to\s+)?)(?:act|behave|roleplay|role-play|respond|answer|reply)"
+        r"\b(?:\s+\S+){0,8}?\s+(?:without|with\s+no|free\s+(?:of|from)|ignoring|"
+        r"not\s+bound\s+by|unbound\s+by)\s+(?:any\s+|all\s+|your\s+|the\s+|its\s+|"
+        r"(?:moral|ethical|content|safety)\s+)*" + _UNRESTRICTED + r"\b",
+        r"\bpretend\s+(?:that\s+)?(?:you\s+(?:are|have)|to\s+be)\b(?:\s+\S+){0,6}?\s+"
+        r"(?:no|without)\s+(?:any\s+)?(?:rules|" + _UNRESTRICTED_WORDS + r")\b",
+        # chat-template role tags and prompt delimiters
+        r"<\s*/?\s*(?:system|assistant|developer|sys|system_prompt|instructions)\s*>",
+        r"<\|\s*(?:im_start|im_end|system|assistant|user|endoftext|start_header_id|"
+        r"end_header_id|eot_id|begin_of_text)\s*\|>",
+        r"\[\s*/?\s*(?:inst|sys)\s*\]|<<\s*/?\s*sys\s*>>",
+        r"\[\s*system\s+(?:message|prompt|override)\s*\]",
+        r"\b(?:begin|end)\s+(?:new\s+)?system\s+(?:prompt|message|instructions?)\b",
+        r"\bnew\s+system\s+(?:prompt|instructions?)\s*:",
+    )
+)
+
+
+def _injection_view(text: str) -> str:
+    """Fold the text so simple obfuscation does not dodge the patterns.
+
+    NFKC maps full-width and styled letters to ASCII, format characters
+    (zero-width joiners etc.) are dropped, case is folded, spelled-out letters
+    are joined, and runs of spaces collapse. Only used for matching.
+    """
+    view = unicodedata.normalize("NFKC", text)
+    view = "".join(ch for ch in view if unicodedata.category(ch) != "Cf").casefold()
+    view = _QUOTES.sub("'", view)
+    view = _SPACED_LETTERS.sub(lambda m: _SPACER.sub("", m.group(0)), view)
+    return _HSPACE.sub(" ", view)
+
+
+def _looks_like_injection(text: str) -> bool:
+    view = _injection_view(text)
+    return any(p.search(view) for p in _INJECTION_PATTERNS)
+
+
+# --------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------
+
+
+def check_question(
+    question: str,
+    policy: GuardrailPolicy,
+    count_tokens: Callable[[str], int],
+) -> GuardrailResult:
+    """Validate and clean a question; raise :class:`GuardrailViolation` to reject.
+
+    ``count_tokens`` is injected so this module stays free of tokenizer set-up;
+    it is called once, on the final text, and only if every other check passed.
+    """
+    flags: list[str] = []
+    text = _nfc_strip(question)
+
+    if _is_blank(text):
+        raise GuardrailViolation(EMPTY_QUESTION, "The question is empty.")
+
+    if _CONTROL.search(text):
+        if policy.control_chars is Action.BLOCK:
+            raise GuardrailViolation(
+                CONTROL_CHARACTERS,
+                "The question contains control or bidirectional-override characters.",
+            )
+        # Let it through, but never pass NULs or bidi overrides downstream.
+        flags.append(CONTROL_CHARACTERS)
+        text = _EDGES.sub("", _CONTROL.sub("", text))
+        if _is_blank(text):
+            raise GuardrailViolation(EMPTY_QUESTION, "The question is empty.")
+
+    if len(text) > policy.max_chars:
+        raise GuardrailViolation(
+            QUESTION_TOO_LONG,
+            f"The question is {len(text)} characters long; the limit is {policy.max_chars}.",
+        )
+
+    redactions: dict[str, int] = {}
+    if policy.pii != "allow":
+        redacted, found = _redact_pii(text)
+        if found:
+            if policy.pii == "block":
+                kinds = ", ".join(_PII_NAMES[k] for k in sorted(found))
+                raise GuardrailViolation(
+                    PII_DETECTED,
+                    f"The question appears to contain personal data ({kinds}); remove it and try again.",
+                )
+            text, redactions = redacted, dict(sorted(found.items()))
+            flags.append(PII_REDACTED)
+
+    if _looks_like_injection(text):
+        if policy.injection is Action.BLOCK:
+            raise GuardrailViolation(
+                PROMPT_INJECTION,
+                "The question looks like an attempt to override the assistant's instructions.",
+            )
+        flags.append(PROMPT_INJECTION)
+
+    tokens = count_tokens(text)
+    if tokens > policy.max_tokens:
+        raise GuardrailViolation(
+            TOO_MANY_TOKENS,
+            f"The question is {tokens} tokens long; the limit is {policy.max_tokens}.",
+        )
+
+    return GuardrailResult(text=text, flags=tuple(flags), redactions=redactions, token_count=tokens)

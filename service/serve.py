@@ -1,0 +1,81 @@
+"""`rag-serve`: run the API, starting embedded Postgres/Valkey when no URLs are configured."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import uvicorn
+from rich.console import Console
+
+from service.app import redis_url
+from service.corpus import database_url, open_corpus
+from service.settings import Settings
+
+console = Console(stderr=True)
+app = typer.Typer(add_completion=False, help="Run the ragcache API.")
+
+
+async def _ingest_examples_if_empty(settings: Settings, examples: Path) -> None:
+    from ingest.loaders import discover, load
+    from ingest.pipeline import IngestOptions, ingest_documents
+
+    async with open_corpus(settings, with_embedder=True) as corpus:
+        if await corpus.pool.fetchval("SELECT count(*) FROM documents"):
+            return
+        assert corpus.embedder is not None
+        entries, failures = discover([str(examples)], source="handbook")
+        items = [*failures, *(doc for entry in entries for doc in load(entry))]
+        options = IngestOptions(settings.chunk_tokens, settings.chunk_overlap, settings.embed_batch_size)
+        report = await ingest_documents(corpus.store, corpus.embedder, items, options)
+        console.print(f"ingested {report.added} example documents ({report.chunks} chunks) from {examples}/")
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Bind address (default RAG_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default RAG_PORT).")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes sharing cache, limits and metrics.")] = 1,
+    ingest_examples: Annotated[
+        bool, typer.Option(help="Ingest ./examples when the corpus is empty (what `make run` does).")
+    ] = False,
+) -> None:
+    settings = Settings()
+    host = host or settings.host
+    port = port if port is not None else settings.port
+    # Start embedded servers here, once, and hand their URLs to the workers through the environment.
+    dsn, pg = database_url(settings)
+    rurl, valkey = redis_url(settings)
+    os.environ["DATABASE_URL"] = dsn
+    os.environ["REDIS_URL"] = rurl
+    settings = Settings()
+    try:
+        if ingest_examples and Path("examples").is_dir():
+            asyncio.run(_ingest_examples_if_empty(settings, Path("examples")))
+        body = '{"question": "How do I flush the cache?"}'
+        console.print(
+            f"\nragcache on http://{host}:{port}  (dashboard: http://{host}:{port}/dashboard)\n"
+            f"try:\n  curl -N http://{host}:{port}/rag/stream -H 'Content-Type: application/json' "
+            f"-d {shlex.quote(body)}\n"
+        )
+        uvicorn.run(
+            "service.app:app_factory",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            log_level=settings.log_level,
+        )
+    finally:
+        if valkey is not None:
+            valkey.stop()
+        if pg is not None:
+            pg.stop()
+
+
+def main() -> None:
+    app()

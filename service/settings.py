@@ -1,0 +1,74 @@
+"""All configuration in one place, read from the environment or `.env`.
+
+Every setting is documented in README.md and `.env.example`; nothing else in the
+code base reads the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LOCAL_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
+
+    # --- where the data lives -------------------------------------------------
+    database_url: str | None = Field(default=None, alias="DATABASE_URL")
+    redis_url: str | None = Field(default=None, alias="REDIS_URL")
+    data_dir: Path = Field(default=Path(".ragcache"), alias="RAG_DATA_DIR")
+    db_pool_min: int = Field(default=1, alias="RAG_DB_POOL_MIN", ge=0)
+    db_pool_max: int = Field(default=10, alias="RAG_DB_POOL_MAX", ge=1)
+
+    # --- providers --------------------------------------------------------------
+    anthropic_api_key: SecretStr | None = Field(default=None, alias="ANTHROPIC_API_KEY")
+    anthropic_base_url: str | None = Field(default=None, alias="ANTHROPIC_BASE_URL")
+    openai_api_key: SecretStr | None = Field(default=None, alias="OPENAI_API_KEY")
+    openai_base_url: str | None = Field(default=None, alias="OPENAI_BASE_URL")
+
+    # --- embeddings -------------------------------------------------------------
+    embedding_provider: Literal["local", "openai"] = Field(default="local", alias="RAG_EMBEDDING_PROVIDER")
+    embedding_model: str | None = Field(
+        default=None,
+        alias="RAG_EMBEDDING_MODEL",
+        description="Default: all-MiniLM-L6-v2 (local) or text-embedding-3-small (openai).",
+    )
+    embedding_dim: int | None = Field(
+        default=None,
+        alias="RAG_EMBEDDING_DIM",
+        description="Only needed for unknown OpenAI-compatible models.",
+    )
+    embed_batch_size: int = Field(default=64, alias="RAG_EMBED_BATCH_SIZE", ge=1, le=2048)
+    embed_concurrency: int = Field(default=4, alias="RAG_EMBED_CONCURRENCY", ge=1, le=64)
+
+    # --- chunking and retrieval -----------------------------------------------
+    chunk_tokens: int = Field(default=400, alias="RAG_CHUNK_TOKENS", ge=32, le=8192)
+    chunk_overlap: int = Field(default=50, alias="RAG_CHUNK_OVERLAP", ge=0)
+    hnsw_m: int = Field(default=16, alias="RAG_HNSW_M", ge=2, le=100)
+    hnsw_ef_construction: int = Field(default=64, alias="RAG_HNSW_EF_CONSTRUCTION", ge=4, le=1000)
+    hnsw_ef_search: int = Field(default=100, alias="RAG_HNSW_EF_SEARCH", ge=1, le=1000)
+
+    # --- cache ------------------------------------------------------------------
+    cache_ttl_s: int = Field(default=7 * 24 * 3600, alias="RAG_CACHE_TTL_S", ge=1)
+    semantic_cache_threshold: float = Field(default=0.95, alias="RAG_SEMANTIC_CACHE_THRESHOLD", ge=0, le=1)
+
+    # --- routing ----------------------------------------------------------------
+    models_small: str | None = Field(
+        default=None, alias="RAG_MODELS_SMALL", description="Comma list; default per provider."
+    )
+    models_large: str | None = Field(default=None, alias="RAG_MODELS_LARGE")
+
+    # --- HTTP -------------------------------------------------------------------
+    host: str = Field(default="127.0.0.1", alias="RAG_HOST")
+    port: int = Field(default=8000, alias="RAG_PORT", ge=0, le=65535)
+    log_level: str = Field(default="info", alias="RAG_LOG_LEVEL")
+
+    def resolved_embedding_model(self) -> str:
+        if self.embedding_model:
+            return self.embedding_model
+        return LOCAL_EMBEDDING_MODEL if self.embedding_provider == "local" else "text-embedding-3-small"
