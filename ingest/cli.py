@@ -14,6 +14,7 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import asyncpg
 import typer
 from rich.console import Console
 from rich.progress import (
@@ -43,18 +44,14 @@ JsonFlag = Annotated[bool, typer.Option("--json", help="Print a machine-readable
 SourceOpt = Annotated[str | None, typer.Option("--source", help="Tag documents with this source name.")]
 
 
-class _Fatal(Exception):
-    pass
-
-
 def _run(coro: Coroutine[Any, Any, T]) -> T:
     try:
         return asyncio.run(coro)
     except CorpusMismatchError as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None
-    except (_Fatal, OSError) as exc:
-        err.print(f"[red]error:[/] {exc}")
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        err.print(f"[red]error:[/] cannot use the database: {type(exc).__name__}: {exc}")
         raise typer.Exit(2) from None
 
 

@@ -56,7 +56,10 @@ def render(sql: str, params: SchemaParams) -> str:
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
-    await register_vector(conn)
+    try:
+        await register_vector(conn)
+    except ValueError:  # the vector type does not exist yet: a database not migrated (status, delete)
+        pass
 
 
 async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10, **kwargs: Any) -> asyncpg.Pool:

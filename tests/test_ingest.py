@@ -1,0 +1,289 @@
+"""Ingest end to end against a real Postgres+pgvector and the real MiniLM model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import asyncpg
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from ingest.cli import app as ingest_app
+from ingest.loaders import SourceDocument
+from ingest.pipeline import IngestOptions, ingest_documents
+from service.corpus import Corpus, open_corpus
+from service.db import CorpusMismatchError, SchemaParams, migrate
+from service.settings import Settings
+from tests.conftest import BIN, cli_env, wait_until
+
+OPTIONS = IngestOptions(chunk_tokens=120, chunk_overlap=20, batch_size=16)
+
+
+def doc(external_id: str, text: str, source: str = "notes", title: str = "") -> SourceDocument:
+    return SourceDocument(source, external_id, f"mem://{external_id}", title or external_id, text)
+
+
+def paragraphs(topic: str, n: int) -> str:
+    return "\n\n".join(
+        f"Paragraph {i} about {topic}. It explains one detail of {topic} in a full sentence. "
+        f"A second sentence adds a number, {i * 7}, so chunks differ."
+        for i in range(n)
+    )
+
+
+async def chunk_rows(pool: asyncpg.Pool, external_id: str) -> list[asyncpg.Record]:
+    return await pool.fetch(
+        """SELECT c.id, c.ordinal, c.text FROM chunks c JOIN documents d ON d.id = c.document_id
+           WHERE d.external_id = $1 ORDER BY c.ordinal""",
+        external_id,
+    )
+
+
+async def test_reingest_unchanged_computes_no_embeddings(corpus: Corpus) -> None:
+    assert corpus.embedder is not None
+    docs = [doc("a", paragraphs("caching", 12)), doc("b", paragraphs("routing", 3)), doc("c", "One short note.")]
+    first = await ingest_documents(corpus.store, corpus.embedder, docs, OPTIONS)
+    assert (first.added, first.updated, first.unchanged) == (3, 0, 0)
+    assert first.chunks > 3 and first.embeddings_computed == first.chunks
+    before = await corpus.pool.fetch("SELECT id, embedding FROM chunks ORDER BY id")
+
+    again = await ingest_documents(corpus.store, corpus.embedder, docs, OPTIONS)
+    assert (again.added, again.updated, again.unchanged) == (0, 0, 3)
+    assert again.embeddings_computed == 0 and again.chunks == 0
+    after = await corpus.pool.fetch("SELECT id, embedding FROM chunks ORDER BY id")
+    assert [r["id"] for r in after] == [r["id"] for r in before]
+
+    status = await corpus.store.status()
+    assert (status.documents, status.chunks) == (3, first.chunks)
+    assert status.tokens == first.tokens
+    # stored vectors are unit length (cosine-ready) and of the model's dimension
+    vector = after[0]["embedding"].to_numpy()
+    assert vector.shape == (384,) and abs(float(np.linalg.norm(vector)) - 1.0) < 1e-3
+
+
+async def test_changed_document_replaces_only_its_chunks(corpus: Corpus) -> None:
+    assert corpus.embedder is not None
+    docs = [doc("a", paragraphs("caching", 10)), doc("b", paragraphs("routing", 10))]
+    await ingest_documents(corpus.store, corpus.embedder, docs, OPTIONS)
+    untouched = await chunk_rows(corpus.pool, "b")
+    generation = await corpus.store.generation()
+
+    changed = doc("a", paragraphs("eviction", 4))
+    report = await ingest_documents(corpus.store, corpus.embedder, [changed, docs[1]], OPTIONS)
+
+    assert (report.added, report.updated, report.unchanged) == (0, 1, 1)
+    new_rows = await chunk_rows(corpus.pool, "a")
+    assert report.embeddings_computed == len(new_rows) == report.chunks
+    assert all("eviction" in r["text"] for r in new_rows)
+    assert [r["ordinal"] for r in new_rows] == list(range(len(new_rows)))
+    assert await chunk_rows(corpus.pool, "b") == untouched  # same ids, same text
+    assert await corpus.store.generation() == generation + 1
+    orphans = await corpus.pool.fetchval(
+        "SELECT count(*) FROM chunks c LEFT JOIN documents d ON d.id = c.document_id WHERE d.id IS NULL"
+    )
+    assert orphans == 0
+
+
+async def test_readers_see_old_or_new_version_never_a_mix(corpus: Corpus) -> None:
+    assert corpus.embedder is not None
+    await ingest_documents(corpus.store, corpus.embedder, [doc("big", paragraphs("alpha", 40))], OPTIONS)
+    snapshots: list[set[str]] = []
+    done = asyncio.Event()
+
+    async def reader() -> None:
+        while not done.is_set():
+            rows = await chunk_rows(corpus.pool, "big")
+            snapshots.append({"alpha" if "alpha" in r["text"] else "beta" for r in rows})
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(reader())
+    await ingest_documents(corpus.store, corpus.embedder, [doc("big", paragraphs("beta", 40))], OPTIONS)
+    done.set()
+    await task
+    assert snapshots, "the reader never ran"
+    assert all(len(kinds) == 1 for kinds in snapshots), "a reader saw chunks of two versions at once"
+    assert snapshots[-1] == {"beta"}
+
+
+async def test_delete_by_source_and_by_id(corpus: Corpus) -> None:
+    assert corpus.embedder is not None
+    docs = [doc("a", "Alpha text."), doc("b", "Beta text."), doc("c", "Gamma text.", source="other")]
+    await ingest_documents(corpus.store, corpus.embedder, docs, OPTIONS)
+    assert await corpus.store.delete_documents(source="notes", external_ids=["a"]) == 1
+    assert await corpus.store.delete_documents(source="missing") == 0
+    assert await corpus.store.delete_documents(source="other") == 1
+    status = await corpus.store.status()
+    assert (status.documents, status.chunks, list(status.sources)) == (1, 1, ["notes"])
+
+
+async def test_real_model_ranks_the_relevant_chunk_first(corpus: Corpus) -> None:
+    """Embeddings are meaningful: cosine search over pgvector finds the document about the topic."""
+    assert corpus.embedder is not None
+    docs = [
+        doc("cache", "To flush the answer cache, run rag-admin cache flush. It deletes cached answers."),
+        doc("pdf", "PDF files are parsed with pypdf; scanned PDFs without a text layer are rejected."),
+        doc("keys", "API keys are stored as hashes. Revoke a key with rag-admin keys revoke."),
+    ]
+    await ingest_documents(corpus.store, corpus.embedder, docs, OPTIONS)
+    query = (await corpus.embedder.embed(["how do I empty the cache?"]))[0]
+    best = await corpus.pool.fetchval(
+        """SELECT d.external_id FROM chunks c JOIN documents d ON d.id = c.document_id
+           ORDER BY c.embedding <=> $1 LIMIT 1""",
+        query,
+    )
+    assert best == "cache"
+
+
+async def test_migrate_refuses_a_different_embedding_model(database_url: str) -> None:
+    params = SchemaParams("sentence-transformers/all-MiniLM-L6-v2", 384)
+    assert await migrate(database_url, params) == [1]
+    assert await migrate(database_url, params) == []  # idempotent
+    with pytest.raises(CorpusMismatchError, match="all-MiniLM-L6-v2.*text-embedding-3-small"):
+        await migrate(database_url, SchemaParams("text-embedding-3-small", 1536))
+
+
+def test_cli_refuses_model_mismatch_with_a_clear_message(settings: Settings, tmp_path: Path) -> None:
+    note = tmp_path / "note.md"
+    note.write_text("# Note\n\nSome text.")
+    env = cli_env(settings)
+    subprocess.run([BIN / "rag-ingest", "status"], env=env, check=True, capture_output=True)
+    asyncio.run(migrate(str(settings.database_url), SchemaParams("sentence-transformers/all-MiniLM-L6-v2", 384)))
+    env.update(RAG_EMBEDDING_PROVIDER="openai", OPENAI_BASE_URL="http://127.0.0.1:9", OPENAI_API_KEY="x")
+    run = subprocess.run([BIN / "rag-ingest", "add", str(note)], env=env, capture_output=True, text=True)
+    assert run.returncode == 2
+    assert "all-MiniLM-L6-v2" in run.stderr and "text-embedding-3-small" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def write_tree(root: Path) -> None:
+    (root / "guide").mkdir(parents=True)
+    (root / "guide" / "start.md").write_text("# Start\n\n" + paragraphs("starting", 8))
+    (root / "guide" / "stop.txt").write_text(paragraphs("stopping", 2))
+    (root / "page.html").write_text("<html><title>Glossary</title><body><h1>Terms</h1><p>RRF fuses rankings.</p>")
+    (root / "records.jsonl").write_text(
+        '{"id": "r1", "title": "One", "text": "First record."}\n'
+        "{not json}\n"
+        '{"id": "r2", "title": "Two", "text": "Second record."}\n'
+    )
+    (root / "blob.txt").write_bytes(b"\x00\x01binary\x00")
+    (root / "empty.md").write_text("")
+
+
+def test_cli_add_reports_bad_files_and_ingests_the_rest(settings: Settings, tmp_path: Path) -> None:
+    tree = tmp_path / "corpus"
+    write_tree(tree)
+    env = cli_env(settings)
+    run = subprocess.run(
+        [BIN / "rag-ingest", "add", str(tree), "--json"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 1, run.stderr  # something failed, the rest went in
+    summary = json.loads(run.stdout)
+    failed = {Path(f["path"]).name: f["reason"] for f in summary["failures"]}
+    assert set(failed) == {"blob.txt", "empty.md", "records.jsonl:2"}
+    assert "binary" in failed["blob.txt"] and "empty" in failed["empty.md"] and "JSON" in failed["records.jsonl:2"]
+    assert summary["added"] == 5  # start.md, stop.txt, page.html, r1, r2
+    assert "Traceback" not in run.stderr
+
+    status = subprocess.run([BIN / "rag-ingest", "status", "--json"], env=env, capture_output=True, text=True)
+    info = json.loads(status.stdout)
+    assert info["documents"] == 5 and info["sources"] == {"corpus": info["sources"]["corpus"]}
+    assert info["chunks"] == summary["chunks"] and info["embedding_dim"] == 384
+    assert info["hnsw_index"] and info["fulltext_index"]
+
+
+def test_cli_sync_adds_changes_and_deletes(settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in cli_env(settings).items():
+        monkeypatch.setenv(key, value)
+    folder = tmp_path / "kb"
+    folder.mkdir()
+    (folder / "one.md").write_text("# One\n\nThe first page.")
+    (folder / "two.md").write_text("# Two\n\nThe second page.")
+    runner = CliRunner()
+    first = runner.invoke(ingest_app, ["sync", str(folder), "--json"])
+    assert first.exit_code == 0, first.output
+    assert json.loads(first.stdout)["added"] == 2
+
+    (folder / "two.md").unlink()
+    (folder / "three.md").write_text("# Three\n\nThe third page.")
+    second = runner.invoke(ingest_app, ["sync", str(folder), "--json"])
+    result = json.loads(second.stdout)
+    assert (result["added"], result["unchanged"], result["deleted"]) == (1, 1, 1)
+
+    status = json.loads(runner.invoke(ingest_app, ["status", "--json"]).stdout)
+    assert status["documents"] == 2
+
+    deleted = runner.invoke(ingest_app, ["delete", "--source", "kb", "--id", "one.md", "--json"])
+    assert json.loads(deleted.stdout) == {"deleted": 1}
+    assert runner.invoke(ingest_app, ["delete"]).exit_code == 2
+
+
+def test_sigkill_mid_ingest_then_rerun_leaves_exact_corpus(settings: Settings, tmp_path: Path) -> None:
+    """Kill -9 while batches are being written; the rerun finishes the job with no duplicates."""
+    corpus_file = tmp_path / "many" / "corpus.jsonl"
+    corpus_file.parent.mkdir()
+    n = 800
+    with corpus_file.open("w") as fh:
+        for i in range(n):
+            fh.write(json.dumps({"_id": f"d{i}", "title": "", "text": f"Passage {i} about topic {i % 37}."}) + "\n")
+    env = cli_env(settings, RAG_EMBED_BATCH_SIZE="4")
+    cmd = [str(BIN / "rag-ingest"), "add", str(corpus_file), "--format", "beir", "--json"]
+
+    async def count() -> int:
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            exists = await conn.fetchval("SELECT to_regclass('public.documents') IS NOT NULL")
+            return int(await conn.fetchval("SELECT count(*) FROM documents")) if exists else 0
+        finally:
+            await conn.close()
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        asyncio.run(wait_until(lambda: count_at_least(count, 40), timeout=90))
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    partial = asyncio.run(count())
+    assert 0 < partial < n, "the kill should land mid-ingest"
+
+    env["RAG_EMBED_BATCH_SIZE"] = "64"  # the batch size does not change chunks or vectors, only speed
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert rerun.returncode == 0, rerun.stderr
+    summary = json.loads(rerun.stdout)
+    assert summary["unchanged"] >= partial and summary["added"] == n - summary["unchanged"]
+    assert summary["embeddings_computed"] == summary["added"]  # nothing embedded twice
+
+    async def verify() -> None:
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            assert await conn.fetchval("SELECT count(*) FROM documents") == n
+            assert await conn.fetchval("SELECT count(*) FROM chunks") == n
+            mismatched = await conn.fetchval(
+                """SELECT count(*) FROM documents d
+                   WHERE d.chunk_count <> (SELECT count(*) FROM chunks c WHERE c.document_id = d.id)"""
+            )
+            assert mismatched == 0
+            ids = await conn.fetchval("SELECT count(DISTINCT external_id) FROM documents")
+            assert ids == n
+        finally:
+            await conn.close()
+
+    asyncio.run(verify())
+
+
+async def count_at_least(count: object, minimum: int) -> bool:
+    return bool(await count() >= minimum)  # type: ignore[operator]
+
+
+async def test_open_corpus_with_embedder_uses_settings_model(settings: Settings) -> None:
+    async with open_corpus(settings, with_embedder=True) as opened:
+        assert opened.embedder is not None
+        assert (opened.embedder.model, opened.embedder.dim) == ("sentence-transformers/all-MiniLM-L6-v2", 384)
+        row = await opened.pool.fetchrow("SELECT embedding_model, embedding_dim FROM corpus")
+        assert tuple(row) == ("sentence-transformers/all-MiniLM-L6-v2", 384)
