@@ -16,14 +16,17 @@ from typing import Protocol
 CHUNKER_VERSION = 1
 
 _HEADING = re.compile(r"^\s{0,3}#{1,6}\s+\S")
-_SENTENCE_END = re.compile(r"(?<=[.!?。！？])[\"')\]]*\s+")
+# A sentence ends at . ! ? (optionally followed by a closing quote or bracket) and whitespace,
+# or at an ideographic full stop, which needs no space after it. Lookbehinds keep the punctuation.
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[.!?][\"')\]])\s+|(?<=[。！？])\s*")
+_FENCE = re.compile(r"^\s{0,3}(```|~~~)")
 _BLANK_LINES = re.compile(r"\n\s*\n")
 
 
 class Encoding(Protocol):
     def encode_ordinary(self, text: str) -> list[int]: ...
 
-    def decode(self, tokens: list[int]) -> str: ...
+    def decode_bytes(self, tokens: list[int]) -> bytes: ...
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,7 @@ class _Unit:
     tokens: int
     new_paragraph: bool
     heading: bool
+    glued: bool = False  # a continuation of a hard-cut sentence: joined with no separator
 
 
 def chunk_text(text: str, *, max_tokens: int, overlap: int, encoding: Encoding) -> list[Chunk]:
@@ -61,10 +65,13 @@ def chunk_text(text: str, *, max_tokens: int, overlap: int, encoding: Encoding) 
 def _paragraphs(text: str) -> list[tuple[str, bool]]:
     """Paragraphs with a flag for headings; a heading line is its own paragraph."""
     out: list[tuple[str, bool]] = []
+    in_fence = False  # "# comment" inside a code block is not a heading
     for block in _BLANK_LINES.split(text):
         lines: list[str] = []
         for line in block.splitlines():
-            if _HEADING.match(line):
+            if _FENCE.match(line):
+                in_fence = not in_fence
+            if not in_fence and _HEADING.match(line):
                 if lines:
                     out.append(("\n".join(lines).strip(), False))
                     lines = []
@@ -88,19 +95,43 @@ def _units(text: str, max_tokens: int, encoding: Encoding) -> list[_Unit]:
             if len(tokens) <= max_tokens:
                 units.append(_Unit(sentence, len(tokens), first, heading))
             else:  # a "sentence" longer than a chunk (tables, code, run-on text): hard token cuts
-                for start in range(0, len(tokens), max_tokens):
-                    piece = encoding.decode(tokens[start : start + max_tokens]).strip()
-                    if piece:
-                        units.append(_Unit(piece, len(encoding.encode_ordinary(piece)), first, heading))
-                        first = False
+                for i, piece in enumerate(_hard_cut(tokens, max_tokens, encoding)):
+                    units.append(_Unit(piece, len(encoding.encode_ordinary(piece)), first, heading, glued=i > 0))
+                    first = False
             first = False
     return units
+
+
+def _hard_cut(tokens: list[int], max_tokens: int, encoding: Encoding) -> list[str]:
+    """Cut at token boundaries that are also character boundaries, keeping whitespace as is.
+
+    The text is not stripped: " handbook" is one token but "handbook" two, so stripping
+    could push a piece over the limit. Pieces concatenate back to the original exactly.
+    """
+    pieces: list[str] = []
+    start = 0
+    while start < len(tokens):
+        limit = min(start + max_tokens, len(tokens))
+        # Prefer the longest piece that ends on a character boundary; if a single character
+        # spans more tokens than allowed, take the shortest piece that completes it.
+        ends = [*range(limit, start, -1), *range(limit + 1, len(tokens) + 1)]
+        for end in ends:
+            try:
+                pieces.append(encoding.decode_bytes(tokens[start:end]).decode("utf-8"))
+                break
+            except UnicodeDecodeError:
+                continue
+        else:  # not valid UTF-8 at all (cannot happen for text we encoded); keep what there is
+            pieces.append(encoding.decode_bytes(tokens[start:]).decode("utf-8", "replace"))
+            end = len(tokens)
+        start = end
+    return pieces
 
 
 def _join(units: list[_Unit]) -> str:
     parts: list[str] = []
     for i, unit in enumerate(units):
-        if i:
+        if i and not unit.glued:
             parts.append("\n\n" if unit.new_paragraph else " ")
         parts.append(unit.text)
     return "".join(parts)
@@ -113,7 +144,13 @@ def _pack(units: list[_Unit], max_tokens: int, overlap: int, encoding: Encoding)
 
     def emit() -> None:
         body = _join(current)
-        chunks.append(Chunk(len(chunks), body, len(encoding.encode_ordinary(body))))
+        tokens = len(encoding.encode_ordinary(body))
+        stripped = body.strip()
+        if not stripped:
+            return
+        if stripped != body and (n := len(encoding.encode_ordinary(stripped))) <= max_tokens:
+            body, tokens = stripped, n
+        chunks.append(Chunk(len(chunks), body, tokens))
 
     for unit in units:
         # A heading starts a new chunk once the current one is reasonably full.

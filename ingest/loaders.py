@@ -143,15 +143,18 @@ def _read_html(html: str) -> tuple[str, str]:
     soup = BeautifulSoup(html, "html.parser")
     for tag in soup(["script", "style", "noscript", "template", "nav", "footer"]):
         tag.decompose()
+    title_tag = soup.find("title") or soup.find("h1")
+    title = title_tag.get_text(" ", strip=True) if title_tag is not None else ""
     # Keep headings recognisable to the chunker, which splits on markdown headings.
     for level in range(1, 7):
         for heading in soup.find_all(f"h{level}"):
-            heading.insert_before("\n\n" + "#" * level + " ")
-            heading.insert_after("\n\n")
+            heading.replace_with(f"\n\n{'#' * level} {heading.get_text(' ', strip=True)}\n\n")
+    for br in soup.find_all("br"):
+        br.replace_with("\n")
+    for cell in soup.find_all(["td", "th"]):
+        cell.insert_after(" ")
     for block in soup.find_all(["p", "li", "dt", "dd", "tr", "pre", "blockquote", "div"]):
         block.insert_after("\n\n")
-    title_tag = soup.find("title") or soup.find("h1")
-    title = title_tag.get_text(" ", strip=True) if title_tag is not None else ""
     body = soup.body or soup
     text = body.get_text("")
     lines = [re.sub(r"[ \t\r\f\v]+", " ", line).strip() for line in text.splitlines()]
@@ -168,6 +171,8 @@ def _read_pdf(path: Path) -> tuple[str, str]:
             raise _BadFile("encrypted PDF")
         pages = [page.extract_text() or "" for page in reader.pages]
         title = (reader.metadata.title if reader.metadata else None) or path.stem
+    except NotImplementedError:  # pypdf: certificate (public-key) encryption
+        raise _BadFile("encrypted PDF (unsupported encryption)") from None
     except (PdfReadError, ValueError, KeyError) as exc:
         raise _BadFile(f"unreadable PDF: {exc}") from None
     text = "\n\n".join(p.strip() for p in pages if p.strip())

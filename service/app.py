@@ -16,11 +16,21 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from service import __version__
+from service.api import router as rag_router
+from service.cache import AnswerCache
 from service.corpus import database_url, schema_params
 from service.db import create_pool, migrate
 from service.embedded import EmbeddedValkey, start_valkey
 from service.embeddings import LocalEmbedder, OpenAIEmbedder, create_embedder
-from service.errors import install_error_handlers
+from service.errors import BodySizeLimit, install_error_handlers
+from service.invalidation import CorpusWatcher
+from service.pipeline import AnswerService
+from service.providers.anthropic import AnthropicProvider
+from service.providers.base import Provider
+from service.providers.extractive import ExtractiveProvider
+from service.providers.openai import OpenAIProvider
+from service.retrieval import Retriever
+from service.routing import RoutingPolicy
 from service.settings import Settings
 from service.store import Store
 
@@ -38,6 +48,9 @@ class Resources:
     redis: aioredis.Redis
     store: Store
     embedder: LocalEmbedder | OpenAIEmbedder
+    cache: AnswerCache
+    watcher: CorpusWatcher
+    answers: AnswerService
 
 
 def redis_url(settings: Settings) -> tuple[str, EmbeddedValkey | None]:
@@ -47,20 +60,76 @@ def redis_url(settings: Settings) -> tuple[str, EmbeddedValkey | None]:
     return server.url, server
 
 
+def build_providers(settings: Settings) -> dict[str, Provider]:
+    """Every configured provider; the offline extractive generator is always there."""
+    providers: dict[str, Provider] = {"extractive": ExtractiveProvider()}
+    retries, connect, read = settings.provider_max_retries, settings.connect_timeout_s, settings.first_token_timeout_s
+    if settings.anthropic_api_key:
+        providers["anthropic"] = AnthropicProvider(
+            api_key=settings.anthropic_api_key.get_secret_value(),
+            base_url=settings.anthropic_base_url,
+            max_retries=retries,
+            connect_timeout=connect,
+            read_timeout=read,
+        )
+    if settings.openai_api_key or settings.openai_base_url:
+        providers["openai"] = OpenAIProvider(
+            api_key=settings.openai_api_key.get_secret_value() if settings.openai_api_key else None,
+            base_url=settings.openai_base_url,
+            max_retries=retries,
+            connect_timeout=connect,
+            read_timeout=read,
+        )
+    return providers
+
+
+def routing_policy(settings: Settings) -> RoutingPolicy:
+    return RoutingPolicy.from_config(
+        anthropic=settings.anthropic_api_key is not None,
+        openai=settings.openai_api_key is not None,
+        openai_compatible=settings.openai_base_url is not None,
+        models_small=settings.models_small,
+        models_large=settings.models_large,
+        large_prompt_tokens=settings.route_large_prompt_tokens,
+        large_max_tokens=settings.route_large_max_tokens,
+        large_feature_score=settings.route_large_feature_score,
+    )
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     dsn, pg_server = database_url(settings)
     rurl, valkey = redis_url(settings)
-    embedder = create_embedder(settings)
+    embedder = app.state.embedder or create_embedder(settings)
     await migrate(dsn, schema_params(settings, embedder))
-    pool = await create_pool(dsn, min_size=settings.db_pool_min, max_size=settings.db_pool_max)
+    pool = await create_pool(
+        dsn, min_size=settings.db_pool_min, max_size=settings.db_pool_max, ef_search=settings.hnsw_ef_search
+    )
     client = aioredis.from_url(rurl, socket_timeout=1.0, socket_connect_timeout=1.0)
     await embedder.warm_up()
-    app.state.resources = Resources(settings, pool, client, Store(pool), embedder)
+    cache = AnswerCache(client, ttl_s=settings.cache_ttl_s)
+    watcher = CorpusWatcher(pool, dsn, cache)
+    await watcher.start()
+    providers = build_providers(settings)
+    answers = AnswerService(
+        settings=settings,
+        embedder=embedder,
+        retriever=Retriever(pool),
+        cache=cache,
+        watcher=watcher,
+        providers=providers,
+        policy=routing_policy(settings),
+    )
+    app.state.resources = Resources(settings, pool, client, Store(pool), embedder, cache, watcher, answers)
     try:
         yield
     finally:
+        await watcher.stop()
+        for provider in providers.values():
+            close = getattr(provider, "aclose", None)
+            if close is not None:
+                await close()
         await client.aclose()
         await pool.close()
         if valkey is not None:
@@ -90,11 +159,15 @@ async def _redis_probe(client: aioredis.Redis) -> None:
     await client.ping()
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, embedder: LocalEmbedder | OpenAIEmbedder | None = None) -> FastAPI:
+    """Build the app; `embedder` lets a caller share an already loaded model (tests, benchmarks)."""
     settings = settings or Settings()
     app = FastAPI(title="ragcache", version=__version__, lifespan=lifespan)
     app.state.settings = settings
+    app.state.embedder = embedder
     install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.include_router(rag_router)
 
     @app.get("/health", tags=["ops"])
     async def health() -> dict[str, str]:

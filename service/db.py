@@ -55,16 +55,25 @@ def render(sql: str, params: SchemaParams) -> str:
     )
 
 
-async def _init_connection(conn: asyncpg.Connection) -> None:
-    try:
-        await register_vector(conn)
-    except ValueError:  # the vector type does not exist yet: a database not migrated (status, delete)
-        pass
+def _connection_init(ef_search: int) -> Any:
+    async def init(conn: asyncpg.Connection) -> None:
+        try:
+            await register_vector(conn)
+        except ValueError:  # the vector type does not exist yet: a database not migrated (status, delete)
+            return
+        # Recall/speed of HNSW search; iterative scans keep filtered searches from coming back short.
+        await conn.execute(f"SET hnsw.ef_search = {int(ef_search)}; SET hnsw.iterative_scan = relaxed_order")
+
+    return init
 
 
-async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10, **kwargs: Any) -> asyncpg.Pool:
+async def create_pool(
+    dsn: str, *, min_size: int = 1, max_size: int = 10, ef_search: int = 100, **kwargs: Any
+) -> asyncpg.Pool:
     """A pool whose connections speak pgvector's binary format. Call after `migrate`."""
-    pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, init=_init_connection, **kwargs)
+    pool = await asyncpg.create_pool(
+        dsn, min_size=min_size, max_size=max_size, init=_connection_init(ef_search), **kwargs
+    )
     assert pool is not None
     return pool
 

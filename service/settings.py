@@ -62,6 +62,33 @@ class Settings(BaseSettings):
         default=None, alias="RAG_MODELS_SMALL", description="Comma list; default per provider."
     )
     models_large: str | None = Field(default=None, alias="RAG_MODELS_LARGE")
+    route_large_prompt_tokens: int = Field(default=3000, alias="RAG_ROUTE_LARGE_PROMPT_TOKENS", ge=1)
+    route_large_max_tokens: int = Field(default=1024, alias="RAG_ROUTE_LARGE_MAX_TOKENS", ge=1)
+    route_large_feature_score: int = Field(default=2, alias="RAG_ROUTE_LARGE_FEATURE_SCORE", ge=1)
+    # USD per million tokens, input and output; models not listed cost 0 (local servers, extractive).
+    pricing: dict[str, tuple[float, float]] = Field(
+        default={
+            "claude-haiku-4-5": (1.0, 5.0),
+            "claude-sonnet-4-6": (3.0, 15.0),
+            "gpt-4o-mini": (0.15, 0.60),
+            "gpt-4o": (2.50, 10.0),
+        },
+        alias="RAG_PRICING",
+    )
+
+    # --- generation -----------------------------------------------------------
+    context_token_budget: int = Field(default=4000, alias="RAG_CONTEXT_TOKEN_BUDGET", ge=100)
+    provider_max_retries: int = Field(default=2, alias="RAG_PROVIDER_MAX_RETRIES", ge=0, le=10)
+    connect_timeout_s: float = Field(default=5.0, alias="RAG_CONNECT_TIMEOUT_S", gt=0)
+    first_token_timeout_s: float = Field(default=20.0, alias="RAG_FIRST_TOKEN_TIMEOUT_S", gt=0)
+    total_timeout_s: float = Field(default=120.0, alias="RAG_TOTAL_TIMEOUT_S", gt=0)
+
+    # --- guardrails -------------------------------------------------------------
+    question_max_chars: int = Field(default=4000, alias="RAG_QUESTION_MAX_CHARS", ge=1)
+    question_max_tokens: int = Field(default=1000, alias="RAG_QUESTION_MAX_TOKENS", ge=1)
+    guard_injection: Literal["block", "flag"] = Field(default="block", alias="RAG_GUARD_INJECTION")
+    guard_pii: Literal["redact", "block", "allow"] = Field(default="redact", alias="RAG_GUARD_PII")
+    max_body_bytes: int = Field(default=64 * 1024, alias="RAG_MAX_BODY_BYTES", ge=1024)
 
     # --- HTTP -------------------------------------------------------------------
     host: str = Field(default="127.0.0.1", alias="RAG_HOST")

@@ -128,6 +128,7 @@ class Store:
             replaced = [r["id"] for r in rows if r["replaced"]]
             if replaced:
                 await conn.execute("DELETE FROM chunks WHERE document_id = ANY($1::bigint[])", replaced)
+                await _log_changes(conn, generation, replaced)
             records = [
                 (ids[doc.key], doc.source, chunk.ordinal, chunk.text, chunk.token_count, vector)
                 for doc in docs
@@ -156,6 +157,7 @@ class Store:
             )
             if deleted:
                 generation = await _bump_generation(conn)
+                await _log_changes(conn, generation, [r["id"] for r in deleted])
                 await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, str(generation))
         return len(deleted)
 
@@ -169,6 +171,26 @@ class Store:
 
 async def _bump_generation(conn: asyncpg.Connection) -> int:
     return int(await conn.fetchval("UPDATE corpus SET generation = generation + 1 RETURNING generation"))
+
+
+async def _log_changes(conn: asyncpg.Connection, generation: int, document_ids: list[int]) -> None:
+    await conn.execute(
+        "INSERT INTO corpus_changes (generation, document_id) SELECT $1, unnest($2::bigint[])",
+        generation,
+        document_ids,
+    )
+
+
+async def changes_since(pool: asyncpg.Pool, generation: int) -> tuple[int, list[int]]:
+    """The current generation and the documents replaced or deleted after `generation`."""
+    async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+        current = int(await conn.fetchval("SELECT generation FROM corpus"))
+        rows = await conn.fetch(
+            "SELECT DISTINCT document_id FROM corpus_changes WHERE generation > $1 AND generation <= $2",
+            generation,
+            current,
+        )
+    return current, [r["document_id"] for r in rows]
 
 
 def _vectors(doc: PreparedDocument) -> npt.NDArray[np.float32]:

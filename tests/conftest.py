@@ -14,6 +14,7 @@ import os
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -153,10 +154,10 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-async def wait_until(predicate: object, timeout: float = 10.0, interval: float = 0.02) -> None:
-    """Poll an async or sync predicate until true; fail the test on timeout."""
+async def wait_until(predicate: object, within: float = 10.0, interval: float = 0.02) -> None:
+    """Poll an async or sync predicate until true; fail the test after `within` seconds."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    deadline = loop.time() + within
     while True:
         result = predicate() if callable(predicate) else predicate
         if asyncio.iscoroutine(result):
@@ -164,5 +165,24 @@ async def wait_until(predicate: object, timeout: float = 10.0, interval: float =
         if result:
             return
         if loop.time() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
+            raise AssertionError(f"condition not met within {within}s")
         await asyncio.sleep(interval)
+
+
+@asynccontextmanager
+async def serve_app(app: object) -> AsyncIterator[str]:
+    """Run the ASGI app on a real uvicorn server on a free loopback port, in this event loop."""
+    import uvicorn
+
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="on", log_level="warning")  # type: ignore[arg-type]
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    await wait_until(lambda: server.started or task.done(), within=60)
+    if task.done():
+        task.result()  # raise the startup error
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task

@@ -163,7 +163,7 @@ def embed_text(text: str, dim: int) -> list[float]:
 
 @dataclass
 class Behavior:
-    """How the server answers one request (see module docstring for routing rules).
+    """How the server answers one request (routing: see :class:`ProviderServer`).
 
     ``status``: 200, or an error status (429/500/503/529/...) answered with the
     provider's own error body; ``retry_after`` (seconds, may be fractional) adds
@@ -180,8 +180,9 @@ class Behavior:
 
     ``drop_after=N`` closes the TCP connection after N text events without
     finishing the chunked body (``drop_mode="reset"`` sends a RST instead of a
-    FIN); ``error_after=N`` instead sends the provider's in-stream error event
-    after N text events and ends the stream.  ``hang`` sends nothing at all
+    FIN); a non-streaming or error response is cut after half its body.
+    ``error_after=N`` instead sends the provider's in-stream error event after
+    N text events and ends the stream cleanly.  ``hang`` sends nothing at all
     until the client goes away.  ``input_tokens`` / ``output_tokens`` override
     the reported usage (default: words of the prompt / number of text events).
     """

@@ -144,7 +144,7 @@ async def test_migrate_refuses_a_different_embedding_model(database_url: str) ->
     params = SchemaParams("sentence-transformers/all-MiniLM-L6-v2", 384)
     assert await migrate(database_url, params) == [1]
     assert await migrate(database_url, params) == []  # idempotent
-    with pytest.raises(CorpusMismatchError, match="all-MiniLM-L6-v2.*text-embedding-3-small"):
+    with pytest.raises(CorpusMismatchError, match=r"all-MiniLM-L6-v2.*text-embedding-3-small"):
         await migrate(database_url, SchemaParams("text-embedding-3-small", 1536))
 
 
@@ -244,7 +244,7 @@ def test_sigkill_mid_ingest_then_rerun_leaves_exact_corpus(settings: Settings, t
 
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        asyncio.run(wait_until(lambda: count_at_least(count, 40), timeout=90))
+        asyncio.run(wait_until(lambda: count_at_least(count, 40), within=90))
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()

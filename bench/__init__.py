@@ -1,0 +1,1 @@
+"""Benchmarks and retrieval evaluation; numbers go to docs/benchmarks.md."""

@@ -1,0 +1,118 @@
+"""HTTP endpoints of the answer pipeline: `/rag/stream` (SSE) and `/rag/answer` (JSON)."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from service.errors import APIError
+from service.pipeline import AnswerService, Done, Event, Failed, Meta, Token
+from service.schemas import RagAnswer, RagRequest
+
+router = APIRouter(tags=["rag"])
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def request_id(request: Request) -> str:
+    """The caller's X-Request-ID when it is sane, else a fresh one."""
+    given = request.headers.get("x-request-id", "")
+    return given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+
+
+def _service(request: Request) -> AnswerService:
+    service: AnswerService = request.app.state.resources.answers
+    return service
+
+
+def event_data(event: Event) -> tuple[str, dict[str, Any]]:
+    """SPEC's SSE event name and JSON payload for a pipeline event."""
+    if isinstance(event, Meta):
+        return "meta", {
+            "request_id": event.request_id,
+            "cache": event.cache,
+            "route": event.route.model_dump(),
+            "sources": [s.model_dump() for s in event.sources],
+        }
+    if isinstance(event, Token):
+        return "token", {"text": event.text}
+    if isinstance(event, Done):
+        data: dict[str, Any] = {
+            "usage": event.usage.model_dump(exclude={"estimated"}),
+            "latency_ms": event.latency_ms,
+            "ttft_ms": event.ttft_ms,
+            "cached": event.cached,
+        }
+        if event.saved is not None:
+            data["saved"] = event.saved.model_dump(exclude={"estimated"})
+        return "done", data
+    return "error", {"code": event.code, "message": event.message}
+
+
+async def _first_and_rest(events: AsyncIterator[Event]) -> tuple[Event, AsyncIterator[Event]]:
+    """Run the pipeline up to its first event, so errors before it are plain HTTP errors."""
+    first = await anext(events)
+
+    async def rest() -> AsyncIterator[Event]:
+        yield first
+        async for event in events:
+            yield event
+
+    return first, rest()
+
+
+@router.post("/rag/stream", response_class=EventSourceResponse)
+async def rag_stream(body: RagRequest, request: Request) -> EventSourceResponse:
+    """Answer as Server-Sent Events: meta, token…, done (or error)."""
+    rid = request_id(request)
+    _, events = await _first_and_rest(_service(request).answer(body, rid))
+
+    async def sse() -> AsyncIterator[ServerSentEvent]:
+        async for event in events:
+            name, data = event_data(event)
+            yield ServerSentEvent(data=json.dumps(data, ensure_ascii=False), event=name)
+
+    return EventSourceResponse(
+        sse(),
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Request-ID": rid},
+        ping=15,
+    )
+
+
+@router.post("/rag/answer", response_model=RagAnswer)
+async def rag_answer(body: RagRequest, request: Request) -> RagAnswer:
+    """The same pipeline, collected into one JSON document."""
+    rid = request_id(request)
+    first, events = await _first_and_rest(_service(request).answer(body, rid))
+    assert isinstance(first, Meta)
+    pieces: list[str] = []
+    done: Done | None = None
+    failed: Failed | None = None
+    async for event in events:
+        if isinstance(event, Token):
+            pieces.append(event.text)
+        elif isinstance(event, Done):
+            done = event
+        elif isinstance(event, Failed):
+            failed = event
+    if failed is not None or done is None:
+        code, message = (failed.code, failed.message) if failed else ("generation_failed", "no answer")
+        raise APIError(502, code, message)
+    return RagAnswer(
+        request_id=rid,
+        answer="".join(pieces),
+        cache=first.cache,
+        route=first.route,
+        sources=first.sources,
+        usage=done.usage,
+        latency_ms=done.latency_ms,
+        ttft_ms=done.ttft_ms,
+        cached=done.cached,
+        extra={"saved": done.saved.model_dump()} if done.saved else {},
+    )

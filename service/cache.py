@@ -1,0 +1,196 @@
+"""The exact answer cache in Redis, keyed by a hash of everything that changes an answer.
+
+Corpus state does not enter the key: instead every cached answer is registered under the
+documents it was built from (`deps:<document id>`), and a corpus change deletes exactly
+the answers whose documents were replaced or deleted (see `invalidation.py`). Adding an
+unrelated document therefore keeps the cache warm. Answers built from no sources at all
+depend on the whole corpus and are dropped on any change.
+
+Redis is optional at run time: every operation fails soft, and after a failure the cache
+stays off for a short cool-down so a dead Redis costs nothing per request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from service.guardrails import normalize_for_key
+from service.retrieval import Filters
+
+log = logging.getLogger(__name__)
+
+PREFIX = "ragcache"
+COOL_DOWN_S = 2.0
+
+
+@dataclass(frozen=True)
+class KeyParts:
+    question: str
+    top_k: int
+    filters: Filters
+    model: str  # the requested model or tier ("auto" routes deterministically from the rest)
+    max_tokens: int
+    temperature: float
+    prompt_version: str
+
+
+def cache_key(parts: KeyParts) -> str:
+    """sha256 over a canonical JSON encoding; the question is normalised (NFC, case, spaces)."""
+    canonical = json.dumps(
+        {
+            "q": normalize_for_key(parts.question),
+            "k": parts.top_k,
+            "f": {"source": list(parts.filters.sources)},
+            "m": parts.model,
+            "mt": parts.max_tokens,
+            "t": round(parts.temperature, 3),
+            "v": parts.prompt_version,
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def question_hash(question: str) -> str:
+    """What logs and the dashboard show instead of the question."""
+    return hashlib.sha256(normalize_for_key(question).encode()).hexdigest()[:16]
+
+
+@dataclass
+class CachedAnswer:
+    answer: str
+    route: dict[str, Any]
+    sources: list[dict[str, Any]]
+    usage: dict[str, Any]
+    document_ids: list[int]
+    question_hash: str
+    created_at: float = field(default_factory=time.time)
+
+    def dumps(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def loads(cls, raw: bytes) -> CachedAnswer:
+        return cls(**json.loads(raw))
+
+
+class AnswerCache:
+    def __init__(self, client: aioredis.Redis, *, ttl_s: int, prefix: str = PREFIX) -> None:
+        self.client = client
+        self.ttl_s = ttl_s
+        self.prefix = prefix
+        self._down_until = 0.0
+
+    # -- health -------------------------------------------------------------------
+    @property
+    def available(self) -> bool:
+        return time.monotonic() >= self._down_until
+
+    def _failed(self, op: str, exc: Exception) -> None:
+        if self.available:
+            log.warning("redis unavailable, cache off for %.0fs (%s: %s)", COOL_DOWN_S, op, type(exc).__name__)
+        self._down_until = time.monotonic() + COOL_DOWN_S
+
+    # -- keys -----------------------------------------------------------------------
+    def answer_key(self, key: str) -> str:
+        return f"{self.prefix}:answer:{key}"
+
+    def deps_key(self, document_id: int | None) -> str:
+        return f"{self.prefix}:deps:{'none' if document_id is None else document_id}"
+
+    @property
+    def generation_key(self) -> str:
+        return f"{self.prefix}:corpus:generation"
+
+    # -- operations -------------------------------------------------------------------
+    async def get(self, key: str) -> CachedAnswer | None:
+        if not self.available:
+            return None
+        try:
+            raw = await self.client.get(self.answer_key(key))
+        except (RedisError, OSError) as exc:
+            self._failed("get", exc)
+            return None
+        if raw is None:
+            return None
+        try:
+            return CachedAnswer.loads(raw if isinstance(raw, bytes) else raw.encode())
+        except (ValueError, TypeError):  # written by an incompatible version: treat as a miss
+            return None
+
+    async def put(self, key: str, entry: CachedAnswer) -> bool:
+        if not self.available:
+            return False
+        deps = [self.deps_key(d) for d in entry.document_ids] or [self.deps_key(None)]
+        try:
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.set(self.answer_key(key), entry.dumps(), ex=self.ttl_s)
+                for dep in deps:
+                    pipe.sadd(dep, key)
+                    pipe.expire(dep, self.ttl_s)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            self._failed("put", exc)
+            return False
+        return True
+
+    async def delete(self, key: str) -> None:
+        try:
+            await self.client.delete(self.answer_key(key))
+        except (RedisError, OSError) as exc:
+            self._failed("delete", exc)
+
+    async def invalidate(self, document_ids: Iterable[int | None]) -> int:
+        """Drop every answer built from these documents (None: answers built from no source).
+
+        Raises on Redis errors: the caller must retry later rather than forget the change.
+        """
+        deps = [self.deps_key(d) for d in document_ids]
+        if not deps:
+            return 0
+        async with self.client.pipeline(transaction=False) as pipe:
+            for dep in deps:
+                pipe.smembers(dep)
+            members: Sequence[set[bytes]] = await pipe.execute()
+        keys = {m.decode() for group in members for m in group}
+        async with self.client.pipeline(transaction=True) as pipe:
+            for key in keys:
+                pipe.delete(self.answer_key(key))
+            pipe.delete(*deps)
+            await pipe.execute()
+        return len(keys)
+
+    async def flush(self) -> int:
+        """Delete every key this service owns (and nothing else in the Redis database)."""
+        deleted = 0
+        async for batch in _batched(self.client.scan_iter(match=f"{self.prefix}:*", count=500), 500):
+            deleted += await self.client.delete(*batch)
+        return deleted
+
+    async def stats(self) -> Mapping[str, int]:
+        answers = 0
+        async for _ in self.client.scan_iter(match=f"{self.prefix}:answer:*", count=1000):
+            answers += 1
+        return {"answers": answers}
+
+
+async def _batched(items: Any, size: int) -> Any:
+    batch: list[Any] = []
+    async for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

@@ -1,0 +1,89 @@
+"""Streaming generation with fallback.
+
+Status-code retries (429, 529, 5xx, connection errors) happen inside the provider SDKs,
+before any token exists. Here the route's candidates are tried in order: a candidate that
+fails or stays silent past the first-token timeout is abandoned for the next one, until a
+first token arrives. From then on the client has seen text, so a failure is final and is
+reported as an `error` event by the caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from service.providers.base import GenerationRequest, Provider, ProviderError, Usage
+from service.routing import ModelChoice
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Answering:
+    """Emitted once, just before the first token: the candidate that is answering."""
+
+    choice: ModelChoice
+    failed: tuple[str, ...] = ()  # "provider/model: reason" of the candidates abandoned before it
+
+
+@dataclass
+class AllProvidersFailedError(Exception):
+    failures: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return "every model failed: " + "; ".join(self.failures)
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    first_token_s: float = 20.0
+    total_s: float = 120.0
+
+
+async def generate(
+    candidates: Sequence[ModelChoice],
+    providers: Mapping[str, Provider],
+    make_request: Callable[[str], GenerationRequest],
+    timeouts: Timeouts,
+) -> AsyncIterator[Answering | str | Usage]:
+    deadline = time.monotonic() + timeouts.total_s
+    failures: list[str] = []
+    for choice in candidates:
+        provider = providers.get(choice.provider)
+        if provider is None:
+            continue
+        stream = provider.stream(make_request(choice.model))
+        try:
+            budget = min(timeouts.first_token_s, deadline - time.monotonic())
+            try:
+                first = await asyncio.wait_for(anext(stream), max(budget, 0.001))
+            except (ProviderError, TimeoutError, StopAsyncIteration) as exc:
+                reason = _describe(exc)
+                failures.append(f"{choice.provider}/{choice.model}: {reason}")
+                log.warning("provider failed before first token, falling back: %s/%s %s", *choice_parts(choice), reason)
+                continue
+            yield Answering(choice, tuple(failures))
+            yield first
+            remaining = deadline - time.monotonic()
+            async with asyncio.timeout(max(remaining, 0.001)):
+                async for item in stream:
+                    yield item
+            return
+        finally:
+            await stream.aclose()
+    raise AllProvidersFailedError(failures)
+
+
+def choice_parts(choice: ModelChoice) -> tuple[str, str]:
+    return choice.provider, choice.model
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ProviderError):
+        return exc.message
+    if isinstance(exc, TimeoutError):
+        return "no first token in time"
+    return "empty response"

@@ -1,0 +1,294 @@
+"""The answer pipeline: SPEC's request path, one step per method, in order.
+
+`AnswerService.answer` is an async generator of events. Everything up to the first
+event (guardrails, cache, retrieval, routing, and the wait for the model's first token)
+raises `APIError`, which the HTTP layer turns into a JSON error with a status code; once
+the first event exists the response is a stream and failures become an `Failed` event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from service.cache import AnswerCache, CachedAnswer, KeyParts, cache_key, question_hash
+from service.embeddings import Embedder
+from service.errors import APIError
+from service.generation import AllProvidersFailedError, Answering, Timeouts, generate
+from service.guardrails import Action, GuardrailPolicy, GuardrailViolation, check_question
+from service.invalidation import CorpusWatcher
+from service.prompt import PROMPT_VERSION, Prompt, build_prompt
+from service.providers.base import GenerationRequest, Provider, ProviderError, Usage
+from service.retrieval import Filters, Retriever, Source
+from service.routing import Route, RoutingPolicy, UnknownModelError, decide
+from service.schemas import CacheOutcome, RagRequest, RouteInfo, SourceInfo, UsageInfo
+from service.settings import Settings
+from service.tokens import count_tokens
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_S = "5"
+
+
+@dataclass(frozen=True)
+class Meta:
+    request_id: str
+    cache: CacheOutcome
+    route: RouteInfo
+    sources: list[SourceInfo]
+
+
+@dataclass(frozen=True)
+class Token:
+    text: str
+
+
+@dataclass(frozen=True)
+class Done:
+    usage: UsageInfo
+    latency_ms: float
+    ttft_ms: float | None
+    cached: bool
+    saved: UsageInfo | None = None  # on a hit: what the original answer cost, now not paid again
+
+
+@dataclass(frozen=True)
+class Failed:
+    code: str
+    message: str
+
+
+Event = Meta | Token | Done | Failed
+
+
+@dataclass(frozen=True)
+class Question:
+    """A request that passed the guardrails: redacted text and everything the key needs."""
+
+    request: RagRequest
+    text: str
+    filters: Filters
+    key: str
+    hash: str
+    flags: tuple[str, ...] = ()
+
+
+@dataclass
+class _Clock:
+    started: float = field(default_factory=time.perf_counter)
+    first_token: float | None = None
+
+    def ms(self, at: float | None = None) -> float:
+        return round(((at or time.perf_counter()) - self.started) * 1000, 2)
+
+    def ttft_ms(self) -> float | None:
+        return None if self.first_token is None else self.ms(self.first_token)
+
+
+def cost_usd(model: str, usage: Usage, pricing: Mapping[str, tuple[float, float]]) -> float:
+    per_in, per_out = pricing.get(model, (0.0, 0.0))
+    return round((usage.input_tokens * per_in + usage.output_tokens * per_out) / 1_000_000, 8)
+
+
+def source_info(source: Source) -> SourceInfo:
+    return SourceInfo(
+        n=source.n,
+        chunk_id=source.chunk_id,
+        document=source.document,
+        source=source.source,
+        score=source.score,
+        snippet=source.snippet(),
+    )
+
+
+class AnswerService:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        embedder: Embedder,
+        retriever: Retriever,
+        cache: AnswerCache,
+        watcher: CorpusWatcher,
+        providers: Mapping[str, Provider],
+        policy: RoutingPolicy,
+    ) -> None:
+        self.settings = settings
+        self.embedder = embedder
+        self.retriever = retriever
+        self.cache = cache
+        self.watcher = watcher
+        self.providers = providers
+        self.policy = policy
+        self.guardrails = GuardrailPolicy(
+            max_chars=settings.question_max_chars,
+            max_tokens=settings.question_max_tokens,
+            injection=Action(settings.guard_injection),
+            pii=settings.guard_pii,
+        )
+        self.timeouts = Timeouts(settings.first_token_timeout_s, settings.total_timeout_s)
+
+    async def answer(self, request: RagRequest, request_id: str) -> AsyncIterator[Event]:
+        clock = _Clock()
+        question = self.guard(request)
+        if request.cache == "use":
+            hit = await self.cache.get(question.key)
+            if hit is not None:
+                for event in self.replay(hit, request_id, clock):
+                    yield event
+                return
+        generation = self.watcher.generation
+        sources = await self.retrieve(question)
+        route, prompt = self.plan(question, sources)
+        outcome: CacheOutcome = "bypass" if request.cache == "bypass" else "miss"
+        pieces: list[str] = []
+        usage: Usage | None = None
+        answering: Answering | None = None
+        try:
+            async for item in generate(
+                route.candidates, self.providers, _RequestFactory(question, prompt), self.timeouts
+            ):
+                if isinstance(item, Answering):
+                    answering = item
+                    yield Meta(
+                        request_id, outcome, self._route_info(route, item), [source_info(s) for s in prompt.sources]
+                    )
+                elif isinstance(item, str):
+                    if clock.first_token is None:
+                        clock.first_token = time.perf_counter()
+                    pieces.append(item)
+                    yield Token(item)
+                else:
+                    usage = item
+        except AllProvidersFailedError as exc:  # nothing was sent yet: a plain 503
+            raise APIError(503, "providers_unavailable", str(exc), {"Retry-After": RETRY_AFTER_S}) from exc
+        except (ProviderError, TimeoutError) as exc:
+            message = exc.message if isinstance(exc, ProviderError) else "the answer took too long"
+            yield Failed("generation_failed", f"generation stopped: {message}")
+            return
+        assert answering is not None and usage is not None
+        usage_info = UsageInfo(
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            cost_usd=cost_usd(answering.choice.model, usage, self.settings.pricing),
+            estimated=usage.estimated,
+        )
+        if request.cache != "bypass":
+            await self.store(
+                question, generation, "".join(pieces), self._route_info(route, answering), prompt, usage_info
+            )
+        yield Done(usage_info, clock.ms(), clock.ttft_ms(), cached=False)
+
+    # -- 1. guardrails (no I/O) ----------------------------------------------------------
+    def guard(self, request: RagRequest) -> Question:
+        try:
+            checked = check_question(request.question, self.guardrails, count_tokens)
+        except GuardrailViolation as exc:
+            raise APIError(400, exc.code, exc.message) from exc
+        try:
+            filters = Filters.parse(request.filters)
+        except ValueError as exc:
+            raise APIError(422, "invalid_filters", str(exc)) from exc
+        if request.model not in ("auto", "small", "large") and request.model not in self.policy.allowed_models():
+            allowed = ", ".join(["auto", "small", "large", *self.policy.allowed_models()])
+            raise APIError(422, "unknown_model", f"model must be one of: {allowed}")
+        parts = KeyParts(
+            checked.text, request.top_k, filters, request.model, request.max_tokens, request.temperature, PROMPT_VERSION
+        )
+        return Question(request, checked.text, filters, cache_key(parts), question_hash(checked.text), checked.flags)
+
+    # -- 2. exact cache ------------------------------------------------------------------
+    def replay(self, hit: CachedAnswer, request_id: str, clock: _Clock) -> list[Event]:
+        clock.first_token = time.perf_counter()
+        saved = UsageInfo(**hit.usage)
+        return [
+            Meta(request_id, "hit", RouteInfo(**hit.route), [SourceInfo(**s) for s in hit.sources]),
+            Token(hit.answer),
+            Done(UsageInfo(input_tokens=0, output_tokens=0, cost_usd=0.0), clock.ms(), clock.ttft_ms(), True, saved),
+        ]
+
+    # -- 4. retrieval --------------------------------------------------------------------
+    async def retrieve(self, question: Question) -> list[Source]:
+        try:
+            vector = (await self.embedder.embed([question.text]))[0]
+        except Exception as exc:  # a remote embedding endpoint that is down
+            log.warning("embedding failed: %s", type(exc).__name__)
+            raise APIError(
+                503, "embedding_unavailable", "cannot embed the question right now", {"Retry-After": RETRY_AFTER_S}
+            ) from exc
+        try:
+            return await self.retriever.search(
+                vector, question.text, top_k=question.request.top_k, filters=question.filters
+            )
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            log.warning("retrieval failed: %s", type(exc).__name__)
+            raise APIError(
+                503, "database_unavailable", "the document store is unavailable", {"Retry-After": RETRY_AFTER_S}
+            ) from exc
+
+    # -- 5. routing and prompt -------------------------------------------------------------
+    def plan(self, question: Question, sources: list[Source]) -> tuple[Route, Prompt]:
+        prompt = build_prompt(question.text, sources, context_budget=self.settings.context_token_budget)
+        try:
+            route = decide(
+                question.request.model,
+                question=question.text,
+                prompt_tokens=prompt.prompt_tokens,
+                max_tokens=question.request.max_tokens,
+                policy=self.policy,
+            )
+        except UnknownModelError as exc:
+            raise APIError(422, "unknown_model", str(exc)) from exc
+        return route, prompt
+
+    def _route_info(self, route: Route, answering: Answering) -> RouteInfo:
+        choice = answering.choice
+        tier = route.tier if choice in self.policy.tier_models(route.tier) else _other(route.tier)
+        reason = route.reason
+        if answering.failed:
+            reason += f"; fell back after {'; '.join(answering.failed)}"
+        return RouteInfo(tier=tier, model=choice.model, provider=choice.provider, reason=reason)
+
+    # -- 7. cache write -----------------------------------------------------------------
+    async def store(
+        self, question: Question, generation: int, answer: str, route: RouteInfo, prompt: Prompt, usage: UsageInfo
+    ) -> None:
+        if self.watcher.generation != generation or generation < 0:
+            log.info("corpus changed while answering; not caching %s", question.hash)
+            return
+        entry = CachedAnswer(
+            answer=answer,
+            route=route.model_dump(),
+            sources=[source_info(s).model_dump() for s in prompt.sources],
+            usage=usage.model_dump(),
+            document_ids=sorted({s.document_id for s in prompt.sources}),
+            question_hash=question.hash,
+        )
+        # Shielded: a client that disconnects right after the last token must not leave half a write.
+        await asyncio.shield(self.cache.put(question.key, entry))
+
+
+@dataclass(frozen=True)
+class _RequestFactory:
+    question: Question
+    prompt: Prompt
+
+    def __call__(self, model: str) -> GenerationRequest:
+        return GenerationRequest(
+            model=model,
+            system=self.prompt.system,
+            prompt=self.prompt.user,
+            max_tokens=self.question.request.max_tokens,
+            temperature=self.question.request.temperature,
+            question=self.question.text,
+            sources=self.prompt.sources,
+        )
+
+
+def _other(tier: str) -> str:
+    return "large" if tier == "small" else "small"

@@ -1,0 +1,1 @@
+"""LLM providers behind one small streaming interface (see `base.Provider`)."""

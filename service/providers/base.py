@@ -1,0 +1,51 @@
+"""The one interface every generator implements, and the errors the fallback logic reads."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from service.retrieval import Source
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    model: str
+    system: str
+    prompt: str  # the user turn: numbered sources, then the question
+    max_tokens: int
+    temperature: float
+    question: str  # the (redacted) question alone, for generators that do not read prompts
+    sources: Sequence[Source] = ()
+
+
+@dataclass(frozen=True)
+class Usage:
+    input_tokens: int
+    output_tokens: int
+    estimated: bool = False  # True when counted with tiktoken rather than reported by the provider
+
+
+class ProviderError(Exception):
+    """A failed generation. `retryable` errors may be retried or fall back before the first token."""
+
+    def __init__(self, provider: str, message: str, *, retryable: bool, status: int | None = None) -> None:
+        super().__init__(message)
+        self.provider = provider
+        self.message = message
+        self.retryable = retryable
+        self.status = status
+
+
+class Provider(Protocol):
+    name: str
+
+    def stream(self, request: GenerationRequest) -> AsyncGenerator[str | Usage, None]:
+        """Text deltas as they arrive, then exactly one `Usage`. Raises `ProviderError`."""
+        ...
+
+
+def is_retryable_status(status: int) -> bool:
+    """Rate limits, overload (Anthropic's 529), timeouts and server errors may pass; 4xx will not."""
+    return status in (408, 409, 429) or status >= 500

@@ -1,0 +1,131 @@
+"""Hybrid retrieval: pgvector HNSW (cosine) and Postgres full-text, fused with RRF.
+
+Both candidate lists come back in one round trip; fusion is pure Python (`rrf`).
+`hnsw.ef_search` and iterative scans are set per connection (see `db.create_pool`), so a
+filtered vector search still returns enough rows instead of an emptied top-k.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import asyncpg
+import numpy as np
+import numpy.typing as npt
+
+SNIPPET_CHARS = 240
+RRF_K = 60  # the constant from Cormack et al. (2009); damps the weight of top ranks
+
+K = TypeVar("K", bound=Hashable)
+
+
+@dataclass(frozen=True)
+class Source:
+    """A retrieved chunk as the prompt and the client see it; `n` is its citation number."""
+
+    n: int
+    chunk_id: int
+    document_id: int
+    document: str  # the document's title, or its external id when untitled
+    source: str
+    uri: str
+    text: str
+    score: float
+
+    def snippet(self) -> str:
+        text = " ".join(self.text.split())
+        return text if len(text) <= SNIPPET_CHARS else text[: SNIPPET_CHARS - 1].rsplit(" ", 1)[0] + "…"
+
+
+def rrf(rankings: Sequence[Sequence[K]], *, k: int = RRF_K) -> list[tuple[K, float]]:
+    """Reciprocal rank fusion: sum of 1/(k + rank) over the lists an item appears in.
+
+    Ties break by first appearance across the lists, so the result is deterministic.
+    """
+    scores: dict[K, float] = defaultdict(float)
+    first_seen: dict[K, tuple[int, int]] = {}
+    for list_index, ranking in enumerate(rankings):
+        for rank, item in enumerate(ranking, start=1):
+            scores[item] += 1.0 / (k + rank)
+            first_seen.setdefault(item, (rank, list_index))
+    return sorted(scores.items(), key=lambda kv: (-kv[1], first_seen[kv[0]]))
+
+
+@dataclass(frozen=True)
+class Filters:
+    sources: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, object] | None) -> Filters:
+        """Accepts {"source": "x"} or {"source": ["x", "y"]}; anything else is a ValueError."""
+        raw = dict(raw or {})
+        unknown = set(raw) - {"source"}
+        if unknown:
+            raise ValueError(f"unknown filter(s): {', '.join(sorted(unknown))}; supported: source")
+        value = raw.get("source")
+        if value is None:
+            return cls()
+        values = [value] if isinstance(value, str) else value
+        if not isinstance(values, list) or not values or not all(isinstance(v, str) and v for v in values):
+            raise ValueError("filters.source must be a non-empty string or list of strings")
+        return cls(tuple(sorted(set(values))))
+
+
+_SEARCH_SQL = """
+WITH q AS (
+    SELECT replace(websearch_to_tsquery('english', $2)::text, ' & ', ' | ') AS text
+), dense AS (
+    SELECT c.id, row_number() OVER () AS rank
+    FROM (SELECT id FROM chunks
+          WHERE cardinality($3::text[]) = 0 OR source = ANY($3::text[])
+          ORDER BY embedding <=> $1 LIMIT $4) AS c
+), sparse AS (
+    SELECT c.id, row_number() OVER (ORDER BY ts_rank_cd(c.tsv, q.text::tsquery) DESC, c.id) AS rank
+    FROM chunks c, q
+    WHERE q.text <> '' AND c.tsv @@ q.text::tsquery
+      AND (cardinality($3::text[]) = 0 OR c.source = ANY($3::text[]))
+    ORDER BY rank LIMIT $4
+), hits AS (
+    SELECT id, rank, 'dense' AS kind FROM dense
+    UNION ALL
+    SELECT id, rank, 'sparse' AS kind FROM sparse
+)
+SELECT h.kind, h.rank, c.id AS chunk_id, c.document_id, c.text, c.source,
+       coalesce(nullif(d.title, ''), d.external_id) AS document, d.uri
+FROM hits h JOIN chunks c ON c.id = h.id JOIN documents d ON d.id = c.document_id
+"""
+
+
+class Retriever:
+    def __init__(self, pool: asyncpg.Pool, *, candidates: int = 40) -> None:
+        self.pool = pool
+        self.candidates = candidates
+
+    async def search(
+        self, query_vector: npt.NDArray[np.float32], question: str, *, top_k: int, filters: Filters = Filters()
+    ) -> list[Source]:
+        limit = max(self.candidates, top_k * 4)
+        rows = await self.pool.fetch(_SEARCH_SQL, query_vector, question, list(filters.sources), limit)
+        by_kind: dict[str, list[tuple[int, int]]] = {"dense": [], "sparse": []}
+        details: dict[int, asyncpg.Record] = {}
+        for row in rows:
+            by_kind[row["kind"]].append((row["rank"], row["chunk_id"]))
+            details[row["chunk_id"]] = row
+        rankings = [[chunk for _, chunk in sorted(pairs)] for pairs in by_kind.values()]
+        fused = rrf(rankings)[:top_k]
+        return [
+            Source(
+                n=n,
+                chunk_id=chunk_id,
+                document_id=details[chunk_id]["document_id"],
+                document=details[chunk_id]["document"],
+                source=details[chunk_id]["source"],
+                uri=details[chunk_id]["uri"],
+                text=details[chunk_id]["text"],
+                score=round(score, 6),
+            )
+            for n, (chunk_id, score) in enumerate(fused, start=1)
+        ]
