@@ -18,7 +18,7 @@ from ingest.cli import app as ingest_app
 from ingest.loaders import SourceDocument
 from ingest.pipeline import IngestOptions, ingest_documents
 from service.corpus import Corpus, open_corpus
-from service.db import CorpusMismatchError, SchemaParams, migrate
+from service.db import CorpusMismatchError, SchemaParams, load_migrations, migrate
 from service.settings import Settings
 from tests.conftest import BIN, cli_env, wait_until
 
@@ -142,7 +142,7 @@ async def test_real_model_ranks_the_relevant_chunk_first(corpus: Corpus) -> None
 
 async def test_migrate_refuses_a_different_embedding_model(database_url: str) -> None:
     params = SchemaParams("sentence-transformers/all-MiniLM-L6-v2", 384)
-    assert await migrate(database_url, params) == [1]
+    assert await migrate(database_url, params) == [m.version for m in load_migrations()]
     assert await migrate(database_url, params) == []  # idempotent
     with pytest.raises(CorpusMismatchError, match=r"all-MiniLM-L6-v2.*text-embedding-3-small"):
         await migrate(database_url, SchemaParams("text-embedding-3-small", 1536))
