@@ -50,15 +50,18 @@ class CorpusWatcher:
     async def reconcile(self) -> int:
         """Apply corpus changes the cache has not seen; returns the number of answers dropped."""
         marker = await self.cache.client.get(self.cache.generation_key)
-        current, changed = await changes_since(self.pool, int(marker) if marker is not None else 0)
-        dropped = 0
         if marker is None:
-            # A fresh Redis holds no answers older than now: nothing to clean.
+            # A fresh (or flushed) Redis holds no answers older than now: nothing to clean.
+            current = int(await self.pool.fetchval("SELECT generation FROM corpus"))
             await self.cache.client.set(self.cache.generation_key, current)
-        elif current > int(marker):
+            self.generation = current
+            return 0
+        current, changed = await changes_since(self.pool, int(marker))
+        dropped = 0
+        if current > int(marker):
             dropped = await self.cache.invalidate([*changed, None])
             await self.cache.client.set(self.cache.generation_key, current)
-            log.info("corpus changed: generation %s -> %s, %d cached answers dropped", marker, current, dropped)
+            log.info("corpus changed: generation %s -> %s, %d cached answers dropped", int(marker), current, dropped)
         self.generation = current
         return dropped
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import asyncpg
 import numpy as np
@@ -20,6 +20,7 @@ SNIPPET_CHARS = 240
 RRF_K = 60  # the constant from Cormack et al. (2009); damps the weight of top ranks
 
 K = TypeVar("K", bound=Hashable)
+Mode = Literal["hybrid", "dense", "sparse"]
 
 
 @dataclass(frozen=True)
@@ -105,8 +106,15 @@ class Retriever:
         self.candidates = candidates
 
     async def search(
-        self, query_vector: npt.NDArray[np.float32], question: str, *, top_k: int, filters: Filters = Filters()
+        self,
+        query_vector: npt.NDArray[np.float32],
+        question: str,
+        *,
+        top_k: int,
+        filters: Filters = Filters(),
+        mode: Mode = "hybrid",
     ) -> list[Source]:
+        """Top-k fused chunks; `mode` isolates one ranking (for evaluation, see bench/retrieval.py)."""
         limit = max(self.candidates, top_k * 4)
         rows = await self.pool.fetch(_SEARCH_SQL, query_vector, question, list(filters.sources), limit)
         by_kind: dict[str, list[tuple[int, int]]] = {"dense": [], "sparse": []}
@@ -114,7 +122,8 @@ class Retriever:
         for row in rows:
             by_kind[row["kind"]].append((row["rank"], row["chunk_id"]))
             details[row["chunk_id"]] = row
-        rankings = [[chunk for _, chunk in sorted(pairs)] for pairs in by_kind.values()]
+        kinds = ("dense", "sparse") if mode == "hybrid" else (mode,)
+        rankings = [[chunk for _, chunk in sorted(by_kind[kind])] for kind in kinds]
         fused = rrf(rankings)[:top_k]
         return [
             Source(
