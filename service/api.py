@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -16,6 +17,7 @@ from service.pipeline import AnswerService, Done, Event, Failed, Meta, Token
 from service.schemas import RagAnswer, RagRequest
 
 router = APIRouter(tags=["rag"])
+log = logging.getLogger(__name__)
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
@@ -74,9 +76,14 @@ async def rag_stream(body: RagRequest, request: Request) -> EventSourceResponse:
     _, events = await _first_and_rest(_service(request).answer(body, rid))
 
     async def sse() -> AsyncIterator[ServerSentEvent]:
-        async for event in events:
-            name, data = event_data(event)
-            yield ServerSentEvent(data=json.dumps(data, ensure_ascii=False), event=name)
+        try:
+            async for event in events:
+                name, data = event_data(event)
+                yield ServerSentEvent(data=json.dumps(data, ensure_ascii=False), event=name)
+        except Exception:  # a bug must still end the stream with SPEC's error event, not a cut connection
+            log.exception("stream failed (request %s)", rid)
+            failure = {"code": "internal_error", "message": "the answer stream failed unexpectedly"}
+            yield ServerSentEvent(data=json.dumps(failure), event="error")
 
     return EventSourceResponse(
         sse(),
