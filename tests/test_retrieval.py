@@ -52,7 +52,7 @@ def test_filters_parse(raw: dict[str, object] | None, sources: tuple[str, ...]) 
 
 @pytest.mark.parametrize("raw", [{"author": "x"}, {"source": []}, {"source": [""]}, {"source": 3}, {"source": [1]}])
 def test_filters_reject_what_they_cannot_apply(raw: dict[str, object]) -> None:
-    with pytest.raises(ValueError, match="filter|source"):
+    with pytest.raises(ValueError, match=r"filter|source"):
         Filters.parse(raw)
 
 
