@@ -263,7 +263,7 @@ async def run_round(
         result.raw_seconds = timed_raw(embedder, texts)
         _say(f"  raw encode: {result.raw_seconds:.1f}s ({_rate(len(texts), result.raw_seconds):.1f} chunks/s)")
         if args.diagnose:
-            result.raw_batched_seconds = timed_raw_batched(embedder, texts, options.batch_size)
+            result.raw_batched_seconds = timed_raw_batched(embedder, texts, options.window)
             _say(
                 f"  raw encode, pipeline batches: {result.raw_batched_seconds:.1f}s "
                 f"({_rate(len(texts), result.raw_batched_seconds):.1f} chunks/s)"
@@ -407,6 +407,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("corpus", nargs="?", type=Path, default=DEFAULT_CORPUS, help="BEIR corpus.jsonl")
     parser.add_argument("--limit", type=int, default=None, help="only the first N documents")
     parser.add_argument("--batch-size", type=int, default=64, help="encoder batch size, both sides (default 64)")
+    parser.add_argument(
+        "--window", type=int, default=1024, help="texts per embedder call in the pipeline (RAG_EMBED_WINDOW)"
+    )
     parser.add_argument("--repeat", type=int, default=1, help="rounds, alternating the order (default 1)")
     parser.add_argument(
         "--diagnose", action="store_true", help="also time the raw encoder on the pipeline's own batches"
@@ -418,7 +421,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 async def bench(args: argparse.Namespace, command: str) -> Summary:
-    options = IngestOptions(batch_size=args.batch_size)
+    options = IngestOptions(window=args.window)
     items = load_items(args.corpus, args.limit)
     failures = [i for i in items if isinstance(i, LoadFailure)]
     if failures:

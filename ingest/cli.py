@@ -135,7 +135,7 @@ async def _ingest(items: list[SourceDocument | LoadFailure], show_progress: bool
     settings = Settings()
     async with open_corpus(settings, with_embedder=True) as corpus:
         assert corpus.embedder is not None
-        options = IngestOptions(settings.chunk_tokens, settings.chunk_overlap, settings.embed_batch_size)
+        options = IngestOptions.from_settings(settings)
         with _ProgressView(show_progress) as view:
             return await ingest_documents(corpus.store, corpus.embedder, items, options, view)
 

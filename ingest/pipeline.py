@@ -21,6 +21,7 @@ import numpy as np
 from ingest.chunking import CHUNKER_VERSION, chunk_text
 from ingest.loaders import LoadFailure, SourceDocument
 from service.embeddings import Embedder
+from service.settings import Settings
 from service.store import ChunkRecord, DocumentKey, PreparedDocument, Store
 from service.tokens import encoding
 
@@ -31,7 +32,11 @@ _HASH_LOOKUP_BATCH = 10_000
 class IngestOptions:
     chunk_tokens: int = 400
     chunk_overlap: int = 50
-    batch_size: int = 64
+    window: int = 1024  # texts per embedder call (the embedder batches inside it)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> IngestOptions:
+        return cls(settings.chunk_tokens, settings.chunk_overlap, settings.embed_window)
 
 
 @dataclass
@@ -174,11 +179,11 @@ async def _embed_and_write(
             prepared = prepare(doc, digest, options)
             pending.append(prepared)
             texts.extend(c.text for c in prepared.chunks)
-            while len(texts) >= options.batch_size:
-                texts = await _embed_batch(embedder, pending, texts, options.batch_size, report)
+            while len(texts) >= options.window:
+                texts = await _embed_batch(embedder, pending, texts, options.window, report)
                 await _put_complete(queue, pending, writing)
         while texts:
-            texts = await _embed_batch(embedder, pending, texts, options.batch_size, report)
+            texts = await _embed_batch(embedder, pending, texts, options.window, report)
         await _put_complete(queue, pending, writing)
         await queue.put(None)
         await writing

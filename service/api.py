@@ -7,13 +7,13 @@ import logging
 import re
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
 
 from fastapi import APIRouter, Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from service.errors import APIError
-from service.pipeline import AnswerService, Done, Event, Failed, Meta, Token
+from service.events import Done, Event, Failed, Meta, Token, event_payload
+from service.pipeline import AnswerService
 from service.schemas import RagAnswer, RagRequest
 
 router = APIRouter(tags=["rag"])
@@ -31,30 +31,6 @@ def request_id(request: Request) -> str:
 def _service(request: Request) -> AnswerService:
     service: AnswerService = request.app.state.resources.answers
     return service
-
-
-def event_data(event: Event) -> tuple[str, dict[str, Any]]:
-    """SPEC's SSE event name and JSON payload for a pipeline event."""
-    if isinstance(event, Meta):
-        return "meta", {
-            "request_id": event.request_id,
-            "cache": event.cache,
-            "route": event.route.model_dump(),
-            "sources": [s.model_dump() for s in event.sources],
-        }
-    if isinstance(event, Token):
-        return "token", {"text": event.text}
-    if isinstance(event, Done):
-        data: dict[str, Any] = {
-            "usage": event.usage.model_dump(exclude={"estimated"}),
-            "latency_ms": event.latency_ms,
-            "ttft_ms": event.ttft_ms,
-            "cached": event.cached,
-        }
-        if event.saved is not None:
-            data["saved"] = event.saved.model_dump(exclude={"estimated"})
-        return "done", data
-    return "error", {"code": event.code, "message": event.message}
 
 
 async def _first_and_rest(events: AsyncIterator[Event]) -> tuple[Event, AsyncIterator[Event]]:
@@ -78,7 +54,7 @@ async def rag_stream(body: RagRequest, request: Request) -> EventSourceResponse:
     async def sse() -> AsyncIterator[ServerSentEvent]:
         try:
             async for event in events:
-                name, data = event_data(event)
+                name, data = event_payload(event)
                 yield ServerSentEvent(data=json.dumps(data, ensure_ascii=False), event=name)
         except Exception:  # a bug must still end the stream with SPEC's error event, not a cut connection
             log.exception("stream failed (request %s)", rid)

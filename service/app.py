@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 from service import __version__
 from service.api import router as rag_router
 from service.cache import AnswerCache
+from service.coalesce import Coalescer
 from service.corpus import database_url, schema_params
 from service.db import create_pool, migrate
 from service.embedded import EmbeddedValkey, start_valkey
@@ -117,6 +118,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         embedder=embedder,
         retriever=Retriever(pool),
         cache=cache,
+        coalescer=Coalescer(client, lease_ms=settings.coalesce_lease_ms),
         watcher=watcher,
         providers=providers,
         policy=routing_policy(settings),
@@ -195,4 +197,16 @@ def create_app(settings: Settings | None = None, *, embedder: LocalEmbedder | Op
 
 def app_factory() -> FastAPI:
     """Entry point for uvicorn workers (`--factory`): settings come from the environment."""
-    return create_app(Settings())
+    settings = Settings()
+    configure_logging(settings.log_level)
+    return create_app(settings)
+
+
+def configure_logging(level: str) -> None:
+    """Service logs to stderr at RAG_LOG_LEVEL. They carry ids, hashes and lengths, never user text."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("service")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False

@@ -102,12 +102,14 @@ class OpenAIEmbedder:
         api_key: str | None,
         base_url: str | None,
         dim: int | None = None,
+        batch_size: int = 64,
         concurrency: int = 4,
         max_retries: int = 5,
     ) -> None:
         import openai
 
         self.model = model
+        self.batch_size = batch_size
         self._client = openai.AsyncOpenAI(api_key=api_key or "not-needed", base_url=base_url, max_retries=max_retries)
         self._semaphore = asyncio.Semaphore(concurrency)
         resolved = dim or KNOWN_DIMENSIONS.get(model)
@@ -118,7 +120,12 @@ class OpenAIEmbedder:
     async def embed(self, texts: Sequence[str]) -> Vectors:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        async with self._semaphore:
+        batches = [texts[i : i + self.batch_size] for i in range(0, len(texts), self.batch_size)]
+        parts = await asyncio.gather(*(self._embed_one(batch) for batch in batches))
+        return np.concatenate(parts)
+
+    async def _embed_one(self, texts: Sequence[str]) -> Vectors:
+        async with self._semaphore:  # bounded concurrency against the endpoint
             response = await self._client.embeddings.create(model=self.model, input=list(texts))
         rows = sorted(response.data, key=lambda d: d.index)
         vectors = np.asarray([row.embedding for row in rows], dtype=np.float32)
@@ -140,5 +147,6 @@ def create_embedder(settings: Settings) -> LocalEmbedder | OpenAIEmbedder:
         api_key=key,
         base_url=settings.openai_base_url,
         dim=settings.embedding_dim,
+        batch_size=settings.embed_batch_size,
         concurrency=settings.embed_concurrency,
     )

@@ -67,10 +67,13 @@ async def generate(
                 continue
             yield Answering(choice, tuple(failures))
             yield first
-            remaining = deadline - time.monotonic()
-            async with asyncio.timeout(max(remaining, 0.001)):
-                async for item in stream:
-                    yield item
+            # A deadline check rather than asyncio.timeout: that binds to the task that entered it,
+            # and a generation may be finished by another task when the leader's client leaves.
+            # Stalls between tokens are caught by the SDK's read timeout.
+            async for item in stream:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("total generation time exceeded")
+                yield item
             return
         finally:
             await stream.aclose()

@@ -11,14 +11,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Coroutine, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
 import asyncpg
+from redis.exceptions import RedisError
 
 from service.cache import AnswerCache, CachedAnswer, KeyParts, cache_key, question_hash
+from service.coalesce import Coalescer, LeaderLostError, Lease
 from service.embeddings import Embedder
 from service.errors import APIError
+from service.events import Done, Event, Failed, Meta, Token
 from service.generation import AllProvidersFailedError, Answering, Timeouts, generate
 from service.guardrails import Action, GuardrailPolicy, GuardrailViolation, check_question
 from service.invalidation import CorpusWatcher
@@ -33,37 +37,6 @@ from service.tokens import count_tokens
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = "5"
-
-
-@dataclass(frozen=True)
-class Meta:
-    request_id: str
-    cache: CacheOutcome
-    route: RouteInfo
-    sources: list[SourceInfo]
-
-
-@dataclass(frozen=True)
-class Token:
-    text: str
-
-
-@dataclass(frozen=True)
-class Done:
-    usage: UsageInfo
-    latency_ms: float
-    ttft_ms: float | None
-    cached: bool
-    saved: UsageInfo | None = None  # on a hit: what the original answer cost, now not paid again
-
-
-@dataclass(frozen=True)
-class Failed:
-    code: str
-    message: str
-
-
-Event = Meta | Token | Done | Failed
 
 
 @dataclass(frozen=True)
@@ -106,6 +79,13 @@ def source_info(source: Source) -> SourceInfo:
     )
 
 
+_TAKEOVER_ATTEMPTS = 3
+
+
+class _TakeOverError(Exception):
+    """A followed leader vanished before its first event; this request may lead instead."""
+
+
 class AnswerService:
     def __init__(
         self,
@@ -114,6 +94,7 @@ class AnswerService:
         embedder: Embedder,
         retriever: Retriever,
         cache: AnswerCache,
+        coalescer: Coalescer,
         watcher: CorpusWatcher,
         providers: Mapping[str, Provider],
         policy: RoutingPolicy,
@@ -122,6 +103,8 @@ class AnswerService:
         self.embedder = embedder
         self.retriever = retriever
         self.cache = cache
+        self.coalescer = coalescer
+        self._background: set[asyncio.Task[None]] = set()
         self.watcher = watcher
         self.providers = providers
         self.policy = policy
@@ -134,18 +117,125 @@ class AnswerService:
         self.timeouts = Timeouts(settings.first_token_timeout_s, settings.total_timeout_s)
 
     async def answer(self, request: RagRequest, request_id: str) -> AsyncIterator[Event]:
+        """SPEC's request path, with identical in-flight misses coalesced onto one generation."""
         clock = _Clock()
         question = self.guard(request)
-        if request.cache == "use":
+        if request.cache != "use":
+            async for event in self._produce_and_consume(question, request_id, clock, None):
+                yield event
+            return
+        for _ in range(_TAKEOVER_ATTEMPTS):
             hit = await self.cache.get(question.key)
             if hit is not None:
                 for event in self.replay(hit, request_id, clock):
                     yield event
                 return
+            role = await self._lead_or_follow(question.key)
+            if role == "follow":
+                try:
+                    async for event in self._follow(question, request_id, clock):
+                        yield event
+                    return
+                except _TakeOverError:
+                    continue  # the leader died before showing anything: try to lead ourselves
+            if role is not None and (hit := await self.cache.get(question.key)) is not None:
+                await role.close()  # the previous leader finished between our two looks
+                for event in self.replay(hit, request_id, clock):
+                    yield event
+                return
+            async for event in self._produce_and_consume(question, request_id, clock, role):
+                yield event
+            return
+        raise APIError(503, "coalescing_failed", "could not join or start a generation", {"Retry-After": "1"})
+
+    async def _lead_or_follow(self, key: str) -> Lease | Literal["follow"] | None:
+        if not self.cache.available:
+            return None
+        try:
+            lease = await self.coalescer.lead(key)
+        except (RedisError, OSError):
+            return None  # no Redis, no coalescing: answer on our own
+        return "follow" if lease is None else lease
+
+    async def _produce_and_consume(
+        self, question: Question, request_id: str, clock: _Clock, lease: Lease | None
+    ) -> AsyncIterator[Event]:
+        """Generate in a task of its own, so the answer can outlive this request for its followers."""
+        queue: asyncio.Queue[Event | APIError | None] = asyncio.Queue()
+        producer = asyncio.create_task(self._produce(question, request_id, clock, lease, queue))
+        try:
+            while (item := await queue.get()) is not None:
+                if isinstance(item, APIError):
+                    raise item
+                yield item
+        finally:
+            if not producer.done():
+                # Our client left. Nothing may be awaited here (the response's cancel scope would
+                # cancel it again), so the decision runs in a task of its own.
+                if lease is None:
+                    producer.cancel()  # closes the provider connection at once
+                else:
+                    self._detached(self._abandon_unless_followed(lease, producer))
+
+    async def _abandon_unless_followed(self, lease: Lease, producer: asyncio.Task[None]) -> None:
+        """Keep generating only if other requests follow this answer; otherwise cancel it."""
+        if await lease.abandon():
+            producer.cancel()
+
+    def _detached(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)  # keep a reference until done
+        task.add_done_callback(self._background.discard)
+
+    async def _produce(
+        self,
+        question: Question,
+        request_id: str,
+        clock: _Clock,
+        lease: Lease | None,
+        queue: asyncio.Queue[Event | APIError | None],
+    ) -> None:
+        try:
+            async for event in self._generate(question, request_id, clock):
+                queue.put_nowait(event)
+                if lease is not None:
+                    await lease.publish(event)
+        except APIError as exc:
+            queue.put_nowait(exc)
+            if lease is not None:
+                await lease.publish(Failed(exc.code, exc.message))
+        finally:
+            queue.put_nowait(None)
+            if lease is not None:
+                await lease.close()
+
+    async def _follow(self, question: Question, request_id: str, clock: _Clock) -> AsyncIterator[Event]:
+        """Relay another request's generation of the same answer, live."""
+        shown = False
+        try:
+            async for event in self.coalescer.follow(question.key):
+                if isinstance(event, Failed) and not shown:
+                    raise APIError(503, event.code, event.message, {"Retry-After": RETRY_AFTER_S})
+                if isinstance(event, Meta):
+                    event = replace(event, request_id=request_id, cache="coalesced")
+                elif isinstance(event, Token) and clock.first_token is None:
+                    clock.first_token = time.perf_counter()
+                elif isinstance(event, Done):
+                    free = UsageInfo(input_tokens=0, output_tokens=0, cost_usd=0.0)
+                    event = Done(free, clock.ms(), clock.ttft_ms(), cached=False, saved=event.usage)
+                shown = True
+                yield event
+        except (LeaderLostError, RedisError, OSError) as exc:
+            if not shown:
+                raise _TakeOverError from exc
+            yield Failed("leader_lost", "the shared generation of this answer stopped; please retry")
+
+    async def _generate(self, question: Question, request_id: str, clock: _Clock) -> AsyncIterator[Event]:
+        """Steps 4-7: retrieve, route, stream from the model, cache the complete answer."""
         generation = self.watcher.generation
         sources = await self.retrieve(question)
         route, prompt = self.plan(question, sources)
-        outcome: CacheOutcome = "bypass" if request.cache == "bypass" else "miss"
+        outcome: CacheOutcome = "bypass" if question.request.cache == "bypass" else "miss"
         pieces: list[str] = []
         usage: Usage | None = None
         answering: Answering | None = None
@@ -155,9 +245,8 @@ class AnswerService:
             ):
                 if isinstance(item, Answering):
                     answering = item
-                    yield Meta(
-                        request_id, outcome, self._route_info(route, item), [source_info(s) for s in prompt.sources]
-                    )
+                    sources_info = [source_info(s) for s in prompt.sources]
+                    yield Meta(request_id, outcome, self._route_info(route, item), sources_info)
                 elif isinstance(item, str):
                     if clock.first_token is None:
                         clock.first_token = time.perf_counter()
@@ -178,10 +267,9 @@ class AnswerService:
             cost_usd=cost_usd(answering.choice.model, usage, self.settings.pricing),
             estimated=usage.estimated,
         )
-        if request.cache != "bypass":
-            await self.store(
-                question, generation, "".join(pieces), self._route_info(route, answering), prompt, usage_info
-            )
+        if question.request.cache != "bypass":
+            route_info = self._route_info(route, answering)
+            await self.store(question, generation, "".join(pieces), route_info, prompt, usage_info)
         yield Done(usage_info, clock.ms(), clock.ttft_ms(), cached=False)
 
     # -- 1. guardrails (no I/O) ----------------------------------------------------------

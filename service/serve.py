@@ -30,7 +30,7 @@ async def _ingest_examples_if_empty(settings: Settings, examples: Path) -> None:
         assert corpus.embedder is not None
         entries, failures = discover([str(examples)], source="handbook")
         items = [*failures, *(doc for entry in entries for doc in load(entry))]
-        options = IngestOptions(settings.chunk_tokens, settings.chunk_overlap, settings.embed_batch_size)
+        options = IngestOptions.from_settings(settings)
         report = await ingest_documents(corpus.store, corpus.embedder, items, options)
         console.print(f"ingested {report.added} example documents ({report.chunks} chunks) from {examples}/")
 

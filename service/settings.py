@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LOCAL_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -44,6 +44,9 @@ class Settings(BaseSettings):
         description="Only needed for unknown OpenAI-compatible models.",
     )
     embed_batch_size: int = Field(default=64, alias="RAG_EMBED_BATCH_SIZE", ge=1, le=2048)
+    # Texts handed to the embedder per call. The local model sorts each call's texts by length
+    # before batching, so a wide window pads far less than batches cut in document order.
+    embed_window: int = Field(default=1024, alias="RAG_EMBED_WINDOW", ge=1, le=65536)
     embed_concurrency: int = Field(default=4, alias="RAG_EMBED_CONCURRENCY", ge=1, le=64)
 
     # --- chunking and retrieval -----------------------------------------------
@@ -55,6 +58,7 @@ class Settings(BaseSettings):
 
     # --- cache ------------------------------------------------------------------
     cache_ttl_s: int = Field(default=7 * 24 * 3600, alias="RAG_CACHE_TTL_S", ge=1)
+    coalesce_lease_ms: int = Field(default=5000, alias="RAG_COALESCE_LEASE_MS", ge=100)
     semantic_cache_threshold: float = Field(default=0.95, alias="RAG_SEMANTIC_CACHE_THRESHOLD", ge=0, le=1)
 
     # --- routing ----------------------------------------------------------------
@@ -94,6 +98,23 @@ class Settings(BaseSettings):
     host: str = Field(default="127.0.0.1", alias="RAG_HOST")
     port: int = Field(default=8000, alias="RAG_PORT", ge=0, le=65535)
     log_level: str = Field(default="info", alias="RAG_LOG_LEVEL")
+
+    @field_validator(
+        "database_url",
+        "redis_url",
+        "anthropic_api_key",
+        "anthropic_base_url",
+        "openai_api_key",
+        "openai_base_url",
+        "embedding_model",
+        "models_small",
+        "models_large",
+        mode="before",
+    )
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        """`OPENAI_API_KEY=` in a .env file means "not configured", not "configured as empty"."""
+        return None if isinstance(value, str) and not value.strip() else value
 
     def resolved_embedding_model(self) -> str:
         if self.embedding_model:

@@ -53,7 +53,7 @@ DOCS = [
         "API keys are stored only as hashes. Revoke a key with rag-admin keys revoke followed by its id.",
     ),
 ]
-OPTIONS = IngestOptions(chunk_tokens=200, chunk_overlap=20, batch_size=16)
+OPTIONS = IngestOptions(chunk_tokens=200, chunk_overlap=20, window=16)
 FLUSH = "How do I flush the cache?"
 
 
@@ -403,7 +403,9 @@ async def test_client_disconnect_closes_the_upstream_and_caches_nothing(
         assert await provider.async_wait_for(lambda: call.disconnected, timeout=1.0), "upstream still open after 1 s"
         assert call.disconnected_at is not None and not call.completed
         provider.default = Behavior(text="Fresh answer [1].")
-        assert (await ask(http)).meta["cache"] == "miss"
+        again = await ask(http)
+        assert again.status == 200, again.body
+        assert again.meta["cache"] == "miss"
 
 
 # --- cache consistency and dependencies ----------------------------------------------------

@@ -39,7 +39,7 @@ async def test_ingest_with_openai_embeddings_records_the_model(settings: Setting
         async with open_corpus(configured, with_embedder=True) as corpus:
             assert corpus.embedder is not None and corpus.embedder.dim == 1536
             docs = [SourceDocument("s", str(i), f"mem://{i}", "", f"Document number {i}.") for i in range(5)]
-            report = await ingest_documents(corpus.store, corpus.embedder, docs, IngestOptions(batch_size=2))
+            report = await ingest_documents(corpus.store, corpus.embedder, docs, IngestOptions(window=2))
             assert report.added == 5 and report.embeddings_computed == 5
             assert len(server.calls_to("embeddings")) == 3  # batches of 2, 2, 1
             row = await corpus.pool.fetchrow("SELECT embedding_model, embedding_dim FROM corpus")

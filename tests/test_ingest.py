@@ -22,7 +22,7 @@ from service.db import CorpusMismatchError, SchemaParams, load_migrations, migra
 from service.settings import Settings
 from tests.conftest import BIN, cli_env, wait_until
 
-OPTIONS = IngestOptions(chunk_tokens=120, chunk_overlap=20, batch_size=16)
+OPTIONS = IngestOptions(chunk_tokens=120, chunk_overlap=20, window=16)
 
 
 def doc(external_id: str, text: str, source: str = "notes", title: str = "") -> SourceDocument:
@@ -231,7 +231,7 @@ def test_sigkill_mid_ingest_then_rerun_leaves_exact_corpus(settings: Settings, t
     with corpus_file.open("w") as fh:
         for i in range(n):
             fh.write(json.dumps({"_id": f"d{i}", "title": "", "text": f"Passage {i} about topic {i % 37}."}) + "\n")
-    env = cli_env(settings, RAG_EMBED_BATCH_SIZE="4")
+    env = cli_env(settings, RAG_EMBED_WINDOW="4")
     cmd = [str(BIN / "rag-ingest"), "add", str(corpus_file), "--format", "beir", "--json"]
 
     async def count() -> int:
@@ -252,7 +252,7 @@ def test_sigkill_mid_ingest_then_rerun_leaves_exact_corpus(settings: Settings, t
     partial = asyncio.run(count())
     assert 0 < partial < n, "the kill should land mid-ingest"
 
-    env["RAG_EMBED_BATCH_SIZE"] = "64"  # the batch size does not change chunks or vectors, only speed
+    env["RAG_EMBED_WINDOW"] = "1024"  # the window does not change chunks or vectors, only speed
     rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert rerun.returncode == 0, rerun.stderr
     summary = json.loads(rerun.stdout)

@@ -1,0 +1,91 @@
+"""The events of an answer, in SPEC's order: meta, token…, done (or error).
+
+One representation shared by the pipeline, the coalescer (which ships events to other
+workers through Redis Streams) and the HTTP layer (SSE or JSON).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from service.schemas import CacheOutcome, RouteInfo, SourceInfo, UsageInfo
+
+
+@dataclass(frozen=True)
+class Meta:
+    request_id: str
+    cache: CacheOutcome
+    route: RouteInfo
+    sources: list[SourceInfo]
+
+
+@dataclass(frozen=True)
+class Token:
+    text: str
+
+
+@dataclass(frozen=True)
+class Done:
+    usage: UsageInfo
+    latency_ms: float
+    ttft_ms: float | None
+    cached: bool
+    saved: UsageInfo | None = None  # on a hit or a coalesced answer: what it cost the first time
+
+
+@dataclass(frozen=True)
+class Failed:
+    code: str
+    message: str
+
+
+Event = Meta | Token | Done | Failed
+
+
+def event_payload(event: Event) -> tuple[str, dict[str, Any]]:
+    """SPEC's SSE event name and JSON payload."""
+    if isinstance(event, Meta):
+        return "meta", {
+            "request_id": event.request_id,
+            "cache": event.cache,
+            "route": event.route.model_dump(),
+            "sources": [s.model_dump() for s in event.sources],
+        }
+    if isinstance(event, Token):
+        return "token", {"text": event.text}
+    if isinstance(event, Done):
+        data: dict[str, Any] = {
+            "usage": event.usage.model_dump(exclude={"estimated"}),
+            "latency_ms": event.latency_ms,
+            "ttft_ms": event.ttft_ms,
+            "cached": event.cached,
+        }
+        if event.saved is not None:
+            data["saved"] = event.saved.model_dump(exclude={"estimated"})
+        return "done", data
+    return "error", {"code": event.code, "message": event.message}
+
+
+def encode(event: Event) -> dict[str, str]:
+    name, data = event_payload(event)
+    return {"e": name, "d": json.dumps(data, ensure_ascii=False, separators=(",", ":"))}
+
+
+def decode(fields: dict[bytes, bytes]) -> Event:
+    name = fields[b"e"].decode()
+    data = json.loads(fields[b"d"])
+    if name == "meta":
+        return Meta(
+            data["request_id"],
+            data["cache"],
+            RouteInfo(**data["route"]),
+            [SourceInfo(**s) for s in data["sources"]],
+        )
+    if name == "token":
+        return Token(data["text"])
+    if name == "done":
+        saved = UsageInfo(**data["saved"]) if "saved" in data else None
+        return Done(UsageInfo(**data["usage"]), data["latency_ms"], data["ttft_ms"], data["cached"], saved)
+    return Failed(data["code"], data["message"])
