@@ -32,6 +32,7 @@ from service.providers.extractive import ExtractiveProvider
 from service.providers.openai import OpenAIProvider
 from service.retrieval import Retriever
 from service.routing import RoutingPolicy
+from service.semantic_cache import SemanticCache
 from service.settings import Settings
 from service.store import Store
 
@@ -118,6 +119,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         embedder=embedder,
         retriever=Retriever(pool),
         cache=cache,
+        semantic=SemanticCache(pool, threshold=settings.semantic_cache_threshold, ttl_s=settings.cache_ttl_s)
+        if settings.semantic_cache
+        else None,
         coalescer=Coalescer(client, lease_ms=settings.coalesce_lease_ms),
         watcher=watcher,
         providers=providers,

@@ -45,20 +45,27 @@ class KeyParts:
 
 def cache_key(parts: KeyParts) -> str:
     """sha256 over a canonical JSON encoding; the question is normalised (NFC, case, spaces)."""
-    canonical = json.dumps(
-        {
-            "q": normalize_for_key(parts.question),
-            "k": parts.top_k,
-            "f": {"source": list(parts.filters.sources)},
-            "m": parts.model,
-            "mt": parts.max_tokens,
-            "t": round(parts.temperature, 3),
-            "v": parts.prompt_version,
-        },
-        sort_keys=True,
-        separators=(",", ":"),
-        ensure_ascii=False,
-    )
+    return _digest({"q": normalize_for_key(parts.question), **_scope(parts)})
+
+
+def scope_key(parts: KeyParts) -> str:
+    """Everything in the key but the question: a semantic match must agree on all of it."""
+    return _digest(_scope(parts))
+
+
+def _scope(parts: KeyParts) -> dict[str, object]:
+    return {
+        "k": parts.top_k,
+        "f": {"source": list(parts.filters.sources)},
+        "m": parts.model,
+        "mt": parts.max_tokens,
+        "t": round(parts.temperature, 3),
+        "v": parts.prompt_version,
+    }
+
+
+def _digest(fields: dict[str, object]) -> str:
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 

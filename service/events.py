@@ -19,6 +19,7 @@ class Meta:
     cache: CacheOutcome
     route: RouteInfo
     sources: list[SourceInfo]
+    semantic: dict[str, Any] | None = None  # on a semantic hit: similarity and the matched question's hash
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ def event_payload(event: Event) -> tuple[str, dict[str, Any]]:
             "cache": event.cache,
             "route": event.route.model_dump(),
             "sources": [s.model_dump() for s in event.sources],
+            **({"semantic": event.semantic} if event.semantic else {}),
         }
     if isinstance(event, Token):
         return "token", {"text": event.text}
@@ -82,6 +84,7 @@ def decode(fields: dict[bytes, bytes]) -> Event:
             data["cache"],
             RouteInfo(**data["route"]),
             [SourceInfo(**s) for s in data["sources"]],
+            data.get("semantic"),
         )
     if name == "token":
         return Token(data["text"])

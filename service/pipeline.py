@@ -18,9 +18,9 @@ from typing import Any, Literal
 import asyncpg
 from redis.exceptions import RedisError
 
-from service.cache import AnswerCache, CachedAnswer, KeyParts, cache_key, question_hash
+from service.cache import AnswerCache, CachedAnswer, KeyParts, cache_key, question_hash, scope_key
 from service.coalesce import Coalescer, LeaderLostError, Lease
-from service.embeddings import Embedder
+from service.embeddings import Embedder, Vectors
 from service.errors import APIError
 from service.events import Done, Event, Failed, Meta, Token
 from service.generation import AllProvidersFailedError, Answering, Timeouts, generate
@@ -31,15 +31,17 @@ from service.providers.base import GenerationRequest, Provider, ProviderError, U
 from service.retrieval import Filters, Retriever, Source
 from service.routing import Route, RoutingPolicy, UnknownModelError, decide
 from service.schemas import CacheOutcome, RagRequest, RouteInfo, SourceInfo, UsageInfo
+from service.semantic_cache import SemanticCache, SemanticMatch
 from service.settings import Settings
 from service.tokens import count_tokens
 
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = "5"
+Vector = Vectors  # one row of the embedder's output
 
 
-@dataclass(frozen=True)
+@dataclass
 class Question:
     """A request that passed the guardrails: redacted text and everything the key needs."""
 
@@ -47,8 +49,10 @@ class Question:
     text: str
     filters: Filters
     key: str
+    scope: str  # the key without the question: what a semantic match must share
     hash: str
     flags: tuple[str, ...] = ()
+    vector: Vector | None = None  # embedded once, used by the semantic cache and retrieval
 
 
 @dataclass
@@ -94,6 +98,7 @@ class AnswerService:
         embedder: Embedder,
         retriever: Retriever,
         cache: AnswerCache,
+        semantic: SemanticCache | None,
         coalescer: Coalescer,
         watcher: CorpusWatcher,
         providers: Mapping[str, Provider],
@@ -103,6 +108,7 @@ class AnswerService:
         self.embedder = embedder
         self.retriever = retriever
         self.cache = cache
+        self.semantic = semantic
         self.coalescer = coalescer
         self._background: set[asyncio.Task[None]] = set()
         self.watcher = watcher
@@ -128,6 +134,13 @@ class AnswerService:
             hit = await self.cache.get(question.key)
             if hit is not None:
                 for event in self.replay(hit, request_id, clock):
+                    yield event
+                return
+            similar = await self.semantic_lookup(question)
+            if similar is not None:
+                answer, match = similar
+                same = match.key == question.key  # written between our two looks: an exact hit
+                for event in self.replay(answer, request_id, clock, semantic=None if same else match):
                     yield event
                 return
             role = await self._lead_or_follow(question.key)
@@ -288,27 +301,64 @@ class AnswerService:
         parts = KeyParts(
             checked.text, request.top_k, filters, request.model, request.max_tokens, request.temperature, PROMPT_VERSION
         )
-        return Question(request, checked.text, filters, cache_key(parts), question_hash(checked.text), checked.flags)
+        return Question(
+            request=request,
+            text=checked.text,
+            filters=filters,
+            key=cache_key(parts),
+            scope=scope_key(parts),
+            hash=question_hash(checked.text),
+            flags=checked.flags,
+        )
 
     # -- 2. exact cache ------------------------------------------------------------------
-    def replay(self, hit: CachedAnswer, request_id: str, clock: _Clock) -> list[Event]:
+    def replay(
+        self, hit: CachedAnswer, request_id: str, clock: _Clock, semantic: SemanticMatch | None = None
+    ) -> list[Event]:
         clock.first_token = time.perf_counter()
         saved = UsageInfo(**hit.usage)
+        meta = Meta(request_id, "hit", RouteInfo(**hit.route), [SourceInfo(**s) for s in hit.sources])
+        if semantic is not None:
+            info = {"similarity": semantic.similarity, "matched_question_hash": semantic.question_hash}
+            meta = replace(meta, cache="semantic_hit", semantic=info)
         return [
-            Meta(request_id, "hit", RouteInfo(**hit.route), [SourceInfo(**s) for s in hit.sources]),
+            meta,
             Token(hit.answer),
             Done(UsageInfo(input_tokens=0, output_tokens=0, cost_usd=0.0), clock.ms(), clock.ttft_ms(), True, saved),
         ]
 
+    # -- 3. semantic cache --------------------------------------------------------------
+    async def semantic_lookup(self, question: Question) -> tuple[CachedAnswer, SemanticMatch] | None:
+        """A cached answer to a question that means the same, or None. Never fails the request."""
+        if self.semantic is None or not self.cache.available:
+            return None
+        try:
+            vector = await self.embed(question)
+            for match in await self.semantic.candidates(question.scope, vector, question.text):
+                hit = await self.cache.get(match.key)
+                if hit is not None:
+                    return hit, match
+                await self.semantic.forget(match.key)  # its answer was invalidated or expired
+        except APIError:
+            raise
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            log.warning("semantic cache skipped: %s", type(exc).__name__)
+        return None
+
+    async def embed(self, question: Question) -> Vector:
+        if question.vector is None:
+            try:
+                question.vector = (await self.embedder.embed([question.text]))[0]
+            except Exception as exc:  # a remote embedding endpoint that is down
+                log.warning("embedding failed: %s", type(exc).__name__)
+                raise APIError(
+                    503, "embedding_unavailable", "cannot embed the question right now", {"Retry-After": RETRY_AFTER_S}
+                ) from exc
+        return question.vector
+
     # -- 4. retrieval --------------------------------------------------------------------
     async def retrieve(self, question: Question) -> list[Source]:
-        try:
-            vector = (await self.embedder.embed([question.text]))[0]
-        except Exception as exc:  # a remote embedding endpoint that is down
-            log.warning("embedding failed: %s", type(exc).__name__)
-            raise APIError(
-                503, "embedding_unavailable", "cannot embed the question right now", {"Retry-After": RETRY_AFTER_S}
-            ) from exc
+        vector = await self.embed(question)
         try:
             return await self.retriever.search(
                 vector, question.text, top_k=question.request.top_k, filters=question.filters
@@ -358,7 +408,11 @@ class AnswerService:
             question_hash=question.hash,
         )
         # Shielded: a client that disconnects right after the last token must not leave half a write.
-        await asyncio.shield(self.cache.put(question.key, entry))
+        if await asyncio.shield(self.cache.put(question.key, entry)) and self.semantic and question.vector is not None:
+            try:
+                await self.semantic.add(question.key, question.scope, question.text, question.hash, question.vector)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("semantic index not updated: %s", type(exc).__name__)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.semantic import DEFAULT_THRESHOLD
+
 LOCAL_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 
@@ -59,7 +61,10 @@ class Settings(BaseSettings):
     # --- cache ------------------------------------------------------------------
     cache_ttl_s: int = Field(default=7 * 24 * 3600, alias="RAG_CACHE_TTL_S", ge=1)
     coalesce_lease_ms: int = Field(default=5000, alias="RAG_COALESCE_LEASE_MS", ge=100)
-    semantic_cache_threshold: float = Field(default=0.95, alias="RAG_SEMANTIC_CACHE_THRESHOLD", ge=0, le=1)
+    semantic_cache: bool = Field(default=True, alias="RAG_SEMANTIC_CACHE")
+    # Chosen on bench/semantic_pairs.jsonl (see docs/benchmarks.md); the lexical guard in
+    # service/semantic.py, not the threshold, is what keeps near-misses out.
+    semantic_cache_threshold: float = Field(default=DEFAULT_THRESHOLD, alias="RAG_SEMANTIC_CACHE_THRESHOLD", gt=0, le=1)
 
     # --- routing ----------------------------------------------------------------
     models_small: str | None = Field(

@@ -22,6 +22,7 @@ from pydantic import SecretStr
 from ingest.loaders import SourceDocument
 from ingest.pipeline import IngestOptions, ingest_documents
 from service.app import create_app
+from service.cache import question_hash
 from service.corpus import open_corpus
 from service.embedded import start_postgres
 from service.embeddings import LocalEmbedder
@@ -497,3 +498,45 @@ async def test_hits_need_no_database_and_misses_get_503_until_it_returns(
             await wait_until(recovered, within=20, interval=0.2)
     finally:
         pg.stop()
+
+
+# --- semantic cache ------------------------------------------------------------------------
+
+
+async def test_semantic_cache_serves_paraphrases_and_refuses_near_misses(
+    settings: Settings, local_embedder: LocalEmbedder, provider: ProviderServer
+) -> None:
+    settings = with_providers(settings, provider)
+    await seed(settings, local_embedder)
+    async with running(settings, local_embedder) as http:
+        first = await ask(http, "How do I flush the cache?")
+        assert first.meta["cache"] == "miss"
+        para = await ask(http, "how can i flush the cache")
+        assert para.meta["cache"] == "semantic_hit" and para.text == first.text
+        assert para.meta["semantic"]["matched_question_hash"] == question_hash("How do I flush the cache?")
+        assert settings.semantic_cache_threshold <= para.meta["semantic"]["similarity"] <= 1
+        assert para.of("done")[0]["cached"] is True and para.of("done")[0]["usage"]["cost_usd"] == 0
+        calls = len(provider.calls_to("messages"))
+
+        # near-misses: a negation, and the same words with another scope of the request
+        assert (await ask(http, "How do I not flush the cache?")).meta["cache"] == "miss"
+        assert (await ask(http, "how can i flush the cache", top_k=3)).meta["cache"] == "miss"
+        assert len(provider.calls_to("messages")) == calls + 2
+
+        # the matched answer is invalidated with its document: no semantic hit on a dead answer
+        changed = SourceDocument(
+            "handbook", "cache.md", "mem://cache.md", "Caching", "Use rag-admin cache flush --yes."
+        )
+        await seed(settings, local_embedder, [changed])
+        client = aioredis.from_url(str(settings.redis_url))
+        await wait_until(lambda: _caught_up(client, settings), within=10)
+        await client.aclose()
+        assert (await ask(http, "How could I flush the cache?")).meta["cache"] == "miss"
+
+
+async def test_semantic_cache_can_be_switched_off(settings: Settings, local_embedder: LocalEmbedder) -> None:
+    settings = settings.model_copy(update={"semantic_cache": False})
+    await seed(settings, local_embedder)
+    async with running(settings, local_embedder) as http:
+        assert (await ask(http, "How do I flush the cache?")).meta["cache"] == "miss"
+        assert (await ask(http, "how can i flush the cache")).meta["cache"] == "miss"

@@ -96,11 +96,13 @@ async def test_fifty_identical_misses_across_two_processes_cost_one_call(
         replies = await asyncio.gather(*(stream_answer(http, a if i % 2 else b) for i in range(50)))
     assert len(provider.calls_to("messages")) == 1
     outcomes = [next(data["cache"] for name, data in r if name == "meta") for r in replies]
-    assert sorted(set(outcomes)) == ["coalesced", "miss"] and outcomes.count("miss") == 1
+    # one leader; the rest followed it live, or (if the machine is slow) arrived after it finished
+    assert outcomes.count("miss") == 1 and set(outcomes) <= {"miss", "coalesced", "hit"}
+    assert outcomes.count("coalesced") >= 25
     assert all(text_of(r) == answer for r in replies)
     assert all(r[-1][0] == "done" for r in replies)
-    coalesced_done = [data for r in replies for name, data in r if name == "done"]
-    assert sum(1 for d in coalesced_done if d["usage"]["cost_usd"] == 0 and "saved" in d) == 49  # type: ignore[index]
+    done = [data for r in replies for name, data in r if name == "done"]
+    assert sum(1 for d in done if d["usage"]["cost_usd"] == 0 and "saved" in d) == 49  # type: ignore[index]
 
 
 async def test_killed_leader_process_does_not_strand_followers(
