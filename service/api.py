@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
-import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
@@ -19,13 +17,10 @@ from service.schemas import RagAnswer, RagRequest
 router = APIRouter(tags=["rag"])
 log = logging.getLogger(__name__)
 
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-
 
 def request_id(request: Request) -> str:
-    """The caller's X-Request-ID when it is sane, else a fresh one."""
-    given = request.headers.get("x-request-id", "")
-    return given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+    """Set by the RequestID middleware (the caller's, when sane, or a fresh one)."""
+    return str(request.state.request_id)
 
 
 def _service(request: Request) -> AnswerService:
@@ -63,7 +58,7 @@ async def rag_stream(body: RagRequest, request: Request) -> EventSourceResponse:
 
     return EventSourceResponse(
         sse(),
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Request-ID": rid},
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         ping=15,
     )
 

@@ -23,8 +23,9 @@ from service.corpus import database_url, schema_params
 from service.db import create_pool, migrate
 from service.embedded import EmbeddedValkey, start_valkey
 from service.embeddings import LocalEmbedder, OpenAIEmbedder, create_embedder
-from service.errors import BodySizeLimit, install_error_handlers
+from service.errors import install_error_handlers
 from service.invalidation import CorpusWatcher
+from service.middleware import BodySizeLimit, RequestID
 from service.pipeline import AnswerService
 from service.providers.anthropic import AnthropicProvider
 from service.providers.base import Provider
@@ -173,6 +174,7 @@ def create_app(settings: Settings | None = None, *, embedder: LocalEmbedder | Op
     app.state.embedder = embedder
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestID)  # outermost: even a 413 carries the id
     app.include_router(rag_router)
 
     @app.get("/health", tags=["ops"])

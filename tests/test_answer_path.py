@@ -181,9 +181,10 @@ async def test_miss_then_hit_with_the_extractive_generator(settings: Settings, l
 async def test_rag_answer_returns_the_same_fields_as_json(settings: Settings, local_embedder: LocalEmbedder) -> None:
     await seed(settings, local_embedder)
     async with running(settings, local_embedder) as http:
-        response = await http.post("/rag/answer", json={"question": FLUSH})
+        response = await http.post("/rag/answer", json={"question": FLUSH}, headers={"X-Request-ID": "json-1"})
         body = response.json()
         assert response.status_code == 200, body
+        assert response.headers["x-request-id"] == "json-1" and body["request_id"] == "json-1"
         assert body["cache"] == "miss" and "rag-admin cache flush" in body["answer"]
         assert body["route"]["provider"] == "extractive" and body["sources"][0]["n"] == 1
         assert body["usage"]["output_tokens"] > 0 and body["cached"] is False
@@ -249,6 +250,7 @@ async def test_bad_requests_get_a_code_and_a_message(
     async with running(settings, local_embedder) as http:
         response = await http.post("/rag/stream", json=body)
         assert response.status_code == status
+        assert len(response.headers["x-request-id"]) == 32  # errors carry a generated id too
         error = response.json()["error"]
         assert error["code"] == code and error["message"]
         assert "previous instructions" not in error["message"]  # user text is not echoed
