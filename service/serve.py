@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shlex
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -57,10 +58,10 @@ def serve(
         if ingest_examples and Path("examples").is_dir():
             asyncio.run(_ingest_examples_if_empty(settings, Path("examples")))
         body = '{"question": "How do I flush the cache?"}'
-        console.print(
-            f"\nragcache on http://{host}:{port}  (dashboard: http://{host}:{port}/dashboard)\n"
-            f"try:\n  curl -N http://{host}:{port}/rag/stream -H 'Content-Type: application/json' "
-            f"-d {shlex.quote(body)}\n"
+        curl = f"curl -N http://{host}:{port}/rag/stream -H 'Content-Type: application/json' -d {shlex.quote(body)}"
+        # Plain writes, not rich: the curl must stay on one line whatever the terminal width.
+        sys.stderr.write(
+            f"\nragcache on http://{host}:{port}  (dashboard: http://{host}:{port}/dashboard)\ntry:\n  {curl}\n\n"
         )
         uvicorn.run(
             "service.app:app_factory",
