@@ -6,7 +6,7 @@ import json
 import logging
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from service.errors import APIError
@@ -40,27 +40,36 @@ async def _first_and_rest(events: AsyncIterator[Event]) -> tuple[Event, AsyncIte
     return first, rest()
 
 
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+SSE_MEDIA_TYPE = "text/event-stream; charset=utf-8"
+
+
+def sse_event(event: Event) -> ServerSentEvent:
+    name, data = event_payload(event)
+    return ServerSentEvent(data=json.dumps(data, ensure_ascii=False), event=name)
+
+
 @router.post("/rag/stream", response_class=EventSourceResponse)
-async def rag_stream(body: RagRequest, request: Request) -> EventSourceResponse:
+async def rag_stream(body: RagRequest, request: Request) -> Response:
     """Answer as Server-Sent Events: meta, token…, done (or error)."""
     rid = request_id(request)
-    _, events = await _first_and_rest(_service(request).answer(body, rid))
+    first, events = await _first_and_rest(_service(request).answer(body, rid))
+    if isinstance(first, Meta) and first.cache in ("hit", "semantic_hit"):
+        # A cached answer is complete already: the same events as one body, without the
+        # streaming machinery (tasks, cancel scopes, pings) that costs more than the hit itself.
+        body_bytes = b"".join([sse_event(event).encode() async for event in events])
+        return Response(body_bytes, media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
 
     async def sse() -> AsyncIterator[ServerSentEvent]:
         try:
             async for event in events:
-                name, data = event_payload(event)
-                yield ServerSentEvent(data=json.dumps(data, ensure_ascii=False), event=name)
+                yield sse_event(event)
         except Exception:  # a bug must still end the stream with SPEC's error event, not a cut connection
             log.exception("stream failed (request %s)", rid)
             failure = {"code": "internal_error", "message": "the answer stream failed unexpectedly"}
             yield ServerSentEvent(data=json.dumps(failure), event="error")
 
-    return EventSourceResponse(
-        sse(),
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        ping=15,
-    )
+    return EventSourceResponse(sse(), headers=SSE_HEADERS, ping=15)
 
 
 @router.post("/rag/answer", response_model=RagAnswer)

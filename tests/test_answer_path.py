@@ -169,6 +169,9 @@ async def test_miss_then_hit_with_the_extractive_generator(settings: Settings, l
         # the same question, differently cased and spaced, is the same prompt: a hit
         second = await ask(http, "  how do I FLUSH the cache? ")
         assert second.meta["cache"] == "hit" and second.text == first.text
+        assert second.names == ["meta", "token", "done"]
+        assert second.headers["content-type"].startswith("text/event-stream")
+        assert second.headers["cache-control"] == "no-cache" and second.headers["x-accel-buffering"] == "no"
         assert second.meta["sources"] == meta["sources"] and second.meta["route"] == meta["route"]
         hit_done = second.of("done")[0]
         assert hit_done["cached"] is True and hit_done["usage"]["cost_usd"] == 0
