@@ -11,7 +11,7 @@ from collections.abc import AsyncGenerator
 
 import anthropic
 
-from service.providers.base import GenerationRequest, ProviderError, Usage, is_retryable_status
+from service.providers.base import GenerationRequest, Usage, provider_error
 
 
 class AnthropicProvider:
@@ -46,17 +46,8 @@ class AnthropicProvider:
                     if text:
                         yield text
                 final = await stream.get_final_message()
-        except anthropic.APIStatusError as exc:
-            raise ProviderError(
-                self.name,
-                f"HTTP {exc.status_code}",
-                retryable=is_retryable_status(exc.status_code),
-                status=exc.status_code,
-            ) from exc
-        except anthropic.APIError as exc:
-            raise ProviderError(self.name, type(exc).__name__, retryable=True) from exc
-        except Exception as exc:  # the SDK lets some transport errors escape unwrapped (httpx2)
-            raise ProviderError(self.name, type(exc).__name__, retryable=True) from exc
+        except Exception as exc:  # SDK errors, and transport errors it lets escape unwrapped (httpx2)
+            raise provider_error(self.name, exc) from exc
         yield Usage(final.usage.input_tokens, final.usage.output_tokens)
 
     async def aclose(self) -> None:

@@ -49,3 +49,11 @@ class Provider(Protocol):
 def is_retryable_status(status: int) -> bool:
     """Rate limits, overload (Anthropic's 529), timeouts and server errors may pass; 4xx will not."""
     return status in (408, 409, 429) or status >= 500
+
+
+def provider_error(provider: str, exc: Exception) -> ProviderError:
+    """One mapping for every SDK: an HTTP status says whether to retry; a transport error may pass."""
+    status = getattr(exc, "status_code", None)
+    if isinstance(status, int):
+        return ProviderError(provider, f"HTTP {status}", retryable=is_retryable_status(status), status=status)
+    return ProviderError(provider, type(exc).__name__, retryable=True)

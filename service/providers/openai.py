@@ -10,7 +10,7 @@ from collections.abc import AsyncGenerator
 
 import openai
 
-from service.providers.base import GenerationRequest, ProviderError, Usage, is_retryable_status
+from service.providers.base import GenerationRequest, Usage, provider_error
 from service.tokens import count_tokens
 
 
@@ -56,17 +56,8 @@ class OpenAIProvider:
                         if choice.delta and choice.delta.content:
                             pieces.append(choice.delta.content)
                             yield choice.delta.content
-        except openai.APIStatusError as exc:
-            raise ProviderError(
-                self.name,
-                f"HTTP {exc.status_code}",
-                retryable=is_retryable_status(exc.status_code),
-                status=exc.status_code,
-            ) from exc
-        except openai.APIError as exc:
-            raise ProviderError(self.name, type(exc).__name__, retryable=True) from exc
-        except Exception as exc:  # transport errors the SDK does not wrap
-            raise ProviderError(self.name, type(exc).__name__, retryable=True) from exc
+        except Exception as exc:  # SDK errors, and transport errors it does not wrap
+            raise provider_error(self.name, exc) from exc
         if usage is None:
             usage = Usage(count_tokens(request.system + request.prompt), count_tokens("".join(pieces)), estimated=True)
         yield usage
