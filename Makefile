@@ -18,7 +18,10 @@ $(STAMP): pyproject.toml
 run: install
 	$(BIN)/rag-serve --ingest-examples
 
+# The dashboard test drives Debian's chromium (headless); install it once if missing (root on CI).
 test: install
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+		|| echo "warning: could not install chromium; the dashboard browser test will fail"
 	$(BIN)/pytest -q
 
 lint: install

@@ -14,6 +14,7 @@ from rich.console import Console
 
 from service.app import redis_url
 from service.cache import AnswerCache
+from service.metrics import Metrics
 from service.settings import Settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Administer ragcache.")
@@ -23,15 +24,22 @@ err = Console(stderr=True)
 
 T = TypeVar("T")
 
+# `--range` of `cache stats`, in minutes (the dashboard offers the same three).
+STATS_RANGES = {"1h": 60, "24h": 24 * 60, "7d": 7 * 24 * 60}
+
 
 def _with_cache(action: Callable[[AnswerCache], Awaitable[T]]) -> T:
+    return _with_redis(lambda client, settings: action(AnswerCache(client, ttl_s=settings.cache_ttl_s)))
+
+
+def _with_redis(action: Callable[[aioredis.Redis, Settings], Awaitable[T]]) -> T:
     settings = Settings()
 
     async def run() -> T:
         url, _server = redis_url(settings)
         client = aioredis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
         try:
-            return await action(AnswerCache(client, ttl_s=settings.cache_ttl_s))
+            return await action(client, settings)
         finally:
             await client.aclose()
 
@@ -43,14 +51,62 @@ def _with_cache(action: Callable[[AnswerCache], Awaitable[T]]) -> T:
 
 
 @cache_app.command("stats")
-def cache_stats(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
-    """How many answers are cached."""
-    stats: dict[str, Any] = dict(_with_cache(lambda cache: cache.stats()))
+def cache_stats(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    range_: Annotated[
+        str, typer.Option("--range", help="Window of the metrics: 1h, 24h or 7d.", case_sensitive=False)
+    ] = "24h",
+) -> None:
+    """Cached answers, and what the cache did over a range (all workers, from Redis)."""
+    window = range_.lower()
+    if window not in STATS_RANGES:
+        err.print(f"[red]error:[/] --range must be one of {', '.join(STATS_RANGES)}")
+        raise typer.Exit(2)
+
+    async def collect(client: aioredis.Redis, settings: Settings) -> dict[str, Any]:
+        answers = dict(await AnswerCache(client, ttl_s=settings.cache_ttl_s).stats())
+        summary = await Metrics(client).summary(minutes=STATS_RANGES[window])
+        return {**answers, "range": window, "metrics": summary}
+
+    stats = _with_redis(collect)
     if as_json:
         typer.echo(json.dumps(stats))
     else:
-        for key, value in stats.items():
-            typer.echo(f"{key}: {value}")
+        typer.echo(f"answers cached: {stats['answers']}")
+        typer.echo(_describe(window, stats["metrics"]))
+
+
+def _pct(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio * 100:.1f}%"
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.1f} ms"
+
+
+def _describe(window: str, m: dict[str, Any]) -> str:
+    """The summary as a few readable lines (the same numbers as --json and the dashboard)."""
+    req, ratio, saved, ttft = m["requests"], m["hit_ratio"], m["saved"], m["ttft_ms"]
+    outcomes = " · ".join(f"{k} {v:,}" for k, v in req["by_outcome"].items())
+    lines = [
+        f"last {window}: {req['total']:,} requests, {req['answered']:,} answered, {req['failed']:,} failed",
+        f"  outcomes: {outcomes}",
+        f"  hit ratio: {_pct(ratio['overall'])} (exact {_pct(ratio['exact'])}, semantic {_pct(ratio['semantic'])}, "
+        f"coalesced {_pct(ratio['coalesced'])})",
+        f"  provider calls: {m['provider_calls']['made']:,} made, {m['provider_calls']['avoided']:,} avoided",
+        f"  saved: {saved['tokens']:,} tokens ({saved['input_tokens']:,} in, {saved['output_tokens']:,} out), "
+        f"${saved['cost_usd']:.4f}; paid ${m['tokens']['cost_usd']:.4f}",
+        f"  TTFT p50/p95: hits {_ms(ttft['hit']['p50'])} / {_ms(ttft['hit']['p95'])}, "
+        f"misses {_ms(ttft['miss']['p50'])} / {_ms(ttft['miss']['p95'])}",
+        "  routes: " + (" · ".join(f"{k} {v:,}" for k, v in m["routes"]["tiers"].items()) or "-"),
+        "  guardrail blocks: " + (" · ".join(f"{k} {v:,}" for k, v in m["blocks"]["by_code"].items()) or "-"),
+        f"  provider errors: {m['provider']['errors']:,}, retries: {m['provider']['retries']:,}, "
+        f"coalesced followers: {m['coalesced_followers']:,}",
+        "  most-hit questions: " + (", ".join(f"{q['hash']} ({q['hits']:,})" for q in m["top_questions"]) or "-"),
+    ]
+    if not m["available"]:
+        lines.append("  (metrics could not be read from Redis: the numbers above are zeros)")
+    return "\n".join(lines)
 
 
 @cache_app.command("flush")

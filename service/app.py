@@ -20,11 +20,13 @@ from service.api import router as rag_router
 from service.cache import AnswerCache
 from service.coalesce import Coalescer
 from service.corpus import database_url, schema_params
+from service.dashboard import router as dashboard_router
 from service.db import create_pool, migrate
 from service.embedded import EmbeddedValkey, start_valkey
 from service.embeddings import LocalEmbedder, OpenAIEmbedder, create_embedder
 from service.errors import install_error_handlers
 from service.invalidation import CorpusWatcher
+from service.metrics import Metrics
 from service.middleware import BodySizeLimit, RequestID
 from service.pipeline import AnswerService
 from service.providers.anthropic import AnthropicProvider
@@ -54,6 +56,7 @@ class Resources:
     cache: AnswerCache
     watcher: CorpusWatcher
     answers: AnswerService
+    metrics: Metrics
 
 
 def redis_url(settings: Settings) -> tuple[str, EmbeddedValkey | None]:
@@ -112,6 +115,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     client = aioredis.from_url(rurl, socket_timeout=1.0, socket_connect_timeout=1.0)
     await embedder.warm_up()
     cache = AnswerCache(client, ttl_s=settings.cache_ttl_s)
+    metrics = Metrics(client, retention_s=settings.metrics_retention_s)
     watcher = CorpusWatcher(pool, dsn, cache)
     await watcher.start()
     providers = build_providers(settings)
@@ -127,8 +131,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         watcher=watcher,
         providers=providers,
         policy=routing_policy(settings),
+        metrics=metrics,
     )
-    app.state.resources = Resources(settings, pool, client, Store(pool), embedder, cache, watcher, answers)
+    app.state.resources = Resources(settings, pool, client, Store(pool), embedder, cache, watcher, answers, metrics)
     try:
         yield
     finally:
@@ -137,6 +142,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             close = getattr(provider, "aclose", None)
             if close is not None:
                 await close()
+        await metrics.aclose()
         await client.aclose()
         await pool.close()
         if valkey is not None:
@@ -176,6 +182,7 @@ def create_app(settings: Settings | None = None, *, embedder: LocalEmbedder | Op
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestID)  # outermost: even a 413 carries the id
     app.include_router(rag_router)
+    app.include_router(dashboard_router)
 
     @app.get("/health", tags=["ops"])
     async def health() -> dict[str, str]:

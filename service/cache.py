@@ -179,9 +179,14 @@ class AnswerCache:
         return len(keys)
 
     async def flush(self) -> int:
-        """Delete every key this service owns (and nothing else in the Redis database)."""
+        """Delete every cache key this service owns: answers, dependency sets, coalescing state.
+
+        Nothing else in the Redis database is touched, and the metrics history is kept.
+        """
+        keep = f"{self.prefix}:metrics:".encode()
+        keys = (k async for k in self.client.scan_iter(match=f"{self.prefix}:*", count=500) if not k.startswith(keep))
         deleted = 0
-        async for batch in _batched(self.client.scan_iter(match=f"{self.prefix}:*", count=500), 500):
+        async for batch in _batched(keys, 500):
             deleted += await self.client.delete(*batch)
         return deleted
 

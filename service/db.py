@@ -7,6 +7,7 @@ than pulling in Alembic (SQLAlchemy) or yoyo (a sync driver) for plain SQL files
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 from importlib import resources
@@ -55,24 +56,30 @@ def render(sql: str, params: SchemaParams) -> str:
     )
 
 
-def _connection_init(ef_search: int) -> Any:
-    async def init(conn: asyncpg.Connection) -> None:
-        try:
-            await register_vector(conn)
-        except ValueError:  # the vector type does not exist yet: a database not migrated (status, delete)
-            return
-        # Recall/speed of HNSW search; iterative scans keep filtered searches from coming back short.
-        await conn.execute(f"SET hnsw.ef_search = {int(ef_search)}; SET hnsw.iterative_scan = relaxed_order")
-
-    return init
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    with contextlib.suppress(ValueError):  # no vector type yet: a database not migrated (status, delete)
+        await register_vector(conn)
 
 
 async def create_pool(
-    dsn: str, *, min_size: int = 1, max_size: int = 10, ef_search: int = 100, **kwargs: Any
+    dsn: str, *, min_size: int = 1, max_size: int = 10, ef_search: int = 40, **kwargs: Any
 ) -> asyncpg.Pool:
-    """A pool whose connections speak pgvector's binary format. Call after `migrate`."""
+    """A pool whose connections speak pgvector's binary format. Call after `migrate`.
+
+    HNSW settings go in the startup packet: asyncpg runs RESET ALL whenever a connection
+    returns to the pool, which would undo a SET made once per connection.
+    """
+    server_settings = {
+        "hnsw.ef_search": str(int(ef_search)),  # recall vs speed of HNSW search
+        "hnsw.iterative_scan": "relaxed_order",  # filtered searches keep scanning instead of coming back short
+    }
     pool = await asyncpg.create_pool(
-        dsn, min_size=min_size, max_size=max_size, init=_connection_init(ef_search), **kwargs
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        init=_init_connection,
+        server_settings=server_settings,
+        **kwargs,
     )
     assert pool is not None
     return pool

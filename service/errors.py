@@ -39,11 +39,14 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(exc.status, exc.code, exc.message, exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         # Say where and what, never echo the input back (it may carry user text).
         problems = [
             f"{'.'.join(str(p) for p in err['loc'] if p != 'body') or 'body'}: {err['msg']}" for err in exc.errors()
         ]
+        resources = getattr(request.app.state, "resources", None)
+        if resources is not None:  # counted like every other rejection (stage "schema")
+            await resources.metrics.failed(code="invalid_request", stage="schema")
         return error_response(422, "invalid_request", "; ".join(problems[:5]))
 
     @app.exception_handler(Exception)

@@ -48,7 +48,13 @@ async def generate(
     providers: Mapping[str, Provider],
     make_request: Callable[[str], GenerationRequest],
     timeouts: Timeouts,
+    on_attempt: Callable[[ModelChoice, str, int | None], None] | None = None,
 ) -> AsyncIterator[Answering | str | Usage]:
+    """Yields `Answering`, then the text deltas, then one `Usage`.
+
+    `on_attempt(choice, outcome, status)` is told how each candidate went before its first
+    token: "ok", "error" or "timeout" (for metrics).
+    """
     deadline = time.monotonic() + timeouts.total_s
     failures: list[str] = []
     for choice in candidates:
@@ -62,9 +68,14 @@ async def generate(
                 first = await asyncio.wait_for(anext(stream), max(budget, 0.001))
             except (ProviderError, TimeoutError, StopAsyncIteration) as exc:
                 reason = _describe(exc)
+                if on_attempt is not None:
+                    status = exc.status if isinstance(exc, ProviderError) else None
+                    on_attempt(choice, "timeout" if isinstance(exc, TimeoutError) else "error", status)
                 failures.append(f"{choice.provider}/{choice.model}: {reason}")
                 log.warning("provider failed before first token, falling back: %s/%s %s", *choice_parts(choice), reason)
                 continue
+            if on_attempt is not None:
+                on_attempt(choice, "ok", None)
             yield Answering(choice, tuple(failures))
             yield first
             # A deadline check rather than asyncio.timeout: that binds to the task that entered it,

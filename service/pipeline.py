@@ -26,10 +26,11 @@ from service.events import Done, Event, Failed, Meta, Token
 from service.generation import AllProvidersFailedError, Answering, Timeouts, generate
 from service.guardrails import Action, GuardrailPolicy, GuardrailViolation, check_question
 from service.invalidation import CorpusWatcher
+from service.metrics import Metrics, failure_stage
 from service.prompt import PROMPT_VERSION, Prompt, build_prompt
 from service.providers.base import GenerationRequest, Provider, ProviderError, Usage
 from service.retrieval import Filters, Retriever, Source
-from service.routing import Route, RoutingPolicy, UnknownModelError, decide
+from service.routing import ModelChoice, Route, RoutingPolicy, UnknownModelError, decide
 from service.schemas import CacheOutcome, RagRequest, RouteInfo, SourceInfo, UsageInfo
 from service.semantic_cache import SemanticCache, SemanticMatch
 from service.settings import Settings
@@ -103,6 +104,7 @@ class AnswerService:
         watcher: CorpusWatcher,
         providers: Mapping[str, Provider],
         policy: RoutingPolicy,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.embedder = embedder
@@ -114,6 +116,7 @@ class AnswerService:
         self.watcher = watcher
         self.providers = providers
         self.policy = policy
+        self.metrics = metrics
         self.guardrails = GuardrailPolicy(
             max_chars=settings.question_max_chars,
             max_tokens=settings.question_max_tokens,
@@ -123,9 +126,29 @@ class AnswerService:
         self.timeouts = Timeouts(settings.first_token_timeout_s, settings.total_timeout_s)
 
     async def answer(self, request: RagRequest, request_id: str) -> AsyncIterator[Event]:
-        """SPEC's request path, with identical in-flight misses coalesced onto one generation."""
+        """SPEC's request path, with identical in-flight misses coalesced onto one generation.
+
+        Every outcome is counted for /metrics and the dashboard, off the request's path.
+        """
         clock = _Clock()
-        question = self.guard(request)
+        meta: Meta | None = None
+        try:
+            question = self.guard(request)
+            async for event in self._answer(question, request_id, clock):
+                if isinstance(event, Meta):
+                    meta = event
+                elif isinstance(event, Done) and meta is not None and self.metrics is not None:
+                    self._detached(self.metrics.record(meta, event, question.hash))
+                elif isinstance(event, Failed) and self.metrics is not None:
+                    self._detached(self.metrics.failed(code=event.code, stage="stream"))
+                yield event
+        except APIError as exc:
+            if self.metrics is not None:
+                self._detached(self.metrics.failed(code=exc.code, stage=failure_stage(exc.status, exc.code)))
+            raise
+
+    async def _answer(self, question: Question, request_id: str, clock: _Clock) -> AsyncIterator[Event]:
+        request = question.request
         if request.cache != "use":
             async for event in self._produce_and_consume(question, request_id, clock, None):
                 yield event
@@ -136,13 +159,7 @@ class AnswerService:
                 for event in self.replay(hit, request_id, clock):
                     yield event
                 return
-            similar = await self.semantic_lookup(question)
-            if similar is not None:
-                answer, match = similar
-                same = match.key == question.key  # written between our two looks: an exact hit
-                for event in self.replay(answer, request_id, clock, semantic=None if same else match):
-                    yield event
-                return
+            # Identical questions in flight join one leader before anything costly (embedding) runs.
             role = await self._lead_or_follow(question.key)
             if role == "follow":
                 try:
@@ -151,15 +168,38 @@ class AnswerService:
                     return
                 except _TakeOverError:
                     continue  # the leader died before showing anything: try to lead ourselves
-            if role is not None and (hit := await self.cache.get(question.key)) is not None:
-                await role.close()  # the previous leader finished between our two looks
-                for event in self.replay(hit, request_id, clock):
+            try:
+                cached = await self._cached_events(question, request_id, clock, look_again=role is not None)
+            except APIError as exc:
+                if role is not None:
+                    await role.publish(Failed(exc.code, exc.message))
+                    await role.close()
+                raise
+            if cached is not None:
+                if role is not None:  # our followers get the cached answer too
+                    for event in cached:
+                        await role.publish(event)
+                    await role.close()
+                for event in cached:
                     yield event
                 return
             async for event in self._produce_and_consume(question, request_id, clock, role):
                 yield event
             return
         raise APIError(503, "coalescing_failed", "could not join or start a generation", {"Retry-After": "1"})
+
+    async def _cached_events(
+        self, question: Question, request_id: str, clock: _Clock, *, look_again: bool
+    ) -> list[Event] | None:
+        """The exact cache once more (a leader that just finished may have written it), then the semantic cache."""
+        if look_again and (hit := await self.cache.get(question.key)) is not None:
+            return self.replay(hit, request_id, clock)
+        similar = await self.semantic_lookup(question)
+        if similar is None:
+            return None
+        answer, match = similar
+        same = match.key == question.key  # written between our looks: an exact hit after all
+        return self.replay(answer, request_id, clock, semantic=None if same else match)
 
     async def _lead_or_follow(self, key: str) -> Lease | Literal["follow"] | None:
         if not self.cache.available:
@@ -189,6 +229,10 @@ class AnswerService:
                     producer.cancel()  # closes the provider connection at once
                 else:
                     self._detached(self._abandon_unless_followed(lease, producer))
+
+    def _attempted(self, choice: ModelChoice, outcome: str, status: int | None) -> None:
+        if self.metrics is not None:
+            self.metrics.provider_attempt(provider=choice.provider, model=choice.model, outcome=outcome, status=status)
 
     async def _abandon_unless_followed(self, lease: Lease, producer: asyncio.Task[None]) -> None:
         """Keep generating only if other requests follow this answer; otherwise cancel it."""
@@ -235,7 +279,8 @@ class AnswerService:
                     clock.first_token = time.perf_counter()
                 elif isinstance(event, Done):
                     free = UsageInfo(input_tokens=0, output_tokens=0, cost_usd=0.0)
-                    event = Done(free, clock.ms(), clock.ttft_ms(), cached=False, saved=event.usage)
+                    saved = event.saved if event.saved is not None else event.usage
+                    event = Done(free, clock.ms(), clock.ttft_ms(), cached=False, saved=saved)
                 shown = True
                 yield event
         except (LeaderLostError, RedisError, OSError) as exc:
@@ -254,7 +299,7 @@ class AnswerService:
         answering: Answering | None = None
         try:
             async for item in generate(
-                route.candidates, self.providers, _RequestFactory(question, prompt), self.timeouts
+                route.candidates, self.providers, _RequestFactory(question, prompt), self.timeouts, self._attempted
             ):
                 if isinstance(item, Answering):
                     answering = item

@@ -77,7 +77,10 @@ class Filters:
 
 _SEARCH_SQL = """
 WITH q AS (
-    SELECT replace(websearch_to_tsquery('english', $2)::text, ' & ', ' | ') AS text
+    -- Questions are prose: any term may match (OR), ranked by how many do. A query with a
+    -- negation ("-word") keeps websearch's AND, or the negation would match almost everything.
+    SELECT CASE WHEN position('!' IN t) > 0 THEN t ELSE replace(t, ' & ', ' | ') END AS text
+    FROM (SELECT websearch_to_tsquery('english', $2)::text AS t) AS w
 ), dense AS (
     SELECT c.id, row_number() OVER () AS rank
     FROM (SELECT id FROM chunks

@@ -15,6 +15,7 @@ from rich.console import Console
 
 from service.app import redis_url
 from service.corpus import database_url, open_corpus
+from service.metrics import prepare_multiprocess_dir
 from service.settings import Settings
 
 console = Console(stderr=True)
@@ -63,6 +64,8 @@ def serve(
         sys.stderr.write(
             f"\nragcache on http://{host}:{port}  (dashboard: http://{host}:{port}/dashboard)\ntry:\n  {curl}\n\n"
         )
+        if workers > 1:  # one worker runs in this process, where prometheus-client is already set up
+            prepare_multiprocess_dir(settings.data_dir)
         uvicorn.run(
             "service.app:app_factory",
             factory=True,

@@ -545,3 +545,30 @@ async def test_semantic_cache_can_be_switched_off(settings: Settings, local_embe
     async with running(settings, local_embedder) as http:
         assert (await ask(http, "How do I flush the cache?")).meta["cache"] == "miss"
         assert (await ask(http, "how can i flush the cache")).meta["cache"] == "miss"
+
+
+async def test_traffic_shows_up_in_metrics_and_the_dashboard_api(
+    settings: Settings, local_embedder: LocalEmbedder
+) -> None:
+    await seed(settings, local_embedder)
+    async with running(settings, local_embedder) as http:
+        await ask(http)  # miss
+        await ask(http)  # hit
+        await ask(http, "how can i flush the cache")  # semantic hit
+        await ask(http, "   ")  # guardrail block
+        await http.post("/rag/stream", json={"question": "x", "top_k": 0})  # schema error
+
+        async def counted() -> bool:
+            summary = (await http.get("/dashboard/api/summary?range=1h")).json()
+            return bool(summary["requests"]["total"] >= 5)
+
+        await wait_until(counted, within=10)
+        summary = (await http.get("/dashboard/api/summary?range=1h")).json()
+        outcomes = summary["requests"]["by_outcome"]
+        assert (outcomes["miss"], outcomes["hit"], outcomes["semantic_hit"]) == (1, 1, 1)
+        assert summary["blocks"]["by_code"]["empty_question"] == 1
+        assert {"stage": "schema", "code": "invalid_request", "count": 1} in summary["failures"]
+        exposition = (await http.get("/metrics")).text
+        assert 'ragcache_requests_total{outcome="hit"}' in exposition
+        page = await http.get("/dashboard")
+        assert page.status_code == 200 and "default-src 'self'" in page.headers["content-security-policy"]
