@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -112,10 +113,19 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     pool = await create_pool(
         dsn, min_size=settings.db_pool_min, max_size=settings.db_pool_max, ef_search=settings.hnsw_ef_search
     )
-    client = aioredis.from_url(rurl, socket_timeout=1.0, socket_connect_timeout=1.0)
+    # A pool that waits for a free connection (bounded) instead of failing at its size limit.
+    pool_r = aioredis.BlockingConnectionPool.from_url(
+        rurl,
+        max_connections=settings.redis_max_connections,
+        timeout=1.0,
+        socket_timeout=1.0,
+        socket_connect_timeout=1.0,
+    )
+    client = aioredis.Redis(connection_pool=pool_r)
     await embedder.warm_up()
     cache = AnswerCache(client, ttl_s=settings.cache_ttl_s)
     metrics = Metrics(client, retention_s=settings.metrics_retention_s)
+    metrics.start()
     watcher = CorpusWatcher(pool, dsn, cache)
     await watcher.start()
     providers = build_providers(settings)
@@ -133,6 +143,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         policy=routing_policy(settings),
         metrics=metrics,
     )
+    # The model and SDKs leave ~650k long-lived objects; full GC passes over them took 0.3-0.7 s
+    # and were the p99 of cache hits. Freeze them out of the collector's view.
+    gc.collect()
+    gc.freeze()
     app.state.resources = Resources(settings, pool, client, Store(pool), embedder, cache, watcher, answers, metrics)
     try:
         yield

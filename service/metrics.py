@@ -22,6 +22,7 @@ No user text is ever recorded: questions appear only as `question_hash` values.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -406,6 +407,17 @@ class Metrics:
         self._pending_top: Tally[tuple[int, str]] = Tally()  # (epoch hour, question hash) -> hits
         self._down_until = 0.0
         self._writes: set[asyncio.Task[None]] = set()
+        self._flusher: asyncio.Task[None] | None = None
+
+    def start(self, interval_s: float = 1.0) -> None:
+        """Write the buffered counts from one background task: a Redis batch per request cost
+        more than a cache hit itself and, under load, exhausted the shared connection pool."""
+        self._flusher = asyncio.create_task(self._flush_every(interval_s), name="metrics-flush")
+
+    async def _flush_every(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            await self.flush()
 
     # -- keys ----------------------------------------------------------------------------------
     def minute_key(self, minute: int) -> str:
@@ -484,7 +496,6 @@ class Metrics:
             top = (minute // 60, question_hash)
             if len(self._pending_top) < MAX_PENDING or top in self._pending_top:
                 self._pending_top[top] += 1
-        await self.flush()
 
     async def record(self, meta: Meta, done: Done, question_hash: str) -> None:
         """`answered` from an answer's own `meta` and `done` events (what the client was told)."""
@@ -513,7 +524,6 @@ class Metrics:
             self._prom.blocks.labels(code).inc()
             fields[f"blk:{code}"] = 1
         self._add(self._minute(), fields)
-        await self.flush()
 
     def provider_attempt(self, *, provider: str, model: str, outcome: str, status: int | None = None) -> None:
         """One provider call (or SDK retry). Synchronous so generation code can call it anywhere;
@@ -583,6 +593,10 @@ class Metrics:
 
     async def aclose(self) -> None:
         """Flush what is buffered and, in multiprocess mode, do prometheus-client's bookkeeping for this pid."""
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
         await self.flush()
         if self._writes:
             await asyncio.gather(*self._writes, return_exceptions=True)

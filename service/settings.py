@@ -62,6 +62,7 @@ class Settings(BaseSettings):
 
     # --- cache ------------------------------------------------------------------
     cache_ttl_s: int = Field(default=7 * 24 * 3600, alias="RAG_CACHE_TTL_S", ge=1)
+    redis_max_connections: int = Field(default=64, alias="RAG_REDIS_MAX_CONNECTIONS", ge=2)
     metrics_retention_s: int = Field(default=7 * 24 * 3600, alias="RAG_METRICS_RETENTION_S", ge=3600)
     coalesce_lease_ms: int = Field(default=5000, alias="RAG_COALESCE_LEASE_MS", ge=100)
     semantic_cache: bool = Field(default=True, alias="RAG_SEMANTIC_CACHE")

@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import shutil
 import sys
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -48,8 +50,10 @@ def with_database(dsn: str, name: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
-    data = tmp_path_factory.mktemp("servers")
+def servers() -> Iterator[Servers]:
+    # Not under pytest's basetemp: pytest deletes all but its 3 newest runs' directories, which
+    # would pull the data directory from under a live server if another pytest starts meanwhile.
+    data = Path(tempfile.mkdtemp(prefix="ragcache-test-servers-"))
     pg = None if os.environ.get("DATABASE_URL") else start_postgres(data)
     valkey = None if os.environ.get("REDIS_URL") else start_valkey(data)
     yield Servers(
@@ -62,6 +66,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
         valkey.stop()
     if pg:
         pg.stop()
+    shutil.rmtree(data, ignore_errors=True)
 
 
 _db_counter = itertools.count()

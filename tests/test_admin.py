@@ -86,6 +86,7 @@ async def _traffic(url: str) -> None:
         question_hash="0123456789abcdef",
     )
     await metrics.failed(code="prompt_injection", stage="guardrail")
+    await metrics.aclose()  # what a worker's shutdown (or its 1 s background flush) writes
     await client.aclose()
 
 

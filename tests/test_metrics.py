@@ -25,7 +25,7 @@ from service.errors import install_error_handlers
 from service.events import Done, Meta
 from service.metrics import BUCKET_BOUNDS_MS, Metrics, bucket_index, bucket_range, failure_stage, percentile
 from service.schemas import RouteInfo, UsageInfo
-from tests.conftest import ROOT
+from tests.conftest import ROOT, wait_until
 
 RETENTION = 7 * 24 * 3600
 
@@ -271,6 +271,7 @@ async def test_series_is_zero_filled_and_sums_to_the_summary(client: aioredis.Re
 async def test_keys_expire_after_the_retention(client: aioredis.Redis, clock: Clock) -> None:
     m = Metrics(client, clock=clock, retention_s=3600)
     await answer(m, "hit", question_hash="abcd")
+    await m.flush()  # counts are buffered and written by a 1 s background flush (or on read)
     minute = int(clock() // 60)
     hour = minute // 60
     assert await client.expiretime(m.minute_key(minute)) == (minute + 1) * 60 + 3600
@@ -279,6 +280,7 @@ async def test_keys_expire_after_the_retention(client: aioredis.Redis, clock: Cl
     default = Metrics(client, clock=clock)
     assert default.retention_s == RETENTION
     await answer(default, "miss")
+    await default.flush()
     assert await client.expiretime(m.minute_key(minute)) == (minute + 1) * 60 + RETENTION
     # Nothing but counters and hashes: no user text anywhere in the keys or values.
     keys = sorted(k.decode() for k in await client.keys("ragcache:metrics:*"))
@@ -293,8 +295,10 @@ async def test_two_workers_aggregate(redis_url: str, clock: Clock) -> None:
         await answer(b, "hit", ttft_ms=1.0, saved_input_tokens=100, saved_cost_usd=0.002, question_hash="q1")
         await answer(b, "miss", ttft_ms=500.0, tier="small", provider="extractive", model="extractive")
         a.provider_attempt(provider="extractive", model="extractive", outcome="ok")
+        await a.flush()  # what each worker's 1 s background flush does
+        await b.flush()
         for reader in (a, b):
-            s = await reader.summary(minutes=60)  # either worker sees both (a's buffered attempt is flushed first)
+            s = await reader.summary(minutes=60)  # either worker sees both
             assert s["requests"]["by_outcome"]["hit"] == 2 and s["requests"]["answered"] == 3
             assert s["saved"]["cost_usd"] == 0.003 and s["saved"]["input_tokens"] == 200
             assert s["top_questions"] == [{"hash": "q1", "hits": 2}]
@@ -313,7 +317,8 @@ async def test_redis_down_never_raises(
     dead = aioredis.from_url("redis://127.0.0.1:1/0", socket_timeout=0.5, socket_connect_timeout=0.5)
     m = Metrics(dead, clock=clock)
     started = time.perf_counter()
-    await answer(m, "hit")  # this batch is lost (it may or may not have reached Redis)
+    await answer(m, "hit")
+    await m.flush()  # this batch is lost (it may or may not have reached Redis); cool-down starts
     await answer(m, "miss")  # within the cool-down: buffered, no round trip
     await m.failed(code="empty_question", stage="guardrail")
     m.provider_attempt(provider="openai", model="gpt-4o", outcome="error", status=500)
@@ -477,3 +482,15 @@ async def test_record_from_events(client: aioredis.Redis, clock: Clock) -> None:
     assert failure_stage(422, "unknown_model") == "schema"
     assert failure_stage(503, "database_unavailable") == "database"
     assert failure_stage(503, "providers_unavailable") == "provider"
+
+
+async def test_background_flush_writes_without_a_read(client: aioredis.Redis, clock: Clock) -> None:
+    m = Metrics(client, clock=clock)
+    m.start(interval_s=0.05)
+    try:
+        await answer(m, "hit", question_hash="abcd")
+        key = m.minute_key(int(clock() // 60))
+        await wait_until(lambda: client.exists(key), within=5)
+        assert (await m.summary(minutes=1))["requests"]["by_outcome"]["hit"] == 1
+    finally:
+        await m.aclose()
