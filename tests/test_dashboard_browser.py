@@ -140,7 +140,9 @@ async def dashboard_url(redis_url: str) -> AsyncIterator[tuple[str, Metrics]]:
     other_worker = aioredis.from_url(redis_url)
     clock = Clock()
     traffic = Traffic()
-    await traffic.history(Metrics(other_worker, clock=clock), clock, time.time())
+    history = Metrics(other_worker, clock=clock)
+    await traffic.history(history, clock, time.time())
+    await history.flush()  # what that worker's 1 s background flush would have written
     metrics = Metrics(live)
     for _ in range(6):
         await traffic.one(metrics, warmth=1.0)
