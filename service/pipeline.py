@@ -19,7 +19,7 @@ import asyncpg
 from redis.exceptions import RedisError
 
 from service.cache import AnswerCache, CachedAnswer, KeyParts, cache_key, question_hash, scope_key
-from service.coalesce import Coalescer, LeaderLostError, Lease
+from service.coalesce import CANCELLED, Coalescer, LeaderLostError, Lease
 from service.embeddings import Embedder, Vectors
 from service.errors import APIError
 from service.events import Done, Event, Failed, Meta, Token
@@ -170,16 +170,18 @@ class AnswerService:
                     continue  # the leader died before showing anything: try to lead ourselves
             try:
                 cached = await self._cached_events(question, request_id, clock, look_again=role is not None)
-            except APIError as exc:
+            except BaseException as exc:  # an error, or our client leaving: never strand followers on a live lease
                 if role is not None:
-                    await role.publish(Failed(exc.code, exc.message))
-                    await role.close()
+                    failure = (
+                        Failed(exc.code, exc.message)
+                        if isinstance(exc, APIError)
+                        else Failed(CANCELLED, "the request leading this answer went away")
+                    )
+                    self._detached(self._release(role, [failure]))
                 raise
             if cached is not None:
                 if role is not None:  # our followers get the cached answer too
-                    for event in cached:
-                        await role.publish(event)
-                    await role.close()
+                    self._detached(self._release(role, cached))
                 for event in cached:
                     yield event
                 return
@@ -229,6 +231,12 @@ class AnswerService:
                     producer.cancel()  # closes the provider connection at once
                 else:
                     self._detached(self._abandon_unless_followed(lease, producer))
+
+    async def _release(self, lease: Lease, events: list[Event]) -> None:
+        """Publish the last events to followers and give the lease up; detached, so a leaving client cannot stop it."""
+        for event in events:
+            await lease.publish(event)
+        await lease.close()
 
     def _attempted(self, choice: ModelChoice, outcome: str, status: int | None) -> None:
         if self.metrics is not None:
