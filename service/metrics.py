@@ -554,14 +554,15 @@ class Metrics:
         The write runs in a task of its own and is shielded: a client that disconnects
         mid-request must not lose (or half-write) the numbers.
         """
-        if not (self._pending or self._pending_top) or time.monotonic() < self._down_until:
-            return
-        pending, self._pending = self._pending, Tally()
-        top, self._pending_top = self._pending_top, Tally()
-        task = asyncio.create_task(self._write(pending, top))
-        self._writes.add(task)
-        task.add_done_callback(self._writes.discard)
-        await asyncio.shield(task)
+        if (self._pending or self._pending_top) and time.monotonic() >= self._down_until:
+            pending, self._pending = self._pending, Tally()
+            top, self._pending_top = self._pending_top, Tally()
+            task = asyncio.create_task(self._write(pending, top))
+            self._writes.add(task)
+            task.add_done_callback(self._writes.discard)
+        # Also wait for writes another caller started: a read right after must see them.
+        if self._writes:
+            await asyncio.shield(asyncio.gather(*self._writes))
 
     async def _write(self, pending: Mapping[tuple[int, str], int], top: Mapping[tuple[int, str], int]) -> None:
         expire_at: dict[str, int] = {}
