@@ -29,9 +29,15 @@ lint: install
 	$(BIN)/ruff format --check service ingest tests bench
 	$(BIN)/mypy
 
+# Each benchmark runs the project and its reference side by side and writes docs/benchmarks.md.
 bench: install
 	$(BIN)/python -m bench.ingest
 	$(BIN)/python -m bench.retrieval ../shared/data/msmarco-5k
+	$(BIN)/python -m bench.hit_path
+	$(BIN)/python -m bench.miss_overhead
+	$(BIN)/python -m bench.semantic
+	$(BIN)/python -m bench.workload
+	$(BIN)/python -m bench.stampede
 
 clean:
 	rm -rf $(VENV) .ragcache .pytest_cache .mypy_cache .ruff_cache

@@ -33,6 +33,7 @@ import statistics
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -171,8 +172,8 @@ def report(rounds: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"Anthropic SDK, first token after {meta['first_token_delay'] * 1000:.0f} ms, then "
         f"{meta['answer_tokens']} tokens {meta['token_interval'] * 1000:.0f} ms apart. Per round and variant: "
         f"caches flushed, then {meta['requests']} identical `/rag/stream` requests for one msmarco query "
-        "(a different one each round) started at once by one asyncio client over pre-opened keep-alive "
-        "connections, alternating between the two processes; variants take turns within each round. "
+        "(a different one each round) started at once by one asyncio client, each on a new connection, "
+        "alternating between the two processes; variants take turns within each round. "
         "TTFT = from sending the request to the first `token` event, measured by the client (server: "
         "`done.ttft_ms`, which starts when the pipeline does); followers = every request but the leader "
         "(`coalesced`, or `hit` if it got to the cache look-up only after the answer was stored); "
@@ -378,8 +379,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--token-interval", type=float, default=0.02, help="seconds")
     parser.add_argument("--answer-tokens", type=int, default=150)
     parser.add_argument("--no-write", action="store_true", help="do not update docs/benchmarks.md")
+    parser.add_argument("--report-from", type=Path, help="only re-render the section from a saved summary.json")
     args = parser.parse_args(argv)
     args.argv = argv
+    if args.report_from:
+        saved = json.loads(args.report_from.read_text())
+        body = report(saved["rounds"], saved["meta"])
+        print(body)
+        if not args.no_write:
+            update_section(SECTION, body)
+        return
     asyncio.run(main_async(args))
 
 

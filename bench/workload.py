@@ -480,7 +480,7 @@ def report(
             "<details><summary>Semantic hits in the run (sent text, its query, similarity to the matched "
             "cached question, times)</summary>",
             "",
-            markdown_table(["sent", "query", "similarity", "times"], hit_rows, "llrr"),
+            markdown_table(["sent", "its msmarco query", "similarity", "times"], hit_rows, "llrr"),
             "",
             "</details>",
             "",
@@ -582,8 +582,17 @@ def main(argv: list[str] | None = None) -> None:
         "--server-env", nargs="*", default=[], metavar="KEY=VALUE", help="extra environment for every rag-serve"
     )
     parser.add_argument("--no-write", action="store_true", help="do not update docs/benchmarks.md")
+    parser.add_argument("--report-from", type=Path, help="only re-render the section from a saved summary.json")
     args = parser.parse_args(argv)
     args.argv = argv
+    if args.report_from:
+        saved = json.loads(args.report_from.read_text())
+        draws = [Draw(**d) for d in saved["draws"]]
+        body = report(saved["summaries"], saved["pairs"], draws, saved["meta"], load_queries())
+        print(body)
+        if not args.no_write:
+            update_section(SECTION, body)
+        return
     asyncio.run(main_async(args))
 
 
