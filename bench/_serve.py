@@ -27,7 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +36,8 @@ from typing import Any
 import asyncpg
 import httpx
 import redis.asyncio as aioredis
+
+from bench.common import say
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "benchmarks.md"
@@ -48,22 +50,7 @@ _SERVICE_ENV_PREFIXES = ("RAG_", "OPENAI_", "ANTHROPIC_", "DATABASE_URL", "REDIS
 _DOCS_LOCK = Path(tempfile.gettempdir()) / "ragcache-benchmarks-md.lock"  # the lock bench.common uses
 
 
-def say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 # --------------------------------------------------------------------------- statistics, machine
-
-
-def percentile(values: Sequence[float], p: float) -> float:
-    """Linear-interpolated percentile (numpy's default); NaN when empty."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * p / 100
-    low = math.floor(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
 def fmt_ms(value: float) -> str:
@@ -538,13 +525,6 @@ async def stream(http: httpx.AsyncClient, url: str, body: Mapping[str, Any], lim
 
 
 # --------------------------------------------------------------------------- docs/benchmarks.md
-
-
-def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]], align: str = "") -> str:
-    align = align or "l" + "r" * (len(header) - 1)
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if a == "l" else "---:" for a in align) + "|"]
-    lines.extend("| " + " | ".join(row) + " |" for row in rows)
-    return "\n".join(lines)
 
 
 def update_section(heading: str, body: str, path: Path = DOCS) -> None:

@@ -51,14 +51,12 @@ from bench._serve import (
     load_average,
     load_queries,
     machine_line,
-    markdown_table,
     now_stamp,
-    percentile,
     rag_serve,
-    say,
     stream,
     update_section,
 )
+from bench.common import markdown_table, percentile, say
 
 SECTION = "Stampede"
 WARM_UP = ["what is the boiling point of water at altitude", "how do vaccines train the immune system"]
