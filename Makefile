@@ -16,12 +16,13 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: install
-	$(BIN)/rag-serve --ingest-examples
+	$(BIN)/rag-serve --ingest-examples --local-key
 
 # The dashboard test drives Debian's chromium (headless); install it once if missing (root on CI).
 test: install
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
 		|| echo "warning: could not install chromium; the dashboard browser test will fail"
+	@command -v docker-compose >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null) || echo "warning: could not install docker-compose; tests/test_compose.py will fail"
 	$(BIN)/pytest -q
 
 lint: install

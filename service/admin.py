@@ -1,4 +1,9 @@
-"""`rag-admin`: operator commands (cache now; API keys arrive with authentication)."""
+"""`rag-admin`: operator commands for API keys and the answer cache.
+
+It talks to Postgres and Redis directly with the operator's DATABASE_URL / REDIS_URL (or
+the embedded servers under RAG_DATA_DIR): those credentials outrank any API key, which is
+also how the first admin key comes to exist.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +12,25 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 
+import asyncpg
 import redis.asyncio as aioredis
 import typer
 from redis.exceptions import RedisError
 from rich.console import Console
+from rich.table import Table
 
 from service.app import redis_url
+from service.auth import ApiKey, KeyStore, Scope, parse_key
 from service.cache import AnswerCache
+from service.corpus import open_corpus
 from service.metrics import Metrics
 from service.settings import Settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Administer ragcache.")
 cache_app = typer.Typer(no_args_is_help=True, help="The answer cache.")
 app.add_typer(cache_app, name="cache")
+keys_app = typer.Typer(no_args_is_help=True, help="API keys (stored only as hashes).")
+app.add_typer(keys_app, name="keys")
 err = Console(stderr=True)
 
 T = TypeVar("T")
@@ -114,6 +125,95 @@ def cache_flush() -> None:
     """Delete every cached answer (only ragcache's own keys)."""
     deleted = _with_cache(lambda cache: cache.flush())
     typer.echo(f"{deleted} keys deleted")
+
+
+def _with_keys(action: Callable[[KeyStore], Awaitable[T]]) -> T:
+    settings = Settings()
+
+    async def run() -> T:
+        async with open_corpus(settings) as corpus:
+            return await action(KeyStore(corpus.pool))
+
+    try:
+        return asyncio.run(run())
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        err.print(f"[red]error:[/] cannot reach Postgres: {type(exc).__name__}: {exc}")
+        raise typer.Exit(2) from None
+
+
+def _key_json(key: ApiKey) -> dict[str, Any]:
+    return {
+        "id": key.id,
+        "name": key.name,
+        "scopes": list(key.scopes),
+        "rpm": key.rpm,
+        "tokens_per_day": key.tokens_per_day,
+        "created_at": key.created_at.isoformat() if key.created_at else None,
+        "revoked_at": key.revoked_at.isoformat() if key.revoked_at else None,
+    }
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Option("--name", help="Who or what the key is for.")],
+    scope: Annotated[str, typer.Option("--scope", help="query (ask questions) or admin (also dashboard, metrics).")] = (
+        "query"
+    ),
+    rpm: Annotated[int | None, typer.Option("--rpm", min=1, help="Requests per minute (default: unlimited).")] = None,
+    tokens_per_day: Annotated[
+        int | None, typer.Option("--tokens-per-day", min=1, help="Provider tokens per UTC day (default: unlimited).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Create a key and print it once: only its hash is stored."""
+    if scope not in ("query", "admin"):
+        err.print("[red]error:[/] --scope must be query or admin")
+        raise typer.Exit(2)
+    if not name.strip():
+        err.print("[red]error:[/] --name must not be empty")
+        raise typer.Exit(2)
+    chosen: Scope = "admin" if scope == "admin" else "query"
+    token, key = _with_keys(lambda keys: keys.create(name.strip(), chosen, rpm=rpm, tokens_per_day=tokens_per_day))
+    if as_json:
+        typer.echo(json.dumps({**_key_json(key), "key": token}))
+        return
+    typer.echo(token)
+    err.print(f"created key [bold]{key.id}[/] ({key.name}, scopes {', '.join(key.scopes)}); it is shown only once")
+
+
+@keys_app.command("list")
+def keys_list(
+    include_revoked: Annotated[bool, typer.Option("--all", help="Include revoked keys.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Keys by id and name (never the secrets, which are not stored)."""
+    keys = _with_keys(lambda store: store.list(include_revoked=include_revoked))
+    if as_json:
+        typer.echo(json.dumps([_key_json(k) for k in keys]))
+        return
+    table = Table("id", "name", "scopes", "rpm", "tokens/day", "created", "revoked")
+    for k in keys:
+        table.add_row(
+            k.id,
+            k.name,
+            ",".join(k.scopes),
+            str(k.rpm or "-"),
+            str(k.tokens_per_day or "-"),
+            k.created_at.strftime("%Y-%m-%d %H:%M") if k.created_at else "-",
+            k.revoked_at.strftime("%Y-%m-%d %H:%M") if k.revoked_at else "-",
+        )
+    Console().print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key's id (or the whole key).")]) -> None:
+    """Revoke a key; running servers stop accepting it at once."""
+    parsed = parse_key(key_id)
+    wanted = parsed[0] if parsed else key_id
+    if not _with_keys(lambda keys: keys.revoke(wanted)):
+        err.print(f"[red]error:[/] no active key with id {wanted!r}")
+        raise typer.Exit(1)
+    typer.echo(f"revoked {wanted}")
 
 
 def main() -> None:

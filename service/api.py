@@ -6,15 +6,17 @@ import json
 import logging
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from service.auth import Principal, requires
 from service.errors import APIError
 from service.events import Done, Event, Failed, Meta, Token, event_payload
+from service.limits import TokenBudget
 from service.pipeline import AnswerService
 from service.schemas import RagAnswer, RagRequest
 
-router = APIRouter(tags=["rag"])
+router = APIRouter(tags=["rag"], dependencies=[Depends(requires("query"))])
 log = logging.getLogger(__name__)
 
 
@@ -28,8 +30,17 @@ def _service(request: Request) -> AnswerService:
     return service
 
 
-async def _first_and_rest(events: AsyncIterator[Event]) -> tuple[Event, AsyncIterator[Event]]:
-    """Run the pipeline up to its first event, so errors before it are plain HTTP errors."""
+async def answer_events(request: Request, body: RagRequest) -> tuple[Event, AsyncIterator[Event]]:
+    """Run the pipeline up to its first event, so errors before it are plain HTTP errors.
+
+    Every answer endpoint (`/rag/*`, `/v1/chat/completions`) goes through here, after
+    `requires(...)` set the caller: each request counts against the key's rate (hits too);
+    the pipeline checks and charges its token budget only when it generates.
+    """
+    principal: Principal = request.state.principal
+    limiter = request.app.state.resources.limiter
+    await limiter.check_request(principal)
+    events = _service(request).answer(body, request_id(request), TokenBudget(limiter, principal))
     first = await anext(events)
 
     async def rest() -> AsyncIterator[Event]:
@@ -53,7 +64,7 @@ def sse_event(event: Event) -> ServerSentEvent:
 async def rag_stream(body: RagRequest, request: Request) -> Response:
     """Answer as Server-Sent Events: meta, token…, done (or error)."""
     rid = request_id(request)
-    first, events = await _first_and_rest(_service(request).answer(body, rid))
+    first, events = await answer_events(request, body)
     if isinstance(first, Meta) and first.cache in ("hit", "semantic_hit"):
         # A cached answer is complete already: the same events as one body, without the
         # streaming machinery (tasks, cancel scopes, pings) that costs more than the hit itself.
@@ -76,7 +87,7 @@ async def rag_stream(body: RagRequest, request: Request) -> Response:
 async def rag_answer(body: RagRequest, request: Request) -> RagAnswer:
     """The same pipeline, collected into one JSON document."""
     rid = request_id(request)
-    first, events = await _first_and_rest(_service(request).answer(body, rid))
+    first, events = await answer_events(request, body)
     assert isinstance(first, Meta)
     pieces: list[str] = []
     done: Done | None = None

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 
 from service import __version__
 from service.api import router as rag_router
+from service.auth import KEYS_CHANNEL, Authenticator, KeyStore
 from service.cache import AnswerCache
 from service.coalesce import Coalescer
 from service.corpus import database_url, schema_params
@@ -27,8 +28,10 @@ from service.embedded import EmbeddedValkey, start_valkey
 from service.embeddings import LocalEmbedder, OpenAIEmbedder, create_embedder
 from service.errors import install_error_handlers
 from service.invalidation import CorpusWatcher
+from service.limits import Limiter
 from service.metrics import Metrics
 from service.middleware import BodySizeLimit, RequestID
+from service.openai_compat import router as openai_router
 from service.pipeline import AnswerService
 from service.providers.anthropic import AnthropicProvider
 from service.providers.base import Provider
@@ -58,6 +61,8 @@ class Resources:
     watcher: CorpusWatcher
     answers: AnswerService
     metrics: Metrics
+    auth: Authenticator
+    limiter: Limiter
 
 
 def redis_url(settings: Settings) -> tuple[str, EmbeddedValkey | None]:
@@ -126,7 +131,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     cache = AnswerCache(client, ttl_s=settings.cache_ttl_s)
     metrics = Metrics(client, retention_s=settings.metrics_retention_s)
     metrics.start()
-    watcher = CorpusWatcher(pool, dsn, cache)
+    auth = Authenticator(KeyStore(pool).get, ttl_s=settings.auth_cache_ttl_s)
+    watcher = CorpusWatcher(pool, dsn, cache, listeners={KEYS_CHANNEL: auth.forget})
     await watcher.start()
     providers = build_providers(settings)
     answers = AnswerService(
@@ -147,7 +153,19 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # and were the p99 of cache hits. Freeze them out of the collector's view.
     gc.collect()
     gc.freeze()
-    app.state.resources = Resources(settings, pool, client, Store(pool), embedder, cache, watcher, answers, metrics)
+    app.state.resources = Resources(
+        settings,
+        pool,
+        client,
+        Store(pool),
+        embedder,
+        cache,
+        watcher,
+        answers,
+        metrics,
+        auth,
+        Limiter(client, auth_failures_per_minute=settings.auth_failures_per_minute),
+    )
     try:
         yield
     finally:
@@ -197,6 +215,7 @@ def create_app(settings: Settings | None = None, *, embedder: LocalEmbedder | Op
     app.add_middleware(RequestID)  # outermost: even a 413 carries the id
     app.include_router(rag_router)
     app.include_router(dashboard_router)
+    app.include_router(openai_router)
 
     @app.get("/health", tags=["ops"])
     async def health() -> dict[str, str]:
@@ -214,6 +233,8 @@ def create_app(settings: Settings | None = None, *, embedder: LocalEmbedder | Op
             )
         )
         checks["embedder"] = {"ok": True, "model": res.embedder.model, "dim": res.embedder.dim}
+        # Limits live in Redis and fail open without it: say so rather than pretend.
+        checks["limits"] = {"ok": checks["redis"]["ok"], "mode": "enforced" if checks["redis"]["ok"] else "fail_open"}
         if not checks["postgres"]["ok"]:
             return JSONResponse({"status": "unavailable", "checks": checks}, 503, headers={"Retry-After": "5"})
         status = "ready" if checks["redis"]["ok"] else "degraded"

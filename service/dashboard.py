@@ -5,8 +5,11 @@ which draws its charts as SVG from `/dashboard/api/summary` and `/dashboard/api/
 Nothing is loaded from elsewhere, so it works offline, and no inline script or style is
 needed, so the Content-Security-Policy can forbid both.
 
-The dashboard has no authentication yet (API keys and the admin scope come later); it
-shows only counts and question hashes, never user text.
+The page and its assets hold no data and are public; the JSON API needs an admin key,
+which the page asks for once and keeps in the tab's sessionStorage (a browser cannot put
+a bearer token on a page navigation). It shows only counts and question hashes, never user
+text. `/metrics` needs an admin key too, unless RAG_METRICS_PUBLIC is set (for a scraper on
+a private network).
 """
 
 from __future__ import annotations
@@ -15,13 +18,16 @@ import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.responses import Response
 
+from service.auth import bearer as _bearer
+from service.auth import requires
 from service.metrics import Metrics, metrics_app_response
 
 router = APIRouter()
+admin = [Depends(requires("admin"))]
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 # range -> (minutes, minutes per chart row): about 60-170 rows whatever the range.
@@ -57,9 +63,19 @@ def _json(data: dict[str, Any]) -> JSONResponse:
     return JSONResponse(data, headers={**SECURITY_HEADERS, "Cache-Control": "no-store"})
 
 
+_admin_principal = requires("admin")
+
+
 @router.get("/metrics", tags=["ops"], response_class=Response)
-async def prometheus_metrics() -> Response:
-    """Prometheus exposition; sums every worker when PROMETHEUS_MULTIPROC_DIR is set."""
+async def prometheus_metrics(request: Request) -> Response:
+    """Prometheus exposition; sums every worker when PROMETHEUS_MULTIPROC_DIR is set.
+
+    Needs an admin key (Prometheus sends one with `authorization: {credentials: ...}`)
+    unless RAG_METRICS_PUBLIC is set.
+    """
+    if not request.app.state.settings.metrics_public:
+        credentials = await _bearer(request)
+        await _admin_principal(request, credentials)
     response = metrics_app_response()
     response.headers["X-Content-Type-Options"] = "nosniff"
     response.headers["Cache-Control"] = "no-store"
@@ -88,7 +104,7 @@ async def dashboard_asset(name: str) -> FileResponse:
     )
 
 
-@router.get("/dashboard/api/summary", tags=["dashboard"])
+@router.get("/dashboard/api/summary", tags=["dashboard"], dependencies=admin)
 async def dashboard_summary(request: Request, range_: Annotated[Range, Query(alias="range")] = "1h") -> JSONResponse:
     """Totals for the range across all workers: outcomes, hit ratios, savings, TTFT, routes, blocks, top questions."""
     minutes, _ = RANGES[range_]
@@ -96,7 +112,7 @@ async def dashboard_summary(request: Request, range_: Annotated[Range, Query(ali
     return _json({"range": range_, "generated_at": time.time(), **summary})
 
 
-@router.get("/dashboard/api/series", tags=["dashboard"])
+@router.get("/dashboard/api/series", tags=["dashboard"], dependencies=admin)
 async def dashboard_series(request: Request, range_: Annotated[Range, Query(alias="range")] = "1h") -> JSONResponse:
     """Rows over the range (1 min for 1h, 15 min for 24h, 1 h for 7d), oldest first, zero-filled."""
     minutes, step = RANGES[range_]

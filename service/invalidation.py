@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable, Mapping
 
 import asyncpg
 from redis.exceptions import RedisError
@@ -24,8 +25,18 @@ log = logging.getLogger(__name__)
 
 
 class CorpusWatcher:
-    def __init__(self, pool: asyncpg.Pool, dsn: str, cache: AnswerCache, *, poll_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        dsn: str,
+        cache: AnswerCache,
+        *,
+        poll_s: float = 5.0,
+        listeners: Mapping[str, Callable[[str], None]] | None = None,
+    ) -> None:
         self.pool = pool
+        # Other NOTIFY channels that ride on the same connection (e.g. revoked API keys).
+        self.listeners = dict(listeners or {})
         self.dsn = dsn
         self.cache = cache
         self.poll_s = poll_s
@@ -88,6 +99,8 @@ class CorpusWatcher:
         try:
             self._listener = await asyncpg.connect(self.dsn, timeout=5)
             await self._listener.add_listener(NOTIFY_CHANNEL, self._notified)
+            for channel, callback in self.listeners.items():
+                await self._listener.add_listener(channel, _payload_to(callback))
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
             log.warning("cannot LISTEN for corpus changes (%s); polling", type(exc).__name__)
             self._listener = None
@@ -100,3 +113,10 @@ class CorpusWatcher:
             with contextlib.suppress(Exception):
                 await self._listener.close()
             self._listener = None
+
+
+def _payload_to(callback: Callable[[str], None]) -> Callable[[object, int, str, str], None]:
+    def on_notify(_conn: object, _pid: int, _channel: str, payload: str) -> None:
+        callback(payload)
+
+    return on_notify

@@ -26,6 +26,7 @@ from service.events import Done, Event, Failed, Meta, Token
 from service.generation import AllProvidersFailedError, Answering, Timeouts, generate
 from service.guardrails import Action, GuardrailPolicy, GuardrailViolation, check_question
 from service.invalidation import CorpusWatcher
+from service.limits import TokenBudget
 from service.metrics import Metrics, failure_stage
 from service.prompt import PROMPT_VERSION, Prompt, build_prompt
 from service.providers.base import GenerationRequest, Provider, ProviderError, Usage
@@ -125,20 +126,26 @@ class AnswerService:
         )
         self.timeouts = Timeouts(settings.first_token_timeout_s, settings.total_timeout_s)
 
-    async def answer(self, request: RagRequest, request_id: str) -> AsyncIterator[Event]:
+    async def answer(
+        self, request: RagRequest, request_id: str, budget: TokenBudget | None = None
+    ) -> AsyncIterator[Event]:
         """SPEC's request path, with identical in-flight misses coalesced onto one generation.
 
         Every outcome is counted for /metrics and the dashboard, off the request's path.
+        Only answers generated for this request are charged to the caller's token budget.
         """
         clock = _Clock()
         meta: Meta | None = None
         try:
             question = self.guard(request)
-            async for event in self._answer(question, request_id, clock):
+            async for event in self._answer(question, request_id, clock, budget):
                 if isinstance(event, Meta):
                     meta = event
-                elif isinstance(event, Done) and meta is not None and self.metrics is not None:
-                    self._detached(self.metrics.record(meta, event, question.hash))
+                elif isinstance(event, Done) and meta is not None:
+                    if budget is not None and meta.cache in ("miss", "bypass"):
+                        self._detached(budget.charge(event.usage.input_tokens + event.usage.output_tokens))
+                    if self.metrics is not None:
+                        self._detached(self.metrics.record(meta, event, question.hash))
                 elif isinstance(event, Failed) and self.metrics is not None:
                     self._detached(self.metrics.failed(code=event.code, stage="stream"))
                 yield event
@@ -147,9 +154,13 @@ class AnswerService:
                 self._detached(self.metrics.failed(code=exc.code, stage=failure_stage(exc.status, exc.code)))
             raise
 
-    async def _answer(self, question: Question, request_id: str, clock: _Clock) -> AsyncIterator[Event]:
+    async def _answer(
+        self, question: Question, request_id: str, clock: _Clock, budget: TokenBudget | None
+    ) -> AsyncIterator[Event]:
         request = question.request
         if request.cache != "use":
+            if budget is not None:
+                await budget.check()
             async for event in self._produce_and_consume(question, request_id, clock, None):
                 yield event
             return
@@ -159,6 +170,16 @@ class AnswerService:
                 for event in self.replay(hit, request_id, clock):
                     yield event
                 return
+            if budget is not None:
+                try:
+                    await budget.check()
+                except APIError:  # out of tokens: a semantic hit is still free, nothing else is
+                    similar = await self._cached_events(question, request_id, clock, look_again=False)
+                    if similar is None:
+                        raise
+                    for event in similar:
+                        yield event
+                    return
             # Identical questions in flight join one leader before anything costly (embedding) runs.
             role = await self._lead_or_follow(question.key)
             if role == "follow":

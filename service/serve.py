@@ -14,6 +14,7 @@ import uvicorn
 from rich.console import Console
 
 from service.app import redis_url
+from service.auth import KeyStore, parse_key, verify
 from service.corpus import database_url, open_corpus
 from service.metrics import prepare_multiprocess_dir
 from service.settings import Settings
@@ -37,6 +38,30 @@ async def _ingest_examples_if_empty(settings: Settings, examples: Path) -> None:
         console.print(f"ingested {report.added} example documents ({report.chunks} chunks) from {examples}/")
 
 
+LOCAL_KEY_FILE = "local-api-key"
+
+
+async def _local_key(settings: Settings) -> str:
+    """The admin key of this data directory, created on first use and kept (mode 0600) for `make run`.
+
+    A key that was revoked, or belongs to another database, is replaced by a new one.
+    """
+    path = settings.data_dir / LOCAL_KEY_FILE
+    async with open_corpus(settings) as corpus:
+        keys = KeyStore(corpus.pool)
+        if path.is_file():
+            token = path.read_text(encoding="utf-8").strip()
+            parsed = parse_key(token)
+            stored = await keys.get(parsed[0]) if parsed else None
+            if parsed and verify(stored, parsed[1]):
+                return token
+        token, _ = await keys.create("local (make run)", "admin")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.write_text(token + "\n", encoding="utf-8")
+    return token
+
+
 @app.command()
 def serve(
     host: Annotated[str | None, typer.Option(help="Bind address (default RAG_HOST).")] = None,
@@ -44,6 +69,10 @@ def serve(
     workers: Annotated[int, typer.Option(min=1, help="Worker processes sharing cache, limits and metrics.")] = 1,
     ingest_examples: Annotated[
         bool, typer.Option(help="Ingest ./examples when the corpus is empty (what `make run` does).")
+    ] = False,
+    local_key: Annotated[
+        bool,
+        typer.Option(help=f"Create (once) an admin key kept in RAG_DATA_DIR/{LOCAL_KEY_FILE} and print it."),
     ] = False,
 ) -> None:
     settings = Settings()
@@ -58,11 +87,18 @@ def serve(
     try:
         if ingest_examples and Path("examples").is_dir():
             asyncio.run(_ingest_examples_if_empty(settings, Path("examples")))
+        key = asyncio.run(_local_key(settings)) if local_key else "$RAG_API_KEY"
         body = '{"question": "How do I flush the cache?"}'
-        curl = f"curl -N http://{host}:{port}/rag/stream -H 'Content-Type: application/json' -d {shlex.quote(body)}"
+        auth = shlex.quote(f"Authorization: Bearer {key}") if local_key else f'"Authorization: Bearer {key}"'
+        curl = (
+            f"curl -N http://{host}:{port}/rag/stream -H {auth} "
+            f"-H 'Content-Type: application/json' -d {shlex.quote(body)}"
+        )
         # Plain writes, not rich: the curl must stay on one line whatever the terminal width.
         sys.stderr.write(
-            f"\nragcache on http://{host}:{port}  (dashboard: http://{host}:{port}/dashboard)\ntry:\n  {curl}\n\n"
+            f"\nragcache on http://{host}:{port}  (dashboard: http://{host}:{port}/dashboard)\n"
+            + (f"admin API key (kept in {settings.data_dir / LOCAL_KEY_FILE}): {key}\n" if local_key else "")
+            + f"try:\n  {curl}\n\n"
         )
         if workers > 1:  # one worker runs in this process, where prometheus-client is already set up
             prepare_multiprocess_dir(settings.data_dir)

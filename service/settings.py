@@ -103,6 +103,14 @@ class Settings(BaseSettings):
     guard_pii: Literal["redact", "block", "allow"] = Field(default="redact", alias="RAG_GUARD_PII")
     max_body_bytes: int = Field(default=64 * 1024, alias="RAG_MAX_BODY_BYTES", ge=1024)
 
+    # --- keys, limits and exposure ---------------------------------------------------
+    # How long a worker trusts its cached copy of a key (revocations also arrive at once by NOTIFY).
+    auth_cache_ttl_s: float = Field(default=10.0, alias="RAG_AUTH_CACHE_TTL_S", ge=0)
+    auth_failures_per_minute: int = Field(default=20, alias="RAG_AUTH_FAILURES_PER_MINUTE", ge=1)
+    metrics_public: bool = Field(
+        default=False, alias="RAG_METRICS_PUBLIC", description="Serve /metrics without an admin key."
+    )
+
     # --- HTTP -------------------------------------------------------------------
     host: str = Field(default="127.0.0.1", alias="RAG_HOST")
     port: int = Field(default=8000, alias="RAG_PORT", ge=0, le=65535)

@@ -25,6 +25,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
+from service.auth import KeyStore, Scope
 from service.corpus import Corpus, open_corpus
 from service.embedded import EmbeddedPostgres, EmbeddedValkey, start_postgres, start_valkey
 from service.embeddings import LocalEmbedder
@@ -172,6 +173,19 @@ async def wait_until(predicate: object, within: float = 10.0, interval: float = 
         if loop.time() > deadline:
             raise AssertionError(f"condition not met within {within}s")
         await asyncio.sleep(interval)
+
+
+async def make_key(
+    settings: Settings, scope: Scope = "admin", *, rpm: int | None = None, tokens_per_day: int | None = None
+) -> str:
+    """A real API key in the test database (migrating it first, as the app would)."""
+    async with open_corpus(settings) as corpus:
+        token, _ = await KeyStore(corpus.pool).create(f"test-{scope}", scope, rpm=rpm, tokens_per_day=tokens_per_day)
+    return token
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
 
 
 @asynccontextmanager

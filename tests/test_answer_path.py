@@ -27,7 +27,7 @@ from service.corpus import open_corpus
 from service.embedded import start_postgres
 from service.embeddings import LocalEmbedder
 from service.settings import Settings
-from tests.conftest import make_settings, serve_app, wait_until
+from tests.conftest import bearer, make_key, make_settings, serve_app, wait_until
 from tests.provider_server import Behavior, ProviderServer
 
 DOCS = [
@@ -134,10 +134,14 @@ async def seed(settings: Settings, embedder: LocalEmbedder, docs: list[SourceDoc
 
 
 @asynccontextmanager
-async def running(settings: Settings, embedder: LocalEmbedder) -> AsyncIterator[httpx.AsyncClient]:
+async def running(
+    settings: Settings, embedder: LocalEmbedder, key: str | None = None
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The app on a real server, and a client that sends `key` (default: a fresh query key)."""
+    key = key or await make_key(settings, "query")
     async with (
         serve_app(create_app(settings, embedder=embedder)) as url,
-        httpx.AsyncClient(base_url=url, timeout=30) as http,
+        httpx.AsyncClient(base_url=url, timeout=30, headers=bearer(key)) as http,
     ):
         yield http
 
@@ -551,7 +555,7 @@ async def test_traffic_shows_up_in_metrics_and_the_dashboard_api(
     settings: Settings, local_embedder: LocalEmbedder
 ) -> None:
     await seed(settings, local_embedder)
-    async with running(settings, local_embedder) as http:
+    async with running(settings, local_embedder, key=await make_key(settings, "admin")) as http:
         await ask(http)  # miss
         await ask(http)  # hit
         await ask(http, "how can i flush the cache")  # semantic hit

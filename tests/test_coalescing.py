@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 
 from service.embeddings import LocalEmbedder
 from service.settings import Settings
-from tests.conftest import BIN, cli_env, wait_until
+from tests.conftest import BIN, bearer, cli_env, make_key, wait_until
 from tests.provider_server import Behavior, ProviderServer
 from tests.test_answer_path import FLUSH, ask, parse_sse, running, seed, with_providers
 
@@ -86,12 +86,13 @@ async def test_fifty_identical_misses_across_two_processes_cost_one_call(
     settings: Settings, local_embedder: LocalEmbedder, provider: ProviderServer
 ) -> None:
     await seed(settings, local_embedder)
+    auth = bearer(await make_key(settings, "query"))
     answer = " ".join(f"word{i}" for i in range(40)) + " [1]"
     provider.default = Behavior(text=answer, first_token_delay=1.5, token_interval=0.01)
     async with (
         server_process(settings, provider) as (a, _),
         server_process(settings, provider) as (b, _),
-        httpx.AsyncClient(limits=httpx.Limits(max_connections=100)) as http,
+        httpx.AsyncClient(limits=httpx.Limits(max_connections=100), headers=auth) as http,
     ):
         replies = await asyncio.gather(*(stream_answer(http, a if i % 2 else b) for i in range(50)))
     assert len(provider.calls_to("messages")) == 1
@@ -109,13 +110,14 @@ async def test_killed_leader_process_does_not_strand_followers(
     settings: Settings, local_embedder: LocalEmbedder, provider: ProviderServer
 ) -> None:
     await seed(settings, local_embedder)
+    auth = bearer(await make_key(settings, "query"))
     provider.enqueue(Behavior(hang=True))  # the leader's call never answers
     provider.default = Behavior(text="Taken over [1].")
     lease_env = {"RAG_COALESCE_LEASE_MS": "1500"}
     async with (
         server_process(settings, provider, **lease_env) as (leader_url, leader_pid),
         server_process(settings, provider, **lease_env) as (follower_url, _),
-        httpx.AsyncClient() as http,
+        httpx.AsyncClient(headers=auth) as http,
     ):
         leading = asyncio.create_task(http.post(f"{leader_url}/rag/stream", json={"question": FLUSH}))
         assert await provider.async_wait_for(lambda: len(provider.calls) == 1, timeout=30)

@@ -2,9 +2,9 @@
 
 Traffic is recorded through `Metrics` into the real Valkey: an hour of per-minute history,
 a day and a week of lighter history (written by a second `Metrics` with its own clock, as
-another worker would), plus a few answers now through the app's own `Metrics`. The page
-must load without console errors, show exactly the numbers `/dashboard/api/summary`
-reports, refetch when the range changes and on its own every 10 s.
+another worker would), plus a few answers of a moment ago. The page asks for an admin key
+(refusing a query key), then must load without console errors, show exactly the numbers
+`/dashboard/api/summary` reports, refetch when the range changes and on its own every 10 s.
 
 Set UPDATE_SCREENSHOTS=1 to refresh docs/dashboard.png (the README's picture); otherwise
 the screenshot goes to the test's temporary directory, so a test run leaves the work
@@ -20,19 +20,19 @@ import random
 import shutil
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import httpx
 import pytest
 import redis.asyncio as aioredis
-from fastapi import FastAPI
 
-from service.dashboard import router as dashboard_router
-from service.errors import install_error_handlers
+from service.app import create_app
+from service.embeddings import LocalEmbedder
 from service.metrics import Metrics
-from tests.conftest import ROOT, serve_app
+from service.settings import Settings
+from tests.conftest import ROOT, bearer, make_key, serve_app
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -133,29 +133,32 @@ class Traffic:
                 await self.one(m, warmth=0.2)
 
 
+@dataclass
+class Dashboard:
+    url: str
+    admin_key: str
+    query_key: str
+
+
 @pytest.fixture
-async def dashboard_url(redis_url: str) -> AsyncIterator[tuple[str, Metrics]]:
-    """A real uvicorn serving the dashboard router with `app.state.resources.metrics`, as create_app wires it."""
-    live = aioredis.from_url(redis_url)
-    other_worker = aioredis.from_url(redis_url)
+async def dashboard(settings: Settings, local_embedder: LocalEmbedder) -> AsyncIterator[Dashboard]:
+    """The real app (create_app) on uvicorn, with history written to its Valkey by two other workers."""
+    client = aioredis.from_url(str(settings.redis_url))
     clock = Clock()
     traffic = Traffic()
-    history = Metrics(other_worker, clock=clock)
+    history = Metrics(client, clock=clock)
     await traffic.history(history, clock, time.time())
-    await history.flush()  # what that worker's 1 s background flush would have written
-    metrics = Metrics(live)
+    recent = Metrics(client)
     for _ in range(6):
-        await traffic.one(metrics, warmth=1.0)
-    app = FastAPI()
-    install_error_handlers(app)
-    app.include_router(dashboard_router)
-    app.state.resources = SimpleNamespace(metrics=metrics)
+        await traffic.one(recent, warmth=1.0)
+    await history.flush()  # what each worker's 1 s background flush would have written
+    await recent.flush()
+    admin_key, query_key = await make_key(settings, "admin"), await make_key(settings, "query")
     try:
-        async with serve_app(app) as url:
-            yield url, metrics
+        async with serve_app(create_app(settings, embedder=local_embedder)) as url:
+            yield Dashboard(url, admin_key, query_key)
     finally:
-        await live.aclose()
-        await other_worker.aclose()
+        await client.aclose()
 
 
 async def ready(page: Any, range_: str, *, after: int | None = None, within_ms: float = 30_000) -> None:
@@ -240,10 +243,15 @@ def screenshot(tmp_path: Path) -> Path:
     return ROOT / "docs" / "dashboard.png" if os.environ.get("UPDATE_SCREENSHOTS") else tmp_path / "dashboard.png"
 
 
-async def test_dashboard_in_chromium(dashboard_url: tuple[str, Metrics], chromium: str, screenshot: Path) -> None:
+async def sign_in(page: Any, key: str) -> None:
+    await page.fill("#signin-key", key)
+    await page.click("#signin button[type='submit']")
+
+
+async def test_dashboard_in_chromium(dashboard: Dashboard, chromium: str, screenshot: Path) -> None:
     from playwright.async_api import async_playwright
 
-    base, _ = dashboard_url
+    base = dashboard.url
     problems: list[str] = []
     async with async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
@@ -254,13 +262,23 @@ async def test_dashboard_in_chromium(dashboard_url: tuple[str, Metrics], chromiu
             page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url}"))
             page.on("response", lambda r: problems.append(f"{r.status} {r.url}") if r.status >= 400 else None)
 
+            # No key yet: the page asks for one, and a query key (no admin scope) is refused.
+            await page.goto(f"{base}/dashboard")
+            await page.wait_for_selector("body[data-state='signin'] #signin:not([hidden])")
+            await sign_in(page, dashboard.query_key)
+            await page.wait_for_selector("body[data-state='signin'] #signin-error:has-text('admin')")
+            assert await page.inner_text("#kpi-requests") == "–"  # nothing was shown
+            problems[:] = [p for p in problems if "403" not in p]  # that refusal was the point
+            await sign_in(page, dashboard.admin_key)
+            await ready(page, "1h")
+
             # The 1 h window slides every clock minute, so the page and the API agree only when both
             # read it within the same minute: load again if a minute boundary fell in between.
             for _ in range(3):
                 minute = int(time.time() // 60)
-                await page.goto(f"{base}/dashboard")
+                await page.goto(f"{base}/dashboard")  # the key is kept for the tab's session
                 await ready(page, "1h")
-                async with httpx.AsyncClient(base_url=base) as http:
+                async with httpx.AsyncClient(base_url=base, headers=bearer(dashboard.admin_key)) as http:
                     hour = (await http.get("/dashboard/api/summary", params={"range": "1h"})).json()
                     week = (await http.get("/dashboard/api/summary", params={"range": "7d"})).json()
                 if int(time.time() // 60) == minute:

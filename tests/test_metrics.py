@@ -9,23 +9,24 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import httpx
 import pytest
 import redis.asyncio as aioredis
-from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 
 import service.metrics as metrics_module
-from service.dashboard import router as dashboard_router
-from service.errors import install_error_handlers
+from service.app import create_app
+from service.auth import Scope
+from service.embeddings import LocalEmbedder
 from service.events import Done, Meta
 from service.metrics import BUCKET_BOUNDS_MS, Metrics, bucket_index, bucket_range, failure_stage, percentile
 from service.schemas import RouteInfo, UsageInfo
-from tests.conftest import ROOT, wait_until
+from service.settings import Settings
+from tests.conftest import ROOT, bearer, make_key, serve_app, wait_until
 
 RETENTION = 7 * 24 * 3600
 
@@ -339,14 +340,16 @@ async def test_redis_down_never_raises(
     assert s["blocks"]["by_code"] == {"empty_question": 1} and s["provider"]["by_status"] == {"500": 1}
 
 
-# -- HTTP: /metrics and the dashboard API, on a minimal app with a real Metrics ----------------
-def minimal_app(metrics: Metrics) -> FastAPI:
-    """The dashboard router on its own, with `app.state.resources.metrics` as create_app provides it."""
-    app = FastAPI()
-    install_error_handlers(app)
-    app.include_router(dashboard_router)
-    app.state.resources = SimpleNamespace(metrics=metrics)
-    return app
+# -- HTTP: /metrics and the dashboard API, on the real app ---------------------------------------
+@asynccontextmanager
+async def served(
+    settings: Settings, embedder: LocalEmbedder, key_scope: Scope | None = "admin", **overrides: Any
+) -> AsyncIterator[tuple[httpx.AsyncClient, Metrics]]:
+    """create_app on uvicorn, a client with a key of `key_scope` (None: no key), and the app's own Metrics."""
+    app = create_app(settings.model_copy(update=overrides), embedder=embedder)
+    headers = bearer(await make_key(settings, key_scope)) if key_scope else {}
+    async with serve_app(app) as url, httpx.AsyncClient(base_url=url, headers=headers) as http:
+        yield http, app.state.resources.metrics
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -357,10 +360,8 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return out
 
 
-async def test_prometheus_exposition(client: aioredis.Redis, clock: Clock) -> None:
-    m = Metrics(client, clock=clock)
-    transport = httpx.ASGITransport(app=minimal_app(m))
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+async def test_prometheus_exposition(settings: Settings, local_embedder: LocalEmbedder) -> None:
+    async with served(settings, local_embedder) as (http, m):
         before = samples((await http.get("/metrics")).text)
         await traffic(m)
         response = await http.get("/metrics")
@@ -423,12 +424,27 @@ def test_prometheus_multiprocess_mode_sums_workers(tmp_path: Path) -> None:
     assert values[("ragcache_cache_hit_ratio", (("kind", "exact"),))] == 1.0
 
 
-async def test_dashboard_api_and_headers(client: aioredis.Redis) -> None:
-    m = Metrics(client)
-    await answer(m, "hit", question_hash="feed", saved_input_tokens=3)
-    await answer(m, "miss", tier="small", provider="extractive", model="extractive")
-    transport = httpx.ASGITransport(app=minimal_app(m))
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+async def test_metrics_need_an_admin_key_unless_configured_public(
+    settings: Settings, local_embedder: LocalEmbedder
+) -> None:
+    async with served(settings, local_embedder, key_scope=None) as (http, _):
+        missing = await http.get("/metrics")
+        assert missing.status_code == 401 and missing.json()["error"]["code"] == "unauthorized"
+        assert missing.headers["www-authenticate"] == "Bearer"
+        assert (await http.get("/metrics", headers=bearer(await make_key(settings, "query")))).status_code == 403
+        assert (await http.get("/metrics", headers=bearer(await make_key(settings, "admin")))).status_code == 200
+        assert (await http.get("/dashboard/api/summary")).status_code == 401
+        assert (await http.get("/dashboard")).status_code == 200  # the page itself holds no data
+    async with served(settings, local_embedder, key_scope=None, metrics_public=True) as (http, _):
+        open_scrape = await http.get("/metrics")
+        assert open_scrape.status_code == 200 and "ragcache_requests_total" in open_scrape.text
+        assert (await http.get("/dashboard/api/summary")).status_code == 401  # only /metrics opens
+
+
+async def test_dashboard_api_and_headers(settings: Settings, local_embedder: LocalEmbedder) -> None:
+    async with served(settings, local_embedder) as (http, m):
+        await answer(m, "hit", question_hash="feed", saved_input_tokens=3)
+        await answer(m, "miss", tier="small", provider="extractive", model="extractive")
         page = await http.get("/dashboard")
         assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
         for response in (page, await http.get("/dashboard/api/summary")):

@@ -33,6 +33,9 @@
     failed: "failed",
   };
   const base = window.location.pathname.replace(/\/+$/, "");
+  // The admin key lives in this tab only (sessionStorage): a page navigation cannot carry a
+  // bearer token, and nothing here needs it beyond the tab's life.
+  const KEY_ITEM = "ragcache.adminKey";
   const state = { range: initialRange(), auto: true, timer: null, seq: 0, loads: 0, data: null };
 
   function initialRange() {
@@ -554,15 +557,34 @@
   }
 
   // -- loading ----------------------------------------------------------------------------
+  class AuthError extends Error {}
+
   async function getJSON(url) {
-    const response = await fetch(url, { headers: { Accept: "application/json" }, cache: "no-store" });
+    const headers = { Accept: "application/json", Authorization: `Bearer ${sessionStorage.getItem(KEY_ITEM)}` };
+    const response = await fetch(url, { headers, cache: "no-store" });
+    if (response.status === 401 || response.status === 403) {
+      const body = await response.json().catch(() => ({}));
+      throw new AuthError((body.error && body.error.message) || `the server answered ${response.status}`);
+    }
     if (!response.ok) throw new Error(`${url.split("?")[0]} answered ${response.status}`);
     return response.json();
+  }
+
+  function askForKey(message) {
+    document.body.dataset.state = "signin";
+    $("status").textContent = "admin key needed";
+    $("signin").hidden = false;
+    $("signin-error").textContent = message || "";
+    $("signin-key").focus();
   }
 
   async function load() {
     const range = state.range;
     const seq = ++state.seq;
+    if (!sessionStorage.getItem(KEY_ITEM)) {
+      askForKey("");
+      return;
+    }
     document.body.dataset.state = "loading";
     try {
       const query = `?range=${encodeURIComponent(range)}`;
@@ -577,6 +599,11 @@
       $("status").textContent = `updated ${new Date().toLocaleTimeString()}`;
     } catch (error) {
       if (seq !== state.seq) return;
+      if (error instanceof AuthError) {
+        sessionStorage.removeItem(KEY_ITEM);
+        askForKey(error.message);
+        return;
+      }
       document.body.dataset.state = "error";
       $("status").textContent = "cannot load the metrics";
       const banner = $("banner");
@@ -604,6 +631,15 @@
   }
 
   function start() {
+    $("signin").addEventListener("submit", (event) => {
+      event.preventDefault();
+      const key = $("signin-key").value.trim();
+      if (!key) return;
+      sessionStorage.setItem(KEY_ITEM, key);
+      $("signin-key").value = "";
+      $("signin").hidden = true;
+      load();
+    });
     document.querySelectorAll(".range button").forEach((button) => {
       button.addEventListener("click", () => selectRange(button.dataset.range));
     });

@@ -1,0 +1,258 @@
+"""API keys: creation, look-up, and the FastAPI dependency that guards every endpoint.
+
+A key reads `rck_<id>_<secret>`. The id is public (it names the key in logs, limits and
+`rag-admin keys list`); only a SHA-256 of the secret is stored, and it is compared in
+constant time. Keys carry 256 random bits, so a slow password hash would buy nothing.
+
+Look-ups are cached in-process for a few seconds so a cache hit needs no SQL. Revocation
+reaches running servers at once through NOTIFY, and within the cache TTL if that is missed.
+When Postgres is down, keys seen before stay valid (stale entries are kept) so cached
+answers are still served; an unknown key then gets 503, not 401.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import re
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Annotated, Literal
+
+import asyncpg
+from fastapi import Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from service.errors import APIError
+
+log = logging.getLogger(__name__)
+
+Scope = Literal["query", "admin"]
+SCOPES: dict[Scope, tuple[str, ...]] = {"query": ("query",), "admin": ("query", "admin")}
+KEYS_CHANNEL = "ragcache_keys"  # NOTIFY payload: the id of a revoked key
+PREFIX = "rck"
+_KEY = re.compile(rf"{PREFIX}_([a-z0-9]{{12}})_([A-Za-z0-9_-]{{43}})")
+_ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    id: str
+    name: str
+    secret_sha256: bytes
+    scopes: tuple[str, ...]
+    rpm: int | None
+    tokens_per_day: int | None
+    created_at: datetime | None = None
+    revoked_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: what limits, logs and metrics know of a request's key."""
+
+    key_id: str
+    name: str
+    scopes: tuple[str, ...]
+    rpm: int | None
+    tokens_per_day: int | None
+
+
+# --- pure ---------------------------------------------------------------------------------
+
+
+def new_key() -> tuple[str, str, bytes]:
+    """A fresh key: (the full key to show once, its id, the digest to store)."""
+    key_id = "".join(secrets.choice(_ID_ALPHABET) for _ in range(12))
+    secret = secrets.token_urlsafe(32)
+    return f"{PREFIX}_{key_id}_{secret}", key_id, digest(secret)
+
+
+def digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+def parse_key(token: str) -> tuple[str, str] | None:
+    """(id, secret) of a well-formed key, or None."""
+    match = _KEY.fullmatch(token)
+    return (match[1], match[2]) if match else None
+
+
+def verify(key: ApiKey | None, secret: str) -> bool:
+    # Compare even when the key is unknown, so timing does not tell which ids exist.
+    stored = key.secret_sha256 if key is not None else b"\0" * 32
+    return hmac.compare_digest(stored, digest(secret)) and key is not None and key.revoked_at is None
+
+
+# --- Postgres -----------------------------------------------------------------------------
+
+
+def _row(row: asyncpg.Record) -> ApiKey:
+    return ApiKey(
+        id=row["id"],
+        name=row["name"],
+        secret_sha256=bytes(row["secret_sha256"]),
+        scopes=tuple(row["scopes"]),
+        rpm=row["rpm"],
+        tokens_per_day=row["tokens_per_day"],
+        created_at=row["created_at"],
+        revoked_at=row["revoked_at"],
+    )
+
+
+class KeyStore:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    async def create(
+        self, name: str, scope: Scope = "query", *, rpm: int | None = None, tokens_per_day: int | None = None
+    ) -> tuple[str, ApiKey]:
+        """Store a new key; returns the full key, which exists nowhere else afterwards."""
+        token, key_id, secret_hash = new_key()
+        row = await self.pool.fetchrow(
+            """INSERT INTO api_keys (id, name, secret_sha256, scopes, rpm, tokens_per_day)
+               VALUES ($1, $2, $3, $4, $5, $6) RETURNING *""",
+            key_id,
+            name,
+            secret_hash,
+            list(SCOPES[scope]),
+            rpm,
+            tokens_per_day,
+        )
+        assert row is not None
+        return token, _row(row)
+
+    async def get(self, key_id: str) -> ApiKey | None:
+        row = await self.pool.fetchrow("SELECT * FROM api_keys WHERE id = $1", key_id)
+        return _row(row) if row is not None else None
+
+    async def list(self, *, include_revoked: bool = False) -> Sequence[ApiKey]:
+        rows = await self.pool.fetch(
+            "SELECT * FROM api_keys WHERE $1 OR revoked_at IS NULL ORDER BY created_at, id", include_revoked
+        )
+        return [_row(r) for r in rows]
+
+    async def revoke(self, key_id: str) -> bool:
+        """True if the key existed and was active; running servers forget it via NOTIFY."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            done = await conn.fetchval(
+                "UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL RETURNING id", key_id
+            )
+            if done is not None:
+                await conn.execute("SELECT pg_notify($1, $2)", KEYS_CHANNEL, key_id)
+        return done is not None
+
+
+# --- the in-process view ------------------------------------------------------------------
+
+
+class AuthUnavailableError(Exception):
+    """The key is not known here and Postgres cannot be asked."""
+
+
+class Authenticator:
+    """Key look-up with a short in-process cache, so authenticated cache hits cost no SQL."""
+
+    def __init__(
+        self,
+        lookup: Callable[[str], Awaitable[ApiKey | None]],
+        *,
+        ttl_s: float = 10.0,
+        max_entries: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.lookup = lookup
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self.clock = clock
+        self._entries: OrderedDict[str, tuple[float, ApiKey | None]] = OrderedDict()
+
+    async def authenticate(
+        self, token: str, *, before_lookup: Callable[[], Awaitable[None]] | None = None
+    ) -> Principal | None:
+        """The principal for a valid, unrevoked key; None for anything else.
+
+        `before_lookup` runs only when Postgres must be asked (the failed-auth limit: a
+        flood of made-up keys is stopped before it reaches the database).
+        """
+        parsed = parse_key(token)
+        if parsed is None:
+            return None
+        key_id, secret = parsed
+        key = await self._key(key_id, before_lookup)
+        if not verify(key, secret):
+            return None
+        assert key is not None
+        return Principal(key.id, key.name, key.scopes, key.rpm, key.tokens_per_day)
+
+    def forget(self, key_id: str) -> None:
+        self._entries.pop(key_id, None)
+
+    async def _key(self, key_id: str, before_lookup: Callable[[], Awaitable[None]] | None) -> ApiKey | None:
+        now = self.clock()
+        cached = self._entries.get(key_id)
+        if cached is not None and now - cached[0] < self.ttl_s:
+            return cached[1]
+        if before_lookup is not None:
+            await before_lookup()
+        try:
+            key = await self.lookup(key_id)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            if cached is not None:  # stale beats unavailable: cached answers keep flowing
+                return cached[1]
+            raise AuthUnavailableError(type(exc).__name__) from exc
+        self._entries[key_id] = (now, key)
+        self._entries.move_to_end(key_id)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+        return key
+
+
+# --- FastAPI ------------------------------------------------------------------------------
+
+bearer = HTTPBearer(auto_error=False, description="An API key from `rag-admin keys create`.")
+
+
+def unauthorized(message: str) -> APIError:
+    return APIError(401, "unauthorized", message, {"WWW-Authenticate": "Bearer"})
+
+
+def requires(scope: Scope) -> Callable[[Request, HTTPAuthorizationCredentials | None], Awaitable[Principal]]:
+    """A dependency: the caller's principal, or 401 (no or bad key) / 403 (key lacks `scope`).
+
+    Failed attempts are counted per client address, so keys cannot be tried at speed.
+    """
+
+    async def dependency(
+        request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]
+    ) -> Principal:
+        resources = request.app.state.resources
+        limiter = resources.limiter
+        auth: Authenticator = resources.auth
+        address = request.client.host if request.client else "unknown"
+        principal: Principal | None = None
+        if credentials is not None:
+            try:
+                principal = await auth.authenticate(
+                    credentials.credentials, before_lookup=lambda: limiter.check_auth_failures(address)
+                )
+            except AuthUnavailableError:
+                raise APIError(
+                    503, "auth_unavailable", "cannot verify the API key right now", {"Retry-After": "5"}
+                ) from None
+        if principal is None:
+            await limiter.record_auth_failure(address)  # 429 instead, once over the limit
+            if credentials is None:
+                raise unauthorized("missing API key: send `Authorization: Bearer <key>`")
+            raise unauthorized("unknown or revoked API key")
+        if scope not in principal.scopes:
+            raise APIError(403, "forbidden", f"this API key lacks the {scope!r} scope")
+        request.state.principal = principal
+        return principal
+
+    return dependency
