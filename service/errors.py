@@ -1,4 +1,9 @@
-"""One error shape for every failure before a stream starts: {"error": {"code", "message"}}."""
+"""One error shape for every failure before a stream starts: {"error": {"code", "message"}}.
+
+Under `/v1/` (the OpenAI-compatible API) the same errors carry OpenAI's keys as well,
+`{"error": {"message", "type", "param", "code"}}`, so the OpenAI SDKs raise their usual
+exception classes and show our message and code.
+"""
 
 from __future__ import annotations
 
@@ -13,16 +18,57 @@ log = logging.getLogger(__name__)
 
 
 class APIError(Exception):
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        headers: dict[str, str] | None = None,
+        *,
+        param: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.headers = headers or {}
+        self.param = param  # the request field at fault; only the OpenAI shape shows it
 
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+OPENAI_PREFIX = "/v1/"
+
+
+def openai_error_type(status: int) -> str:
+    """OpenAI's `error.type` for a status; its SDKs pick the exception class by status alone."""
+    if status == 403:
+        return "permission_error"
+    if status == 429:
+        return "rate_limit_error"
+    if status >= 500:
+        return "server_error"
+    return "invalid_request_error"  # 400, 401 (as OpenAI does for bad keys), 404, 413, 422
+
+
+def openai_error(status: int, code: str, message: str, param: str | None = None) -> dict[str, dict[str, str | None]]:
+    """SPEC's `code` and `message`, plus OpenAI's `type` and `param`."""
+    return {"error": {"message": message, "type": openai_error_type(status), "param": param, "code": code}}
+
+
+def _respond(
+    request: Request,
+    status: int,
+    code: str,
+    message: str,
+    headers: dict[str, str] | None = None,
+    param: str | None = None,
+) -> JSONResponse:
+    if request.url.path.startswith(OPENAI_PREFIX):
+        return JSONResponse(openai_error(status, code, message, param), status_code=status, headers=headers)
+    return error_response(status, code, message, headers)
 
 
 _HTTP_CODES = {
@@ -35,26 +81,25 @@ _HTTP_CODES = {
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc.status, exc.code, exc.message, exc.headers)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return _respond(request, exc.status, exc.code, exc.message, exc.headers, exc.param)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         # Say where and what, never echo the input back (it may carry user text).
-        problems = [
-            f"{'.'.join(str(p) for p in err['loc'] if p != 'body') or 'body'}: {err['msg']}" for err in exc.errors()
-        ]
+        fields = [".".join(str(p) for p in err["loc"] if p != "body") or "body" for err in exc.errors()]
+        problems = [f"{where}: {err['msg']}" for where, err in zip(fields, exc.errors(), strict=True)]
         resources = getattr(request.app.state, "resources", None)
         if resources is not None:  # counted like every other rejection (stage "schema")
             await resources.metrics.failed(code="invalid_request", stage="schema")
-        return error_response(422, "invalid_request", "; ".join(problems[:5]))
+        return _respond(request, 422, "invalid_request", "; ".join(problems[:5]), param=fields[0] if fields else None)
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error: %s", type(exc).__name__)
-        return error_response(500, "internal_error", "an unexpected error occurred; it has been logged")
+        return _respond(request, 500, "internal_error", "an unexpected error occurred; it has been logged")
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, code, str(exc.detail), dict(exc.headers or {}))
+        return _respond(request, exc.status_code, code, str(exc.detail), dict(exc.headers or {}))

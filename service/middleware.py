@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.errors import OPENAI_PREFIX, openai_error
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
@@ -47,7 +50,7 @@ class BodySizeLimit:
             return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._reject(send)
+            await self._reject(scope, send)
             return
         seen = 0
         started = False
@@ -70,12 +73,15 @@ class BodySizeLimit:
             await self.app(scope, counting_receive, tracking_send)
         except _TooLarge:
             if not started:
-                await self._reject(send)
+                await self._reject(scope, send)
 
-    async def _reject(self, send: Send) -> None:
-        body = json.dumps(
-            {"error": {"code": "request_too_large", "message": f"request body exceeds {self.max_bytes} bytes"}}
-        ).encode()
+    async def _reject(self, scope: Scope, send: Send) -> None:
+        code, message = "request_too_large", f"request body exceeds {self.max_bytes} bytes"
+        if str(scope.get("path", "")).startswith(OPENAI_PREFIX):  # the OpenAI-compatible API's error shape
+            payload: dict[str, Any] = openai_error(413, code, message)
+        else:
+            payload = {"error": {"code": code, "message": message}}
+        body = json.dumps(payload).encode()
         await send(
             {
                 "type": "http.response.start",
