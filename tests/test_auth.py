@@ -1,0 +1,208 @@
+"""API keys: the key format, the look-up cache, scopes over HTTP, revocation, and `rag-admin keys`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+import asyncpg
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from service.admin import app as admin_app
+from service.app import create_app
+from service.auth import ApiKey, Authenticator, AuthUnavailableError, KeyStore, new_key, parse_key, verify
+from service.corpus import open_corpus
+from service.embeddings import LocalEmbedder
+from service.settings import Settings
+from tests.conftest import bearer, cli_env, make_key, serve_app, wait_until
+from tests.test_answer_path import ask, running, seed
+
+# --- pure -------------------------------------------------------------------------------------
+
+
+def test_new_keys_parse_back_and_are_unique() -> None:
+    keys = [new_key() for _ in range(200)]
+    for token, key_id, secret_hash in keys:
+        parsed = parse_key(token)
+        assert parsed is not None and parsed[0] == key_id
+        assert verify(ApiKey(key_id, "n", secret_hash, ("query",), None, None), parsed[1])
+    assert len({k[0] for k in keys}) == len({k[1] for k in keys}) == 200
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "",
+        "rck_",
+        "sk-ant-api03-xyz",
+        "rck_ABCDEFGHIJKL_" + "a" * 43,
+        "rck_abcdefghijkl_" + "a" * 42,
+        "rck_abc_" + "a" * 43,
+    ],
+)
+def test_malformed_keys_do_not_parse(token: str) -> None:
+    assert parse_key(token) is None
+
+
+def test_verify_refuses_wrong_secrets_unknown_and_revoked_keys() -> None:
+    token, key_id, secret_hash = new_key()
+    _, secret = parse_key(token) or ("", "")
+    key = ApiKey(key_id, "n", secret_hash, ("query",), None, None)
+    assert verify(key, secret)
+    assert not verify(key, secret[:-1] + ("A" if secret[-1] != "A" else "B"))
+    assert not verify(None, secret)
+    assert not verify(ApiKey(key_id, "n", secret_hash, ("query",), None, None, revoked_at=datetime.now(UTC)), secret)
+
+
+# --- the look-up cache, on the real key table -------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_authenticator_caches_look_ups_and_keeps_stale_entries_when_postgres_fails(
+    settings: Settings,
+) -> None:
+    async with open_corpus(settings) as corpus:
+        store = KeyStore(corpus.pool)
+        token, key = await store.create("svc", "query", rpm=60)
+        known_token, _ = await store.create("other", "admin")
+        looked_up: list[str] = []
+        broken = False
+
+        async def lookup(key_id: str) -> ApiKey | None:
+            looked_up.append(key_id)
+            if broken:
+                raise asyncpg.InterfaceError("pool is closed")
+            return await store.get(key_id)
+
+        clock = Clock()
+        auth = Authenticator(lookup, ttl_s=10, clock=clock)
+        principal = await auth.authenticate(token)
+        assert principal is not None and principal.key_id == key.id and principal.scopes == ("query",)
+        assert principal.rpm == 60
+        assert await auth.authenticate(token) == principal
+        assert looked_up == [key.id]  # the second request needed no SQL
+
+        clock.now = 11  # past the TTL: asked again
+        assert await auth.authenticate(token) == principal and looked_up == [key.id, key.id]
+
+        broken = True
+        clock.now = 30
+        assert await auth.authenticate(token) == principal  # stale beats unavailable
+        with pytest.raises(AuthUnavailableError):
+            await auth.authenticate(known_token)  # never seen: cannot tell
+        assert await auth.authenticate("not a key") is None  # malformed keys never reach Postgres
+
+
+# --- over HTTP ------------------------------------------------------------------------------------
+
+
+async def test_keys_and_scopes_over_http(settings: Settings, local_embedder: LocalEmbedder) -> None:
+    await seed(settings, local_embedder)
+    query_key = await make_key(settings, "query")
+    admin_key = await make_key(settings, "admin")
+    async with running(settings, local_embedder, key=query_key) as http:
+        assert (await ask(http)).status == 200
+        missing = await http.post("/rag/stream", json={"question": "hi"}, headers={"Authorization": ""})
+        assert missing.status_code == 401 and missing.json()["error"]["code"] == "unauthorized"
+        assert missing.headers["www-authenticate"] == "Bearer"
+        wrong = await http.post("/rag/answer", json={"question": "hi"}, headers=bearer(query_key[:-2] + "xx"))
+        assert wrong.status_code == 401 and "unknown or revoked" in wrong.json()["error"]["message"]
+        basic = await http.post("/rag/answer", json={"question": "hi"}, headers={"Authorization": "Basic Zm9vOmJhcg=="})
+        assert basic.status_code == 401
+        # the query scope cannot read the dashboard's data; admin can, and admin may also ask questions
+        forbidden = await http.get("/dashboard/api/summary")
+        assert forbidden.status_code == 403 and forbidden.json()["error"]["code"] == "forbidden"
+        assert (await http.get("/dashboard/api/summary", headers=bearer(admin_key))).status_code == 200
+        assert (await ask(http, headers=bearer(admin_key))).meta["cache"] == "hit"
+        # liveness and readiness stay open for orchestrators
+        assert (await http.get("/health", headers={"Authorization": ""})).status_code == 200
+        assert (await http.get("/ready", headers={"Authorization": ""})).status_code == 200
+
+
+async def test_revocation_reaches_a_running_server_at_once(settings: Settings, local_embedder: LocalEmbedder) -> None:
+    """A TTL of an hour, so only the NOTIFY can explain the key being refused."""
+    settings = settings.model_copy(update={"auth_cache_ttl_s": 3600})
+    await seed(settings, local_embedder)
+    token = await make_key(settings, "query")
+    key_id = (parse_key(token) or ("", ""))[0]
+    async with (
+        serve_app(create_app(settings, embedder=local_embedder)) as url,
+        httpx.AsyncClient(base_url=url, headers=bearer(token), timeout=30) as http,
+    ):
+        assert (await ask(http)).status == 200
+        async with open_corpus(settings) as corpus:
+            assert await KeyStore(corpus.pool).revoke(key_id)
+
+        async def refused() -> bool:
+            return (await http.post("/rag/answer", json={"question": "How do I flush the cache?"})).status_code == 401
+
+        await wait_until(refused, within=5)
+
+
+# --- rag-admin keys ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def admin_env(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[CliRunner]:
+    for key, value in cli_env(settings).items():
+        monkeypatch.setenv(key, value)
+    yield CliRunner()
+
+
+def test_rag_admin_keys_create_list_revoke(admin_env: CliRunner, settings: Settings) -> None:
+    created = admin_env.invoke(
+        admin_app, ["keys", "create", "--name", "ci bot", "--scope", "admin", "--rpm", "30", "--json"]
+    )
+    assert created.exit_code == 0, created.output
+    made = json.loads(created.stdout)
+    assert parse_key(made["key"]) is not None and made["key"].split("_")[1] == made["id"]
+    assert made["scopes"] == ["query", "admin"] and made["rpm"] == 30 and made["tokens_per_day"] is None
+
+    plain = admin_env.invoke(admin_app, ["keys", "create", "--name", "reader"])
+    assert plain.exit_code == 0 and parse_key(plain.stdout.strip()) is not None  # only the key on stdout
+
+    listed = admin_env.invoke(admin_app, ["keys", "list", "--json"])
+    rows = json.loads(listed.stdout)
+    assert [r["name"] for r in rows] == ["ci bot", "reader"]
+    assert made["key"] not in listed.stdout and made["key"].rsplit("_", 1)[1] not in listed.stdout
+    assert "ci bot" in admin_env.invoke(admin_app, ["keys", "list"]).stdout
+
+    revoked = admin_env.invoke(admin_app, ["keys", "revoke", made["id"]])
+    assert revoked.exit_code == 0 and made["id"] in revoked.stdout
+    assert [r["name"] for r in json.loads(admin_env.invoke(admin_app, ["keys", "list", "--json"]).stdout)] == ["reader"]
+    everything = json.loads(admin_env.invoke(admin_app, ["keys", "list", "--all", "--json"]).stdout)
+    assert [r["revoked_at"] is not None for r in everything] == [True, False]
+    again = admin_env.invoke(admin_app, ["keys", "revoke", made["id"]])
+    assert again.exit_code == 1 and "no active key" in again.output
+
+    async def stored_hash_only() -> None:
+        async with open_corpus(settings) as corpus:
+            row = await corpus.pool.fetchrow("SELECT * FROM api_keys WHERE id = $1", made["id"])
+            assert row is not None and made["key"].encode() not in bytes(row["secret_sha256"])
+            assert len(row["secret_sha256"]) == 32
+
+    asyncio.run(stored_hash_only())
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["keys", "create", "--name", "x", "--scope", "root"], "--scope must be query or admin"),
+        (["keys", "create", "--name", "  "], "--name must not be empty"),
+        (["keys", "create", "--name", "x", "--rpm", "0"], "--rpm"),
+    ],
+)
+def test_rag_admin_keys_create_refuses_bad_options(admin_env: CliRunner, args: list[str], message: str) -> None:
+    result = admin_env.invoke(admin_app, args)
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output

@@ -1,0 +1,111 @@
+"""Rate limits and budgets through the served app, on the real Valkey: per key, across workers,
+hits free of token budgets, failed-auth limits per address, and failing open without Redis."""
+
+from __future__ import annotations
+
+import httpx
+
+from service.app import create_app
+from service.embeddings import LocalEmbedder
+from service.limits import retry_after, seconds_to_utc_midnight, utc_day
+from service.settings import Settings
+from tests.conftest import bearer, make_key, serve_app
+from tests.test_answer_path import FLUSH, ask, running, seed
+
+
+def test_pure_helpers() -> None:
+    assert seconds_to_utc_midnight(86_400 * 20_000) == 86_400
+    assert seconds_to_utc_midnight(86_400 * 20_000 + 86_399) == 1
+    assert utc_day(0) == "19700101" and utc_day(86_400 * 365 - 1) == "19701231"
+    assert retry_after(1) == {"Retry-After": "1"} and retry_after(1001) == {"Retry-After": "2"}
+    assert retry_after(0) == {"Retry-After": "1"}  # never tell a client to retry at once
+
+
+async def test_requests_per_minute_are_per_key_and_shared_by_workers(
+    settings: Settings, local_embedder: LocalEmbedder
+) -> None:
+    await seed(settings, local_embedder)
+    limited, other = await make_key(settings, "query", rpm=4), await make_key(settings, "query")
+    # Two app instances with their own Redis clients and scripts: two workers sharing one Valkey.
+    async with (
+        serve_app(create_app(settings, embedder=local_embedder)) as one,
+        serve_app(create_app(settings, embedder=local_embedder)) as two,
+        httpx.AsyncClient(headers=bearer(limited), timeout=30) as http,
+    ):
+        statuses = [
+            (await http.post(f"{url}/rag/answer", json={"question": FLUSH})).status_code for url in [one, two] * 2
+        ]
+        assert statuses == [200, 200, 200, 200]  # a burst up to the per-minute limit, hits included
+        over = await http.post(f"{two}/rag/stream", json={"question": FLUSH})
+        assert over.status_code == 429
+        assert (
+            over.json()["error"]["code"] == "rate_limited"
+            and "4 requests per minute" in over.json()["error"]["message"]
+        )
+        assert 1 <= int(over.headers["retry-after"]) <= 15  # one request's worth of the minute
+        assert over.headers["x-request-id"]
+        # another key has its own allowance
+        assert (
+            await http.post(f"{one}/rag/answer", json={"question": FLUSH}, headers=bearer(other))
+        ).status_code == 200
+
+
+async def test_token_budget_charges_generated_answers_only(settings: Settings, local_embedder: LocalEmbedder) -> None:
+    await seed(settings, local_embedder)
+    key = await make_key(settings, "query", tokens_per_day=10)
+    async with running(settings, local_embedder, key=key) as http:
+        first = await ask(http)  # a miss: generated, charged (well over 10 tokens)
+        assert first.status == 200 and first.meta["cache"] == "miss"
+        spent = sum(first.of("done")[0]["usage"][k] for k in ("input_tokens", "output_tokens"))
+        assert spent > 10
+        assert (await ask(http)).meta["cache"] == "hit"  # hits are free, even over budget
+        assert (await ask(http, "how can i flush the cache")).meta["cache"] == "semantic_hit"  # so are semantic hits
+        over = await ask(http, "Which library parses PDF files?")
+        assert over.status == 429 and over.body["error"]["code"] == "token_budget_exceeded"
+        assert 1 <= int(over.headers["retry-after"]) <= 86_400
+        bypass = await ask(http, cache="bypass")  # bypass generates: it is charged and refused
+        assert bypass.status == 429
+        # the budget is the key's: a fresh key still gets answers generated
+        fresh = await ask(http, "Which library parses PDF files?", headers=bearer(await make_key(settings, "query")))
+        assert fresh.status == 200 and fresh.meta["cache"] == "miss"
+
+
+async def test_failed_auth_is_limited_per_address(settings: Settings, local_embedder: LocalEmbedder) -> None:
+    settings = settings.model_copy(update={"auth_failures_per_minute": 3})
+    await seed(settings, local_embedder)
+    good = await make_key(settings, "query")
+    async with running(settings, local_embedder, key=good) as http:
+        assert (await ask(http)).status == 200  # the good key is now known to this worker
+        bad = bearer("rck_abcdefghijkl_" + "x" * 43)
+        statuses = [
+            (await http.post("/rag/answer", json={"question": FLUSH}, headers=bad)).status_code for _ in range(5)
+        ]
+        assert statuses == [401, 401, 401, 429, 429]
+        blocked = await http.post("/rag/answer", json={"question": FLUSH}, headers=bad)
+        assert blocked.json()["error"]["code"] == "too_many_auth_failures"
+        assert 1 <= int(blocked.headers["retry-after"]) <= 60
+        # a key this worker already verified is not held up by someone else's guessing
+        assert (await ask(http)).status == 200
+        # but a key it must look up in Postgres is stopped before the database
+        unseen = await ask(http, headers=bearer(await make_key(settings, "query")))
+        assert unseen.status == 429
+
+
+async def test_limits_fail_open_without_redis(settings: Settings, local_embedder: LocalEmbedder) -> None:
+    await seed(settings, local_embedder)
+    key = await make_key(settings, "query", rpm=1, tokens_per_day=1)
+    settings = settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})
+    async with running(settings, local_embedder, key=key) as http:
+        ready = (await http.get("/ready")).json()
+        assert ready["status"] == "degraded" and ready["checks"]["limits"] == {"ok": False, "mode": "fail_open"}
+        for _ in range(3):  # over both limits, yet answered: nobody is limited while Redis is away
+            reply = await ask(http)
+            assert reply.status == 200 and reply.meta["cache"] == "miss"
+        wrong = bearer("rck_abcdefghijkl_" + "x" * 43)
+        assert (await http.post("/rag/answer", json={"question": FLUSH}, headers=wrong)).status_code == 401
+
+
+async def test_ready_reports_enforced_limits(settings: Settings, local_embedder: LocalEmbedder) -> None:
+    async with running(settings, local_embedder) as http:
+        checks = (await http.get("/ready")).json()["checks"]
+        assert checks["limits"] == {"ok": True, "mode": "enforced"}
