@@ -217,12 +217,19 @@ class AnswerService:
         """The exact cache once more (a leader that just finished may have written it), then the semantic cache."""
         if look_again and (hit := await self.cache.get(question.key)) is not None:
             return self.replay(hit, request_id, clock)
+        generation = self.watcher.generation
         similar = await self.semantic_lookup(question)
         if similar is None:
             return None
         answer, match = similar
         same = match.key == question.key  # written between our looks: an exact hit after all
+        if not same:  # this wording's next ask is an exact hit: no embedding, no vector search
+            self._detached(self._remember(question, answer, generation))
         return self.replay(answer, request_id, clock, semantic=None if same else match)
+
+    async def _remember(self, question: Question, answer: CachedAnswer, generation: int) -> None:
+        if self.watcher.generation == generation >= 0:  # not while an invalidation may be running
+            await self.cache.put(question.key, replace(answer, question_hash=question.hash))
 
     async def _lead_or_follow(self, key: str) -> Lease | Literal["follow"] | None:
         if not self.cache.available:

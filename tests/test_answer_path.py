@@ -22,7 +22,7 @@ from pydantic import SecretStr
 from ingest.loaders import SourceDocument
 from ingest.pipeline import IngestOptions, ingest_documents
 from service.app import create_app
-from service.cache import question_hash
+from service.cache import AnswerCache, question_hash
 from service.corpus import open_corpus
 from service.embedded import start_postgres
 from service.embeddings import LocalEmbedder
@@ -512,6 +512,14 @@ async def test_hits_need_no_database_and_misses_get_503_until_it_returns(
 # --- semantic cache ------------------------------------------------------------------------
 
 
+async def _answers_cached(settings: Settings) -> int:
+    client = aioredis.from_url(str(settings.redis_url))
+    try:
+        return int(dict(await AnswerCache(client, ttl_s=60).stats())["answers"])
+    finally:
+        await client.aclose()
+
+
 async def test_semantic_cache_serves_paraphrases_and_refuses_near_misses(
     settings: Settings, local_embedder: LocalEmbedder, provider: ProviderServer
 ) -> None:
@@ -526,6 +534,13 @@ async def test_semantic_cache_serves_paraphrases_and_refuses_near_misses(
         assert settings.semantic_cache_threshold <= para.meta["semantic"]["similarity"] <= 1
         assert para.of("done")[0]["cached"] is True and para.of("done")[0]["usage"]["cost_usd"] == 0
         calls = len(provider.calls_to("messages"))
+        # the paraphrase's answer was filed under its own key: asked again, it is an exact hit
+        async def filed() -> bool:
+            return await _answers_cached(settings) == 2
+
+        await wait_until(filed, within=5)
+        again = await ask(http, "how can i flush the cache")
+        assert again.meta["cache"] == "hit" and again.text == first.text
 
         # near-misses: a negation, and the same words with another scope of the request
         assert (await ask(http, "How do I not flush the cache?")).meta["cache"] == "miss"
