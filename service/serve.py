@@ -41,6 +41,11 @@ async def _ingest_examples_if_empty(settings: Settings, examples: Path) -> None:
 LOCAL_KEY_FILE = "local-api-key"
 
 
+def torch_threads_per_worker(workers: int, cores: int | None = None) -> int:
+    """Share the cores among the workers' local embedding models (at least one thread each)."""
+    return max(1, (cores or os.cpu_count() or 1) // workers)
+
+
 async def _local_key(settings: Settings) -> str:
     """The admin key of this data directory, created on first use and kept (mode 0600) for `make run`.
 
@@ -102,6 +107,8 @@ def serve(
         )
         if workers > 1:  # one worker runs in this process, where prometheus-client is already set up
             prepare_multiprocess_dir(settings.data_dir)
+            if settings.torch_threads is None:  # read by each worker's Settings()
+                os.environ["RAG_TORCH_THREADS"] = str(torch_threads_per_worker(workers))
         uvicorn.run(
             "service.app:app_factory",
             factory=True,

@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     # before batching, so a wide window pads far less than batches cut in document order.
     embed_window: int = Field(default=1024, alias="RAG_EMBED_WINDOW", ge=1, le=65536)
     embed_concurrency: int = Field(default=4, alias="RAG_EMBED_CONCURRENCY", ge=1, le=64)
+    # CPU threads of the local model per process; unset: torch's default (one per core).
+    # `rag-serve --workers N` sets it to cores / N so the workers do not fight over cores.
+    torch_threads: int | None = Field(default=None, alias="RAG_TORCH_THREADS", ge=1, le=256)
 
     # --- chunking and retrieval -----------------------------------------------
     chunk_tokens: int = Field(default=400, alias="RAG_CHUNK_TOKENS", ge=32, le=8192)
@@ -124,6 +127,7 @@ class Settings(BaseSettings):
         "openai_api_key",
         "openai_base_url",
         "embedding_model",
+        "torch_threads",
         "models_small",
         "models_large",
         mode="before",

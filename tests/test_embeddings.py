@@ -8,7 +8,8 @@ import pytest
 from ingest.loaders import SourceDocument
 from ingest.pipeline import IngestOptions, ingest_documents
 from service.corpus import open_corpus
-from service.embeddings import OpenAIEmbedder
+from service.embeddings import LocalEmbedder, OpenAIEmbedder, create_embedder
+from service.serve import torch_threads_per_worker
 from service.settings import Settings
 from tests.provider_server import Behavior, ProviderServer
 
@@ -44,3 +45,9 @@ async def test_ingest_with_openai_embeddings_records_the_model(settings: Setting
             assert len(server.calls_to("embeddings")) == 3  # batches of 2, 2, 1
             row = await corpus.pool.fetchrow("SELECT embedding_model, embedding_dim FROM corpus")
             assert tuple(row) == ("text-embedding-3-small", 1536)
+
+
+def test_workers_share_the_cores_between_their_models(settings: Settings) -> None:
+    assert [torch_threads_per_worker(w, cores=8) for w in (1, 2, 3, 8, 16)] == [8, 4, 2, 1, 1]
+    embedder = create_embedder(settings.model_copy(update={"torch_threads": 2}))
+    assert isinstance(embedder, LocalEmbedder) and embedder.threads == 2
