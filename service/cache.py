@@ -181,9 +181,10 @@ class AnswerCache:
     async def flush(self) -> int:
         """Delete every cache key this service owns: answers, dependency sets, coalescing state.
 
-        Nothing else in the Redis database is touched, and the metrics history is kept.
+        Nothing else in the Redis database is touched; the metrics history and the keys'
+        rate limits and token budgets are kept (a flush must not hand out fresh budgets).
         """
-        keep = f"{self.prefix}:metrics:".encode()
+        keep = (f"{self.prefix}:metrics:".encode(), f"{self.prefix}:limit:".encode())
         keys = (k async for k in self.client.scan_iter(match=f"{self.prefix}:*", count=500) if not k.startswith(keep))
         deleted = 0
         async for batch in _batched(keys, 500):

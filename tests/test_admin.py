@@ -23,13 +23,15 @@ async def _fill(url: str) -> None:
     for key in ("k1", "k2"):
         assert await cache.put(key, entry)
     await client.set("someone-else:key", "keep me")
+    await client.set("ragcache:limit:tokens:abc:20261122", 123)  # a key's budget is not the cache's
     await client.aclose()
 
 
-async def _left(url: str) -> tuple[bool, bytes | None]:
+async def _left(url: str) -> tuple[bool, bytes | None, bytes | None]:
     client = aioredis.from_url(url)
     try:
-        return await AnswerCache(client, ttl_s=60).get("k1") is None, await client.get("someone-else:key")
+        gone = await AnswerCache(client, ttl_s=60).get("k1") is None
+        return gone, await client.get("someone-else:key"), await client.get("ragcache:limit:tokens:abc:20261122")
     finally:
         await client.aclose()
 
@@ -48,7 +50,7 @@ def test_cache_stats_and_flush(settings: Settings, monkeypatch: pytest.MonkeyPat
 
     flushed = runner.invoke(admin_app, ["cache", "flush"])
     assert flushed.exit_code == 0 and flushed.stdout.startswith("3 keys deleted")  # 2 answers + 1 deps set
-    assert asyncio.run(_left(str(settings.redis_url))) == (True, b"keep me")
+    assert asyncio.run(_left(str(settings.redis_url))) == (True, b"keep me", b"123")
 
 
 def test_unreachable_redis_is_one_line_and_exit_2(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
