@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,12 @@ class EmbeddedValkey:
             self._server.stop()
             self._server = None
 
+    def kill(self) -> None:
+        """SIGKILL the server (fault tests); `start_valkey` on the same directory brings it back."""
+        if self._server is not None:
+            self._server.terminate()
+            self._server = None
+
 
 def start_postgres(data_dir: Path) -> EmbeddedPostgres:
     """Start (or attach to) PostgreSQL 18 with pgvector whose data lives in `data_dir/pg`."""
@@ -84,7 +92,11 @@ def _socket_path(valkey_dir: Path) -> Path:
 def _answers_ping(socket: Path) -> bool:
     if not socket.exists():
         return False
-    client = redis.Redis(unix_socket_path=str(socket), socket_timeout=1, socket_connect_timeout=1)
+    # No retries: redis-py's default (3, with exponential backoff) made this probe of a crashed
+    # server's leftover socket take ~4 s before every restart.
+    client = redis.Redis(
+        unix_socket_path=str(socket), socket_timeout=1, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0)
+    )
     try:
         return bool(client.ping())
     except redis.RedisError:

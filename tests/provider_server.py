@@ -710,6 +710,11 @@ class ProviderServer:
                 raise LookupError("no calls recorded")
             return self._calls[-1]
 
+    @property
+    def open_connections(self) -> int:
+        """Client TCP connections currently open, idle keep-alive ones included."""
+        return len(self._tasks)  # one handler task per connection, for as long as it is open
+
     def wait_for(self, predicate: Callable[[], T], timeout: float = 5.0) -> T:
         """Block until ``predicate()`` is truthy or ``timeout`` passes; return its last value.
 

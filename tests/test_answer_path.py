@@ -24,7 +24,6 @@ from ingest.pipeline import IngestOptions, ingest_documents
 from service.app import create_app
 from service.cache import AnswerCache, question_hash
 from service.corpus import open_corpus
-from service.embedded import start_postgres
 from service.embeddings import LocalEmbedder
 from service.settings import Settings
 from tests.conftest import bearer, make_key, make_settings, serve_app, wait_until
@@ -480,35 +479,6 @@ async def test_redis_down_answers_still_flow(database_url: str, tmp_path: Path, 
         assert (await http.get("/ready")).json()["status"] == "degraded"
 
 
-async def test_hits_need_no_database_and_misses_get_503_until_it_returns(
-    redis_url: str, tmp_path: Path, local_embedder: LocalEmbedder
-) -> None:
-    """A private Postgres we can kill: cache-first means hits run without it."""
-    pg = start_postgres(tmp_path / "own")
-    try:
-        settings = make_settings(pg.url, redis_url, tmp_path)
-        await seed(settings, local_embedder)
-        async with running(settings, local_embedder) as http:
-            assert (await ask(http)).meta["cache"] == "miss"
-            pg.kill()
-            hit = await ask(http)
-            assert hit.status == 200 and hit.meta["cache"] == "hit" and hit.names[-1] == "done"
-            miss = await ask(http, "How are API keys stored?")
-            assert miss.status == 503 and miss.body["error"]["code"] == "database_unavailable"
-            assert miss.headers["retry-after"]
-            ready = await http.get("/ready")
-            assert ready.status_code == 503 and ready.json()["checks"]["postgres"]["ok"] is False
-
-            pg.restart()
-
-            async def recovered() -> bool:
-                return (await ask(http, "How are API keys stored?")).status == 200
-
-            await wait_until(recovered, within=20, interval=0.2)
-    finally:
-        pg.stop()
-
-
 # --- semantic cache ------------------------------------------------------------------------
 
 
@@ -534,6 +504,7 @@ async def test_semantic_cache_serves_paraphrases_and_refuses_near_misses(
         assert settings.semantic_cache_threshold <= para.meta["semantic"]["similarity"] <= 1
         assert para.of("done")[0]["cached"] is True and para.of("done")[0]["usage"]["cost_usd"] == 0
         calls = len(provider.calls_to("messages"))
+
         # the paraphrase's answer was filed under its own key: asked again, it is an exact hit
         async def filed() -> bool:
             return await _answers_cached(settings) == 2
