@@ -19,14 +19,17 @@ import re
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import asyncpg
-from fastapi import Request, Security
+from fastapi import Request, Response, Security
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException
 
 from service.errors import APIError
 
@@ -255,4 +258,34 @@ def requires(scope: Scope) -> Callable[[Request, HTTPAuthorizationCredentials | 
         request.state.principal = principal
         return principal
 
+    _GUARDS.add(dependency)
     return dependency
+
+
+_GUARDS: set[Callable[..., Awaitable[Principal]]] = set()  # every dependency `requires` made
+
+
+class AuthFirstRoute(APIRoute):
+    """A route that checks the key before it lets the caller hear about the body.
+
+    FastAPI reads and decodes a JSON body before it runs any dependency, so without this a
+    caller with no key would get 422 for malformed JSON (or 400 for undecodable bytes) where
+    every other request of theirs gets 401. On such an error, the route's `requires(...)`
+    runs first and its 401/403/429 wins.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+        guards = [d.dependency for d in self.dependencies if d.dependency in _GUARDS]
+
+        async def authenticated_first(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except (RequestValidationError, HTTPException):
+                if guards and getattr(request.state, "principal", None) is None:
+                    credentials = await bearer(request)
+                    for guard in guards:
+                        await guard(request, credentials)
+                raise
+
+        return authenticated_first

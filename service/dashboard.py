@@ -25,6 +25,7 @@ from starlette.responses import Response
 from service.auth import bearer as _bearer
 from service.auth import requires
 from service.metrics import Metrics, metrics_app_response
+from service.responses import AUTH, error_responses
 
 router = APIRouter()
 admin = [Depends(requires("admin"))]
@@ -66,7 +67,12 @@ def _json(data: dict[str, Any]) -> JSONResponse:
 _admin_principal = requires("admin")
 
 
-@router.get("/metrics", tags=["ops"], response_class=Response)
+@router.get(
+    "/metrics",
+    tags=["ops"],
+    response_class=Response,
+    responses={200: {"description": "Prometheus text format", "content": {"text/plain": {}}}, **error_responses(*AUTH)},
+)
 async def prometheus_metrics(request: Request) -> Response:
     """Prometheus exposition; sums every worker when PROMETHEUS_MULTIPROC_DIR is set.
 
@@ -82,7 +88,12 @@ async def prometheus_metrics(request: Request) -> Response:
     return response
 
 
-@router.get("/dashboard", tags=["dashboard"], response_class=FileResponse)
+@router.get(
+    "/dashboard",
+    tags=["dashboard"],
+    response_class=FileResponse,
+    responses={200: {"description": "The dashboard page", "content": {"text/html": {}}}},
+)
 async def dashboard() -> FileResponse:
     """The dashboard page (static HTML; its script fetches the JSON below)."""
     return FileResponse(
@@ -104,7 +115,7 @@ async def dashboard_asset(name: str) -> FileResponse:
     )
 
 
-@router.get("/dashboard/api/summary", tags=["dashboard"], dependencies=admin)
+@router.get("/dashboard/api/summary", tags=["dashboard"], dependencies=admin, responses=error_responses(*AUTH, 422))
 async def dashboard_summary(request: Request, range_: Annotated[Range, Query(alias="range")] = "1h") -> JSONResponse:
     """Totals for the range across all workers: outcomes, hit ratios, savings, TTFT, routes, blocks, top questions."""
     minutes, _ = RANGES[range_]
@@ -112,7 +123,7 @@ async def dashboard_summary(request: Request, range_: Annotated[Range, Query(ali
     return _json({"range": range_, "generated_at": time.time(), **summary})
 
 
-@router.get("/dashboard/api/series", tags=["dashboard"], dependencies=admin)
+@router.get("/dashboard/api/series", tags=["dashboard"], dependencies=admin, responses=error_responses(*AUTH, 422))
 async def dashboard_series(request: Request, range_: Annotated[Range, Query(alias="range")] = "1h") -> JSONResponse:
     """Rows over the range (1 min for 1h, 15 min for 24h, 1 h for 7d), oldest first, zero-filled."""
     minutes, step = RANGES[range_]

@@ -55,6 +55,15 @@ def rrf(rankings: Sequence[Sequence[K]], *, k: int = RRF_K) -> list[tuple[K, flo
     return sorted(scores.items(), key=lambda kv: (-kv[1], first_seen[kv[0]]))
 
 
+def _storable(text: str) -> bool:
+    """Text Postgres can compare: no NUL, no lone surrogate (JSON's "\\ud800" decodes to one)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in text
+
+
 @dataclass(frozen=True)
 class Filters:
     sources: tuple[str, ...] = ()
@@ -63,15 +72,16 @@ class Filters:
     def parse(cls, raw: Mapping[str, object] | None) -> Filters:
         """Accepts {"source": "x"} or {"source": ["x", "y"]}; anything else is a ValueError."""
         raw = dict(raw or {})
-        unknown = set(raw) - {"source"}
-        if unknown:
-            raise ValueError(f"unknown filter(s): {', '.join(sorted(unknown))}; supported: source")
+        if set(raw) - {"source"}:  # the unknown keys are not named: they are the caller's text
+            raise ValueError("unknown filter key; the only supported filter is source")
         value = raw.get("source")
         if value is None:
             return cls()
         values = [value] if isinstance(value, str) else value
         if not isinstance(values, list) or not values or not all(isinstance(v, str) and v for v in values):
             raise ValueError("filters.source must be a non-empty string or list of strings")
+        if not all(_storable(v) for v in values):  # a client error, not a 503 from Postgres or a 500
+            raise ValueError("filters.source must be valid UTF-8 text without NUL characters")
         return cls(tuple(sorted(set(values))))
 
 
