@@ -9,14 +9,21 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Depends, Request, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from service.auth import Principal, requires
+from service.auth import AuthFirstRoute, Principal, requires
 from service.errors import APIError
 from service.events import Done, Event, Failed, Meta, Token, event_payload
 from service.limits import TokenBudget
+from service.logs import note
 from service.pipeline import AnswerService
+from service.responses import ANSWER, error_responses
 from service.schemas import RagAnswer, RagRequest
 
-router = APIRouter(tags=["rag"], dependencies=[Depends(requires("query"))])
+router = APIRouter(
+    tags=["rag"],
+    dependencies=[Depends(requires("query"))],
+    responses=error_responses(*ANSWER),
+    route_class=AuthFirstRoute,
+)
 log = logging.getLogger(__name__)
 
 
@@ -60,7 +67,11 @@ def sse_event(event: Event) -> ServerSentEvent:
     return ServerSentEvent(data=json.dumps(data, ensure_ascii=False), event=name)
 
 
-@router.post("/rag/stream", response_class=EventSourceResponse)
+@router.post(
+    "/rag/stream",
+    response_class=EventSourceResponse,
+    responses={200: {"description": "meta, token…, done (or error) events", "content": {"text/event-stream": {}}}},
+)
 async def rag_stream(body: RagRequest, request: Request) -> Response:
     """Answer as Server-Sent Events: meta, token…, done (or error)."""
     rid = request_id(request)
@@ -77,13 +88,14 @@ async def rag_stream(body: RagRequest, request: Request) -> Response:
                 yield sse_event(event)
         except Exception:  # a bug must still end the stream with SPEC's error event, not a cut connection
             log.exception("stream failed (request %s)", rid)
+            note(error="internal_error")
             failure = {"code": "internal_error", "message": "the answer stream failed unexpectedly"}
             yield ServerSentEvent(data=json.dumps(failure), event="error")
 
     return EventSourceResponse(sse(), headers=SSE_HEADERS, ping=15)
 
 
-@router.post("/rag/answer", response_model=RagAnswer)
+@router.post("/rag/answer", response_model=RagAnswer, responses=error_responses(502))
 async def rag_answer(body: RagRequest, request: Request) -> RagAnswer:
     """The same pipeline, collected into one JSON document."""
     rid = request_id(request)

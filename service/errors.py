@@ -8,11 +8,14 @@ exception classes and show our message and code.
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.logs import note
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +69,24 @@ def _respond(
     headers: dict[str, str] | None = None,
     param: str | None = None,
 ) -> JSONResponse:
+    note(error=code)  # for the access line
     if request.url.path.startswith(OPENAI_PREFIX):
         return JSONResponse(openai_error(status, code, message, param), status_code=status, headers=headers)
     return error_response(status, code, message, headers)
 
 
+# A location's parts are field names, list indexes and union tags (`list[str]`), or a key the
+# caller wrote (an unknown field, a dict key): shown only when short and plain, else `*`.
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_.\[\]-]{1,64}")
+
+
+def _loc_part(part: str | int) -> str:
+    text = str(part)
+    return text if isinstance(part, int) or _PLAIN_KEY.fullmatch(text) else "*"
+
+
 _HTTP_CODES = {
+    400: "invalid_request",  # FastAPI's "There was an error parsing the body": bad UTF-8, nesting too deep
     404: "not_found",
     405: "method_not_allowed",
     413: "request_too_large",
@@ -87,7 +102,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         # Say where and what, never echo the input back (it may carry user text).
-        fields = [".".join(str(p) for p in err["loc"] if p != "body") or "body" for err in exc.errors()]
+        fields = [".".join(_loc_part(p) for p in err["loc"] if p != "body") or "body" for err in exc.errors()]
         problems = [f"{where}: {err['msg']}" for where, err in zip(fields, exc.errors(), strict=True)]
         resources = getattr(request.app.state, "resources", None)
         if resources is not None:  # counted like every other rejection (stage "schema")

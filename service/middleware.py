@@ -1,15 +1,22 @@
-"""ASGI middleware: request ids on every response, and the request body size limit."""
+"""ASGI middleware: request ids on every response and log line, the access log, and the request body size limit."""
 
 from __future__ import annotations
 
 import json
+import logging
 import re
+import time
 import uuid
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from structlog.contextvars import bound_contextvars
 
 from service.errors import OPENAI_PREFIX, openai_error
+from service.logs import ACCESS_LOGGER, access_record, note
+
+access_log = logging.getLogger(ACCESS_LOGGER)
+_RECORD_ATTRIBUTES = {*vars(logging.makeLogRecord({})), "message", "asctime"}  # `extra` must not overwrite these
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
@@ -34,7 +41,66 @@ class RequestID:
                 message["headers"] = [*headers, (b"x-request-id", request_id.encode())]
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        with bound_contextvars(request_id=request_id):  # on every log line written for this request
+            await self.app(scope, receive, send_with_id)
+
+
+class AccessLog:
+    """One `service.access` line per request, written when the response has ended (an SSE stream too).
+
+    The line carries what `service.logs.note()` collected on the way (cache outcome, route, usage,
+    question hash and length, error code) and the caller's key id; never a key, a header or user text.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status: int | None = None
+        finished = False
+        gone = False
+
+        async def watching_receive() -> Message:
+            nonlocal gone
+            message = await receive()
+            gone = gone or (message["type"] == "http.disconnect" and not finished)
+            return message
+
+        async def watching_send(message: Message) -> None:
+            nonlocal status, finished
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                finished = True
+            await send(message)
+
+        with access_record() as record:
+            try:
+                await self.app(scope, watching_receive, watching_send)
+            except BaseException:
+                if status is None:  # what the server will answer
+                    status = 500
+                    record.setdefault("error", "internal_error")
+                raise
+            finally:
+                state = scope.get("state", {})
+                principal = state.get("principal")
+                fields: dict[str, Any] = {
+                    "request_id": state.get("request_id"),
+                    "method": scope.get("method"),
+                    "path": str(scope.get("path", ""))[:200],
+                    "status": status,
+                    "key_id": getattr(principal, "key_id", None),
+                    "latency_ms": round((time.perf_counter() - started) * 1000, 2),
+                    **{k: v for k, v in record.items() if k not in _RECORD_ATTRIBUTES},
+                }
+                if gone:
+                    fields["client_disconnected"] = True
+                access_log.info("request", extra=fields)
 
 
 class BodySizeLimit:
@@ -77,6 +143,7 @@ class BodySizeLimit:
 
     async def _reject(self, scope: Scope, send: Send) -> None:
         code, message = "request_too_large", f"request body exceeds {self.max_bytes} bytes"
+        note(error=code)
         if str(scope.get("path", "")).startswith(OPENAI_PREFIX):  # the OpenAI-compatible API's error shape
             payload: dict[str, Any] = openai_error(413, code, message)
         else:
@@ -92,5 +159,6 @@ class BodySizeLimit:
         await send({"type": "http.response.body", "body": body})
 
 
-class _TooLarge(Exception):
-    pass
+class _TooLarge(BaseException):
+    """Not an Exception: FastAPI turns any Exception raised while it reads the body into a 400
+    ("There was an error parsing the body"), so a chunked body over the limit got that instead of 413."""

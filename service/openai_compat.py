@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from service.api import SSE_HEADERS, SSE_MEDIA_TYPE, answer_events, request_id
-from service.auth import requires
+from service.auth import AuthFirstRoute, requires
 from service.errors import APIError, openai_error
 from service.events import Done, Event, Failed, Meta, Token, event_payload
 from service.guardrails import (
@@ -46,11 +46,19 @@ from service.guardrails import (
     QUESTION_TOO_LONG,
     TOO_MANY_TOKENS,
 )
+from service.logs import note
 from service.pipeline import AnswerService
+from service.responses import ANSWER, AUTH, error_responses
 from service.schemas import CacheMode, RagRequest
 
 # Every /v1 endpoint needs a key with the "query" scope; the SDKs send it as `Authorization: Bearer`.
-router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(requires("query"))])
+router = APIRouter(
+    prefix="/v1",
+    tags=["openai"],
+    dependencies=[Depends(requires("query"))],
+    responses=error_responses(*AUTH, openai=True),
+    route_class=AuthFirstRoute,
+)
 log = logging.getLogger(__name__)
 
 OWNER: Final = "ragcache"  # owned_by of the virtual models auto/small/large
@@ -299,7 +307,17 @@ async def _chunks(
 # --- endpoints --------------------------------------------------------------------------------
 
 
-@router.post("/chat/completions", response_model=None)
+@router.post(
+    "/chat/completions",
+    response_model=None,
+    responses={
+        200: {
+            "description": "A `chat.completion` object, or with `stream: true` its `chat.completion.chunk` stream",
+            "content": {"application/json": {"schema": {"type": "object"}}, "text/event-stream": {}},
+        },
+        **error_responses(*ANSWER, 502, openai=True),
+    },
+)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response | dict[str, Any]:
     """The RAG answer to the last user message, as an OpenAI chat completion (or its chunk stream)."""
     rid = request_id(request)
@@ -322,6 +340,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
                     yield item
             except Exception:  # a bug must still end the stream with an error, not a cut connection
                 log.exception("stream failed (request %s)", rid)
+                note(error="internal_error")
                 yield _stream_error("internal_error", "the answer stream failed unexpectedly")
 
         return EventSourceResponse(sse(), headers=SSE_HEADERS, ping=15)
@@ -362,7 +381,7 @@ async def list_models(request: Request) -> dict[str, Any]:
     return {"object": "list", "data": list(_models(request).values())}
 
 
-@router.get("/models/{model_id:path}")
+@router.get("/models/{model_id:path}", responses=error_responses(404, 422, openai=True))
 async def retrieve_model(model_id: str, request: Request) -> dict[str, Any]:
     models = _models(request)
     if model_id not in models:

@@ -16,6 +16,7 @@ from rich.console import Console
 from service.app import redis_url
 from service.auth import KeyStore, parse_key, verify
 from service.corpus import database_url, open_corpus
+from service.logs import configure_logging
 from service.metrics import prepare_multiprocess_dir
 from service.settings import Settings
 
@@ -109,6 +110,9 @@ def serve(
             prepare_multiprocess_dir(settings.data_dir)
             if settings.torch_threads is None:  # read by each worker's Settings()
                 os.environ["RAG_TORCH_THREADS"] = str(torch_threads_per_worker(workers))
+        # uvicorn's own messages go through our handler too (log_config=None); each worker sets it
+        # up again in app_factory. Its access log is off: AccessLog writes a richer line per request.
+        configure_logging(settings.log_level, json=settings.log_format == "json")
         uvicorn.run(
             "service.app:app_factory",
             factory=True,
@@ -116,6 +120,8 @@ def serve(
             port=port,
             workers=workers,
             log_level=settings.log_level,
+            log_config=None,
+            access_log=False,
         )
     finally:
         if valkey is not None:
