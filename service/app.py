@@ -9,7 +9,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -29,23 +29,35 @@ from service.embeddings import LocalEmbedder, OpenAIEmbedder, create_embedder
 from service.errors import install_error_handlers
 from service.invalidation import CorpusWatcher
 from service.limits import Limiter
+from service.logs import configure_logging
 from service.metrics import Metrics
-from service.middleware import BodySizeLimit, RequestID
+from service.middleware import AccessLog, BodySizeLimit, RequestID
 from service.openai_compat import router as openai_router
 from service.pipeline import AnswerService
 from service.providers.anthropic import AnthropicProvider
 from service.providers.base import Provider
 from service.providers.extractive import ExtractiveProvider
 from service.providers.openai import OpenAIProvider
+from service.responses import ErrorResponse
 from service.retrieval import Retriever
 from service.routing import RoutingPolicy
 from service.semantic_cache import SemanticCache
 from service.settings import Settings
 from service.store import Store
+from service.tracing import Tracing
+
+if TYPE_CHECKING:
+    from service.tracing import TracerProvider
 
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 2.0
+NOT_READY: dict[int | str, dict[str, Any]] = {
+    503: {
+        "description": "Postgres is unreachable; the body also carries `status` and per-dependency `checks`.",
+        "model": ErrorResponse,
+    }
+}
 
 
 @dataclass
@@ -135,6 +147,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     watcher = CorpusWatcher(pool, dsn, cache, listeners={KEYS_CHANNEL: auth.forget})
     await watcher.start()
     providers = build_providers(settings)
+    tracing: Tracing = app.state.tracing
     answers = AnswerService(
         settings=settings,
         embedder=embedder,
@@ -148,6 +161,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         providers=providers,
         policy=routing_policy(settings),
         metrics=metrics,
+        tracing=tracing,
     )
     # The model and SDKs leave ~650k long-lived objects; full GC passes over them took 0.3-0.7 s
     # and were the p99 of cache hits. Freeze them out of the collector's view.
@@ -175,6 +189,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             if close is not None:
                 await close()
         await metrics.aclose()
+        await asyncio.to_thread(tracing.shutdown)  # flushes the spans still batched
         await client.aclose()
         await pool.close()
         if valkey is not None:
@@ -204,14 +219,26 @@ async def _redis_probe(client: aioredis.Redis) -> None:
     await client.ping()
 
 
-def create_app(settings: Settings | None = None, *, embedder: LocalEmbedder | OpenAIEmbedder | None = None) -> FastAPI:
-    """Build the app; `embedder` lets a caller share an already loaded model (tests, benchmarks)."""
+def create_app(
+    settings: Settings | None = None,
+    *,
+    embedder: LocalEmbedder | OpenAIEmbedder | None = None,
+    tracer_provider: TracerProvider | None = None,
+) -> FastAPI:
+    """Build the app; `embedder` lets a caller share an already loaded model (tests, benchmarks).
+
+    `tracer_provider` (an OpenTelemetry TracerProvider) traces answers into it instead of what
+    the settings configure (RAG_OTEL_ENABLED / OTEL_EXPORTER_OTLP_ENDPOINT); its owner shuts it down.
+    """
     settings = settings or Settings()
-    app = FastAPI(title="ragcache", version=__version__, lifespan=lifespan)
+    tracing = Tracing.from_settings(settings, tracer_provider)
+    app = FastAPI(title="ragcache", version=__version__, lifespan=lifespan, **tracing.fastapi_options())
     app.state.settings = settings
     app.state.embedder = embedder
+    app.state.tracing = tracing
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(AccessLog)  # outside the size limit: a 413 gets its access line too
     app.add_middleware(RequestID)  # outermost: even a 413 carries the id
     app.include_router(rag_router)
     app.include_router(dashboard_router)
@@ -222,7 +249,7 @@ def create_app(settings: Settings | None = None, *, embedder: LocalEmbedder | Op
         """Liveness: the process answers. Dependencies are /ready's business."""
         return {"status": "ok"}
 
-    @app.get("/ready", tags=["ops"])
+    @app.get("/ready", tags=["ops"], responses=NOT_READY)
     async def ready(request: Request) -> JSONResponse:
         """Postgres is required (no retrieval without it); Redis only degrades (no cache)."""
         res: Resources = request.app.state.resources
@@ -236,7 +263,11 @@ def create_app(settings: Settings | None = None, *, embedder: LocalEmbedder | Op
         # Limits live in Redis and fail open without it: say so rather than pretend.
         checks["limits"] = {"ok": checks["redis"]["ok"], "mode": "enforced" if checks["redis"]["ok"] else "fail_open"}
         if not checks["postgres"]["ok"]:
-            return JSONResponse({"status": "unavailable", "checks": checks}, 503, headers={"Retry-After": "5"})
+            # The error object too, so every non-2xx answer here has the same shape as the others.
+            error = {"code": "database_unavailable", "message": "postgres is not reachable"}
+            return JSONResponse(
+                {"status": "unavailable", "checks": checks, "error": error}, 503, headers={"Retry-After": "5"}
+            )
         status = "ready" if checks["redis"]["ok"] else "degraded"
         return JSONResponse({"status": status, "checks": checks})
 
@@ -246,15 +277,5 @@ def create_app(settings: Settings | None = None, *, embedder: LocalEmbedder | Op
 def app_factory() -> FastAPI:
     """Entry point for uvicorn workers (`--factory`): settings come from the environment."""
     settings = Settings()
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, json=settings.log_format == "json")
     return create_app(settings)
-
-
-def configure_logging(level: str) -> None:
-    """Service logs to stderr at RAG_LOG_LEVEL. They carry ids, hashes and lengths, never user text."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger("service")
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    root.propagate = False

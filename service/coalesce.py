@@ -37,9 +37,11 @@ _RENEW = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
 return 0"""
 # Only the current leader may write to the stream (a cancelled one may still hold a token in flight).
+# ARGV[2..]: (event, data) pairs, in order: one call carries every event queued meanwhile.
 _PUBLISH = """
-if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('xadd', KEYS[2], '*', 'e', ARGV[2], 'd', ARGV[3]) end
-return false"""
+if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
+for i = 2, #ARGV, 2 do redis.call('xadd', KEYS[2], '*', 'e', ARGV[i], 'd', ARGV[i + 1]) end
+return 1"""
 # The leader's client left: give up only if nobody follows, and then at once.
 _ABANDON = """
 if tonumber(redis.call('get', KEYS[1]) or '0') > 0 then return 0 end
@@ -68,6 +70,8 @@ class Lease:
     key: str
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
     _renewer: asyncio.Task[None] | None = None
+    _pending: list[Event] = field(default_factory=list)
+    _flusher: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._renewer = asyncio.create_task(self._renew(), name=f"lease-{self.key[:8]}")
@@ -79,15 +83,28 @@ class Lease:
             with contextlib.suppress(RedisError, OSError):
                 await c.client.eval(_RENEW, 1, c.lease_key(self.key), self.token, c.lease_ms)
 
-    async def publish(self, event: Event) -> None:
+    def publish(self, event: Event) -> None:
+        """Queue an event for the followers; one round trip carries all that queued meanwhile.
+
+        A Redis call per token per stream exhausted the connection pool under a few hundred
+        concurrent streams (bench/load.py), which then switched the cache off.
+        """
+        self._pending.append(event)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush(), name=f"publish-{self.key[:8]}")
+
+    async def _flush(self) -> None:
         c = self.coalescer
-        fields = encode(event)
-        try:
-            await c.client.eval(
-                _PUBLISH, 2, c.lease_key(self.key), c.stream_key(self.key), self.token, fields["e"], fields["d"]
-            )
-        except (RedisError, OSError) as exc:
-            log.warning("cannot publish to followers: %s", type(exc).__name__)
+        while self._pending:
+            batch, self._pending = self._pending, []
+            args = [self.token]
+            for event in batch:
+                fields = encode(event)
+                args += [fields["e"], fields["d"]]
+            try:
+                await c.publish_events(keys=[c.lease_key(self.key), c.stream_key(self.key)], args=args)
+            except (RedisError, OSError) as exc:
+                log.warning("cannot publish to followers: %s", type(exc).__name__)
 
     async def abandon(self) -> bool:
         """Give the answer up because our client left; False if others follow it (keep going)."""
@@ -101,8 +118,11 @@ class Lease:
         return bool(alone)
 
     async def close(self) -> None:
+        """Publish what is queued, then release the lease (followers see every event first)."""
         if self._renewer is not None:
             self._renewer.cancel()
+        if self._flusher is not None:
+            await asyncio.shield(self._flusher)
         c = self.coalescer
         with contextlib.suppress(RedisError, OSError):
             async with c.client.pipeline(transaction=False) as pipe:
@@ -116,6 +136,7 @@ class Coalescer:
         self.client = client
         self.lease_ms = lease_ms
         self.prefix = prefix
+        self.publish_events = client.register_script(_PUBLISH)  # EVALSHA: the script is sent once
 
     def lease_key(self, key: str) -> str:
         return f"{self.prefix}:inflight:{key}"

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from service.providers.base import GenerationRequest, Provider, ProviderError, Usage
 from service.routing import ModelChoice
+from service.tracing import detached_span
 
 log = logging.getLogger(__name__)
 
@@ -57,37 +58,50 @@ async def generate(
     """
     deadline = time.monotonic() + timeouts.total_s
     failures: list[str] = []
+    attempt = 0
     for choice in candidates:
         provider = providers.get(choice.provider)
         if provider is None:
             continue
-        stream = provider.stream(make_request(choice.model))
-        try:
-            budget = min(timeouts.first_token_s, deadline - time.monotonic())
+        attempt += 1
+        # One span per model tried, from the call to the stream's end; not current, as it spans yields.
+        with detached_span("rag.provider", provider=choice.provider, model=choice.model, attempt=attempt) as call:
+            stream = provider.stream(make_request(choice.model))
             try:
-                first = await asyncio.wait_for(anext(stream), max(budget, 0.001))
-            except (ProviderError, TimeoutError, StopAsyncIteration) as exc:
-                reason = _describe(exc)
-                if on_attempt is not None:
+                budget = min(timeouts.first_token_s, deadline - time.monotonic())
+                try:
+                    first = await asyncio.wait_for(anext(stream), max(budget, 0.001))
+                except (ProviderError, TimeoutError, StopAsyncIteration) as exc:
+                    reason = _describe(exc)
+                    outcome = "timeout" if isinstance(exc, TimeoutError) else "error"
                     status = exc.status if isinstance(exc, ProviderError) else None
-                    on_attempt(choice, "timeout" if isinstance(exc, TimeoutError) else "error", status)
-                failures.append(f"{choice.provider}/{choice.model}: {reason}")
-                log.warning("provider failed before first token, falling back: %s/%s %s", *choice_parts(choice), reason)
-                continue
-            if on_attempt is not None:
-                on_attempt(choice, "ok", None)
-            yield Answering(choice, tuple(failures))
-            yield first
-            # A deadline check rather than asyncio.timeout: that binds to the task that entered it,
-            # and a generation may be finished by another task when the leader's client leaves.
-            # Stalls between tokens are caught by the SDK's read timeout.
-            async for item in stream:
-                if time.monotonic() > deadline:
-                    raise TimeoutError("total generation time exceeded")
-                yield item
-            return
-        finally:
-            await stream.aclose()
+                    if on_attempt is not None:
+                        on_attempt(choice, outcome, status)
+                    call.set(outcome=outcome, http_status=status)
+                    call.error(reason)
+                    failures.append(f"{choice.provider}/{choice.model}: {reason}")
+                    log.warning(
+                        "provider failed before first token, falling back: %s/%s %s", *choice_parts(choice), reason
+                    )
+                    continue
+                call.event("first_token")
+                call.set(outcome="ok")
+                if on_attempt is not None:
+                    on_attempt(choice, "ok", None)
+                yield Answering(choice, tuple(failures))
+                yield first
+                # A deadline check rather than asyncio.timeout: that binds to the task that entered it,
+                # and a generation may be finished by another task when the leader's client leaves.
+                # Stalls between tokens are caught by the SDK's read timeout.
+                async for item in stream:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError("total generation time exceeded")
+                    if isinstance(item, Usage):
+                        call.set(input_tokens=item.input_tokens, output_tokens=item.output_tokens)
+                    yield item
+                return
+            finally:
+                await stream.aclose()
     raise AllProvidersFailedError(failures)
 
 

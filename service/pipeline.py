@@ -27,6 +27,7 @@ from service.generation import AllProvidersFailedError, Answering, Timeouts, gen
 from service.guardrails import Action, GuardrailPolicy, GuardrailViolation, check_question
 from service.invalidation import CorpusWatcher
 from service.limits import TokenBudget
+from service.logs import note
 from service.metrics import Metrics, failure_stage
 from service.prompt import PROMPT_VERSION, Prompt, build_prompt
 from service.providers.base import GenerationRequest, Provider, ProviderError, Usage
@@ -36,6 +37,7 @@ from service.schemas import CacheOutcome, RagRequest, RouteInfo, SourceInfo, Usa
 from service.semantic_cache import SemanticCache, SemanticMatch
 from service.settings import Settings
 from service.tokens import count_tokens
+from service.tracing import Span, Tracing, span
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,27 @@ def cost_usd(model: str, usage: Usage, pricing: Mapping[str, tuple[float, float]
     return round((usage.input_tokens * per_in + usage.output_tokens * per_out) / 1_000_000, 8)
 
 
+def access_fields(event: Event) -> dict[str, Any]:
+    """What the access log line says about an answer event: outcome, route, usage; never text."""
+    if isinstance(event, Meta):
+        route = event.route
+        return {"cache": event.cache, "tier": route.tier, "provider": route.provider, "model": route.model}
+    if isinstance(event, Done):
+        usage = event.usage
+        fields: dict[str, Any] = {
+            "ttft_ms": event.ttft_ms,
+            "input_tokens": usage.input_tokens,
+            "output_tokens": usage.output_tokens,
+            "cost_usd": usage.cost_usd,
+        }
+        if event.saved is not None:  # a hit or a coalesced answer: what the first generation cost
+            fields["saved_cost_usd"] = event.saved.cost_usd
+        return fields
+    if isinstance(event, Failed):
+        return {"error": event.code}
+    return {}
+
+
 def source_info(source: Source) -> SourceInfo:
     return SourceInfo(
         n=source.n,
@@ -106,6 +129,7 @@ class AnswerService:
         providers: Mapping[str, Provider],
         policy: RoutingPolicy,
         metrics: Metrics | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.settings = settings
         self.embedder = embedder
@@ -118,6 +142,7 @@ class AnswerService:
         self.providers = providers
         self.policy = policy
         self.metrics = metrics
+        self.tracing = tracing or Tracing()
         self.guardrails = GuardrailPolicy(
             max_chars=settings.question_max_chars,
             max_tokens=settings.question_max_tokens,
@@ -126,7 +151,13 @@ class AnswerService:
         )
         self.timeouts = Timeouts(settings.first_token_timeout_s, settings.total_timeout_s)
 
-    async def answer(
+    def answer(self, request: RagRequest, request_id: str, budget: TokenBudget | None = None) -> AsyncIterator[Event]:
+        """The events of `_answer_counted`, under a `rag.request` span when tracing is on (service/tracing.py)."""
+        key_id = budget.principal.key_id if budget is not None else None
+        events = self._answer_counted(request, request_id, budget)
+        return self.tracing.stream(events, _describe_root, request_id=request_id, key_id=key_id)
+
+    async def _answer_counted(
         self, request: RagRequest, request_id: str, budget: TokenBudget | None = None
     ) -> AsyncIterator[Event]:
         """SPEC's request path, with identical in-flight misses coalesced onto one generation.
@@ -136,9 +167,13 @@ class AnswerService:
         """
         clock = _Clock()
         meta: Meta | None = None
+        note(question_chars=len(request.question))  # for the request's access log line (service.logs)
         try:
-            question = self.guard(request)
+            with span("rag.guardrails"):
+                question = self.guard(request)
+            note(question_hash=question.hash)
             async for event in self._answer(question, request_id, clock, budget):
+                note(**access_fields(event))
                 if isinstance(event, Meta):
                     meta = event
                 elif isinstance(event, Done) and meta is not None:
@@ -165,7 +200,7 @@ class AnswerService:
                 yield event
             return
         for _ in range(_TAKEOVER_ATTEMPTS):
-            hit = await self.cache.get(question.key)
+            hit = await self.lookup(question.key)
             if hit is not None:
                 for event in self.replay(hit, request_id, clock):
                     yield event
@@ -215,7 +250,7 @@ class AnswerService:
         self, question: Question, request_id: str, clock: _Clock, *, look_again: bool
     ) -> list[Event] | None:
         """The exact cache once more (a leader that just finished may have written it), then the semantic cache."""
-        if look_again and (hit := await self.cache.get(question.key)) is not None:
+        if look_again and (hit := await self.lookup(question.key)) is not None:
             return self.replay(hit, request_id, clock)
         generation = self.watcher.generation
         similar = await self.semantic_lookup(question)
@@ -263,7 +298,7 @@ class AnswerService:
     async def _release(self, lease: Lease, events: list[Event]) -> None:
         """Publish the last events to followers and give the lease up; detached, so a leaving client cannot stop it."""
         for event in events:
-            await lease.publish(event)
+            lease.publish(event)
         await lease.close()
 
     def _attempted(self, choice: ModelChoice, outcome: str, status: int | None) -> None:
@@ -292,11 +327,11 @@ class AnswerService:
             async for event in self._generate(question, request_id, clock):
                 queue.put_nowait(event)
                 if lease is not None:
-                    await lease.publish(event)
+                    lease.publish(event)
         except APIError as exc:
             queue.put_nowait(exc)
             if lease is not None:
-                await lease.publish(Failed(exc.code, exc.message))
+                lease.publish(Failed(exc.code, exc.message))
         finally:
             queue.put_nowait(None)
             if lease is not None:
@@ -327,8 +362,12 @@ class AnswerService:
     async def _generate(self, question: Question, request_id: str, clock: _Clock) -> AsyncIterator[Event]:
         """Steps 4-7: retrieve, route, stream from the model, cache the complete answer."""
         generation = self.watcher.generation
-        sources = await self.retrieve(question)
-        route, prompt = self.plan(question, sources)
+        with span("rag.retrieve") as traced:
+            sources = await self.retrieve(question)
+            traced.set(sources=len(sources))
+        with span("rag.route") as traced:
+            route, prompt = self.plan(question, sources)
+            traced.set(tier=route.tier, prompt_tokens=prompt.prompt_tokens)
         outcome: CacheOutcome = "bypass" if question.request.cache == "bypass" else "miss"
         pieces: list[str] = []
         usage: Usage | None = None
@@ -363,7 +402,8 @@ class AnswerService:
         )
         if question.request.cache != "bypass":
             route_info = self._route_info(route, answering)
-            await self.store(question, generation, "".join(pieces), route_info, prompt, usage_info)
+            with span("rag.cache.write"):
+                await self.store(question, generation, "".join(pieces), route_info, prompt, usage_info)
         yield Done(usage_info, clock.ms(), clock.ttft_ms(), cached=False)
 
     # -- 1. guardrails (no I/O) ----------------------------------------------------------
@@ -393,6 +433,12 @@ class AnswerService:
         )
 
     # -- 2. exact cache ------------------------------------------------------------------
+    async def lookup(self, key: str) -> CachedAnswer | None:
+        with span("rag.cache.lookup") as traced:
+            hit = await self.cache.get(key)
+            traced.set(hit=hit is not None)
+        return hit
+
     def replay(
         self, hit: CachedAnswer, request_id: str, clock: _Clock, semantic: SemanticMatch | None = None
     ) -> list[Event]:
@@ -413,23 +459,28 @@ class AnswerService:
         """A cached answer to a question that means the same, or None. Never fails the request."""
         if self.semantic is None or not self.cache.available:
             return None
-        try:
-            vector = await self.embed(question)
-            for match in await self.semantic.candidates(question.scope, vector, question.text):
-                hit = await self.cache.get(match.key)
-                if hit is not None:
-                    return hit, match
-                await self.semantic.forget(match.key)  # its answer was invalidated or expired
-        except APIError:
-            raise
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-            log.warning("semantic cache skipped: %s", type(exc).__name__)
+        with span("rag.semantic_cache") as traced:
+            try:
+                vector = await self.embed(question)
+                for match in await self.semantic.candidates(question.scope, vector, question.text):
+                    hit = await self.cache.get(match.key)
+                    if hit is not None:
+                        traced.set(hit=True, similarity=match.similarity)
+                        return hit, match
+                    await self.semantic.forget(match.key)  # its answer was invalidated or expired
+            except APIError:
+                raise
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                log.warning("semantic cache skipped: %s", type(exc).__name__)
+                traced.set(skipped=type(exc).__name__)
+            traced.set(hit=False)
         return None
 
     async def embed(self, question: Question) -> Vector:
         if question.vector is None:
             try:
-                question.vector = (await self.embedder.embed([question.text]))[0]
+                with span("rag.embed"):
+                    question.vector = (await self.embedder.embed([question.text]))[0]
             except Exception as exc:  # a remote embedding endpoint that is down
                 log.warning("embedding failed: %s", type(exc).__name__)
                 raise APIError(
@@ -515,3 +566,15 @@ class _RequestFactory:
 
 def _other(tier: str) -> str:
     return "large" if tier == "small" else "small"
+
+
+def _describe_root(root: Span, item: Event | BaseException) -> None:
+    """What a traced answer's root span says: the access line's fields (outcome, route, usage) or the error."""
+    if isinstance(item, Token):
+        return
+    if isinstance(item, APIError):
+        root.set(error=item.code, http_status=item.status)
+    elif not isinstance(item, BaseException):
+        root.set(**access_fields(item))
+        if isinstance(item, Failed):
+            root.error(item.code)

@@ -114,10 +114,18 @@ class Settings(BaseSettings):
         default=False, alias="RAG_METRICS_PUBLIC", description="Serve /metrics without an admin key."
     )
 
+    # --- tracing (the `otel` extra) -----------------------------------------------
+    # Unset: on exactly when OTEL_EXPORTER_OTLP_ENDPOINT is set; true/false force it on or off.
+    otel_enabled: bool | None = Field(default=None, alias="RAG_OTEL_ENABLED")
+    # The standard OpenTelemetry variable: the collector's base URL; spans go to <it>/v1/traces.
+    otel_exporter_otlp_endpoint: str | None = Field(default=None, alias="OTEL_EXPORTER_OTLP_ENDPOINT")
+
     # --- HTTP -------------------------------------------------------------------
     host: str = Field(default="127.0.0.1", alias="RAG_HOST")
     port: int = Field(default=8000, alias="RAG_PORT", ge=0, le=65535)
     log_level: str = Field(default="info", alias="RAG_LOG_LEVEL")
+    # json: one JSON object per line (for log shippers); console: aligned, readable text for a terminal.
+    log_format: Literal["json", "console"] = Field(default="json", alias="RAG_LOG_FORMAT")
 
     @field_validator(
         "database_url",
@@ -130,6 +138,8 @@ class Settings(BaseSettings):
         "torch_threads",
         "models_small",
         "models_large",
+        "otel_enabled",
+        "otel_exporter_otlp_endpoint",
         mode="before",
     )
     @classmethod

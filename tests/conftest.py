@@ -121,6 +121,8 @@ def make_settings(database_url: str, redis_url: str, data_dir: Path, **overrides
         "anthropic_base_url": None,
         "embedding_provider": "local",
         "embedding_model": None,
+        "otel_enabled": None,  # tracing off unless a test injects a TracerProvider
+        "otel_exporter_otlp_endpoint": None,
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
