@@ -12,7 +12,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[local,embedded,dev]'
+	$(BIN)/pip install --quiet -e '.[local,embedded,dev,otel]'
 	touch $(STAMP)
 
 run: install
@@ -32,6 +32,7 @@ lint: install
 
 # Each benchmark runs the project and its reference side by side and writes docs/benchmarks.md.
 bench: install
+	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python -m bench.ingest
 	$(BIN)/python -m bench.retrieval ../shared/data/msmarco-5k
 	$(BIN)/python -m bench.hit_path
@@ -39,6 +40,8 @@ bench: install
 	$(BIN)/python -m bench.semantic
 	$(BIN)/python -m bench.workload
 	$(BIN)/python -m bench.stampede
+	$(BIN)/python -m bench.load
+	$(BIN)/python -m bench.fault_timeline
 
 clean:
 	rm -rf $(VENV) .ragcache .pytest_cache .mypy_cache .ruff_cache
