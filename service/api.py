@@ -62,6 +62,15 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 SSE_MEDIA_TYPE = "text/event-stream; charset=utf-8"
 
 
+def sse_bytes(event: Event) -> bytes:
+    """`sse_event(event).encode()`, without building the object: ~35 µs of a ~900 µs cache hit.
+
+    One `data:` line is enough because JSON never holds a raw line break.
+    """
+    name, data = event_payload(event)
+    return f"event: {name}\r\ndata: {json.dumps(data, ensure_ascii=False)}\r\n\r\n".encode()
+
+
 def sse_event(event: Event) -> ServerSentEvent:
     name, data = event_payload(event)
     return ServerSentEvent(data=json.dumps(data, ensure_ascii=False), event=name)
@@ -79,7 +88,7 @@ async def rag_stream(body: RagRequest, request: Request) -> Response:
     if isinstance(first, Meta) and first.cache in ("hit", "semantic_hit"):
         # A cached answer is complete already: the same events as one body, without the
         # streaming machinery (tasks, cancel scopes, pings) that costs more than the hit itself.
-        body_bytes = b"".join([sse_event(event).encode() async for event in events])
+        body_bytes = b"".join([sse_bytes(event) async for event in events])
         return Response(body_bytes, media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
 
     async def sse() -> AsyncIterator[ServerSentEvent]:

@@ -21,10 +21,13 @@ from pydantic import SecretStr
 
 from ingest.loaders import SourceDocument
 from ingest.pipeline import IngestOptions, ingest_documents
+from service.api import sse_bytes, sse_event
 from service.app import create_app
 from service.cache import AnswerCache, question_hash
 from service.corpus import open_corpus
 from service.embeddings import LocalEmbedder
+from service.events import Done, Token
+from service.schemas import UsageInfo
 from service.settings import Settings
 from tests.conftest import bearer, make_key, make_settings, serve_app, wait_until
 from tests.provider_server import Behavior, ProviderServer
@@ -562,3 +565,10 @@ async def test_traffic_shows_up_in_metrics_and_the_dashboard_api(
         assert 'ragcache_requests_total{outcome="hit"}' in exposition
         page = await http.get("/dashboard")
         assert page.status_code == 200 and "default-src 'self'" in page.headers["content-security-policy"]
+
+
+def test_sse_bytes_are_what_sse_starlette_would_send() -> None:
+    usage = UsageInfo(input_tokens=1, output_tokens=2, cost_usd=0.0)
+    for event in (Token('line\nbreak "quoted" ünïcode\r\n'), Done(usage, 1.5, None, True)):
+        assert sse_bytes(event) == sse_event(event).encode()
+        assert parse_sse(sse_bytes(event).decode())[0][1] == parse_sse(sse_event(event).encode().decode())[0][1]
