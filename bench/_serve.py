@@ -1,4 +1,5 @@
-"""Shared plumbing for `bench.workload` and `bench.stampede`: servers, corpus, rag-serve, SSE client.
+"""Shared plumbing for the replay benchmarks (`bench.workload`, `bench.stampede`, `bench.load`,
+`bench.fault_timeline`): servers, corpus, rag-serve, the model stand-in, SSE client, options.
 
 - one embedded Postgres + Valkey under `bench/results/replay/` (gitignored), kept between runs so
   the MS MARCO corpus is ingested once per corpus size (a database per size: `msmarco_full`,
@@ -7,25 +8,24 @@
   through `ANTHROPIC_BASE_URL`, each on its own port;
 - a streaming client that measures time to the first `token` event itself and keeps every
   field of `meta` and `done`;
-- `update_section`, which rewrites one `## heading` of docs/benchmarks.md under the same lock
-  file as `bench.common` (other benchmarks write their sections concurrently).
+- `replay_arguments` / `replay_stack`: the options and the set-up (servers, model stand-in,
+  corpus, API key) that these benchmarks share.
+
+Machine description, API keys and writing docs/benchmarks.md (`publish`) come from `bench.common`.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import datetime as dt
-import fcntl
 import hashlib
 import json
 import math
 import os
-import platform
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager
@@ -37,17 +37,25 @@ import asyncpg
 import httpx
 import redis.asyncio as aioredis
 
-from bench.common import say
+from bench.common import (
+    RESULTS,
+    ROOT,
+    SHARED_DATA,
+    bearer,
+    clean_env,
+    create_key,
+    free_port,
+    say,
+    sse_events,
+    with_database,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
-DOCS = ROOT / "docs" / "benchmarks.md"
-RESULTS = ROOT / "bench" / "results"
 DATA_DIR = RESULTS / "replay"
-MSMARCO = ROOT.parent / "shared" / "data" / "msmarco-5k"
+MSMARCO = SHARED_DATA / "msmarco-5k"
 PARAPHRASES = ROOT / "bench" / "paraphrases.jsonl"
 BIN = Path(sys.executable).parent
-_SERVICE_ENV_PREFIXES = ("RAG_", "OPENAI_", "ANTHROPIC_", "DATABASE_URL", "REDIS_URL")
-_DOCS_LOCK = Path(tempfile.gettempdir()) / "ragcache-benchmarks-md.lock"  # the lock bench.common uses
+# First-request costs (SDK client, pool, query plans) are paid on these, outside any measurement.
+WARM_UP = ["what is the boiling point of water at altitude", "how do vaccines train the immune system"]
 
 
 # --------------------------------------------------------------------------- statistics, machine
@@ -55,24 +63,6 @@ _DOCS_LOCK = Path(tempfile.gettempdir()) / "ragcache-benchmarks-md.lock"  # the 
 
 def fmt_ms(value: float) -> str:
     return "–" if math.isnan(value) else f"{value:.0f}" if value >= 100 else f"{value:.1f}"
-
-
-def load_average() -> tuple[float, float, float]:
-    try:
-        return os.getloadavg()
-    except OSError:
-        return (math.nan, math.nan, math.nan)
-
-
-def machine_line() -> str:
-    cpu = platform.processor() or "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{cpu}, nproc {cores}, Python {platform.python_version()}, {platform.system()}"
 
 
 def now_stamp() -> str:
@@ -138,10 +128,7 @@ class Servers:
         return f"{self.redis_base}{'&' if '?' in self.redis_base else '?'}db={db}"
 
     def database(self, name: str) -> str:
-        from urllib.parse import urlsplit, urlunsplit
-
-        parts = urlsplit(self.admin_dsn)
-        return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
+        return with_database(self.admin_dsn, name)
 
 
 @contextlib.contextmanager
@@ -156,16 +143,6 @@ def embedded_servers(data_dir: Path = DATA_DIR) -> Iterator[Servers]:
     finally:
         valkey.stop()
         pg.stop()
-
-
-def service_env(**extra: str) -> dict[str, str]:
-    """This process's environment without any service setting, plus `extra`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(_SERVICE_ENV_PREFIXES)}
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra)
-    return env
 
 
 async def _documents(dsn: str) -> int:
@@ -206,7 +183,7 @@ async def ensure_corpus(servers: Servers, limit: int | None, data_dir: Path = DA
     if have != expected:
         say(f"ingesting {expected} passages from {corpus} into {name} (has {have}); this takes minutes …")
         started = time.perf_counter()
-        env = service_env(DATABASE_URL=dsn, RAG_DATA_DIR=str(data_dir), RAG_LOG_LEVEL="warning")
+        env = clean_env(DATABASE_URL=dsn, RAG_DATA_DIR=str(data_dir), RAG_LOG_LEVEL="warning")
         proc = await asyncio.create_subprocess_exec(
             str(BIN / "rag-ingest"),
             "add",
@@ -241,12 +218,6 @@ async def fresh_caches(dsn: str, redis_url: str) -> None:
         await conn.close()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @dataclass
 class RagServe:
     url: str
@@ -256,14 +227,21 @@ class RagServe:
 
 @asynccontextmanager
 async def rag_serve(
-    *, dsn: str, redis_url: str, provider_url: str, log: Path, env: Mapping[str, str] | None = None
+    *,
+    dsn: str,
+    redis_url: str,
+    provider_url: str,
+    log: Path,
+    env: Mapping[str, str] | None = None,
+    workers: int = 1,
+    data_dir: Path = DATA_DIR,
 ) -> AsyncIterator[RagServe]:
-    """`rag-serve --port P` (one uvicorn worker) as its own process, answering through the provider server."""
+    """`rag-serve --port P [--workers N]` as its own process, answering through the provider server."""
     port = free_port()
-    environment = service_env(
+    environment = clean_env(
         DATABASE_URL=dsn,
         REDIS_URL=redis_url,
-        RAG_DATA_DIR=str(DATA_DIR),
+        RAG_DATA_DIR=str(data_dir),
         ANTHROPIC_API_KEY="sk-ant-bench",
         ANTHROPIC_BASE_URL=provider_url,
         RAG_PROVIDER_MAX_RETRIES="0",
@@ -273,9 +251,9 @@ async def rag_serve(
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("wb") as sink:
         proc = subprocess.Popen(  # noqa: ASYNC220 - starting the server under test is the point
-            [str(BIN / "rag-serve"), "--port", str(port)],
+            [str(BIN / "rag-serve"), "--port", str(port), "--workers", str(workers)],
             env=environment,
-            cwd=str(DATA_DIR),  # no .env of the work tree leaks in
+            cwd=str(data_dir),  # no .env of the work tree leaks in
             stdout=sink,
             stderr=subprocess.STDOUT,
         )
@@ -463,18 +441,6 @@ class Reply:
         return self.status == 200 and bool(self.events) and self.events[-1] == "done"
 
 
-def _events(raw: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    for block in raw.replace("\r\n", "\n").split("\n\n"):
-        name, data = "message", []
-        for line in block.split("\n"):
-            if line.startswith("event:"):
-                name = line[6:].strip()
-            elif line.startswith("data:"):
-                data.append(line[5:].strip())
-        if data:
-            yield name, json.loads("\n".join(data))
-
-
 async def stream(http: httpx.AsyncClient, url: str, body: Mapping[str, Any], limit_s: float = 120) -> Reply:
     """POST /rag/stream; the time of the first `token` event is taken as its bytes arrive, the rest parsed at the end.
 
@@ -503,7 +469,7 @@ async def stream(http: httpx.AsyncClient, url: str, body: Mapping[str, Any], lim
         reply.error = f"{type(exc).__name__}: {exc}"
     reply.total_ms = (time.perf_counter() - started) * 1000
     pieces: list[str] = []
-    for name, data in _events(b"".join(chunks).decode()):
+    for name, data in sse_events(b"".join(chunks)):
         reply.events.append(name)
         if name == "meta":
             reply.outcome = str(data["cache"])
@@ -524,24 +490,54 @@ async def stream(http: httpx.AsyncClient, url: str, body: Mapping[str, Any], lim
     return reply
 
 
-# --------------------------------------------------------------------------- docs/benchmarks.md
+async def warm_up(http: httpx.AsyncClient, url: str) -> None:
+    """Pay a server's first-request costs with `cache: bypass` requests, outside any measurement."""
+    for question in WARM_UP:
+        warm = await stream(http, url, {"question": question, "cache": "bypass"})
+        if not warm.ok:
+            raise SystemExit(f"warm-up of {url} failed: {warm.outcome} {warm.error}")
 
 
-def update_section(heading: str, body: str, path: Path = DOCS) -> None:
-    """Replace the `## heading` section of docs/benchmarks.md (append if missing); keep the rest byte for byte."""
-    marker = f"## {heading}"
-    with _DOCS_LOCK.open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        text = path.read_text() if path.exists() else "# Benchmarks\n\nNumbers measured by `bench/`.\n"
-        lines = text.splitlines(keepends=True)
-        start = next((i for i, line in enumerate(lines) if line.rstrip() == marker), None)
-        section = f"{marker}\n\n{body.strip()}\n\n"
-        if start is None:
-            new = text.rstrip("\n") + "\n\n" + section
-        else:
-            end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-            new = "".join(lines[:start]) + section + "".join(lines[end:])
-        path.write_text(new.rstrip("\n") + "\n")
+# --------------------------------------------------------------------------- what the replay benchmarks share
+
+
+def replay_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    first_token_delay: float = 0.6,
+    token_interval: float = 0.02,
+    answer_tokens: int = 150,
+) -> None:
+    """The options every replay benchmark has: corpus size, the model stand-in's pace, where results go."""
+    parser.add_argument("--limit-corpus", type=int, default=None, help="ingest only the first N passages (quick runs)")
+    parser.add_argument("--first-token-delay", type=float, default=first_token_delay, help="seconds")
+    parser.add_argument("--token-interval", type=float, default=token_interval, help="seconds")
+    parser.add_argument("--answer-tokens", type=int, default=answer_tokens)
+    parser.add_argument("--no-write", action="store_true", help="do not update docs/benchmarks.md")
+    parser.add_argument("--report-from", type=Path, help="only re-render the section from a saved summary.json")
+
+
+@dataclass
+class ReplayStack:
+    servers: Servers
+    provider: ProviderProcess
+    dsn: str
+    documents: int
+    token: str  # an API key without rpm or token budget: the default request path
+
+    def client(self, **kwargs: Any) -> httpx.AsyncClient:
+        """An HTTP client that sends the stack's API key."""
+        return httpx.AsyncClient(headers=bearer(self.token), **kwargs)
+
+
+@asynccontextmanager
+async def replay_stack(args: argparse.Namespace, key_name: str) -> AsyncIterator[ReplayStack]:
+    """Embedded Postgres + Valkey, the model stand-in at `args`' pace, the corpus, and an API key."""
+    with embedded_servers(DATA_DIR) as servers:
+        async with ProviderProcess(args.first_token_delay, args.token_interval, args.answer_tokens) as provider:
+            dsn, documents = await ensure_corpus(servers, args.limit_corpus)
+            token = await create_key(dsn, key_name)
+            yield ReplayStack(servers, provider, dsn, documents, token)
 
 
 if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "provider":

@@ -1,8 +1,8 @@
-"""Helpers shared by the latency benchmarks (`bench.hit_path`, `bench.miss_overhead`).
+"""Helpers shared by every benchmark in `bench/`.
 
-Machine description, percentiles, clean settings/environment for the servers under test,
-ingesting a corpus, serving an ASGI app in-process, and writing one section of
-docs/benchmarks.md without touching the others.
+Machine description and load average, percentiles, clean settings/environment for the
+servers under test, API keys for them, ingesting a corpus, serving an ASGI app in-process,
+parsing an SSE body, and writing one section of docs/benchmarks.md without touching the others.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import fcntl
+import json
 import math
 import os
 import platform
@@ -72,10 +73,18 @@ def nproc() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def load_average() -> str:
-    with contextlib.suppress(OSError):
-        return " / ".join(f"{x:.2f}" for x in os.getloadavg())
-    return "n/a"
+def load_average() -> tuple[float, float, float]:
+    """The 1, 5 and 15 minute load averages (NaN where the system has none)."""
+    try:
+        return os.getloadavg()
+    except OSError:
+        return (math.nan, math.nan, math.nan)
+
+
+def load_text(loads: Sequence[float] | None = None) -> str:
+    """`loads` (default: now) as "1.23 / 0.98 / 0.77"."""
+    values = load_average() if loads is None else loads
+    return "n/a" if any(math.isnan(x) for x in values) else " / ".join(f"{x:.2f}" for x in values)
 
 
 def machine_line() -> str:
@@ -113,6 +122,14 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def with_database(dsn: str, name: str) -> str:
+    """`dsn` pointed at the database `name` on the same server."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(dsn)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     """This process's environment minus every service setting, plus `extra`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(_SERVICE_ENV_PREFIXES)}
@@ -123,7 +140,7 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def make_settings(database_url: str, redis_url: str, data_dir: Path, **overrides: Any) -> Settings:
+def make_settings(database_url: str, redis_url: str | None, data_dir: Path, **overrides: Any) -> Settings:
     """Settings from explicit values only: no .env, nothing leaks in from the environment."""
     values: dict[str, Any] = {
         "database_url": database_url,
@@ -154,6 +171,43 @@ async def ingest_path(settings: Settings, embedder: Any, path: Path, fmt: str = 
         if report.failures:
             raise SystemExit(f"ingest of {path}: {len(report.failures)} failures, first: {report.failures[0]}")
         return report
+
+
+async def create_key(dsn: str, name: str, scope: str = "query") -> str:
+    """A real API key in the database at `dsn` (migrated first, as the app would), for the bench client.
+
+    No `rpm` and no `tokens_per_day`: the server then authenticates from its in-process key cache
+    and makes no rate-limit call to Redis, so a benchmark measures the default path.
+    """
+    from service.auth import KeyStore
+    from service.corpus import open_corpus
+
+    settings = make_settings(dsn, None, RESULTS)  # with a database URL, the data dir is not used
+    async with open_corpus(settings) as corpus:
+        token, _ = await KeyStore(corpus.pool).create(name, "admin" if scope == "admin" else "query")
+    return token
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def sse_events(body: bytes) -> list[tuple[str, dict[str, Any]]]:
+    """The events of a complete Server-Sent Events body as (name, JSON data); comments are skipped.
+
+    Bytes and b"\n" only: answers may hold characters that str.splitlines() would also split on.
+    """
+    events: list[tuple[str, dict[str, Any]]] = []
+    for block in body.replace(b"\r\n", b"\n").split(b"\n\n"):
+        name, data = "", []
+        for line in block.split(b"\n"):
+            if line.startswith(b"event:"):
+                name = line[6:].strip().decode()
+            elif line.startswith(b"data:"):
+                data.append(line[5:].strip())
+        if name or data:
+            events.append((name or "message", json.loads(b"\n".join(data)) if data else {}))
+    return events
 
 
 @asynccontextmanager
@@ -220,3 +274,13 @@ def update_section(heading: str, body: str, path: Path = DOCS) -> None:
                 section += "".join(lines[notes:end]).rstrip("\n") + "\n\n"
             new = "".join(lines[:start]) + section + "".join(lines[end:])
         path.write_text(new.rstrip("\n") + "\n")
+
+
+def publish(section: str, body: str, *, no_write: bool, run_dir: Path | None = None) -> None:
+    """Print the section, say where the raw results are, and write it into docs/benchmarks.md unless `no_write`."""
+    print(body)
+    if run_dir is not None:
+        say(f"raw results: {run_dir / 'summary.json'}")
+    if not no_write:
+        update_section(section, body)
+        say(f"wrote section “{section}” of docs/benchmarks.md")

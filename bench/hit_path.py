@@ -1,17 +1,18 @@
 """Cache-hit throughput and latency of `/rag/stream` against a floor, side by side in one run.
 
     python -m bench.hit_path [--concurrency 1 16 64] [--rounds 3] [--duration 3] [--client raw|httpx]
-                             [--no-profile] [--no-write] [--gc-freeze]
+                             [--no-profile] [--no-write]
 
-Setup: embedded Postgres + Valkey in a temp dir, `examples/` ingested, one cache hit warmed
-for a fixed question. Two servers, each `uvicorn … --workers 1` in its own process with the
-same flags (uvloop + httptools, access log off):
+Setup: embedded Postgres + Valkey in a temp dir, `examples/` ingested, one API key created
+(no `rpm`, no `tokens_per_day`: the default path, where a hit authenticates from the worker's
+in-process key cache and makes no rate-limit call), one cache hit warmed for a fixed question.
+Two servers, each `uvicorn … --workers 1` in its own process with the same flags (uvloop + httptools, access log off):
 
 - project: `service.app:app_factory` (the real app, real settings from the environment);
 - floor:   `bench.hit_path:floor_app`, a bare FastAPI POST endpoint that reads the body, does
            one Redis GET (same Valkey, same redis-py client settings) of a value holding the
            exact bytes of the project's cached SSE response, and returns them as
-           text/event-stream.
+           text/event-stream. It gets the same request bytes (key included) and ignores the key.
 
 Per concurrency level and round, project and floor are loaded alternately (the order flips
 every round) for a fixed number of seconds after a short warm-up, by keep-alive clients
@@ -26,10 +27,8 @@ httpx.AsyncClient instead, as a cross-check.
 
 Then (unless `--no-profile`) both apps run in-process, driven straight through ASGI (no
 sockets, no uvicorn): CPU per hit of each, a cProfile breakdown by component, and what
-garbage collection costs in a process that holds the embedding model.
-
-`--gc-freeze` is an experiment (nothing is written to the docs): the project server runs
-`bench.hit_path:project_gc_frozen`, the same app with `gc.freeze()` after startup.
+garbage collection costs in a process that holds the embedding model (the app's lifespan
+freezes what startup leaves, `gc.freeze()`, so the collector no longer walks the model).
 """
 
 from __future__ import annotations
@@ -64,18 +63,21 @@ from fastapi import FastAPI, Request, Response
 from bench.common import (
     RESULTS,
     ROOT,
+    bearer,
     clean_env,
+    create_key,
     free_port,
-    load_average,
+    load_text,
     machine_line,
     markdown_table,
     ms,
     nproc,
     percentile,
+    publish,
     revision,
     say,
+    sse_events,
     today,
-    update_section,
 )
 
 QUESTION = "How do I flush the cache?"
@@ -131,28 +133,6 @@ def floor_app(redis_url: str | None = None, key: str | None = None) -> FastAPI:
     return app
 
 
-def project_gc_frozen() -> FastAPI:
-    """`--gc-freeze` experiment: the real app, plus `gc.collect(); gc.freeze()` once startup is done.
-
-    Moves everything alive after startup (the embedding model's ~650k objects) out of the
-    collector's reach, so a full collection no longer walks them. Service code is unchanged.
-    """
-    from service.app import app_factory
-
-    app = app_factory()
-    startup = app.router.lifespan_context
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[Any]:
-        async with startup(app) as state:
-            gc.collect()
-            gc.freeze()
-            yield state
-
-    app.router.lifespan_context = lifespan
-    return app
-
-
 # --------------------------------------------------------------------------- verification
 
 
@@ -168,20 +148,6 @@ def is_hit(body: bytes) -> bool:
     except ValueError:
         return False
     return bool(meta.get("cache") == "hit" and b"event: done" in body)
-
-
-def sse_events(body: bytes) -> list[tuple[str, dict[str, Any]]]:
-    events: list[tuple[str, dict[str, Any]]] = []
-    for block in re.split(rb"\r?\n\r?\n", body):
-        name, data = "", b""
-        for line in block.splitlines():
-            if line.startswith(b"event:"):
-                name = line[6:].strip().decode()
-            elif line.startswith(b"data:"):
-                data += line[5:].strip()
-        if name:
-            events.append((name, json.loads(data) if data else {}))
-    return events
 
 
 # --------------------------------------------------------------------------- clients
@@ -237,10 +203,10 @@ class RawConnection:
         return status, body
 
 
-def raw_request(host: str, port: int, path: str, payload: bytes) -> bytes:
+def raw_request(host: str, port: int, path: str, payload: bytes, token: str) -> bytes:
     head = (
         f"POST {path} HTTP/1.1\r\nhost: {host}:{port}\r\ncontent-type: application/json\r\n"
-        f"accept: text/event-stream\r\nauthorization: Bearer bench\r\ncontent-length: {len(payload)}\r\n\r\n"
+        f"accept: text/event-stream\r\nauthorization: Bearer {token}\r\ncontent-length: {len(payload)}\r\n\r\n"
     )
     return head.encode() + payload
 
@@ -249,13 +215,13 @@ Send = Callable[[], Awaitable[tuple[int, bytes]]]
 
 
 @asynccontextmanager
-async def client_pool(kind: str, base: str, path: str, payload: bytes, n: int) -> AsyncIterator[list[Send]]:
-    """`n` independent senders (one keep-alive connection each)."""
+async def client_pool(kind: str, base: str, path: str, payload: bytes, token: str, n: int) -> AsyncIterator[list[Send]]:
+    """`n` independent senders (one keep-alive connection each), all sending the API key `token`."""
     host, port = base.removeprefix("http://").split(":")
     if kind == "raw":
         conns = [RawConnection(host, int(port)) for _ in range(n)]
         await asyncio.gather(*(c.open() for c in conns))
-        request = raw_request(host, int(port), path, payload)
+        request = raw_request(host, int(port), path, payload, token)
 
         def raw_sender(conn: RawConnection) -> Send:
             return lambda: conn.request(request)
@@ -268,7 +234,7 @@ async def client_pool(kind: str, base: str, path: str, payload: bytes, n: int) -
     import httpx
 
     limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
-    headers = {"content-type": "application/json", "authorization": "Bearer bench", "accept": "text/event-stream"}
+    headers = {"content-type": "application/json", "accept": "text/event-stream", **bearer(token)}
     async with httpx.AsyncClient(base_url=base, limits=limits, timeout=30.0, headers=headers) as client:
 
         async def httpx_send() -> tuple[int, bytes]:
@@ -396,10 +362,10 @@ async def drive(senders: Sequence[Send], seconds: float, run: Run | None) -> Non
 
 
 async def measure(
-    server: Server, client: str, payload: bytes, concurrency: int, rnd: int, seconds: float, warmup: float
+    server: Server, client: str, payload: bytes, token: str, concurrency: int, rnd: int, seconds: float, warmup: float
 ) -> Run:
     run = Run(server.name, concurrency, rnd)
-    async with client_pool(client, server.base, "/rag/stream", payload, concurrency) as senders:
+    async with client_pool(client, server.base, "/rag/stream", payload, token, concurrency) as senders:
         await drive(senders, warmup, None)
         cpu0, server0, t0 = time.process_time(), server.cpu_seconds(), time.perf_counter()
         await drive(senders, seconds, run)
@@ -421,6 +387,7 @@ class Stack:
     floor: Server
     embedder: Any = None
     hit_body: bytes = b""
+    token: str = ""  # the bench's API key: no rpm, no token budget
 
 
 async def setup(args: argparse.Namespace) -> Stack:
@@ -449,10 +416,11 @@ async def setup(args: argparse.Namespace) -> Stack:
         stack.embedder = LocalEmbedder()
         report = await ingest_path(settings, stack.embedder, ROOT / "examples", source="handbook")
         say(f"  {report.added} documents, {report.chunks} chunks")
+        stack.token = await create_key(pg.url, "bench-hit-path")
 
         stack.project = Server(
             "project",
-            "bench.hit_path:project_gc_frozen" if args.gc_freeze else "service.app:app_factory",
+            "service.app:app_factory",
             clean_env(DATABASE_URL=pg.url, REDIS_URL=valkey.url, RAG_DATA_DIR=str(data_dir), RAG_LOG_LEVEL="warning"),
             logs / "project.log",
         )
@@ -469,8 +437,8 @@ async def setup(args: argparse.Namespace) -> Stack:
 
         import httpx
 
-        auth = {"authorization": "Bearer bench"}
-        async with httpx.AsyncClient(base_url=stack.project.base, timeout=120.0, headers=auth) as client:
+        headers = bearer(stack.token)
+        async with httpx.AsyncClient(base_url=stack.project.base, timeout=120.0, headers=headers) as client:
             first = await client.post("/rag/stream", json={"question": QUESTION})
             if first.status_code != 200:
                 raise SystemExit(f"warming request failed: {first.status_code} {first.text[:300]}")
@@ -602,12 +570,10 @@ def render(
         f"({'minimal HTTP/1.1 keep-alive client on asyncio streams' if args.client == 'raw' else 'httpx.AsyncClient'}"
         f", one connection per concurrent request, full body read and verified); {args.rounds} rounds × "
         f"{args.duration:g} s per side and level after a {args.warmup:g} s warm-up, order alternating; cached SSE "
-        f"response {body_bytes:,} bytes; floor = `bench.hit_path:floor_app` (one Redis GET, same bytes back)"
-        + (
-            "; **experiment: project app with `gc.freeze()` after startup (`bench.hit_path:project_gc_frozen`)**."
-            if args.gc_freeze
-            else "; project = `service.app:app_factory`."
-        ),
+        f"response {body_bytes:,} bytes; every request carries an API key created without `rpm` or "
+        "`tokens_per_day` (the default path: authentication from the worker's in-process key cache, no "
+        "rate-limit call to Redis); floor = `bench.hit_path:floor_app` (one Redis GET, same bytes back, key "
+        "ignored); project = `service.app:app_factory`.",
         "",
         markdown_table(
             [
@@ -680,8 +646,8 @@ def interpretation(runs: list[Run], verdicts: list[bool]) -> str:
 # --------------------------------------------------------------------------- in-process profile
 
 
-async def asgi_post(app: Any, path: str, payload: bytes) -> tuple[int, bytes]:
-    """One POST straight through the ASGI interface: no sockets, no uvicorn."""
+async def asgi_post(app: Any, path: str, payload: bytes, token: str) -> tuple[int, bytes]:
+    """One POST with the API key `token` straight through the ASGI interface: no sockets, no uvicorn."""
     scope = {
         "type": "http",
         "asgi": {"version": "3.0", "spec_version": "2.4"},
@@ -696,6 +662,7 @@ async def asgi_post(app: Any, path: str, payload: bytes) -> tuple[int, bytes]:
             (b"host", b"bench"),
             (b"content-type", b"application/json"),
             (b"content-length", str(len(payload)).encode()),
+            (b"authorization", f"Bearer {token}".encode()),
         ],
         "client": ("127.0.0.1", 50000),
         "server": ("127.0.0.1", 80),
@@ -747,10 +714,12 @@ OTHER = "other (stdlib: re, unicodedata, email, hashlib, uuid, logging …)"
 # they run, so time spent waiting on Redis is not in them (the redis-py client's CPU is).
 STEPS: list[tuple[str, str, str]] = [
     (
-        "request model validation (FastAPI solve_dependencies: RagRequest)",
+        "dependencies: API key + RagRequest validation (FastAPI solve_dependencies)",
         "fastapi/dependencies/utils.py",
         "solve_dependencies",
     ),
+    ("  of which authentication (service/auth.py Authenticator.authenticate)", "service/auth.py", "authenticate"),
+    ("rate limit (service/limits.py check_request: no Redis call without rpm)", "service/limits.py", "check_request"),
     ("guardrails (service/guardrails.py check_question)", "service/guardrails.py", "check_question"),
     ("  of which injection patterns (_looks_like_injection)", "service/guardrails.py", "_looks_like_injection"),
     ("  of which token count (service/tokens.py count_tokens)", "service/tokens.py", "count_tokens"),
@@ -802,8 +771,9 @@ GC_HITS = 4096
 GC_CONCURRENCY = 64
 
 
-async def gc_pauses(app: Any, payload: bytes) -> list[str]:
+async def gc_pauses(app: Any, payload: bytes, token: str) -> list[str]:
     """How big the heap is and what the collector's pauses cost while hits run concurrently."""
+    frozen = gc.get_freeze_count()
     tracked = len(gc.get_objects())
     started = time.perf_counter()
     gc.collect()
@@ -819,7 +789,7 @@ async def gc_pauses(app: Any, payload: bytes) -> list[str]:
 
     async def worker() -> None:
         for _ in range(GC_HITS // GC_CONCURRENCY):
-            await asgi_post(app, "/rag/stream", payload)
+            await asgi_post(app, "/rag/stream", payload, token)
 
     gc.callbacks.append(callback)
     try:
@@ -828,18 +798,18 @@ async def gc_pauses(app: Any, payload: bytes) -> list[str]:
         gc.callbacks.remove(callback)
     every = [p for v in pauses.values() for p in v]
     return [
-        f"{tracked:,}",
+        f"{frozen:,} objects frozen at startup and {tracked:,} still GC-tracked",
         f"{full * 1000:.0f} ms",
         str(len(pauses[2])),
-        f"{max(pauses[2], default=0.0) * 1000:.0f} ms",
+        f"{max(every, default=0.0) * 1000:.1f} ms",
         f"{len(every)} times for {sum(every) * 1000:.0f} ms",
     ]
 
 
-async def _cpu_per_hit(app: Any, payload: bytes, n: int) -> float:
+async def _cpu_per_hit(app: Any, payload: bytes, token: str, n: int) -> float:
     started = time.process_time()
     for _ in range(n):
-        await asgi_post(app, "/rag/stream", payload)
+        await asgi_post(app, "/rag/stream", payload, token)
     return (time.process_time() - started) / n
 
 
@@ -860,21 +830,21 @@ async def profile_in_process(stack: Stack, n: int) -> str:
     ):
         for name, app in apps.items():
             for _ in range(200):  # warm-up, and a check that both really answer hits
-                status, body = await asgi_post(app, "/rag/stream", payload)
+                status, body = await asgi_post(app, "/rag/stream", payload, stack.token)
                 if status != 200 or not is_hit(body):
                     raise SystemExit(f"in-process {name}: not a hit: {status} {body[:200]!r}")
         for _ in range(2):
             for name, app in apps.items():
-                per = await _cpu_per_hit(app, payload, n)
+                per = await _cpu_per_hit(app, payload, stack.token, n)
                 cpu[name] = min(cpu.get(name, per), per)
         for name, app in apps.items():
             profiler = cProfile.Profile(time.process_time)  # CPU time: robust to a busy machine
             profiler.enable()
             for _ in range(n):
-                await asgi_post(app, "/rag/stream", payload)
+                await asgi_post(app, "/rag/stream", payload, stack.token)
             profiler.disable()
             profiles[name] = pstats.Stats(profiler)
-        gc_cells = await gc_pauses(apps["project"], payload)
+        gc_cells = await gc_pauses(apps["project"], payload, stack.token)
     out_dir = RESULTS / "hit_path"
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, stats in profiles.items():
@@ -911,10 +881,10 @@ async def profile_in_process(stack: Stack, n: int) -> str:
             markdown_table(["project hit-path step (cumulative)", "µs/hit"], step_rows, "lr"),
             "",
             f"Garbage collection: this process holds the loaded embedding model, like the project's server "
-            f"process (the floor's server has no model): {gc_cells[0]} GC-tracked objects, one full collection "
+            f"process (the floor's server has no model): {gc_cells[0]}; one full collection "
             f"takes {gc_cells[1]}; during {GC_HITS:,} project hits at concurrency {GC_CONCURRENCY} the collector "
-            f"ran {gc_cells[4]} in all, with {gc_cells[2]} full (gen2) collections, the longest pausing "
-            f"everything for {gc_cells[3]}.",
+            f"ran {gc_cells[4]} in all, with {gc_cells[2]} full (gen2) collections; the longest collection "
+            f"paused everything for {gc_cells[3]}.",
         ]
     )
 
@@ -932,11 +902,6 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--no-profile", dest="profile", action="store_false", help="skip the in-process profile of both apps"
     )
-    parser.add_argument(
-        "--gc-freeze",
-        action="store_true",
-        help="experiment: run the project app with gc.freeze() after startup (implies --no-write)",
-    )
     parser.add_argument("--profile-requests", type=int, default=2000)
     parser.add_argument("--no-write", action="store_true", help="do not update docs/benchmarks.md")
     args = parser.parse_args(argv)
@@ -946,7 +911,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 async def bench(args: argparse.Namespace, command: str) -> str:
-    loads_before = load_average()
+    loads_before = load_text()
     stack = await setup(args)
     try:
         payload = json.dumps({"question": QUESTION}).encode()
@@ -955,7 +920,7 @@ async def bench(args: argparse.Namespace, command: str) -> str:
             for rnd in range(1, args.rounds + 1):
                 order = (stack.project, stack.floor) if rnd % 2 else (stack.floor, stack.project)
                 for server in order:
-                    run = await measure(server, args.client, payload, c, rnd, args.duration, args.warmup)
+                    run = await measure(server, args.client, payload, stack.token, c, rnd, args.duration, args.warmup)
                     runs.append(run)
                     say(
                         f"c={c:<3} round {rnd} {server.name:8} {run.rps:8,.0f} req/s  "
@@ -964,7 +929,7 @@ async def bench(args: argparse.Namespace, command: str) -> str:
                         f"client CPU {run.client_cpu / run.seconds:.0%}  server CPU {run.server_cpu / run.seconds:.0%}"
                     )
         profile = await profile_in_process(stack, args.profile_requests) if args.profile else ""
-        return render(runs, args, command, len(stack.hit_body), (loads_before, load_average()), profile)
+        return render(runs, args, command, len(stack.hit_body), (loads_before, load_text()), profile)
     finally:
         teardown(stack)
 
@@ -973,14 +938,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     command = shlex.join([".venv/bin/python", "-m", "bench.hit_path", *argv])
-    say(f"{nproc()} CPUs, load average {load_average()}")
+    say(f"{nproc()} CPUs, load average {load_text()}")
     import uvloop
 
-    report = uvloop.run(bench(args, command))
-    print(report)
-    if not args.no_write and not args.gc_freeze:
-        update_section(SECTION, report)
-        say("updated docs/benchmarks.md")
+    publish(SECTION, uvloop.run(bench(args, command)), no_write=args.no_write)
     return 0
 
 

@@ -1,6 +1,6 @@
 """Ingest throughput against the raw encoder, measured side by side in one run.
 
-    python -m bench.ingest [CORPUS_PATH] [--limit N] [--batch-size 64] [--repeat 1] [--diagnose]
+    python -m bench.ingest [CORPUS_PATH] [--limit N] [--batch-size 64] [--repeat 1] [--diagnose] [--no-write]
 
 One embedded Postgres in a fresh temp dir, one model load (excluded from both sides), one
 warm-up encode; then per round, in alternating order so drift and noise hit both sides:
@@ -15,15 +15,15 @@ warm-up encode; then per round, in alternating order so drift and noise hit both
 of `batch_size` texts in document order), which separates "the model sees differently
 shaped batches" from "the pipeline around the model costs time".
 
-The benchmark data lives outside the project (`../shared`); only this script reads it.
+The result replaces the "Ingest" section of docs/benchmarks.md (its `### Notes` are kept)
+unless `--no-write`. The benchmark data lives outside the project (`../shared`); only this
+script reads it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import datetime as dt
 import itertools
 import os
 import platform
@@ -36,20 +36,30 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
+from bench.common import (
+    SHARED_DATA,
+    cpu_model,
+    load_text,
+    make_settings,
+    nproc,
+    publish,
+    revision,
+    say,
+    today,
+    with_database,
+)
 from ingest.loaders import LoadFailure, SourceDocument, discover, load
 from ingest.pipeline import IngestOptions, IngestReport, ingest_documents, prepare
 from service.corpus import open_corpus
 from service.embedded import EmbeddedPostgres, start_postgres
 from service.embeddings import LocalEmbedder, Vectors
-from service.settings import Settings
 from service.store import DocumentKey, PreparedDocument, Store, WriteResult
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CORPUS = ROOT.parent / "shared" / "data" / "msmarco-5k" / "corpus.jsonl"
+DEFAULT_CORPUS = SHARED_DATA / "msmarco-5k" / "corpus.jsonl"
+SECTION = "Ingest"
 FULL_CORPUS_DOCUMENTS = 5_000
 GOAL_RATIO = 0.9
 
@@ -185,23 +195,6 @@ def chunk_texts(items: Items, options: IngestOptions) -> list[str]:
 # --------------------------------------------------------------------------- the run
 
 
-def with_database(dsn: str, name: str) -> str:
-    parts = urlsplit(dsn)
-    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
-
-
-def settings_for(database_url: str, data_dir: Path) -> Settings:
-    """Explicit values only: no .env, nothing from the environment that would change the run."""
-    return Settings(  # type: ignore[call-arg]
-        _env_file=None,
-        database_url=database_url,
-        redis_url=None,
-        data_dir=data_dir,
-        embedding_provider="local",
-        embedding_model=None,
-    )
-
-
 async def timed_ingest(
     store: TimedStore, embedder: TimedEmbedder, corpus: Path, limit: int | None, options: IngestOptions
 ) -> IngestTiming:
@@ -261,10 +254,10 @@ async def run_round(
 
     def raw_side() -> None:
         result.raw_seconds = timed_raw(embedder, texts)
-        _say(f"  raw encode: {result.raw_seconds:.1f}s ({_rate(len(texts), result.raw_seconds):.1f} chunks/s)")
+        say(f"  raw encode: {result.raw_seconds:.1f}s ({_rate(len(texts), result.raw_seconds):.1f} chunks/s)")
         if args.diagnose:
             result.raw_batched_seconds = timed_raw_batched(embedder, texts, options.window)
-            _say(
+            say(
                 f"  raw encode, pipeline batches: {result.raw_batched_seconds:.1f}s "
                 f"({_rate(len(texts), result.raw_batched_seconds):.1f} chunks/s)"
             )
@@ -273,16 +266,16 @@ async def run_round(
         if raw_first:
             raw_side()
         # Migrating the fresh database is setup, not ingest: it happens once per corpus.
-        async with open_corpus(settings_for(with_database(pg.url, name), data_dir)) as corpus:
+        async with open_corpus(make_settings(with_database(pg.url, name), None, data_dir)) as corpus:
             store = TimedStore(corpus.pool)
             timed = TimedEmbedder(embedder)
             result.ingest = await timed_ingest(store, timed, args.corpus, args.limit, options)
-            _say(
+            say(
                 f"  ingest: {result.ingest.seconds:.1f}s "
                 f"({_rate(result.ingest.report.chunks, result.ingest.seconds):.1f} chunks/s)"
             )
             result.rerun = await timed_ingest(store, timed, args.corpus, args.limit, options)
-            _say(f"  re-run (unchanged): {result.rerun.seconds:.2f}s")
+            say(f"  re-run (unchanged): {result.rerun.seconds:.2f}s")
             result.db_documents = int(await corpus.pool.fetchval("SELECT count(*) FROM documents"))
             result.db_chunks = int(await corpus.pool.fetchval("SELECT count(*) FROM chunks"))
         if not raw_first:
@@ -324,32 +317,15 @@ def machine_info(embedder: LocalEmbedder) -> dict[str, str]:
     import sentence_transformers
     import torch
 
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
-        "cpu": cpu,
-        "nproc": str(usable),
+        "cpu": cpu_model(),
+        "nproc": str(nproc()),
         "torch threads": str(torch.get_num_threads()),
         "torch": torch.__version__,
         "sentence-transformers": sentence_transformers.__version__,
         "python": platform.python_version(),
         "model": f"{embedder.model} (max_seq_length {embedder._load().max_seq_length})",
     }
-
-
-def _load_average() -> str:
-    with contextlib.suppress(OSError):
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    return "n/a"
-
-
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------- reporting
@@ -368,7 +344,7 @@ def render(summary: Summary) -> str:
     ratio = _rate(n, ing) / _rate(n, raw)
     lines = [
         f"Command: `{summary.command}`  ",
-        f"Date: {dt.date.today().isoformat()}  ",
+        f"Date: {today()}, commit {revision()}  ",
         "Machine: " + ", ".join(f"{k} {v}" for k, v in summary.machine.items()),
         "",
         "| documents | chunks | batch size | raw encoder chunks/s | ingest chunks/s | ingest / raw "
@@ -414,6 +390,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--diagnose", action="store_true", help="also time the raw encoder on the pipeline's own batches"
     )
+    parser.add_argument("--no-write", action="store_true", help="do not update docs/benchmarks.md")
     args = parser.parse_args(argv)
     if args.repeat < 1 or args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         parser.error("--repeat, --batch-size and --limit must be positive")
@@ -429,24 +406,24 @@ async def bench(args: argparse.Namespace, command: str) -> Summary:
     documents = len({(i.source, i.external_id) for i in items if isinstance(i, SourceDocument)})
     texts = chunk_texts(items, options)
     del items
-    _say(f"{args.corpus}: {documents} documents, {len(texts)} chunks")
+    say(f"{args.corpus}: {documents} documents, {len(texts)} chunks")
 
     embedder = LocalEmbedder(batch_size=args.batch_size)
     started = time.perf_counter()
     embedder._load()  # model load is excluded from both sides
     embedder.encode(texts[: min(len(texts), args.batch_size)])  # warm-up: first-call allocations
-    _say(f"model loaded and warmed up in {time.perf_counter() - started:.1f}s")
+    say(f"model loaded and warmed up in {time.perf_counter() - started:.1f}s")
     summary = Summary(args.corpus, command, documents, len(texts), args.batch_size, machine=machine_info(embedder))
-    summary.machine["load avg before"] = _load_average()
+    summary.machine["load avg before"] = load_text()
 
     data_dir = Path(tempfile.mkdtemp(prefix="ragbench-"))
     pg = start_postgres(data_dir)
     try:
         full = args.limit is None and args.corpus.resolve() == DEFAULT_CORPUS.resolve()
         for number in range(1, args.repeat + 1):
-            _say(f"round {number}/{args.repeat}")
+            say(f"round {number}/{args.repeat}")
             result = await run_round(number, pg, data_dir, embedder, texts, args, options)
-            result.load_average = _load_average()
+            result.load_average = load_text()
             check_round(result, documents, len(texts), full)
             summary.rounds.append(result)
     finally:
@@ -483,7 +460,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  {'re-run (unchanged)':26}{r.rerun.seconds:>10.2f}")
         print(f"  ratio ingest/raw {r.raw_seconds / r.ingest.seconds:.2f}")
     print()
-    print(render(summary))
+    publish(SECTION, render(summary), no_write=args.no_write)
     return 0
 
 

@@ -8,7 +8,8 @@ bench/results/miss_overhead/ (gitignored), so only the first run pays the few mi
 embedding; later runs re-check content hashes and embed nothing (`--fresh` starts over).
 
 One process, one event loop for the app and the client: the real app (`create_app`, real
-settings, the local embedder) on a real uvicorn server on loopback, the Anthropic wire
+settings, the local embedder) on a real uvicorn server on loopback, called with an API key
+created without `rpm` or `tokens_per_day` (the default path: no rate-limit call to Redis), the Anthropic wire
 protocol answered by `tests.provider_server.ProviderServer` (a thread of this process,
 real `anthropic` SDK inside the app). Per query and pass, in rotating order:
 
@@ -45,18 +46,21 @@ from typing import Any
 from bench.common import (
     RESULTS,
     SHARED_DATA,
-    load_average,
+    bearer,
+    create_key,
+    load_text,
     machine_line,
     make_settings,
     markdown_table,
     ms,
     nproc,
     percentile,
+    publish,
     revision,
     say,
     serve_in_process,
+    sse_events,
     today,
-    update_section,
 )
 
 DEFAULT_DATA = SHARED_DATA / "msmarco-5k"
@@ -199,20 +203,6 @@ async def ensure_corpus(settings: Any, embedder: Any, corpus: Path) -> str:
     return f"{documents:,} documents, {chunks:,} chunks, {how}"
 
 
-def sse_events(body: bytes) -> list[tuple[str, dict[str, Any]]]:
-    events: list[tuple[str, dict[str, Any]]] = []
-    for block in body.replace(b"\r\n", b"\n").split(b"\n\n"):
-        name, data = "", b""
-        for line in block.split(b"\n"):
-            if line.startswith(b"event:"):
-                name = line[6:].strip().decode()
-            elif line.startswith(b"data:"):
-                data += line[5:].strip()
-        if name:
-            events.append((name, json.loads(data) if data else {}))
-    return events
-
-
 async def timed(call: Callable[[], Awaitable[Any]]) -> tuple[float, Any]:
     started = time.perf_counter()
     result = await call()
@@ -233,7 +223,7 @@ async def run(args: argparse.Namespace, command: str) -> str:
     from tests.provider_server import ProviderServer
 
     queries = load_queries(args.data)
-    loads_before = load_average()
+    loads_before = load_text()
     if args.fresh:
         shutil.rmtree(DB_DIR, ignore_errors=True)
     DB_DIR.mkdir(parents=True, exist_ok=True)
@@ -254,6 +244,7 @@ async def run(args: argparse.Namespace, command: str) -> str:
         embedder.encode(["warm up"])
         say(f"model loaded in {time.perf_counter() - started:.1f}s; ingesting {args.data / 'corpus.jsonl'}")
         corpus_line = await ensure_corpus(settings, embedder, args.data / "corpus.jsonl")
+        token = await create_key(pg.url, "bench-miss-overhead")
 
         redis = aioredis.from_url(valkey.url)
         await redis.flushdb()  # a clean slate: no answers, no semantic-index rows from earlier runs
@@ -262,7 +253,10 @@ async def run(args: argparse.Namespace, command: str) -> str:
                 await opened.pool.execute("DELETE FROM semantic_cache")
         samples = Samples()
         app = create_app(settings, embedder=embedder)
-        async with serve_in_process(app) as base, httpx.AsyncClient(base_url=base, timeout=60.0) as client:
+        async with (
+            serve_in_process(app) as base,
+            httpx.AsyncClient(base_url=base, timeout=60.0, headers=bearer(token)) as client,
+        ):
             service: AnswerService = app.state.resources.answers
             probe = Probe()
             service.embedder = _EmbedderView(service.embedder)
@@ -288,9 +282,7 @@ async def run(args: argparse.Namespace, command: str) -> str:
                 before = len(provider.calls)
                 sent = time.monotonic()
                 probe.reset(sent)
-                response = await client.post(
-                    "/rag/stream", json={"question": question, "cache": mode}, headers={"authorization": "Bearer b"}
-                )
+                response = await client.post("/rag/stream", json={"question": question, "cache": mode})
                 calls = [c for c in provider.calls[before:] if c.route == "messages"]
                 events = sse_events(response.content)
                 outcome = events[0][1].get("cache") if events else None
@@ -379,7 +371,7 @@ async def run(args: argparse.Namespace, command: str) -> str:
                                 raise SystemExit("too many errors:\n  " + "\n  ".join(samples.errors)) from exc
         await redis.flushdb()
         await redis.aclose()
-        return render(samples, args, command, corpus_line, len(queries), (loads_before, load_average()))
+        return render(samples, args, command, corpus_line, len(queries), (loads_before, load_text()))
     finally:
         provider.stop()
         valkey.stop()
@@ -456,12 +448,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"benchmark data not found under {args.data} (need corpus.jsonl and queries.jsonl)", file=sys.stderr)
         return 2
     command = shlex.join([".venv/bin/python", "-m", "bench.miss_overhead", *argv])
-    say(f"{nproc()} CPUs, load average {load_average()}")
-    report = asyncio.run(run(args, command))
-    print(report)
-    if not args.no_write:
-        update_section(SECTION, report)
-        say("updated docs/benchmarks.md")
+    say(f"{nproc()} CPUs, load average {load_text()}")
+    publish(SECTION, asyncio.run(run(args, command)), no_write=args.no_write)
     return 0
 
 

@@ -42,11 +42,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import datetime as dt
 import json
 import math
-import os
 import shlex
 import shutil
 import statistics
@@ -63,6 +61,7 @@ import numpy as np
 import numpy.typing as npt
 from pgvector.asyncpg import register_vector
 
+from bench.common import cpu_model, load_text, make_settings, nproc, say
 from ingest.loaders import LoadFailure, SourceDocument, discover, load
 from ingest.pipeline import IngestOptions, IngestReport, ingest_documents
 from service.corpus import open_corpus
@@ -70,7 +69,6 @@ from service.db import create_pool
 from service.embedded import start_postgres
 from service.embeddings import LocalEmbedder
 from service.retrieval import RRF_K, Mode, Retriever, rrf
-from service.settings import Settings
 
 Vector = npt.NDArray[np.float32]
 Judgments = dict[str, int]  # corpus id -> grade
@@ -347,22 +345,6 @@ class Results:
     machine: dict[str, str]
 
 
-def settings_for(database_url: str, data_dir: Path) -> Settings:
-    """Explicit values only: no .env, nothing from the environment that would change the run."""
-    return Settings(  # type: ignore[call-arg]
-        _env_file=None,
-        database_url=database_url,
-        redis_url=None,
-        data_dir=data_dir,
-        embedding_provider="local",
-        embedding_model=None,
-    )
-
-
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def _ms(seconds: Sequence[float], q: float) -> float:
     return 1000 * float(np.percentile(np.asarray(seconds), q))
 
@@ -371,9 +353,7 @@ async def evaluate(args: argparse.Namespace, command: str) -> Results:
     _self_check()
     dataset = load_dataset(args.data_dir)
     judged = dataset.judged
-    _say(
-        f"{args.data_dir}: {len(dataset.queries)} queries, {len(judged)} with judgments, {dataset.judgments} judgments"
-    )
+    say(f"{args.data_dir}: {len(dataset.queries)} queries, {len(judged)} with judgments, {dataset.judgments} judgments")
     items = load_corpus(args.data_dir / "corpus.jsonl")
     failures = [i for i in items if isinstance(i, LoadFailure)]
     if failures:
@@ -383,14 +363,14 @@ async def evaluate(args: argparse.Namespace, command: str) -> Results:
     work = args.keep or Path(tempfile.mkdtemp(prefix="ragbench-retrieval-"))
     pg = start_postgres(work)
     try:
-        settings = settings_for(pg.url, work)
+        settings = make_settings(pg.url, None, work)
         embedder = LocalEmbedder(batch_size=settings.embed_batch_size)
         options = IngestOptions(settings.chunk_tokens, settings.chunk_overlap, settings.embed_batch_size)
         started = time.perf_counter()
         async with open_corpus(settings) as corpus:  # migrates a fresh database
             report = await ingest_documents(corpus.store, embedder, items, options)
         ingest_seconds = time.perf_counter() - started
-        _say(
+        say(
             f"ingest: {report.added} added, {report.updated} updated, {report.unchanged} unchanged, "
             f"{report.chunks} chunks written, {ingest_seconds:.1f}s ({work})"
         )
@@ -455,7 +435,7 @@ async def _measure(
                 started = time.perf_counter()
                 run.ranked[q.id] = await evaluator.service_ranking(retriever, vectors[q.id], q.text, mode)
                 run.seconds.append(time.perf_counter() - started)
-            _say(f"{label}: nDCG@{k} {run.mean('nDCG@k', judged, k):.3f}")
+            say(f"{label}: nDCG@{k} {run.mean('nDCG@k', judged, k):.3f}")
         in_effect = {name: await effective_setting(pool, name) for name in ("hnsw.ef_search", "hnsw.iterative_scan")}
 
         # Exact search and the full-text variants, on one connection with the same settings.
@@ -612,7 +592,7 @@ async def _hnsw_sweep(
                     service_ef=service_ef,
                 )
             )
-            _say(
+            say(
                 f"ef_search {ef}: HNSW recall@{k} {points[-1].overlap:.3f}, planner: {points[-1].planner}, "
                 f"service connection has ef_search {service_ef}"
             )
@@ -626,17 +606,10 @@ def machine_info(embedder: LocalEmbedder) -> dict[str, str]:
 
     import torch
 
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     return {
-        "cpu": cpu,
-        "cores": str(len(os.sched_getaffinity(0))),
-        "load average at the end": load,
+        "cpu": cpu_model(),
+        "cores": str(nproc()),
+        "load average at the end": load_text(),
         "torch threads": str(torch.get_num_threads()),
         "python": platform.python_version(),
         "model": embedder.model,

@@ -4,7 +4,8 @@
                              [--limit-corpus N] [--no-write]
 
 Setup: the embedded Postgres (msmarco-5k ingested once, shared with `bench.workload`) and Valkey
-under `bench/results/replay/`; per variant two `rag-serve` processes (one uvicorn worker each,
+under `bench/results/replay/`; one API key without `rpm` or `tokens_per_day` (the default path:
+no rate-limit call to Redis), sent by every request; per variant two `rag-serve` processes (one uvicorn worker each,
 separate ports) sharing only Postgres and Redis, warmed up with `"cache": "bypass"` requests; the
 loopback `ProviderServer` as the Anthropic API, in a process of its own, with a fixed first-token
 delay and token interval.
@@ -33,42 +34,37 @@ import statistics
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
 
 from bench._serve import (
-    DATA_DIR,
-    RESULTS,
-    ProviderProcess,
+    ReplayStack,
     Reply,
     busy_processes,
-    embedded_servers,
-    ensure_corpus,
     fmt_ms,
     fresh_caches,
-    load_average,
     load_queries,
-    machine_line,
     now_stamp,
     rag_serve,
+    replay_arguments,
+    replay_stack,
     stream,
-    update_section,
+    warm_up,
 )
-from bench.common import markdown_table, percentile, say
+from bench.common import RESULTS, load_average, machine_line, markdown_table, percentile, publish, say
 
 SECTION = "Stampede"
-WARM_UP = ["what is the boiling point of water at altitude", "how do vaccines train the immune system"]
 
 
-async def run_round(question: str, urls: list[str], n: int, provider: ProviderProcess) -> dict[str, Any]:
+async def run_round(question: str, urls: list[str], n: int, stack: ReplayStack) -> dict[str, Any]:
+    provider = stack.provider
     await provider.reset()
     # Every request on a new connection, as a stampede from many clients would be. (Pre-opened keep-alive
     # connections race uvicorn's 5 s keep-alive timeout when its event loop is saturated: the client then
     # gets a ReadError before any response, an artefact of the set-up rather than of the service.)
     limits = httpx.Limits(max_connections=n + 20, max_keepalive_connections=0)
-    async with httpx.AsyncClient(limits=limits) as http:
+    async with stack.client(limits=limits) as http:
         load_before = load_average()
         busy = busy_processes()
         targets = [i % len(urls) for i in range(n)]
@@ -166,7 +162,9 @@ def report(rounds: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "",
         f"Setup: msmarco-5k ({meta['documents']:,} passages) in embedded Postgres 18 + pgvector, embedded "
         "Valkey; per variant **two `rag-serve` processes** (one uvicorn worker each, own ports) that share only "
-        "Postgres and Redis. Model: the loopback `ProviderServer` (in a process of its own) behind the real "
+        "Postgres and Redis; every request sends one API key created without `rpm` or `tokens_per_day` (the "
+        "default path: no rate-limit call to Redis). Model: the loopback `ProviderServer` (in a process of its "
+        "own) behind the real "
         f"Anthropic SDK, first token after {meta['first_token_delay'] * 1000:.0f} ms, then "
         f"{meta['answer_tokens']} tokens {meta['token_interval'] * 1000:.0f} ms apart. Per round and variant: "
         f"caches flushed, then {meta['requests']} identical `/rag/stream` requests for one msmarco query "
@@ -290,63 +288,51 @@ def report(rounds: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-async def warm_up(urls: list[str]) -> None:
-    async with httpx.AsyncClient() as http:
-        for url in urls:
-            for question in WARM_UP:
-                warm = await stream(http, url, {"question": question, "cache": "bypass"})
-                if not warm.ok:
-                    raise SystemExit(f"warm-up failed: {warm.outcome} {warm.error}")
-
-
 async def main_async(args: argparse.Namespace) -> None:
     queries = load_queries()
     run_dir = RESULTS / "stampede" / time.strftime("%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
     variants = [VARIANTS[v] for v in args.variants]
     rounds = []
-    with embedded_servers(DATA_DIR) as servers:
-        async with (
-            ProviderProcess(args.first_token_delay, args.token_interval, args.answer_tokens) as provider,
-            contextlib.AsyncExitStack() as stack,
-        ):
-            dsn, documents = await ensure_corpus(servers, args.limit_corpus)
-            urls: dict[str, list[str]] = {}
+    async with replay_stack(args, "bench-stampede") as stack, contextlib.AsyncExitStack() as servers:
+        urls: dict[str, list[str]] = {}
+        for v in variants:
+            redis_url = stack.servers.redis_url(v.redis_db)
+            await fresh_caches(stack.dsn, redis_url)
+            common: dict[str, Any] = {
+                "dsn": stack.dsn,
+                "redis_url": redis_url,
+                "provider_url": stack.provider.base_url,
+                "env": v.env,
+            }
+            pair = [
+                await servers.enter_async_context(rag_serve(log=run_dir / f"rag-serve-{v.name}-{x}.log", **common))
+                for x in "ab"
+            ]
+            urls[v.name] = [p.url for p in pair]
+            async with stack.client() as http:
+                for url in urls[v.name]:
+                    await warm_up(http, url)
+        for i in range(args.rounds):
+            question = queries[i % len(queries)].text
             for v in variants:
-                redis_url = servers.redis_url(v.redis_db)
-                await fresh_caches(dsn, redis_url)
-                common: dict[str, Any] = {
-                    "dsn": dsn,
-                    "redis_url": redis_url,
-                    "provider_url": provider.base_url,
-                    "env": v.env,
-                }
-                pair = [
-                    await stack.enter_async_context(rag_serve(log=run_dir / f"rag-serve-{v.name}-{x}.log", **common))
-                    for x in "ab"
-                ]
-                urls[v.name] = [p.url for p in pair]
-                await warm_up(urls[v.name])
-            for i in range(args.rounds):
-                question = queries[i % len(queries)].text
-                for v in variants:
-                    await fresh_caches(dsn, servers.redis_url(v.redis_db))
-                    await asyncio.sleep(1)  # let the previous round's sockets and streams settle
-                    say(f"== round {i + 1}, {v.name}: {args.requests} × “{question}”")
-                    result = await run_round(question, urls[v.name], args.requests, provider)
-                    result |= {"variant": v.name, "round": i + 1}
-                    say(
-                        f"   {result['provider_calls']} provider calls, outcomes {result['outcomes']}, leader TTFT "
-                        f"{fmt_ms(result['leader_ttft'])} ms, followers p50/p95 {fmt_ms(result['follower_ttft_p50'])}/"
-                        f"{fmt_ms(result['follower_ttft_p95'])} ms, identical {result['identical']}"
-                    )
-                    rounds.append(result)
+                await fresh_caches(stack.dsn, stack.servers.redis_url(v.redis_db))
+                await asyncio.sleep(1)  # let the previous round's sockets and streams settle
+                say(f"== round {i + 1}, {v.name}: {args.requests} × “{question}”")
+                result = await run_round(question, urls[v.name], args.requests, stack)
+                result |= {"variant": v.name, "round": i + 1}
+                say(
+                    f"   {result['provider_calls']} provider calls, outcomes {result['outcomes']}, leader TTFT "
+                    f"{fmt_ms(result['leader_ttft'])} ms, followers p50/p95 {fmt_ms(result['follower_ttft_p50'])}/"
+                    f"{fmt_ms(result['follower_ttft_p95'])} ms, identical {result['identical']}"
+                )
+                rounds.append(result)
     command = "python -m bench.stampede" + (" " + " ".join(args.argv) if args.argv else "")
     meta = {
         "command": command,
         "date": now_stamp(),
         "machine": machine_line(),
-        "documents": documents,
+        "documents": stack.documents,
         "requests": args.requests,
         "variants": [v.name for v in variants],
         "first_token_delay": args.first_token_delay,
@@ -354,12 +340,7 @@ async def main_async(args: argparse.Namespace) -> None:
         "answer_tokens": args.answer_tokens,
     }
     (run_dir / "summary.json").write_text(json.dumps({"meta": meta, "rounds": rounds}, indent=1, default=str))
-    body = report(rounds, meta)
-    print(body)
-    say(f"raw results: {run_dir / 'summary.json'}")
-    if not args.no_write:
-        update_section(SECTION, body)
-        say(f"wrote section “{SECTION}” of docs/benchmarks.md")
+    publish(SECTION, report(rounds, meta), no_write=args.no_write, run_dir=run_dir)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -369,23 +350,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.stampede", description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--limit-corpus", type=int, default=None, help="ingest only the first N passages (quick runs)")
     parser.add_argument(
         "--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), help="server configurations"
     )
-    parser.add_argument("--first-token-delay", type=float, default=0.6, help="seconds")
-    parser.add_argument("--token-interval", type=float, default=0.02, help="seconds")
-    parser.add_argument("--answer-tokens", type=int, default=150)
-    parser.add_argument("--no-write", action="store_true", help="do not update docs/benchmarks.md")
-    parser.add_argument("--report-from", type=Path, help="only re-render the section from a saved summary.json")
+    replay_arguments(parser)
     args = parser.parse_args(argv)
     args.argv = argv
     if args.report_from:
         saved = json.loads(args.report_from.read_text())
-        body = report(saved["rounds"], saved["meta"])
-        print(body)
-        if not args.no_write:
-            update_section(SECTION, body)
+        publish(SECTION, report(saved["rounds"], saved["meta"]), no_write=args.no_write)
         return
     asyncio.run(main_async(args))
 

@@ -17,6 +17,8 @@ an emptied semantic index):
 The model is the loopback `ProviderServer` speaking the Anthropic API (the real SDK talks to it)
 with a fixed first-token delay and token interval; every configuration is a fresh `rag-serve`
 process (one worker) over the same embedded Postgres (msmarco-5k ingested once) and Valkey.
+Every request sends one API key created without `rpm` or `tokens_per_day` (the default path: no
+rate-limit call to Redis, no token budget).
 
 Per configuration: provider calls (generation requests the provider server received), outcomes
 (hit / semantic_hit / coalesced / miss / bypass), client-measured time to the first `token` event
@@ -46,28 +48,23 @@ from typing import Any
 import httpx
 
 from bench._serve import (
-    DATA_DIR,
-    RESULTS,
-    ProviderProcess,
     Query,
+    ReplayStack,
     Reply,
     busy_processes,
-    embedded_servers,
-    ensure_corpus,
     fmt_ms,
     fresh_caches,
-    load_average,
     load_queries,
-    machine_line,
     now_stamp,
     rag_serve,
+    replay_arguments,
+    replay_stack,
     stream,
-    update_section,
+    warm_up,
 )
-from bench.common import markdown_table, percentile, say
+from bench.common import RESULTS, load_average, machine_line, markdown_table, percentile, publish, say
 
 SECTION = "Cached workload"
-WARM_UP = ["what is the boiling point of water at altitude", "how do vaccines train the immune system"]
 
 
 @dataclass(frozen=True)
@@ -141,29 +138,25 @@ async def run_config(
     config: Config,
     draws: list[Draw],
     *,
-    dsn: str,
-    servers: Any,
-    provider: ProviderProcess,
+    stack: ReplayStack,
     concurrency: int,
     extra_env: dict[str, str],
     run_dir: Path,
 ) -> ConfigResult:
-    redis_url = servers.redis_url(config.redis_db)
-    await fresh_caches(dsn, redis_url)
+    provider = stack.provider
+    redis_url = stack.servers.redis_url(config.redis_db)
+    await fresh_caches(stack.dsn, redis_url)
     async with (
         rag_serve(
-            dsn=dsn,
+            dsn=stack.dsn,
             redis_url=redis_url,
             provider_url=provider.base_url,
             log=run_dir / f"rag-serve-{config.name}.log",
             env={**config.env, **extra_env},
         ) as server,
-        httpx.AsyncClient(limits=httpx.Limits(max_connections=concurrency * 2)) as http,
+        stack.client(limits=httpx.Limits(max_connections=concurrency * 2)) as http,
     ):
-        for question in WARM_UP:  # first-request costs (SDK client, pool, plans) outside the measurement
-            warm = await stream(http, server.url, {"question": question, "cache": "bypass"})
-            if not warm.ok:
-                raise SystemExit(f"warm-up failed on {config.name}: {warm.outcome} {warm.error}")
+        await warm_up(http, server.url)
         await provider.reset()
         load_before = load_average()
         replies: list[Reply | None] = [None] * len(draws)
@@ -311,7 +304,9 @@ def report(
         "",
         f"Setup: msmarco-5k ({meta['documents']:,} passages, ingested once with `rag-ingest add --format beir`) in "
         "embedded Postgres 18 + pgvector, embedded Valkey; one `rag-serve` process (1 worker) per configuration, "
-        "fresh caches each (own flushed Redis db, emptied semantic index). Model: the loopback `ProviderServer` "
+        "fresh caches each (own flushed Redis db, emptied semantic index); every request sends one API key created "
+        "without `rpm` or `tokens_per_day` (the default path: no rate-limit call to Redis, no token budget). "
+        "Model: the loopback `ProviderServer` "
         f"(tests/provider_server.py, in a process of its own) behind the real Anthropic SDK "
         "(`ANTHROPIC_BASE_URL`), first token after "
         f"{meta['first_token_delay'] * 1000:.0f} ms, then {meta['answer_tokens']} tokens "
@@ -501,30 +496,26 @@ async def main_async(args: argparse.Namespace) -> None:
     configs = [c for c in CONFIGS if c.name in args.configs]
     summaries = []
     results: list[ConfigResult] = []
-    with embedded_servers(DATA_DIR) as servers:
-        async with ProviderProcess(args.first_token_delay, args.token_interval, args.answer_tokens) as provider:
-            dsn, documents = await ensure_corpus(servers, args.limit_corpus)
-            say(f"corpus: {documents} documents; {len(draws)} requests per configuration")
-            for config in configs:
-                say(f"== {config.label}")
-                result = await run_config(
-                    config,
-                    draws,
-                    dsn=dsn,
-                    servers=servers,
-                    provider=provider,
-                    extra_env=dict(kv.split("=", 1) for kv in args.server_env),
-                    concurrency=args.concurrency,
-                    run_dir=run_dir,
-                )
-                summary = summarize(result, draws, hash_to_query)
-                say(
-                    f"   {summary['provider_calls']} provider calls, outcomes {summary['outcomes']}, "
-                    f"TTFT p50/p95 {fmt_ms(summary['ttft_p50'])}/{fmt_ms(summary['ttft_p95'])} ms, "
-                    f"{summary['errors']} errors, {result.wall_s:.0f} s"
-                )
-                summaries.append(summary)
-                results.append(result)
+    async with replay_stack(args, "bench-workload") as stack:
+        say(f"corpus: {stack.documents} documents; {len(draws)} requests per configuration")
+        for config in configs:
+            say(f"== {config.label}")
+            result = await run_config(
+                config,
+                draws,
+                stack=stack,
+                extra_env=dict(kv.split("=", 1) for kv in args.server_env),
+                concurrency=args.concurrency,
+                run_dir=run_dir,
+            )
+            summary = summarize(result, draws, hash_to_query)
+            say(
+                f"   {summary['provider_calls']} provider calls, outcomes {summary['outcomes']}, "
+                f"TTFT p50/p95 {fmt_ms(summary['ttft_p50'])}/{fmt_ms(summary['ttft_p95'])} ms, "
+                f"{summary['errors']} errors, {result.wall_s:.0f} s"
+            )
+            summaries.append(summary)
+            results.append(result)
     say("offline pair analysis …")
     pairs = pair_analysis(queries)
     command = "python -m bench.workload" + (" " + " ".join(args.argv) if args.argv else "")
@@ -532,7 +523,7 @@ async def main_async(args: argparse.Namespace) -> None:
         "command": command,
         "date": now_stamp(),
         "machine": machine_line(),
-        "documents": documents,
+        "documents": stack.documents,
         "requests": args.requests,
         "zipf": args.zipf,
         "seed": args.seed,
@@ -553,12 +544,7 @@ async def main_async(args: argparse.Namespace) -> None:
         },
     }
     (run_dir / "summary.json").write_text(json.dumps(raw, indent=1, default=str))
-    body = report(summaries, pairs, draws, meta, queries)
-    print(body)
-    say(f"raw results: {run_dir / 'summary.json'}")
-    if not args.no_write:
-        update_section(SECTION, body)
-        say(f"wrote section “{SECTION}” of docs/benchmarks.md")
+    publish(SECTION, report(summaries, pairs, draws, meta, queries), no_write=args.no_write, run_dir=run_dir)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -567,29 +553,22 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="python -m bench.workload", description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=600)
-    parser.add_argument("--limit-corpus", type=int, default=None, help="ingest only the first N passages (quick runs)")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--zipf", type=float, default=1.1)
     parser.add_argument("--seed", type=int, default=20240611)
     parser.add_argument("--paraphrase-share", type=float, default=0.5)
-    parser.add_argument("--first-token-delay", type=float, default=0.6, help="seconds")
-    parser.add_argument("--token-interval", type=float, default=0.02, help="seconds")
-    parser.add_argument("--answer-tokens", type=int, default=150)
     parser.add_argument("--configs", nargs="+", default=[c.name for c in CONFIGS], choices=[c.name for c in CONFIGS])
     parser.add_argument(
         "--server-env", nargs="*", default=[], metavar="KEY=VALUE", help="extra environment for every rag-serve"
     )
-    parser.add_argument("--no-write", action="store_true", help="do not update docs/benchmarks.md")
-    parser.add_argument("--report-from", type=Path, help="only re-render the section from a saved summary.json")
+    replay_arguments(parser)
     args = parser.parse_args(argv)
     args.argv = argv
     if args.report_from:
         saved = json.loads(args.report_from.read_text())
         draws = [Draw(**d) for d in saved["draws"]]
         body = report(saved["summaries"], saved["pairs"], draws, saved["meta"], load_queries())
-        print(body)
-        if not args.no_write:
-            update_section(SECTION, body)
+        publish(SECTION, body, no_write=args.no_write)
         return
     asyncio.run(main_async(args))
 
