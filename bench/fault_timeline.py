@@ -472,12 +472,12 @@ def report(data: dict[str, Any]) -> str:
         ),
         "",
     ]
-    kinds = "; ".join(
+    error_summary = "; ".join(
         f"{p['phase']}: " + ", ".join(f"{k} ×{v}" for k, v in p["error_kinds"].items())
         for p in phases
         if p["error_kinds"]
     )
-    lines += [f"Errors by kind: {kinds or 'none'}.", ""]
+    lines += [f"Errors by kind: {error_summary or 'none'}.", ""]
 
     def t(key: str) -> str:
         return _f(trans.get(key, math.nan), 2)
