@@ -30,6 +30,7 @@ from service.corpus import Corpus, open_corpus
 from service.embedded import EmbeddedPostgres, EmbeddedValkey, start_postgres, start_valkey
 from service.embeddings import LocalEmbedder
 from service.settings import Settings
+from tests.provider_server import ProviderServer
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -175,6 +176,20 @@ async def wait_until(predicate: object, within: float = 10.0, interval: float = 
         if loop.time() > deadline:
             raise AssertionError(f"condition not met within {within}s")
         await asyncio.sleep(interval)
+
+
+@pytest.fixture(scope="module")
+def provider_module() -> Iterator[ProviderServer]:
+    """The loopback Anthropic/OpenAI server, one per test module (starting it costs a thread)."""
+    with ProviderServer() as server:
+        yield server
+
+
+@pytest.fixture
+def provider(provider_module: ProviderServer) -> ProviderServer:
+    """The module's provider server with no calls, queued behaviours or defaults left over."""
+    provider_module.reset()
+    return provider_module
 
 
 async def make_key(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,18 +103,6 @@ async def ask(http: httpx.AsyncClient, question: str = FLUSH, **body: Any) -> Re
     if response.headers.get("content-type", "").startswith("text/event-stream"):
         return Reply(response.status_code, response.headers, parse_sse(response.text))
     return Reply(response.status_code, response.headers, body=response.json())
-
-
-@pytest.fixture(scope="module")
-def provider_module() -> Iterator[ProviderServer]:
-    with ProviderServer() as server:
-        yield server
-
-
-@pytest.fixture
-def provider(provider_module: ProviderServer) -> ProviderServer:
-    provider_module.reset()
-    return provider_module
 
 
 def with_providers(settings: Settings, provider: ProviderServer, **overrides: Any) -> Settings:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -53,18 +53,6 @@ class Served:
 async def serving(settings: Settings, embedder: LocalEmbedder) -> AsyncIterator[Served]:
     async with serve_app(create_app(settings, embedder=embedder)) as url:  # the lifespan migrates
         yield Served(url, await make_key(settings, "query"), settings)
-
-
-@pytest.fixture(scope="module")
-def provider_module() -> Iterator[ProviderServer]:
-    with ProviderServer() as server:
-        yield server
-
-
-@pytest.fixture
-def provider(provider_module: ProviderServer) -> ProviderServer:
-    provider_module.reset()
-    return provider_module
 
 
 def rag(obj: ChatCompletion | ChatCompletionChunk) -> dict[str, Any]:
