@@ -91,17 +91,44 @@ async def rag_stream(body: RagRequest, request: Request) -> Response:
         body_bytes = b"".join([sse_bytes(event) async for event in events])
         return Response(body_bytes, media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
 
-    async def sse() -> AsyncIterator[ServerSentEvent]:
+    failure = {"code": "internal_error", "message": "the answer stream failed unexpectedly"}
+    return sse_response(
+        (sse_event(event) async for event in events), rid, ServerSentEvent(json.dumps(failure), event="error")
+    )
+
+
+def sse_response(items: AsyncIterator[ServerSentEvent], rid: str, failure: ServerSentEvent) -> EventSourceResponse:
+    """A live stream that ends with `failure` if a bug breaks it, never with a cut connection."""
+
+    async def guarded() -> AsyncIterator[ServerSentEvent]:
         try:
-            async for event in events:
-                yield sse_event(event)
-        except Exception:  # a bug must still end the stream with SPEC's error event, not a cut connection
+            async for item in items:
+                yield item
+        except Exception:
             log.exception("stream failed (request %s)", rid)
             note(error="internal_error")
-            failure = {"code": "internal_error", "message": "the answer stream failed unexpectedly"}
-            yield ServerSentEvent(data=json.dumps(failure), event="error")
+            yield failure
 
-    return EventSourceResponse(sse(), headers=SSE_HEADERS, ping=15)
+    return EventSourceResponse(guarded(), headers=SSE_HEADERS, ping=15)
+
+
+async def collect(events: AsyncIterator[Event]) -> tuple[str, Done]:
+    """The whole answer text and its `done` event; a stream that failed is a 502 with its own code."""
+    pieces: list[str] = []
+    done: Done | None = None
+    failed: Failed | None = None
+    async for event in events:  # to the end, so the pipeline finishes its bookkeeping
+        if isinstance(event, Token):
+            pieces.append(event.text)
+        elif isinstance(event, Done):
+            done = event
+        elif isinstance(event, Failed):
+            failed = event
+    if failed is not None:
+        raise APIError(502, failed.code, failed.message)
+    if done is None:
+        raise APIError(502, "generation_failed", "the answer ended without completing")
+    return "".join(pieces), done
 
 
 @router.post("/rag/answer", response_model=RagAnswer, responses=error_responses(502))
@@ -110,22 +137,10 @@ async def rag_answer(body: RagRequest, request: Request) -> RagAnswer:
     rid = request_id(request)
     first, events = await answer_events(request, body)
     assert isinstance(first, Meta)
-    pieces: list[str] = []
-    done: Done | None = None
-    failed: Failed | None = None
-    async for event in events:
-        if isinstance(event, Token):
-            pieces.append(event.text)
-        elif isinstance(event, Done):
-            done = event
-        elif isinstance(event, Failed):
-            failed = event
-    if failed is not None or done is None:
-        code, message = (failed.code, failed.message) if failed else ("generation_failed", "no answer")
-        raise APIError(502, code, message)
+    answer, done = await collect(events)
     return RagAnswer(
         request_id=rid,
-        answer="".join(pieces),
+        answer=answer,
         cache=first.cache,
         route=first.route,
         sources=first.sources,

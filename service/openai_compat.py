@@ -32,12 +32,12 @@ from typing import Any, Final, Literal
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import ServerSentEvent
 
-from service.api import SSE_HEADERS, SSE_MEDIA_TYPE, answer_events, request_id
+from service.api import SSE_HEADERS, SSE_MEDIA_TYPE, answer_events, collect, request_id, sse_response
 from service.auth import AuthFirstRoute, requires
 from service.errors import APIError, openai_error
-from service.events import Done, Event, Failed, Meta, Token, event_payload
+from service.events import Done, Event, Meta, Token, event_payload
 from service.guardrails import (
     CONTROL_CHARACTERS,
     EMPTY_QUESTION,
@@ -46,7 +46,6 @@ from service.guardrails import (
     QUESTION_TOO_LONG,
     TOO_MANY_TOKENS,
 )
-from service.logs import note
 from service.pipeline import AnswerService
 from service.responses import ANSWER, AUTH, error_responses
 from service.schemas import CacheMode, RagRequest
@@ -333,30 +332,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         if first.cache in ("hit", "semantic_hit"):  # complete already: one body, no streaming machinery
             body_bytes = b"".join([sse.encode() async for sse in _chunks(completion, events, include_usage)])
             return Response(body_bytes, media_type=SSE_MEDIA_TYPE, headers=SSE_HEADERS)
+        failure = _stream_error("internal_error", "the answer stream failed unexpectedly")
+        return sse_response(_chunks(completion, events, include_usage), rid, failure)
 
-        async def sse() -> AsyncIterator[ServerSentEvent]:
-            try:
-                async for item in _chunks(completion, events, include_usage):
-                    yield item
-            except Exception:  # a bug must still end the stream with an error, not a cut connection
-                log.exception("stream failed (request %s)", rid)
-                note(error="internal_error")
-                yield _stream_error("internal_error", "the answer stream failed unexpectedly")
-
-        return EventSourceResponse(sse(), headers=SSE_HEADERS, ping=15)
-
-    pieces: list[str] = []
-    done: Done | None = None
-    async for event in events:
-        if isinstance(event, Token):
-            pieces.append(event.text)
-        elif isinstance(event, Done):
-            done = event
-        elif isinstance(event, Failed):
-            raise APIError(502, event.code, event.message)
-    if done is None:
-        raise APIError(502, "generation_failed", "the answer ended without completing")
-    message = {"role": "assistant", "content": "".join(pieces), "refusal": None}
+    answer, done = await collect(events)
+    message = {"role": "assistant", "content": answer, "refusal": None}
     return completion.obj(
         "chat.completion",
         choices=[{"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}],
