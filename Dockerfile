@@ -39,7 +39,7 @@ COPY README.md ./
 COPY service ./service
 COPY ingest ./ingest
 RUN pip install --no-deps --force-reinstall . \
- && python -c "import service.app, ingest.cli, torch; print('torch', torch.__version__)"
+ && python -c "import service.http.app, ingest.cli, torch; print('torch', torch.__version__)"
 
 
 FROM python:3.11.14-slim-bookworm

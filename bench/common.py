@@ -161,7 +161,7 @@ async def ingest_path(settings: Settings, embedder: Any, path: Path, fmt: str = 
     """`rag-ingest add PATH` in-process; returns the IngestReport. Idempotent (unchanged docs are skipped)."""
     from ingest.loaders import discover, load
     from ingest.pipeline import IngestOptions, ingest_documents
-    from service.corpus import open_corpus
+    from service.postgres.corpus import open_corpus
 
     async with open_corpus(settings) as corpus:
         entries, failures = discover([str(path)], **discover_kw)
@@ -179,8 +179,8 @@ async def create_key(dsn: str, name: str, scope: str = "query") -> str:
     No `rpm` and no `tokens_per_day`: the server then authenticates from its in-process key cache
     and makes no rate-limit call to Redis, so a benchmark measures the default path.
     """
-    from service.auth import KeyStore
-    from service.corpus import open_corpus
+    from service.http.auth import KeyStore
+    from service.postgres.corpus import open_corpus
 
     settings = make_settings(dsn, None, RESULTS)  # with a database URL, the data dir is not used
     async with open_corpus(settings) as corpus:

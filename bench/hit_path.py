@@ -8,7 +8,7 @@ Setup: embedded Postgres + Valkey in a temp dir, `examples/` ingested, one API k
 in-process key cache and makes no rate-limit call), one cache hit warmed for a fixed question.
 Two servers, each `uvicorn … --workers 1` in its own process with the same flags (uvloop + httptools, access log off):
 
-- project: `service.app:app_factory` (the real app, real settings from the environment);
+- project: `service.http.app:app_factory` (the real app, real settings from the environment);
 - floor:   `bench.hit_path:floor_app`, a bare FastAPI POST endpoint that reads the body, does
            one Redis GET (same Valkey, same redis-py client settings) of a value holding the
            exact bytes of the project's cached SSE response, and returns them as
@@ -110,7 +110,7 @@ def floor_app(redis_url: str | None = None, key: str | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # The same client settings as service.app's lifespan.
+        # The same client settings as service.http.app's lifespan.
         app.state.redis = aioredis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
         try:
             yield
@@ -395,7 +395,7 @@ async def setup(args: argparse.Namespace) -> Stack:
 
     from bench.common import ingest_path, make_settings
     from service.embedded import start_postgres, start_valkey
-    from service.embeddings import LocalEmbedder
+    from service.embeddings.encoders import LocalEmbedder
 
     data_dir = Path(tempfile.mkdtemp(prefix="ragbench-hit-"))
     logs = RESULTS / "hit_path"
@@ -420,7 +420,7 @@ async def setup(args: argparse.Namespace) -> Stack:
 
         stack.project = Server(
             "project",
-            "service.app:app_factory",
+            "service.http.app:app_factory",
             clean_env(DATABASE_URL=pg.url, REDIS_URL=valkey.url, RAG_DATA_DIR=str(data_dir), RAG_LOG_LEVEL="warning"),
             logs / "project.log",
         )
@@ -573,7 +573,7 @@ def render(
         f"response {body_bytes:,} bytes; every request carries an API key created without `rpm` or "
         "`tokens_per_day` (the default path: authentication from the worker's in-process key cache, no "
         "rate-limit call to Redis); floor = `bench.hit_path:floor_app` (one Redis GET, same bytes back, key "
-        "ignored); project = `service.app:app_factory`.",
+        "ignored); project = `service.http.app:app_factory`.",
         "",
         markdown_table(
             [
@@ -718,21 +718,33 @@ STEPS: list[tuple[str, str, str]] = [
         "fastapi/dependencies/utils.py",
         "solve_dependencies",
     ),
-    ("  of which authentication (service/auth.py Authenticator.authenticate)", "service/auth.py", "authenticate"),
-    ("rate limit (service/limits.py check_request: no Redis call without rpm)", "service/limits.py", "check_request"),
-    ("guardrails (service/guardrails.py check_question)", "service/guardrails.py", "check_question"),
-    ("  of which injection patterns (_looks_like_injection)", "service/guardrails.py", "_looks_like_injection"),
-    ("  of which token count (service/tokens.py count_tokens)", "service/tokens.py", "count_tokens"),
-    ("cache key (service/cache.py cache_key)", "service/cache.py", "cache_key"),
-    ("cache look-up (service/cache.py AnswerCache.get)", "service/cache.py", "get"),
+    (
+        "  of which authentication (service/http/auth.py Authenticator.authenticate)",
+        "service/http/auth.py",
+        "authenticate",
+    ),
+    (
+        "rate limit (service/redis/limits.py check_request: no Redis call without rpm)",
+        "service/redis/limits.py",
+        "check_request",
+    ),
+    ("guardrails (service/policy/guardrails.py check_question)", "service/policy/guardrails.py", "check_question"),
+    ("  of which injection patterns (_looks_like_injection)", "service/policy/guardrails.py", "_looks_like_injection"),
+    ("  of which token count (service/policy/tokens.py count_tokens)", "service/policy/tokens.py", "count_tokens"),
+    ("cache key (service/redis/answer_cache.py cache_key)", "service/redis/answer_cache.py", "cache_key"),
+    ("cache look-up (service/redis/answer_cache.py AnswerCache.get)", "service/redis/answer_cache.py", "get"),
     ("  of which redis-py execute_command", "redis/asyncio/client.py", "execute_command"),
-    ("  of which CachedAnswer.loads", "service/cache.py", "loads"),
-    ("replay → Meta/Token/Done with pydantic models (pipeline replay)", "service/pipeline.py", "replay"),
-    ("events → JSON → SSE bytes (service/api.py sse_event)", "service/api.py", "sse_event"),
-    ("events → JSON → SSE, streaming generator (service/api.py sse)", "service/api.py", "sse"),
+    ("  of which CachedAnswer.loads", "service/redis/answer_cache.py", "loads"),
+    ("replay → Meta/Token/Done with pydantic models (pipeline replay)", "service/answer/pipeline.py", "replay"),
+    ("events → JSON → SSE bytes (service/http/rag.py sse_event)", "service/http/rag.py", "sse_event"),
+    ("events → JSON → SSE, streaming generator (service/http/rag.py sse)", "service/http/rag.py", "sse"),
     ("EventSourceResponse.__init__ (– when hits skip it)", "sse_starlette/sse.py", "__init__"),
-    ("metrics: record (Prometheus + buffer; service/metrics.py)", "service/metrics.py", "record"),
-    ("metrics: _write (MULTI to Redis, in its own task)", "service/metrics.py", "_write"),
+    (
+        "metrics: record (Prometheus + buffer; service/observability/metrics.py)",
+        "service/observability/metrics.py",
+        "record",
+    ),
+    ("metrics: _write (MULTI to Redis, in its own task)", "service/observability/metrics.py", "_write"),
 ]
 
 
@@ -816,7 +828,7 @@ async def _cpu_per_hit(app: Any, payload: bytes, token: str, n: int) -> float:
 async def profile_in_process(stack: Stack, n: int) -> str:
     """CPU per hit of each app without HTTP, and where it goes (cProfile, CPU-time clock)."""
     from bench.common import make_settings
-    from service.app import create_app
+    from service.http.app import create_app
 
     settings = make_settings(stack.postgres.url, stack.valkey.url, stack.data_dir)
     apps = {"project": create_app(settings, embedder=stack.embedder), "floor": floor_app(stack.valkey.url, FLOOR_KEY)}

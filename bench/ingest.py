@@ -53,10 +53,10 @@ from bench.common import (
 )
 from ingest.loaders import LoadFailure, SourceDocument, discover, load
 from ingest.pipeline import IngestOptions, IngestReport, ingest_documents, prepare
-from service.corpus import open_corpus
 from service.embedded import EmbeddedPostgres, start_postgres
-from service.embeddings import LocalEmbedder, Vectors
-from service.store import DocumentKey, PreparedDocument, Store, WriteResult
+from service.embeddings.encoders import LocalEmbedder, Vectors
+from service.postgres.corpus import open_corpus
+from service.postgres.documents import DocumentKey, PreparedDocument, Store, WriteResult
 
 DEFAULT_CORPUS = SHARED_DATA / "msmarco-5k" / "corpus.jsonl"
 SECTION = "Ingest"

@@ -184,7 +184,7 @@ def load_queries(data: Path) -> list[tuple[str, str]]:
 async def ensure_corpus(settings: Any, embedder: Any, corpus: Path) -> str:
     """Ingest (idempotent) and check the corpus is complete; returns a one-line description."""
     from bench.common import ingest_path
-    from service.corpus import open_corpus
+    from service.postgres.corpus import open_corpus
 
     started = time.perf_counter()
     report = await ingest_path(settings, embedder, corpus, fmt="beir")
@@ -214,12 +214,12 @@ async def run(args: argparse.Namespace, command: str) -> str:
     import redis.asyncio as aioredis
     from pydantic import SecretStr
 
-    from service.app import create_app
-    from service.corpus import open_corpus
+    from service.answer.pipeline import AnswerService
+    from service.answer.schemas import RagRequest
     from service.embedded import start_postgres, start_valkey
-    from service.embeddings import LocalEmbedder
-    from service.pipeline import AnswerService
-    from service.schemas import RagRequest
+    from service.embeddings.encoders import LocalEmbedder
+    from service.http.app import create_app
+    from service.postgres.corpus import open_corpus
     from tests.provider_server import ProviderServer
 
     queries = load_queries(args.data)
@@ -271,7 +271,7 @@ async def run(args: argparse.Namespace, command: str) -> str:
             async def forget(question: str) -> None:
                 """Make this question a miss again: drop its answer and its semantic-index row only."""
                 key = service.guard(RagRequest(question=question)).key
-                await service.cache.delete(key)
+                await service.redis.answer_cache.delete(key)
                 semantic = getattr(service, "semantic", None)
                 if semantic is not None:
                     await semantic.forget(key)
@@ -303,7 +303,7 @@ async def run(args: argparse.Namespace, command: str) -> str:
                 started = time.perf_counter()
                 checked = service.guard(request)
                 out["guard"] = time.perf_counter() - started
-                out["cache_get"], hit = await timed(lambda: service.cache.get(checked.key))
+                out["cache_get"], hit = await timed(lambda: service.redis.answer_cache.get(checked.key))
                 if hit is not None:
                     raise RuntimeError("steps: unexpected cache hit")
                 lookup = getattr(service, "semantic_lookup", None)

@@ -64,11 +64,11 @@ from pgvector.asyncpg import register_vector
 from bench.common import cpu_model, load_text, make_settings, nproc, say
 from ingest.loaders import LoadFailure, SourceDocument, discover, load
 from ingest.pipeline import IngestOptions, IngestReport, ingest_documents
-from service.corpus import open_corpus
-from service.db import create_pool
 from service.embedded import start_postgres
-from service.embeddings import LocalEmbedder
-from service.retrieval import RRF_K, Mode, Retriever, rrf
+from service.embeddings.encoders import LocalEmbedder
+from service.postgres.corpus import open_corpus
+from service.postgres.db import create_pool
+from service.postgres.retrieval import RRF_K, Mode, Retriever, rrf
 
 Vector = npt.NDArray[np.float32]
 Judgments = dict[str, int]  # corpus id -> grade

@@ -7,13 +7,13 @@ Every question of bench/semantic_pairs.jsonl is normalised exactly as the cache 
 similarity is the cosine of the two unit vectors (what pgvector's `<=>` gives as 1 - distance).
 
 For each threshold 0.70..0.99 (step 0.01) and two policies -- (a) cosine only, (b) cosine +
-`service.semantic.compatible` -- it reports precision (true hits / all hits), hit rate (share of
+`service.policy.semantic_match.compatible` -- it reports precision (true hits / all hits), hit rate (share of
 the true paraphrases served from cache) and the false-hit rate per near-miss kind.
 
 Hold-out: the guard was designed while looking at this set, so the pairs are also split 50/50 into
 dev and test (stratified by kind, fixed seed).  The threshold is chosen on dev only -- the lowest
 one at which (b) reaches precision >= 0.99 -- and precision / hit rate are reported on test at
-that threshold.  That choice is `service.semantic.DEFAULT_THRESHOLD`; a mismatch is reported.
+that threshold.  That choice is `service.policy.semantic_match.DEFAULT_THRESHOLD`; a mismatch is reported.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.common import ROOT, machine_line, markdown_table, say, today, update_section
-from service.guardrails import normalize_for_key
-from service.semantic import DEFAULT_THRESHOLD, incompatibility
+from service.policy.guardrails import normalize_for_key
+from service.policy.semantic_match import DEFAULT_THRESHOLD, incompatibility
 
 SECTION = "Semantic cache"
 PAIRS = ROOT / "bench" / "semantic_pairs.jsonl"
@@ -125,7 +125,7 @@ def cosine_only(pair: Pair, threshold: float) -> bool:
 
 
 def cosine_and_guard(pair: Pair, threshold: float) -> bool:
-    # Same decision as service.semantic.decide, without re-running the guard per threshold.
+    # Same decision as service.policy.semantic_match.decide, without re-running the guard per threshold.
     return pair.similarity >= threshold and (pair.a == pair.b or pair.guard is None)
 
 
@@ -176,7 +176,7 @@ def load_pairs(path: Path) -> list[dict[str, object]]:
 def embed_pairs(rows: Sequence[dict[str, object]]) -> tuple[list[Pair], object, dict[str, int]]:
     import numpy as np
 
-    from service.embeddings import LocalEmbedder
+    from service.embeddings.encoders import LocalEmbedder
 
     texts = sorted({normalize_for_key(str(row[side])) for row in rows for side in ("a", "b")})
     say(f"embedding {len(texts)} distinct questions with all-MiniLM-L6-v2 …")
@@ -355,7 +355,7 @@ def report(
     mismatch = (
         ""
         if math.isclose(threshold, DEFAULT_THRESHOLD)
-        else f"\n**Note:** `service.semantic.DEFAULT_THRESHOLD` is {DEFAULT_THRESHOLD:.2f}, not {threshold:.2f}.\n"
+        else f"\n**Note:** `semantic_match.DEFAULT_THRESHOLD` is {DEFAULT_THRESHOLD:.2f}, not {threshold:.2f}.\n"
     )
     binding = (
         f"The precision target is met at every swept threshold, so the rule returns the floor of the sweep "
@@ -372,7 +372,7 @@ def report(
         + ", ".join(f"{kind} {kinds.get(kind, 0)}" for kind in KINDS)
         + "), about a third each MS MARCO-style, operating ragcache, and general/product/support questions. "
         "Questions normalised with `normalize_for_key`, embedded with all-MiniLM-L6-v2; similarity = cosine. "
-        "Policies: (a) `cosine` ≥ threshold; (b) `cosine+guard` = (a) and `service.semantic.compatible` "
+        "Policies: (a) `cosine` ≥ threshold; (b) `cosine+guard` = (a) and `service.policy.semantic_match.compatible` "
         "(what `decide()` does). Precision = true hits / all hits; hit rate = paraphrases served / paraphrases. "
         f"Split 50/50 into dev/test, stratified by kind, seed {seed} (dev {len(dev)} pairs, test {len(test)}).",
         "",

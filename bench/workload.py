@@ -24,9 +24,9 @@ Per configuration: provider calls (generation requests the provider server recei
 (hit / semantic_hit / coalesced / miss / bypass), client-measured time to the first `token` event
 and the server's `done.ttft_ms`, tokens and dollars saved (`done.saved` of hits and coalesced
 answers) and spent (`done.usage`). Every semantic hit is checked: `meta.semantic.matched_question_hash`
-is mapped back to the query it was asked for (`service.cache.question_hash` of every text sent); a
+is mapped back to the query it was asked for (`service.redis.answer_cache.question_hash` of every text sent); a
 match with another query id is a false hit. Afterwards, offline, the same policy the service runs
-(`service.semantic.decide` over all-MiniLM-L6-v2 cosines) is applied to every pair of texts of one
+(`service.policy.semantic_match.decide` over all-MiniLM-L6-v2 cosines) is applied to every pair of texts of one
 query (why paraphrases hit or miss) and to every pair of texts of different queries (false-hit
 candidates the workload may not have exercised).
 """
@@ -250,9 +250,9 @@ def summarize(result: ConfigResult, draws: list[Draw], hash_to_query: dict[str, 
 
 def pair_analysis(queries: list[Query]) -> dict[str, Any]:
     """The service's semantic policy offline, over every pair of texts (same query and across queries)."""
-    from service.embeddings import LocalEmbedder
-    from service.guardrails import normalize_for_key
-    from service.semantic import decide
+    from service.embeddings.encoders import LocalEmbedder
+    from service.policy.guardrails import normalize_for_key
+    from service.policy.semantic_match import decide
     from service.settings import Settings
 
     threshold = Settings(_env_file=None).semantic_cache_threshold  # type: ignore[call-arg]
@@ -435,7 +435,7 @@ def report(
         ]
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(pairs["same_query_reasons"].items(), key=lambda kv: -kv[1]))
     lines += [
-        f"Offline check of the same policy (`service.semantic.decide`, threshold {pairs['threshold']}, "
+        f"Offline check of the same policy (`service.policy.semantic_match.decide`, threshold {pairs['threshold']}, "
         f"all-MiniLM-L6-v2): of the {pairs['same_query_pairs']} pairs of texts that ask the same query, "
         f"{pairs['same_query_hits']} would be served ({reasons}); of the {pairs['cross_query_pairs']:,} pairs "
         f"of texts of different queries, {len(pairs['cross_query_hits'])} would be served"
@@ -485,7 +485,7 @@ def report(
 
 
 async def main_async(args: argparse.Namespace) -> None:
-    from service.cache import question_hash
+    from service.redis.answer_cache import question_hash
 
     queries = load_queries()
     draws = draw_workload(queries, args.requests, args.zipf, args.paraphrase_share, args.seed)

@@ -29,10 +29,10 @@ from rich.table import Table
 
 from ingest.loaders import Format, LoadFailure, SourceDocument, discover, load
 from ingest.pipeline import IngestOptions, IngestReport, ingest_documents
-from service.corpus import open_corpus
-from service.db import CorpusMismatchError
+from service.postgres.corpus import open_corpus
+from service.postgres.db import CorpusMismatchError
+from service.postgres.documents import corpus_status
 from service.settings import Settings
-from service.store import corpus_status
 
 app = typer.Typer(help="Load documents into the ragcache corpus.", no_args_is_help=True, add_completion=False)
 out = Console()

@@ -20,10 +20,10 @@ import numpy as np
 
 from ingest.chunking import CHUNKER_VERSION, chunk_text
 from ingest.loaders import LoadFailure, SourceDocument
-from service.embeddings import Embedder
+from service.embeddings.encoders import Embedder
+from service.policy.tokens import encoding
+from service.postgres.documents import ChunkRecord, DocumentKey, PreparedDocument, Store
 from service.settings import Settings
-from service.store import ChunkRecord, DocumentKey, PreparedDocument, Store
-from service.tokens import encoding
 
 _HASH_LOOKUP_BATCH = 10_000
 

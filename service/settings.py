@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.semantic import DEFAULT_THRESHOLD
+from service.policy.semantic_match import DEFAULT_THRESHOLD
 
 LOCAL_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -70,7 +70,7 @@ class Settings(BaseSettings):
     coalesce_lease_ms: int = Field(default=5000, alias="RAG_COALESCE_LEASE_MS", ge=100)
     semantic_cache: bool = Field(default=True, alias="RAG_SEMANTIC_CACHE")
     # Chosen on bench/semantic_pairs.jsonl (see docs/benchmarks.md); the lexical guard in
-    # service/semantic.py, not the threshold, is what keeps near-misses out.
+    # service/policy/semantic_match.py, not the threshold, is what keeps near-misses out.
     semantic_cache_threshold: float = Field(default=DEFAULT_THRESHOLD, alias="RAG_SEMANTIC_CACHE_THRESHOLD", gt=0, le=1)
 
     # --- routing ----------------------------------------------------------------

@@ -25,10 +25,10 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from service.auth import KeyStore, Scope
-from service.corpus import Corpus, open_corpus
 from service.embedded import EmbeddedPostgres, EmbeddedValkey, start_postgres, start_valkey
-from service.embeddings import LocalEmbedder
+from service.embeddings.encoders import LocalEmbedder
+from service.http.auth import KeyStore, Scope
+from service.postgres.corpus import Corpus, open_corpus
 from service.settings import Settings
 from tests.provider_server import ProviderServer
 

@@ -9,9 +9,9 @@ import pytest
 import redis.asyncio as aioredis
 from typer.testing import CliRunner
 
-from service.admin import app as admin_app
-from service.cache import AnswerCache, CachedAnswer
-from service.metrics import Metrics
+from service.cli.admin import app as admin_app
+from service.observability.metrics import Metrics
+from service.redis.answer_cache import AnswerCache, CachedAnswer
 from service.settings import Settings
 from tests.conftest import cli_env
 

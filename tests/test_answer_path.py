@@ -21,13 +21,13 @@ from pydantic import SecretStr
 
 from ingest.loaders import SourceDocument
 from ingest.pipeline import IngestOptions, ingest_documents
-from service.api import sse_bytes, sse_event
-from service.app import create_app
-from service.cache import AnswerCache, question_hash
-from service.corpus import open_corpus
-from service.embeddings import LocalEmbedder
-from service.events import Done, Token
-from service.schemas import UsageInfo
+from service.answer.events import Done, Token
+from service.answer.schemas import UsageInfo
+from service.embeddings.encoders import LocalEmbedder
+from service.http.app import create_app
+from service.http.rag import sse_bytes, sse_event
+from service.postgres.corpus import open_corpus
+from service.redis.answer_cache import AnswerCache, question_hash
 from service.settings import Settings
 from tests.conftest import bearer, make_key, make_settings, serve_app, wait_until
 from tests.provider_server import Behavior, ProviderServer

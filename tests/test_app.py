@@ -6,8 +6,8 @@ from pathlib import Path
 
 import httpx
 
-from service.app import create_app
-from service.embeddings import LocalEmbedder
+from service.embeddings.encoders import LocalEmbedder
+from service.http.app import create_app
 from service.settings import Settings
 from tests.conftest import make_settings, serve_app
 

@@ -12,11 +12,11 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from service.admin import app as admin_app
-from service.app import create_app
-from service.auth import ApiKey, Authenticator, AuthUnavailableError, KeyStore, new_key, parse_key, verify
-from service.corpus import open_corpus
-from service.embeddings import LocalEmbedder
+from service.cli.admin import app as admin_app
+from service.embeddings.encoders import LocalEmbedder
+from service.http.app import create_app
+from service.http.auth import ApiKey, Authenticator, AuthUnavailableError, KeyStore, new_key, parse_key, verify
+from service.postgres.corpus import open_corpus
 from service.settings import Settings
 from tests.conftest import bearer, cli_env, make_key, serve_app, wait_until
 from tests.test_answer_path import ask, running, seed

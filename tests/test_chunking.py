@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import pytest
 
 from ingest.chunking import Chunk, chunk_text
-from service.tokens import encoding
+from service.policy.tokens import encoding
 
 ENC = encoding()
 

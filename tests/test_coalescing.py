@@ -14,7 +14,7 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from service.embeddings import LocalEmbedder
+from service.embeddings.encoders import LocalEmbedder
 from service.settings import Settings
 from tests.conftest import BIN, bearer, cli_env, make_key, wait_until
 from tests.provider_server import Behavior, ProviderServer

@@ -28,9 +28,9 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from service.app import create_app
-from service.embeddings import LocalEmbedder
-from service.metrics import Metrics
+from service.embeddings.encoders import LocalEmbedder
+from service.http.app import create_app
+from service.observability.metrics import Metrics
 from service.settings import Settings
 from tests.conftest import ROOT, bearer, make_key, serve_app
 

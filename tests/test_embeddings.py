@@ -7,9 +7,9 @@ import pytest
 
 from ingest.loaders import SourceDocument
 from ingest.pipeline import IngestOptions, ingest_documents
-from service.corpus import open_corpus
-from service.embeddings import LocalEmbedder, OpenAIEmbedder, create_embedder
-from service.serve import torch_threads_per_worker
+from service.cli.serve import torch_threads_per_worker
+from service.embeddings.encoders import LocalEmbedder, OpenAIEmbedder, create_embedder
+from service.postgres.corpus import open_corpus
 from service.settings import Settings
 from tests.provider_server import Behavior, ProviderServer
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from service.policy.tokens import count_tokens
+from service.postgres.retrieval import Source
 from service.providers.base import GenerationRequest, Provider, Usage
 from service.providers.extractive import (
     LABEL,
@@ -30,8 +32,6 @@ from service.providers.extractive import (
     terms,
     truncate_to_tokens,
 )
-from service.retrieval import Source
-from service.tokens import count_tokens
 
 ROOT = Path(__file__).resolve().parent.parent
 CITATION = re.compile(r"\[(\d+)\]")

@@ -25,10 +25,10 @@ from fastapi import FastAPI
 
 from ingest.loaders import SourceDocument, discover, load
 from ingest.pipeline import IngestOptions, ingest_documents
-from service.app import Resources, create_app
-from service.corpus import open_corpus
 from service.embedded import start_postgres, start_valkey
-from service.embeddings import LocalEmbedder
+from service.embeddings.encoders import LocalEmbedder
+from service.http.app import Resources, create_app
+from service.postgres.corpus import open_corpus
 from service.settings import Settings
 from tests.conftest import BIN, bearer, cli_env, make_key, make_settings, serve_app, wait_until
 from tests.provider_server import Behavior, ProviderServer

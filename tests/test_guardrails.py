@@ -9,7 +9,7 @@ import unicodedata
 import pytest
 import tiktoken
 
-from service.guardrails import (
+from service.policy.guardrails import (
     Action,
     GuardrailPolicy,
     GuardrailResult,

@@ -7,7 +7,7 @@ traceback, the JSON error shape (OpenAI's under `/v1/`), and that nothing hostil
 Rows that must be answered check the answer instead. Header rows that an HTTP client refuses
 to send (CR, LF, NUL, raw bytes) go over a raw socket: uvicorn itself refuses the worst.
 
-The injection rows match what service/guardrails.py detects, including look-alike letters
+The injection rows match what service/policy/guardrails.py detects, including look-alike letters
 and the two commonest attacks in other languages; benign rows in the same languages check
 that ordinary questions still get answered.
 
@@ -27,8 +27,8 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from service.app import create_app
-from service.embeddings import LocalEmbedder
+from service.embeddings.encoders import LocalEmbedder
+from service.http.app import create_app
 from tests.conftest import Servers, make_key, serve_app
 from tests.module_env import module_settings
 from tests.test_answer_path import FLUSH, seed

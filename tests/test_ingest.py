@@ -17,8 +17,8 @@ from typer.testing import CliRunner
 from ingest.cli import app as ingest_app
 from ingest.loaders import SourceDocument
 from ingest.pipeline import IngestOptions, ingest_documents
-from service.corpus import Corpus, open_corpus
-from service.db import CorpusMismatchError, SchemaParams, load_migrations, migrate
+from service.postgres.corpus import Corpus, open_corpus
+from service.postgres.db import CorpusMismatchError, SchemaParams, load_migrations, migrate
 from service.settings import Settings
 from tests.conftest import BIN, cli_env, wait_until
 

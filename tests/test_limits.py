@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import httpx
 
-from service.app import create_app
-from service.embeddings import LocalEmbedder
-from service.limits import retry_after, seconds_to_utc_midnight, utc_day
+from service.embeddings.encoders import LocalEmbedder
+from service.http.app import create_app
+from service.redis.limits import retry_after, seconds_to_utc_midnight, utc_day
 from service.settings import Settings
 from tests.conftest import bearer, make_key, serve_app
 from tests.test_answer_path import FLUSH, ask, running, seed

@@ -20,10 +20,9 @@ import httpx
 import pytest
 import structlog
 
-from service.auth import parse_key
-from service.cache import question_hash
-from service.embeddings import LocalEmbedder
-from service.logs import (
+from service.embeddings.encoders import LocalEmbedder
+from service.http.auth import parse_key
+from service.observability.logs import (
     ACCESS_LOGGER,
     OWN_LOGGERS,
     REDACTED,
@@ -33,12 +32,13 @@ from service.logs import (
     note,
     scrub,
 )
+from service.redis.answer_cache import question_hash
 from service.settings import Settings
 from tests.conftest import bearer, make_key
 from tests.provider_server import Behavior, ProviderServer
 from tests.test_answer_path import FLUSH, Reply, ask, running, seed, with_providers
 
-HASH = re.compile(r"[0-9a-f]{16}")  # service.cache.question_hash: a SHA-256 prefix
+HASH = re.compile(r"[0-9a-f]{16}")  # service.redis.answer_cache.question_hash: a SHA-256 prefix
 
 HIT = "  how do I FLUSH the cache? "  # the same prompt as FLUSH once normalised
 PARAPHRASE = "how can i flush the cache"
@@ -219,7 +219,7 @@ async def test_access_lines_carry_the_request_and_nothing_private(
     assert access["chat"]["question_hash"] == access["chat_stream"]["question_hash"] == question_hash(CHAT)
 
     # a line written inside a request (here, in the generation task) carries the request's id
-    fallbacks = [line for line in lines if line["logger"] == "service.generation"]
+    fallbacks = [line for line in lines if line["logger"] == "service.answer.generation"]
     assert fallbacks and all(line["request_id"] == "logs-fallback" for line in fallbacks)
     assert fallbacks[0]["level"] == "warning"
 

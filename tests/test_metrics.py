@@ -18,13 +18,20 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
-import service.metrics as metrics_module
-from service.app import create_app
-from service.auth import Scope
-from service.embeddings import LocalEmbedder
-from service.events import Done, Meta
-from service.metrics import BUCKET_BOUNDS_MS, Metrics, bucket_index, bucket_range, failure_stage, percentile
-from service.schemas import RouteInfo, UsageInfo
+import service.observability.metrics as metrics_module
+from service.answer.events import Done, Meta
+from service.answer.schemas import RouteInfo, UsageInfo
+from service.embeddings.encoders import LocalEmbedder
+from service.http.app import create_app
+from service.http.auth import Scope
+from service.observability.metrics import (
+    BUCKET_BOUNDS_MS,
+    Metrics,
+    bucket_index,
+    bucket_range,
+    failure_stage,
+    percentile,
+)
 from service.settings import Settings
 from tests.conftest import ROOT, bearer, make_key, serve_app, wait_until
 
@@ -398,7 +405,7 @@ def test_prometheus_multiprocess_mode_sums_workers(tmp_path: Path) -> None:
     """Two worker processes write their files; a third (any worker serving /metrics) sums them."""
     env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
     record = (
-        "import asyncio, redis.asyncio as r; from service.metrics import Metrics\n"
+        "import asyncio, redis.asyncio as r; from service.observability.metrics import Metrics\n"
         "async def main():\n"
         "    m = Metrics(r.from_url('redis://127.0.0.1:1/0', socket_connect_timeout=0.2))\n"
         "    await m.answered(outcome='hit', tier=None, provider=None, model=None, ttft_ms=1.0, latency_ms=1.0,\n"
@@ -410,7 +417,7 @@ def test_prometheus_multiprocess_mode_sums_workers(tmp_path: Path) -> None:
     for _ in range(2):
         subprocess.run([sys.executable, "-c", record], env=env, check=True, timeout=60, cwd=str(ROOT))
     scrape = (
-        "import json; from service.metrics import metrics_app_response, multiprocess_enabled\n"
+        "import json; from service.observability.metrics import metrics_app_response, multiprocess_enabled\n"
         "print(json.dumps([multiprocess_enabled(), metrics_app_response().body.decode()]))"
     )
     out = subprocess.run(

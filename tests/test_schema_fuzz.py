@@ -33,8 +33,8 @@ import requests
 import schemathesis
 from schemathesis import Case, CheckContext, Response
 
-from service.app import create_app
-from service.embeddings import LocalEmbedder
+from service.embeddings.encoders import LocalEmbedder
+from service.http.app import create_app
 from tests.conftest import Servers, bearer, make_key, make_settings
 from tests.module_env import module_settings, serve_in_thread
 from tests.test_answer_path import seed

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from service.guardrails import normalize_for_key
-from service.semantic import (
+from service.policy.guardrails import normalize_for_key
+from service.policy.semantic_match import (
     DEFAULT_THRESHOLD,
     SemanticDecision,
     compatible,

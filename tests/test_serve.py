@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from service.serve import LOCAL_KEY_FILE
+from service.cli.serve import LOCAL_KEY_FILE
 from tests.conftest import BIN, ROOT
 from tests.test_answer_path import parse_sse
 

@@ -26,10 +26,10 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from service import tracing
-from service.app import create_app
-from service.auth import parse_key
-from service.embeddings import LocalEmbedder
+from service.embeddings.encoders import LocalEmbedder
+from service.http.app import create_app
+from service.http.auth import parse_key
+from service.observability import tracing
 from service.settings import Settings
 from tests.conftest import ROOT, bearer, make_key, serve_app, wait_until
 from tests.provider_server import Behavior, ProviderServer
@@ -468,8 +468,8 @@ def test_the_facade_works_without_opentelemetry() -> None:
         """
         import asyncio, sys
         sys.modules["opentelemetry"] = None  # every `import opentelemetry...` raises ImportError
-        from service import tracing
-        import service.generation  # opens spans; (the pipeline imports FastAPI, which needs the API itself)
+        from service.observability import tracing
+        import service.answer.generation  # opens spans; (the pipeline imports FastAPI, which needs the API itself)
         from service.settings import Settings
 
         assert not tracing.AVAILABLE

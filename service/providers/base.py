@@ -6,7 +6,7 @@ from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from service.retrieval import Source
+from service.postgres.retrieval import Source
 
 
 @dataclass(frozen=True)

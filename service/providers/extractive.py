@@ -14,9 +14,9 @@ from collections import Counter
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
+from service.policy.tokens import count_tokens
+from service.postgres.retrieval import Source
 from service.providers.base import GenerationRequest, Usage
-from service.retrieval import Source
-from service.tokens import count_tokens
 
 NAME = "extractive"
 LABEL = "Extractive answer (offline; no language model was used):\n\n"

@@ -10,8 +10,8 @@ from collections.abc import AsyncGenerator
 
 import openai
 
+from service.policy.tokens import count_tokens
 from service.providers.base import GenerationRequest, Usage, provider_error
-from service.tokens import count_tokens
 
 
 class OpenAIProvider:

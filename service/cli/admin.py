@@ -19,11 +19,11 @@ from redis.exceptions import RedisError
 from rich.console import Console
 from rich.table import Table
 
-from service.app import redis_url
-from service.auth import ApiKey, KeyStore, Scope, parse_key
-from service.cache import AnswerCache
-from service.corpus import open_corpus
-from service.metrics import Metrics
+from service.http.app import redis_url
+from service.http.auth import ApiKey, KeyStore, Scope, parse_key
+from service.observability.metrics import Metrics
+from service.postgres.corpus import open_corpus
+from service.redis.answer_cache import AnswerCache
 from service.settings import Settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Administer ragcache.")

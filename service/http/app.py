@@ -17,37 +17,37 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from service import __version__
-from service.api import router as rag_router
-from service.auth import KEYS_CHANNEL, Authenticator, KeyStore
-from service.cache import AnswerCache
-from service.coalesce import Coalescer
-from service.corpus import database_url, schema_params
-from service.dashboard import router as dashboard_router
-from service.db import create_pool, migrate
+from service.answer.coalescing import Coalescer
+from service.answer.pipeline import AnswerService
 from service.embedded import EmbeddedValkey, start_valkey
-from service.embeddings import LocalEmbedder, OpenAIEmbedder, create_embedder
-from service.errors import install_error_handlers
-from service.invalidation import CorpusWatcher
-from service.limits import Limiter
-from service.logs import configure_logging
-from service.metrics import Metrics
-from service.middleware import AccessLog, BodySizeLimit, RequestID
-from service.openai_compat import router as openai_router
-from service.pipeline import AnswerService
+from service.embeddings.encoders import LocalEmbedder, OpenAIEmbedder, create_embedder
+from service.http.auth import KEYS_CHANNEL, Authenticator, KeyStore
+from service.http.dashboard import router as dashboard_router
+from service.http.errors import install_error_handlers
+from service.http.middleware import AccessLog, BodySizeLimit, RequestID
+from service.http.openai_api import router as openai_router
+from service.http.rag import router as rag_router
+from service.http.responses import ErrorResponse
+from service.observability.logs import configure_logging
+from service.observability.metrics import Metrics
+from service.observability.tracing import Tracing
+from service.policy.routing import RoutingPolicy
+from service.postgres.corpus import database_url, schema_params
+from service.postgres.db import create_pool, migrate
+from service.postgres.documents import Store
+from service.postgres.retrieval import Retriever
+from service.postgres.semantic_index import SemanticCache
+from service.postgres.watcher import CorpusWatcher
 from service.providers.anthropic import AnthropicProvider
 from service.providers.base import Provider
 from service.providers.extractive import ExtractiveProvider
 from service.providers.openai import OpenAIProvider
-from service.responses import ErrorResponse
-from service.retrieval import Retriever
-from service.routing import RoutingPolicy
-from service.semantic_cache import SemanticCache
+from service.redis.answer_cache import AnswerCache
+from service.redis.limits import Limiter
 from service.settings import Settings
-from service.store import Store
-from service.tracing import Tracing
 
 if TYPE_CHECKING:
-    from service.tracing import TracerProvider
+    from service.observability.tracing import TracerProvider
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 
-from service.errors import APIError
+from service.http.errors import APIError
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """`GET /metrics` (Prometheus) and the cache dashboard: `GET /dashboard` plus its JSON API.
 
-The page is static HTML, CSS and one vanilla JavaScript file under `service/static/`,
+The page is static HTML, CSS and one vanilla JavaScript file under `service/http/static/`,
 which draws its charts as SVG from `/dashboard/api/summary` and `/dashboard/api/series`.
 Nothing is loaded from elsewhere, so it works offline, and no inline script or style is
 needed, so the Content-Security-Policy can forbid both.
@@ -22,10 +22,10 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.responses import Response
 
-from service.auth import bearer as _bearer
-from service.auth import requires
-from service.metrics import Metrics, metrics_app_response
-from service.responses import AUTH, error_responses
+from service.http.auth import bearer as _bearer
+from service.http.auth import requires
+from service.http.responses import AUTH, error_responses
+from service.observability.metrics import Metrics, metrics_app_response
 
 router = APIRouter()
 admin = [Depends(requires("admin"))]
@@ -105,7 +105,7 @@ async def dashboard() -> FileResponse:
 
 @router.get("/dashboard/static/{name}", tags=["dashboard"], include_in_schema=False)
 async def dashboard_asset(name: str) -> FileResponse:
-    """Only the files that ship in service/static, by exact name (no paths, no traversal)."""
+    """Only the files that ship in service/http/static, by exact name (no paths, no traversal)."""
     path = STATIC_DIR / name
     if "/" in name or "\\" in name or name.startswith(".") or path.suffix not in _STATIC_TYPES or not path.is_file():
         raise HTTPException(404, "not found")

@@ -23,8 +23,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from service.guardrails import normalize_for_key
-from service.retrieval import Filters
+from service.policy.guardrails import normalize_for_key
+from service.postgres.retrieval import Filters
 
 log = logging.getLogger(__name__)
 

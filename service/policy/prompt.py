@@ -6,7 +6,7 @@ deterministic and testable without a model. Sources are renumbered 1..k in the
 order they appear in the prompt, so a `[n]` in the answer always matches
 `sources[].n` in the `meta` event the client receives.
 
-Budget: ``context_budget`` bounds the tokens (tiktoken, see :mod:`service.tokens`)
+Budget: ``context_budget`` bounds the tokens (tiktoken, see :mod:`service.policy.tokens`)
 of the context, i.e. the numbered source entries joined by blank lines, which
 is the text between the ``<sources>`` delimiters. Sources are taken in rank
 order; one that does not fit is skipped and later, shorter ones may still fit.
@@ -23,8 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Final
 
-from service.retrieval import Source
-from service.tokens import count_tokens, encoding
+from service.policy.tokens import count_tokens, encoding
+from service.postgres.retrieval import Source
 
 __all__ = ["PROMPT_VERSION", "SYSTEM_PROMPT", "TRUNCATION_MARK", "Prompt", "build_prompt", "render_source"]
 

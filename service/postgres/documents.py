@@ -16,7 +16,7 @@ import asyncpg
 import numpy as np
 import numpy.typing as npt
 
-from service.db import NOTIFY_CHANNEL
+from service.postgres.db import NOTIFY_CHANNEL
 
 DocumentKey = tuple[str, str]  # (source, external_id)
 

@@ -5,7 +5,7 @@ plain `logging.getLogger(__name__)` calls across the code base, uvicorn's own me
 anything structlog-native all come out in one format, each with the contextvars bound for the
 request (`request_id`, bound by the `RequestID` middleware).
 
-The access line (`service.middleware.AccessLog`) is filled in by whoever knows a field: the
+The access line (`service.http.middleware.AccessLog`) is filled in by whoever knows a field: the
 middleware (method, path, status, latency), the auth dependency (key id), the pipeline (cache
 outcome, route, usage, question hash and length) and the error handlers (error code), through
 `note()`. The record is one mutable dict per request held in a ContextVar, so code running in

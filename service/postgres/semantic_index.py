@@ -1,7 +1,7 @@
 """The semantic cache's index: cached questions' embeddings in pgvector.
 
 Looked up after an exact miss. A candidate counts only if it is close enough, passes
-the lexical guard of `service.semantic` (numbers, negations, entities, direction), and
+the lexical guard of `service.policy.semantic_match` (numbers, negations, entities, direction), and
 its answer still exists in the exact cache, which is where invalidation happens.
 """
 
@@ -14,7 +14,7 @@ import asyncpg
 import numpy as np
 import numpy.typing as npt
 
-from service.semantic import decide
+from service.policy.semantic_match import decide
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Postgres connections and schema migrations.
 
-Migrations are ordered SQL files in `service/migrations/`, applied at start under an
+Migrations are ordered SQL files in `service/postgres/migrations/`, applied at start under an
 advisory lock and recorded in `schema_migrations`. A 40-line runner on asyncpg is simpler
 than pulling in Alembic (SQLAlchemy) or yoyo (a sync driver) for plain SQL files.
 """
@@ -41,7 +41,7 @@ class Migration:
 
 def load_migrations() -> list[Migration]:
     found = []
-    for entry in resources.files("service.migrations").iterdir():
+    for entry in resources.files("service.postgres.migrations").iterdir():
         match = re.fullmatch(r"(\d{4})_(\w+)\.sql", entry.name)
         if match:
             found.append(Migration(int(match[1]), match[2], entry.read_text(encoding="utf-8")))

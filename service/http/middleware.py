@@ -12,8 +12,8 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from structlog.contextvars import bound_contextvars
 
-from service.errors import OPENAI_PREFIX, openai_error
-from service.logs import ACCESS_LOGGER, access_record, note
+from service.http.errors import OPENAI_PREFIX, openai_error
+from service.observability.logs import ACCESS_LOGGER, access_record, note
 
 access_log = logging.getLogger(ACCESS_LOGGER)
 _RECORD_ATTRIBUTES = {*vars(logging.makeLogRecord({})), "message", "asctime"}  # `extra` must not overwrite these
@@ -48,7 +48,7 @@ class RequestID:
 class AccessLog:
     """One `service.access` line per request, written when the response has ended (an SSE stream too).
 
-    The line carries what `service.logs.note()` collected on the way (cache outcome, route, usage,
+    The line carries what `service.observability.logs.note()` collected on the way (cache outcome, route, usage,
     question hash and length, error code) and the caller's key id; never a key, a header or user text.
     """
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from service.auth import Principal
-from service.errors import APIError
+from service.http.auth import Principal
+from service.http.errors import APIError
 
 log = logging.getLogger(__name__)
 

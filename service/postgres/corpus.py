@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from service.db import SchemaParams, create_pool, migrate
 from service.embedded import EmbeddedPostgres, start_postgres
-from service.embeddings import KNOWN_DIMENSIONS, LocalEmbedder, OpenAIEmbedder, create_embedder
+from service.embeddings.encoders import KNOWN_DIMENSIONS, LocalEmbedder, OpenAIEmbedder, create_embedder
+from service.postgres.db import SchemaParams, create_pool, migrate
+from service.postgres.documents import Store
 from service.settings import Settings
-from service.store import Store
 
 
 @dataclass

@@ -9,14 +9,14 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Depends, Request, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from service.auth import AuthFirstRoute, Principal, requires
-from service.errors import APIError
-from service.events import Done, Event, Failed, Meta, Token, event_payload
-from service.limits import TokenBudget
-from service.logs import note
-from service.pipeline import AnswerService
-from service.responses import ANSWER, error_responses
-from service.schemas import RagAnswer, RagRequest
+from service.answer.events import Done, Event, Failed, Meta, Token, event_payload
+from service.answer.pipeline import AnswerService
+from service.answer.schemas import RagAnswer, RagRequest
+from service.http.auth import AuthFirstRoute, Principal, requires
+from service.http.errors import APIError
+from service.http.responses import ANSWER, error_responses
+from service.observability.logs import note
+from service.redis.limits import TokenBudget
 
 router = APIRouter(
     tags=["rag"],

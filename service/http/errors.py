@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.logs import note
+from service.observability.logs import note
 
 log = logging.getLogger(__name__)
 

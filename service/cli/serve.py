@@ -13,11 +13,11 @@ import typer
 import uvicorn
 from rich.console import Console
 
-from service.app import redis_url
-from service.auth import KeyStore, parse_key, verify
-from service.corpus import database_url, open_corpus
-from service.logs import configure_logging
-from service.metrics import prepare_multiprocess_dir
+from service.http.app import redis_url
+from service.http.auth import KeyStore, parse_key, verify
+from service.observability.logs import configure_logging
+from service.observability.metrics import prepare_multiprocess_dir
+from service.postgres.corpus import database_url, open_corpus
 from service.settings import Settings
 
 console = Console(stderr=True)
@@ -114,7 +114,7 @@ def serve(
         # up again in app_factory. Its access log is off: AccessLog writes a richer line per request.
         configure_logging(settings.log_level, json=settings.log_format == "json")
         uvicorn.run(
-            "service.app:app_factory",
+            "service.http.app:app_factory",
             factory=True,
             host=host,
             port=port,

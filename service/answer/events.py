@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from service.schemas import CacheOutcome, RouteInfo, SourceInfo, UsageInfo
+from service.answer.schemas import CacheOutcome, RouteInfo, SourceInfo, UsageInfo
 
 
 @dataclass(frozen=True)

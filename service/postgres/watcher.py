@@ -17,9 +17,9 @@ from collections.abc import Callable, Mapping
 import asyncpg
 from redis.exceptions import RedisError
 
-from service.cache import AnswerCache
-from service.db import NOTIFY_CHANNEL
-from service.store import changes_since
+from service.postgres.db import NOTIFY_CHANNEL
+from service.postgres.documents import changes_since
+from service.redis.answer_cache import AnswerCache
 
 log = logging.getLogger(__name__)
 

@@ -18,26 +18,26 @@ from typing import Any, Literal
 import asyncpg
 from redis.exceptions import RedisError
 
-from service.cache import AnswerCache, CachedAnswer, KeyParts, cache_key, question_hash, scope_key
-from service.coalesce import CANCELLED, Coalescer, LeaderLostError, Lease
-from service.embeddings import Embedder, Vectors
-from service.errors import APIError
-from service.events import Done, Event, Failed, Meta, Token
-from service.generation import AllProvidersFailedError, Answering, Timeouts, generate
-from service.guardrails import Action, GuardrailPolicy, GuardrailViolation, check_question
-from service.invalidation import CorpusWatcher
-from service.limits import TokenBudget
-from service.logs import note
-from service.metrics import Metrics, failure_stage
-from service.prompt import PROMPT_VERSION, Prompt, build_prompt
+from service.answer.coalescing import CANCELLED, Coalescer, LeaderLostError, Lease
+from service.answer.events import Done, Event, Failed, Meta, Token
+from service.answer.generation import AllProvidersFailedError, Answering, Timeouts, generate
+from service.answer.schemas import CacheOutcome, RagRequest, RouteInfo, SourceInfo, UsageInfo
+from service.embeddings.encoders import Embedder, Vectors
+from service.http.errors import APIError
+from service.observability.logs import note
+from service.observability.metrics import Metrics, failure_stage
+from service.observability.tracing import Span, Tracing, span
+from service.policy.guardrails import Action, GuardrailPolicy, GuardrailViolation, check_question
+from service.policy.prompt import PROMPT_VERSION, Prompt, build_prompt
+from service.policy.routing import ModelChoice, Route, RoutingPolicy, UnknownModelError, decide
+from service.policy.tokens import count_tokens
+from service.postgres.retrieval import Filters, Retriever, Source
+from service.postgres.semantic_index import SemanticCache, SemanticMatch
+from service.postgres.watcher import CorpusWatcher
 from service.providers.base import GenerationRequest, Provider, ProviderError, Usage
-from service.retrieval import Filters, Retriever, Source
-from service.routing import ModelChoice, Route, RoutingPolicy, UnknownModelError, decide
-from service.schemas import CacheOutcome, RagRequest, RouteInfo, SourceInfo, UsageInfo
-from service.semantic_cache import SemanticCache, SemanticMatch
+from service.redis.answer_cache import AnswerCache, CachedAnswer, KeyParts, cache_key, question_hash, scope_key
+from service.redis.limits import TokenBudget
 from service.settings import Settings
-from service.tokens import count_tokens
-from service.tracing import Span, Tracing, span
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ class AnswerService:
         self.timeouts = Timeouts(settings.first_token_timeout_s, settings.total_timeout_s)
 
     def answer(self, request: RagRequest, request_id: str, budget: TokenBudget | None = None) -> AsyncIterator[Event]:
-        """The events of `_answer_counted`, under a `rag.request` span when tracing is on (service/tracing.py)."""
+        """The events of `_answer_counted`, under a `rag.request` span when tracing is on (observability/tracing.py)."""
         key_id = budget.principal.key_id if budget is not None else None
         events = self._answer_counted(request, request_id, budget)
         return self.tracing.stream(events, _describe_root, request_id=request_id, key_id=key_id)
@@ -167,7 +167,7 @@ class AnswerService:
         """
         clock = _Clock()
         meta: Meta | None = None
-        note(question_chars=len(request.question))  # for the request's access log line (service.logs)
+        note(question_chars=len(request.question))  # for the request's access log line (service.observability.logs)
         try:
             with span("rag.guardrails"):
                 question = self.guard(request)

@@ -43,7 +43,7 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from redis.exceptions import RedisError
 from starlette.responses import Response
 
-from service.events import Done, Meta
+from service.answer.events import Done, Meta
 
 log = logging.getLogger(__name__)
 

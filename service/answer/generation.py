@@ -15,9 +15,9 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from service.observability.tracing import detached_span
+from service.policy.routing import ModelChoice
 from service.providers.base import GenerationRequest, Provider, ProviderError, Usage
-from service.routing import ModelChoice
-from service.tracing import detached_span
 
 log = logging.getLogger(__name__)
 

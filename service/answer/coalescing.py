@@ -22,7 +22,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from service.events import Done, Event, Failed, decode, encode
+from service.answer.events import Done, Event, Failed, decode, encode
 
 log = logging.getLogger(__name__)
 

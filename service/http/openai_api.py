@@ -6,7 +6,7 @@ a `RagRequest`, runs through `answer_events` like every answer endpoint, and the
 are written back in the Chat Completions format.
 
 - Every endpoint here needs an API key with the "query" scope (`Authorization: Bearer`,
-  which is how the SDKs send `api_key`); errors use OpenAI's shape (service/errors.py).
+  which is how the SDKs send `api_key`); errors use OpenAI's shape (service/http/errors.py).
 - The question is the last message, which must come from the user. Earlier messages
   (system prompts, history) are accepted but not used yet: the pipeline has no place for
   conversation history (neither the prompt nor the cache key would carry it).
@@ -34,11 +34,14 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sse_starlette import ServerSentEvent
 
-from service.api import SSE_HEADERS, SSE_MEDIA_TYPE, answer_events, collect, request_id, sse_response
-from service.auth import AuthFirstRoute, requires
-from service.errors import APIError, openai_error
-from service.events import Done, Event, Meta, Token, event_payload
-from service.guardrails import (
+from service.answer.events import Done, Event, Meta, Token, event_payload
+from service.answer.pipeline import AnswerService
+from service.answer.schemas import CacheMode, RagRequest
+from service.http.auth import AuthFirstRoute, requires
+from service.http.errors import APIError, openai_error
+from service.http.rag import SSE_HEADERS, SSE_MEDIA_TYPE, answer_events, collect, request_id, sse_response
+from service.http.responses import ANSWER, AUTH, error_responses
+from service.policy.guardrails import (
     CONTROL_CHARACTERS,
     EMPTY_QUESTION,
     PII_DETECTED,
@@ -46,9 +49,6 @@ from service.guardrails import (
     QUESTION_TOO_LONG,
     TOO_MANY_TOKENS,
 )
-from service.pipeline import AnswerService
-from service.responses import ANSWER, AUTH, error_responses
-from service.schemas import CacheMode, RagRequest
 
 # Every /v1 endpoint needs a key with the "query" scope; the SDKs send it as `Authorization: Bearer`.
 router = APIRouter(

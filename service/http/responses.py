@@ -1,7 +1,7 @@
 """The error responses each route can give, declared for the OpenAPI schema.
 
 FastAPI documents only 200 and its own 422 shape (`{"detail": [...]}`), which this service
-never sends: every error is `{"error": {"code", "message"}}` (service/errors.py), and under
+never sends: every error is `{"error": {"code", "message"}}` (service/http/errors.py), and under
 `/v1/` OpenAI's `{"error": {"message", "type", "param", "code"}}`. Routes pass
 `responses=error_responses(...)` so the schema says what clients really get; the schema
 fuzz test (tests/test_schema_fuzz.py) holds every response to it.

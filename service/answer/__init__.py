@@ -1,0 +1,1 @@
+"""The answer domain: the pipeline's seven steps, coalescing, events and domain errors."""

@@ -1,0 +1,1 @@
+"""Command-line entry points: `rag-serve` and `rag-admin`."""

@@ -1,0 +1,1 @@
+"""The HTTP surface: app factory, routes per surface, middleware, auth, and the one error -> HTTP mapping."""

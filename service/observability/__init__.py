@@ -1,0 +1,1 @@
+"""Logs, tracing, Prometheus metrics and the dashboard's time series."""

@@ -1,0 +1,1 @@
+"""Postgres adapters: connections, migrations, documents, retrieval, the semantic index, the corpus watcher."""

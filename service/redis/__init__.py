@@ -1,0 +1,1 @@
+"""Redis adapters: the answer cache, per-key limits and budgets, and the keyspace they share."""
