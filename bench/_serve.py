@@ -296,7 +296,7 @@ def realistic_answer(tokens: int) -> Any:
 
     Deterministic in the request body, so identical prompts give identical answers.
     """
-    from tests.provider_server import default_answer
+    from tests.support.provider_server import default_answer
 
     def answer(body: Mapping[str, Any]) -> str:
         head = default_answer(body).split()
@@ -380,7 +380,7 @@ class ProviderProcess:
 
 
 def _provider_main(first_token_delay: str, token_interval: str, answer_tokens: str) -> None:
-    from tests.provider_server import Behavior, ProviderServer
+    from tests.support.provider_server import Behavior, ProviderServer
 
     behavior = Behavior(
         text=realistic_answer(int(answer_tokens)),

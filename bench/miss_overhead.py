@@ -10,7 +10,7 @@ embedding; later runs re-check content hashes and embed nothing (`--fresh` start
 One process, one event loop for the app and the client: the real app (`create_app`, real
 settings, the local embedder) on a real uvicorn server on loopback, called with an API key
 created without `rpm` or `tokens_per_day` (the default path: no rate-limit call to Redis), the Anthropic wire
-protocol answered by `tests.provider_server.ProviderServer` (a thread of this process,
+protocol answered by `tests.support.provider_server.ProviderServer` (a thread of this process,
 real `anthropic` SDK inside the app). Per query and pass, in rotating order:
 
 - end to end, cache "use" (a real miss: our Redis keys are flushed first): monotonic time
@@ -220,7 +220,7 @@ async def run(args: argparse.Namespace, command: str) -> str:
     from service.embeddings.encoders import LocalEmbedder
     from service.http.app import create_app
     from service.postgres.corpus import open_corpus
-    from tests.provider_server import ProviderServer
+    from tests.support.provider_server import ProviderServer
 
     queries = load_queries(args.data)
     loads_before = load_text()
@@ -410,7 +410,7 @@ def render(
         f"Machine: {machine_line()}, torch {torch.__version__} ({torch.get_num_threads()} threads); "
         f"load average (1/5/15 min) before {loads[0]}, after {loads[1]}  ",
         f"Corpus: msmarco-5k, {corpus}; {queries} queries × {args.passes} passes after one warm-up pass; "
-        "local all-MiniLM-L6-v2; provider = `tests.provider_server.ProviderServer` (Anthropic wire, real SDK); "
+        "local all-MiniLM-L6-v2; provider = `tests.support.provider_server.ProviderServer` (Anthropic wire, real SDK); "
         "app, uvicorn, client (httpx) and provider server in one process and one clock.",
         "",
         markdown_table(["measure", "n", "p50 ms", "p99 ms", "p50 / bare embed"], rows, "lrrrr"),

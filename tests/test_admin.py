@@ -13,7 +13,7 @@ from service.cli.admin import app as admin_app
 from service.observability.metrics import Metrics
 from service.redis.answer_cache import AnswerCache, CachedAnswer
 from service.settings import Settings
-from tests.conftest import cli_env
+from tests.support.servers import cli_env
 
 
 async def _fill(url: str) -> None:

@@ -9,7 +9,7 @@ import httpx
 from service.embeddings.encoders import LocalEmbedder
 from service.http.app import create_app
 from service.settings import Settings
-from tests.conftest import make_settings, serve_app
+from tests.support.servers import make_settings, serve_app
 
 
 async def test_health_and_ready_with_all_dependencies_up(settings: Settings, local_embedder: LocalEmbedder) -> None:

@@ -18,8 +18,8 @@ from service.http.app import create_app
 from service.http.auth import ApiKey, Authenticator, AuthUnavailableError, KeyStore, new_key, parse_key, verify
 from service.postgres.corpus import open_corpus
 from service.settings import Settings
-from tests.conftest import bearer, cli_env, make_key, serve_app, wait_until
-from tests.test_answer_path import ask, running, seed
+from tests.support.answers import ask, running, seed
+from tests.support.servers import bearer, cli_env, make_key, serve_app, wait_until
 
 # --- pure -------------------------------------------------------------------------------------
 

@@ -16,9 +16,10 @@ import redis.asyncio as aioredis
 
 from service.embeddings.encoders import LocalEmbedder
 from service.settings import Settings
-from tests.conftest import BIN, bearer, cli_env, make_key, wait_until
-from tests.provider_server import Behavior, ProviderServer
-from tests.test_answer_path import FLUSH, ask, parse_sse, running, seed, with_providers
+from tests.support.answers import FLUSH, ask, running, seed, with_providers
+from tests.support.provider_server import Behavior, ProviderServer
+from tests.support.servers import BIN, bearer, cli_env, make_key, wait_until
+from tests.support.sse import parse_sse
 
 
 @pytest.fixture

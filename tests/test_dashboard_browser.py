@@ -32,7 +32,7 @@ from service.embeddings.encoders import LocalEmbedder
 from service.http.app import create_app
 from service.observability.metrics import Metrics
 from service.settings import Settings
-from tests.conftest import ROOT, bearer, make_key, serve_app
+from tests.support.servers import ROOT, bearer, make_key, serve_app
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [

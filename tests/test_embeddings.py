@@ -11,7 +11,7 @@ from service.cli.serve import torch_threads_per_worker
 from service.embeddings.encoders import LocalEmbedder, OpenAIEmbedder, create_embedder
 from service.postgres.corpus import open_corpus
 from service.settings import Settings
-from tests.provider_server import Behavior, ProviderServer
+from tests.support.provider_server import Behavior, ProviderServer
 
 
 async def test_openai_embedder_batches_normalises_and_retries_429() -> None:

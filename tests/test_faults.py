@@ -30,9 +30,9 @@ from service.embeddings.encoders import LocalEmbedder
 from service.http.app import Resources, create_app
 from service.postgres.corpus import open_corpus
 from service.settings import Settings
-from tests.conftest import BIN, bearer, cli_env, make_key, make_settings, serve_app, wait_until
-from tests.provider_server import Behavior, ProviderServer
-from tests.test_answer_path import FLUSH, Reply, ask, running, seed, with_providers
+from tests.support.answers import FLUSH, Reply, ask, running, seed, with_providers
+from tests.support.provider_server import Behavior, ProviderServer
+from tests.support.servers import BIN, bearer, cli_env, make_key, make_settings, serve_app, wait_until
 
 KEYS_QUESTION = "How are API keys stored?"
 PDF_QUESTION = "How are PDF files parsed?"

@@ -29,9 +29,9 @@ import pytest
 
 from service.embeddings.encoders import LocalEmbedder
 from service.http.app import create_app
-from tests.conftest import Servers, make_key, serve_app
-from tests.module_env import module_settings
-from tests.test_answer_path import FLUSH, seed
+from tests.support.answers import FLUSH, seed
+from tests.support.module_env import module_settings
+from tests.support.servers import Servers, make_key, serve_app
 
 MAX_BODY_BYTES = 16 * 1024  # RAG_MAX_BODY_BYTES for this module: small, so the rows stay small
 MAX_CHARS = 4000  # the default RAG_QUESTION_MAX_CHARS

@@ -20,7 +20,7 @@ from ingest.pipeline import IngestOptions, ingest_documents
 from service.postgres.corpus import Corpus, open_corpus
 from service.postgres.db import CorpusMismatchError, SchemaParams, load_migrations, migrate
 from service.settings import Settings
-from tests.conftest import BIN, cli_env, wait_until
+from tests.support.servers import BIN, cli_env, wait_until
 
 OPTIONS = IngestOptions(chunk_tokens=120, chunk_overlap=20, window=16)
 

@@ -9,8 +9,8 @@ from service.embeddings.encoders import LocalEmbedder
 from service.http.app import create_app
 from service.redis.limits import retry_after, seconds_to_utc_midnight, utc_day
 from service.settings import Settings
-from tests.conftest import bearer, make_key, serve_app
-from tests.test_answer_path import FLUSH, ask, running, seed
+from tests.support.answers import FLUSH, ask, running, seed
+from tests.support.servers import bearer, make_key, serve_app
 
 
 def test_pure_helpers() -> None:

@@ -34,9 +34,9 @@ from service.observability.logs import (
 )
 from service.redis.answer_cache import question_hash
 from service.settings import Settings
-from tests.conftest import bearer, make_key
-from tests.provider_server import Behavior, ProviderServer
-from tests.test_answer_path import FLUSH, Reply, ask, running, seed, with_providers
+from tests.support.answers import FLUSH, Reply, ask, running, seed, with_providers
+from tests.support.provider_server import Behavior, ProviderServer
+from tests.support.servers import bearer, make_key
 
 HASH = re.compile(r"[0-9a-f]{16}")  # service.redis.answer_cache.question_hash: a SHA-256 prefix
 

@@ -33,7 +33,7 @@ from service.observability.metrics import (
     percentile,
 )
 from service.settings import Settings
-from tests.conftest import ROOT, bearer, make_key, serve_app, wait_until
+from tests.support.servers import ROOT, bearer, make_key, serve_app, wait_until
 
 RETENTION = 7 * 24 * 3600
 

@@ -21,9 +21,9 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletio
 from service.embeddings.encoders import LocalEmbedder
 from service.http.app import create_app
 from service.settings import Settings
-from tests.conftest import make_key, serve_app
-from tests.provider_server import Behavior, ProviderServer
-from tests.test_answer_path import FLUSH, seed, with_providers
+from tests.support.answers import FLUSH, seed, with_providers
+from tests.support.provider_server import Behavior, ProviderServer
+from tests.support.servers import make_key, serve_app
 
 
 def user(text: str) -> list[ChatCompletionMessageParam]:

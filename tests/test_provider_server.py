@@ -20,7 +20,7 @@ import pytest
 from anthropic.types import MessageParam
 from openai.types.chat import ChatCompletionMessageParam
 
-from tests.provider_server import Behavior, CallRecord, ProviderServer, default_answer, embed_text
+from tests.support.provider_server import Behavior, CallRecord, ProviderServer, default_answer, embed_text
 
 ANSWER = "Paris is the capital of France [1]."
 WORDS = ["Paris ", "is ", "the ", "capital ", "of ", "France ", "[1]."]

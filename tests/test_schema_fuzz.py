@@ -35,9 +35,9 @@ from schemathesis import Case, CheckContext, Response
 
 from service.embeddings.encoders import LocalEmbedder
 from service.http.app import create_app
-from tests.conftest import Servers, bearer, make_key, make_settings
-from tests.module_env import module_settings, serve_in_thread
-from tests.test_answer_path import seed
+from tests.support.answers import seed
+from tests.support.module_env import module_settings, serve_in_thread
+from tests.support.servers import Servers, bearer, make_key, make_settings
 
 MAX_EXAMPLES = 30  # per operation and generation mode (positive, negative)
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import httpx
 
 from service.cli.serve import LOCAL_KEY_FILE
-from tests.conftest import BIN, ROOT
-from tests.test_answer_path import parse_sse
+from tests.support.servers import BIN, ROOT
+from tests.support.sse import parse_sse
 
 
 def free_port() -> int:

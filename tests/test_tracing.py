@@ -31,9 +31,9 @@ from service.http.app import create_app
 from service.http.auth import parse_key
 from service.observability import tracing
 from service.settings import Settings
-from tests.conftest import ROOT, bearer, make_key, serve_app, wait_until
-from tests.provider_server import Behavior, ProviderServer
-from tests.test_answer_path import FLUSH, ask, seed, with_providers
+from tests.support.answers import FLUSH, ask, seed, with_providers
+from tests.support.provider_server import Behavior, ProviderServer
+from tests.support.servers import ROOT, bearer, make_key, serve_app, wait_until
 
 # The request path's steps, in the order a miss runs them (SPEC: guardrails, exact cache,
 # semantic cache, retrieval, routing, generation, cache write).

@@ -21,7 +21,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from service.settings import Settings
-from tests.conftest import Servers, make_settings, with_database
+from tests.support.servers import Servers, make_settings, with_database
 
 # conftest hands out Redis databases 1..15 to single tests; modules use 0 and flush it first.
 MODULE_REDIS_DB = 0

@@ -1,0 +1,114 @@
+"""Settings, real servers and HTTP plumbing shared by the tests and the benchmarks."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from service.embedded import EmbeddedPostgres, EmbeddedValkey
+from service.http.auth import KeyStore, Scope
+from service.postgres.corpus import open_corpus
+from service.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+BIN = Path(sys.executable).parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+@dataclass
+class Servers:
+    admin_dsn: str  # a database we may CREATE DATABASE from
+    redis_url: str
+    postgres: EmbeddedPostgres | None
+    valkey: EmbeddedValkey | None
+
+
+def with_database(dsn: str, name: str) -> str:
+    """The same server, another database (works for host:port and unix-socket DSNs)."""
+    parts = urlsplit(dsn)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
+
+
+def make_settings(database_url: str, redis_url: str, data_dir: Path, **overrides: object) -> Settings:
+    """Settings from explicit values only: no .env, and nothing leaks in from the environment."""
+    values: dict[str, object] = {
+        "database_url": database_url,
+        "redis_url": redis_url,
+        "data_dir": data_dir,
+        "anthropic_api_key": None,
+        "openai_api_key": None,
+        "openai_base_url": None,
+        "anthropic_base_url": None,
+        "embedding_provider": "local",
+        "embedding_model": None,
+        "otel_enabled": None,  # tracing off unless a test injects a TracerProvider
+        "otel_exporter_otlp_endpoint": None,
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+def cli_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """Environment for running a console script against the test servers."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAG_", "OPENAI_", "ANTHROPIC_"))}
+    env.update(
+        DATABASE_URL=str(settings.database_url),
+        REDIS_URL=str(settings.redis_url),
+        RAG_DATA_DIR=str(settings.data_dir),
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+async def wait_until(predicate: object, within: float = 10.0, interval: float = 0.02) -> None:
+    """Poll an async or sync predicate until true; fail the test after `within` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while True:
+        result = predicate() if callable(predicate) else predicate
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if loop.time() > deadline:
+            raise AssertionError(f"condition not met within {within}s")
+        await asyncio.sleep(interval)
+
+
+async def make_key(
+    settings: Settings, scope: Scope = "admin", *, rpm: int | None = None, tokens_per_day: int | None = None
+) -> str:
+    """A real API key in the test database (migrating it first, as the app would)."""
+    async with open_corpus(settings) as corpus:
+        token, _ = await KeyStore(corpus.pool).create(f"test-{scope}", scope, rpm=rpm, tokens_per_day=tokens_per_day)
+    return token
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@asynccontextmanager
+async def serve_app(app: object) -> AsyncIterator[str]:
+    """Run the ASGI app on a real uvicorn server on a free loopback port, in this event loop."""
+    import uvicorn
+
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="on", log_level="warning")  # type: ignore[arg-type]
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    await wait_until(lambda: server.started or task.done(), within=60)
+    if task.done():
+        task.result()  # raise the startup error
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task

@@ -1,0 +1,1 @@
+"""System tests: several processes, faults, the browser, the compose files."""
