@@ -29,7 +29,6 @@ from service.observability.metrics import (
     Metrics,
     bucket_index,
     bucket_range,
-    failure_stage,
     percentile,
 )
 from service.settings import Settings
@@ -500,11 +499,6 @@ async def test_record_from_events(client: aioredis.Redis, clock: Clock) -> None:
     assert s["saved"] == {"input_tokens": 1200, "output_tokens": 150, "tokens": 1350, "cost_usd": 0.00195}
     assert s["routes"]["tiers"] == {"small": 1} and s["top_questions"] == [{"hash": "q", "hits": 1}]
     assert in_bucket_of(640.0)(s["ttft_ms"]["miss"]["p50"]) and in_bucket_of(0.8)(s["ttft_ms"]["hit"]["p50"])
-
-    assert failure_stage(400, "prompt_injection") == "guardrail"
-    assert failure_stage(422, "unknown_model") == "schema"
-    assert failure_stage(503, "database_unavailable") == "database"
-    assert failure_stage(503, "providers_unavailable") == "provider"
 
 
 async def test_background_flush_writes_without_a_read(client: aioredis.Redis, clock: Clock) -> None:

@@ -6,6 +6,10 @@ taken follow the stream live (`XREAD BLOCK`), from any worker process. The leade
 renews its lease while generating; if it dies, the lease expires and a follower that has
 not yet shown anything takes over, while one that has gets a clean error event.
 Redis being down turns coalescing off (every request answers on its own).
+
+`Lease` and `Coalescer` speak Redis (scripts, streams); `Coalescing.run(key, produce)` is
+the choreography the pipeline calls: lead, follow or take over, with the leader's answer
+produced in a task of its own so that it can outlive its client for its followers.
 """
 
 from __future__ import annotations
@@ -15,14 +19,16 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from service.answer.events import Done, Event, Failed, decode, encode
+from service.answer.events import Clock, Done, Event, Failed, Meta, Token, decode, encode
+from service.answer.schemas import UsageInfo
+from service.errors import LeaderFailed, Overloaded, ServiceError
 
 log = logging.getLogger(__name__)
 
@@ -185,3 +191,130 @@ class Coalescer:
         finally:
             with contextlib.suppress(RedisError, OSError):
                 await self.client.decr(self.followers_key(key))
+
+
+# -- the choreography ------------------------------------------------------------------------
+
+TAKEOVER_ATTEMPTS = 3
+Produce = Callable[[bool], AsyncIterator[Event]]  # the answer, told whether to look in the exact cache again
+Free = Callable[[], Awaitable[list[Event] | None]]  # an answer that costs nothing now (a cache hit), or None
+
+
+class _TakeOverError(Exception):
+    """A followed leader vanished before its first event; this request may lead instead."""
+
+
+class Coalescing:
+    """One request's part in a coalesced answer: lead it, follow it, or take it over."""
+
+    def __init__(
+        self,
+        coalescer: Coalescer,
+        *,
+        available: Callable[[], bool],
+        detach: Callable[[Coroutine[Any, Any, None]], None],
+    ) -> None:
+        self.coalescer = coalescer
+        self.available = available  # False while Redis is known to be down: answer alone
+        self.detach = detach
+
+    async def run(
+        self, key: str | None, produce: Produce, *, free: Free, request_id: str, clock: Clock
+    ) -> AsyncIterator[Event]:
+        """The answer for `key` (None: answer alone), generated once for every request asking for it.
+
+        Each attempt first asks `free()` for an answer that costs nothing (the leader just
+        before us may have cached one). Then this request leads, and `produce(True)` answers
+        for it and its followers; or it follows the leader live, and takes over if that one
+        dies before its first event. Without Redis it answers alone with `produce(False)`.
+        """
+        for _ in range(TAKEOVER_ATTEMPTS):
+            answered = await free()
+            if answered is not None:
+                for event in answered:
+                    yield event
+                return
+            role = await self._lead_or_follow(key)
+            if role == "follow":
+                assert key is not None  # only a shared answer is followed
+                try:
+                    async for event in self._follow(key, request_id, clock):
+                        yield event
+                    return
+                except _TakeOverError:
+                    continue  # the leader died before showing anything: try to lead ourselves
+            async for event in self._produce_and_consume(produce(role is not None), role):
+                yield event
+            return
+        raise Overloaded("coalescing_failed", "could not join or start a generation", retry_after=1)
+
+    async def _lead_or_follow(self, key: str | None) -> Lease | Literal["follow"] | None:
+        if key is None or not self.available():
+            return None
+        try:
+            lease = await self.coalescer.lead(key)
+        except (RedisError, OSError):
+            return None  # no Redis, no coalescing: answer on our own
+        return "follow" if lease is None else lease
+
+    async def _produce_and_consume(self, events: AsyncIterator[Event], lease: Lease | None) -> AsyncIterator[Event]:
+        """Produce in a task of its own, so the answer can outlive this request for its followers."""
+        queue: asyncio.Queue[Event | ServiceError | None] = asyncio.Queue()
+        producer = asyncio.create_task(self._produce(events, lease, queue))
+        try:
+            while (item := await queue.get()) is not None:
+                if isinstance(item, ServiceError):
+                    raise item
+                yield item
+        finally:
+            if not producer.done():
+                # Our client left. Nothing may be awaited here (the response's cancel scope would
+                # cancel it again), so the decision runs in a task of its own.
+                if lease is None:
+                    producer.cancel()  # closes the provider connection at once
+                else:
+                    self.detach(self._abandon_unless_followed(lease, producer))
+
+    async def _produce(
+        self, events: AsyncIterator[Event], lease: Lease | None, queue: asyncio.Queue[Event | ServiceError | None]
+    ) -> None:
+        try:
+            async for event in events:
+                queue.put_nowait(event)
+                if lease is not None:
+                    lease.publish(event)
+        except ServiceError as exc:
+            queue.put_nowait(exc)
+            if lease is not None:
+                lease.publish(Failed(exc.code, exc.message))
+        finally:
+            queue.put_nowait(None)
+            if lease is not None:
+                await lease.close()
+
+    async def _abandon_unless_followed(self, lease: Lease, producer: asyncio.Task[None]) -> None:
+        """Keep producing only if other requests follow this answer; otherwise cancel it."""
+        if await lease.abandon():
+            producer.cancel()
+
+    async def _follow(self, key: str, request_id: str, clock: Clock) -> AsyncIterator[Event]:
+        """Relay another request's generation of the same answer, live, as this request's events."""
+        shown = False
+        try:
+            async for event in self.coalescer.follow(key):
+                if isinstance(event, Failed) and not shown:
+                    raise LeaderFailed(event.code, event.message)
+                if isinstance(event, Meta):
+                    event = replace(event, request_id=request_id, cache="coalesced")
+                elif isinstance(event, Token):
+                    clock.token()
+                elif isinstance(event, Done):  # free for us; `saved` is what the leader's answer cost
+                    free = UsageInfo(input_tokens=0, output_tokens=0, cost_usd=0.0)
+                    saved = event.saved if event.saved is not None else event.usage
+                    event = Done(free, clock.ms(), clock.ttft_ms(), cached=False, saved=saved)
+                shown = True
+                yield event
+        except (LeaderLostError, RedisError, OSError) as exc:
+            if not shown:
+                raise _TakeOverError from exc
+            yield Failed("leader_lost", "the shared generation of this answer stopped; please retry")

@@ -7,7 +7,8 @@ workers through Redis Streams) and the HTTP layer (SSE or JSON).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from service.answer.schemas import CacheOutcome, RouteInfo, SourceInfo, UsageInfo
@@ -43,6 +44,32 @@ class Failed:
 
 
 Event = Meta | Token | Done | Failed
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """The question passed the guardrails. For the pipeline's observers only; never sent to a client."""
+
+    question_hash: str  # of the redacted text: the access log and the top questions show it, never the text
+
+
+@dataclass
+class Clock:
+    """One request's timing: `latency_ms` and `ttft_ms` of its `done` event."""
+
+    started: float = field(default_factory=time.perf_counter)
+    first_token: float | None = None
+
+    def ms(self, at: float | None = None) -> float:
+        return round(((at or time.perf_counter()) - self.started) * 1000, 2)
+
+    def ttft_ms(self) -> float | None:
+        return None if self.first_token is None else self.ms(self.first_token)
+
+    def token(self) -> None:
+        """A token was shown; the first one sets the time to first token."""
+        if self.first_token is None:
+            self.first_token = time.perf_counter()
 
 
 def event_payload(event: Event) -> tuple[str, dict[str, Any]]:

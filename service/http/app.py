@@ -161,7 +161,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         providers=providers,
         policy=routing_policy(settings),
         metrics=metrics,
-        tracing=tracing,
     )
     # The model and SDKs leave ~650k long-lived objects; full GC passes over them took 0.3-0.7 s
     # and were the p99 of cache hits. Freeze them out of the collector's view.

@@ -1,5 +1,9 @@
 """One error shape for every failure before a stream starts: {"error": {"code", "message"}}.
 
+`APIError` is the HTTP error type, built only in service/http/. The domain below raises
+`ServiceError`s (service/errors.py); `api_error` here is the one place that maps each to a
+status code, error code, message and `Retry-After`.
+
 Under `/v1/` (the OpenAI-compatible API) the same errors carry OpenAI's keys as well,
 `{"error": {"message", "type", "param", "code"}}`, so the OpenAI SDKs raise their usual
 exception classes and show our message and code.
@@ -15,6 +19,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.errors import (
+    DependencyUnavailable,
+    GuardrailViolation,
+    InvalidRequest,
+    Overloaded,
+    RateLimited,
+    ServiceError,
+)
 from service.observability.logs import note
 
 log = logging.getLogger(__name__)
@@ -36,6 +48,23 @@ class APIError(Exception):
         self.message = message
         self.headers = headers or {}
         self.param = param  # the request field at fault; only the OpenAI shape shows it
+
+
+# Most specific class first: the first match gives the status.
+_STATUS: tuple[tuple[type[ServiceError], int], ...] = (
+    (GuardrailViolation, 400),
+    (InvalidRequest, 422),
+    (RateLimited, 429),  # and BudgetExceeded
+    (DependencyUnavailable, 503),  # database, embedding, providers, a followed generation that failed
+    (Overloaded, 503),
+)
+
+
+def api_error(exc: ServiceError) -> APIError:
+    """The HTTP error for a domain error: status by its class, its code and message, `Retry-After`."""
+    status = next((status for cls, status in _STATUS if isinstance(exc, cls)), 500)
+    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+    return APIError(status, exc.code, exc.message, headers)
 
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -98,6 +127,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
         return _respond(request, exc.status, exc.code, exc.message, exc.headers, exc.param)
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        error = api_error(exc)
+        return _respond(request, error.status, error.code, error.message, error.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -37,8 +37,9 @@ from sse_starlette import ServerSentEvent
 from service.answer.events import Done, Event, Meta, Token, event_payload
 from service.answer.pipeline import AnswerService
 from service.answer.schemas import CacheMode, RagRequest
+from service.errors import ServiceError
 from service.http.auth import AuthFirstRoute, requires
-from service.http.errors import APIError, openai_error
+from service.http.errors import APIError, api_error, openai_error
 from service.http.rag import SSE_HEADERS, SSE_MEDIA_TYPE, answer_events, collect, request_id, sse_response
 from service.http.responses import ANSWER, AUTH, error_responses
 from service.policy.guardrails import (
@@ -323,8 +324,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     rag_request, index = to_rag_request(body)
     try:
         first, events = await answer_events(request, rag_request)
-    except APIError as exc:
-        raise _with_param(exc, index) from None
+    except ServiceError as exc:
+        raise _with_param(api_error(exc), index) from None
     assert isinstance(first, Meta)
     completion = _Completion(rid, first)
     if body.stream:

@@ -10,12 +10,15 @@ from fastapi import APIRouter, Depends, Request, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from service.answer.events import Done, Event, Failed, Meta, Token, event_payload
+from service.answer.observe import access_fields
 from service.answer.pipeline import AnswerService
 from service.answer.schemas import RagAnswer, RagRequest
+from service.errors import ServiceError
 from service.http.auth import AuthFirstRoute, Principal, requires
-from service.http.errors import APIError
+from service.http.errors import APIError, api_error
 from service.http.responses import ANSWER, error_responses
 from service.observability.logs import note
+from service.observability.tracing import Span, Tracing
 from service.redis.limits import TokenBudget
 
 router = APIRouter(
@@ -42,12 +45,16 @@ async def answer_events(request: Request, body: RagRequest) -> tuple[Event, Asyn
 
     Every answer endpoint (`/rag/*`, `/v1/chat/completions`) goes through here, after
     `requires(...)` set the caller: each request counts against the key's rate (hits too);
-    the pipeline checks and charges its token budget only when it generates.
+    the pipeline checks and charges its token budget only when it generates. With tracing
+    on, the answer runs under a `rag.request` span (service/observability/tracing.py).
     """
     principal: Principal = request.state.principal
     limiter = request.app.state.resources.limiter
     await limiter.check_request(principal)
-    events = _service(request).answer(body, request_id(request), TokenBudget(limiter, principal))
+    rid = request_id(request)
+    answer = _service(request).answer(body, rid, TokenBudget(limiter, principal))
+    tracing: Tracing = request.app.state.tracing
+    events = tracing.stream(answer, _describe_root, request_id=rid, key_id=principal.key_id)
     first = await anext(events)
 
     async def rest() -> AsyncIterator[Event]:
@@ -56,6 +63,19 @@ async def answer_events(request: Request, body: RagRequest) -> tuple[Event, Asyn
             yield event
 
     return first, rest()
+
+
+def _describe_root(root: Span, item: Event | BaseException) -> None:
+    """What a traced answer's root span says: the access line's fields (outcome, route, usage) or the error."""
+    if isinstance(item, Token):
+        return
+    if isinstance(item, ServiceError):
+        error = api_error(item)
+        root.set(error=error.code, http_status=error.status)
+    elif not isinstance(item, BaseException):
+        root.set(**access_fields(item))
+        if isinstance(item, Failed):
+            root.error(item.code)
 
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

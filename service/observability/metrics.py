@@ -258,20 +258,6 @@ def metrics_app_response() -> Response:
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
-def failure_stage(status: int, code: str) -> str:
-    """The `stage` label of an error answered before the stream started (an `APIError`).
-
-    Failures after the first token are `"stream"`; the caller knows those apart.
-    """
-    if status == 400:
-        return "guardrail"
-    if status in (413, 422):
-        return "schema"
-    if code == "database_unavailable":
-        return "database"
-    return "provider"  # providers_unavailable, embedding_unavailable, generation_failed, ...
-
-
 def _ratios(by_outcome: Mapping[str, int], eligible: int) -> dict[str, float]:
     hit, semantic, coalesced = (
         by_outcome.get("hit", 0),

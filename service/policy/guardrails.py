@@ -3,7 +3,8 @@
 Why it is pure: it runs ahead of the cache, the database and the model, so it
 must be cheap, deterministic and testable without a running stack. The service
 builds a :class:`GuardrailPolicy` from its settings, passes a token counter in,
-and maps :class:`GuardrailViolation` to an HTTP 400 error.
+and lets :class:`GuardrailViolation` (a domain error, service/errors.py) reach the
+HTTP layer, which answers it with a 400.
 
 Order of checks (part of the contract):
 NFC normalise -> empty -> control chars -> length (chars) -> PII -> injection
@@ -20,6 +21,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from types import MappingProxyType
 from typing import Final, Literal
+
+from service.errors import GuardrailViolation  # a rejected question; its message never echoes the text
 
 __all__ = [
     "CONTROL_CHARACTERS",
@@ -101,18 +104,6 @@ class GuardrailResult:
         """Freeze the containers so a result can be shared safely."""
         object.__setattr__(self, "flags", tuple(self.flags))
         object.__setattr__(self, "redactions", MappingProxyType(dict(self.redactions)))
-
-
-class GuardrailViolation(Exception):
-    """A rejected question. ``message`` never echoes the user's text or PII."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(code, message)
-        self.code = code
-        self.message = message
-
-    def __str__(self) -> str:
-        return f"{self.code}: {self.message}"
 
 
 # --------------------------------------------------------------------------

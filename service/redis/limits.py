@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from service.errors import BudgetExceeded, RateLimited
 from service.http.auth import Principal
-from service.http.errors import APIError
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +58,9 @@ def utc_day(now: float) -> str:
     return time.strftime("%Y%m%d", time.gmtime(now))
 
 
-def retry_after(ms: float) -> dict[str, str]:
-    return {"Retry-After": str(max(1, math.ceil(ms / 1000)))}
+def retry_after(ms: float) -> int:
+    """Whole seconds to wait for `ms` milliseconds, never 0 (a client told 0 retries at once)."""
+    return max(1, math.ceil(ms / 1000))
 
 
 class Limiter:
@@ -71,7 +72,7 @@ class Limiter:
 
     # -- requests per minute ---------------------------------------------------------------
     async def check_request(self, principal: Principal) -> None:
-        """429 `rate_limited` when the key is over its requests per minute."""
+        """`RateLimited` (`rate_limited`) when the key is over its requests per minute."""
         if principal.rpm is None:
             return
         try:
@@ -81,8 +82,8 @@ class Limiter:
             log.warning("rate limit not checked (fail open): %s", type(exc).__name__)
             return
         if wait_ms > 0:
-            raise APIError(
-                429, "rate_limited", f"this API key allows {principal.rpm} requests per minute", retry_after(wait_ms)
+            raise RateLimited(
+                "rate_limited", f"this API key allows {principal.rpm} requests per minute", retry_after(wait_ms)
             )
 
     # -- tokens per day --------------------------------------------------------------------
@@ -90,7 +91,7 @@ class Limiter:
         return f"{PREFIX}:tokens:{principal.key_id}:{utc_day(now)}"
 
     async def check_tokens(self, principal: Principal) -> None:
-        """429 `token_budget_exceeded` once today's (UTC) provider tokens reached the key's budget."""
+        """`BudgetExceeded` once today's (UTC) provider tokens reached the key's budget."""
         if principal.tokens_per_day is None:
             return
         now = time.time()
@@ -100,12 +101,10 @@ class Limiter:
             log.warning("token budget not checked (fail open): %s", type(exc).__name__)
             return
         if used >= principal.tokens_per_day:
-            raise APIError(
-                429,
-                "token_budget_exceeded",
+            raise BudgetExceeded(
                 f"this API key's budget of {principal.tokens_per_day} tokens per day (UTC) is used up; "
                 "cached answers are still served",
-                {"Retry-After": str(seconds_to_utc_midnight(now))},
+                seconds_to_utc_midnight(now),
             )
 
     async def charge_tokens(self, principal: Principal, tokens: int) -> None:
@@ -125,7 +124,7 @@ class Limiter:
         return f"{PREFIX}:authfail:{address}"
 
     async def check_auth_failures(self, address: str) -> None:
-        """429 `too_many_auth_failures` for an address that failed too often this minute."""
+        """`RateLimited` (`too_many_auth_failures`) for an address that failed too often this minute."""
         key = self._failures_key(address)
         try:
             async with self.client.pipeline(transaction=False) as pipe:
@@ -138,7 +137,7 @@ class Limiter:
             raise self._blocked(int(ttl))
 
     async def record_auth_failure(self, address: str) -> None:
-        """Count a failed attempt; 429 instead of 401 once the address is over the limit."""
+        """Count a failed attempt; `RateLimited` (429 instead of 401) once the address is over the limit."""
         try:
             count, ttl = await self._failure(keys=[self._failures_key(address)], args=[60])
         except (RedisError, OSError):
@@ -146,12 +145,11 @@ class Limiter:
         if int(count) > self.auth_failures_per_minute:
             raise self._blocked(int(ttl))
 
-    def _blocked(self, ttl: int) -> APIError:
-        return APIError(
-            429,
+    def _blocked(self, ttl: int) -> RateLimited:
+        return RateLimited(
             "too_many_auth_failures",
             "too many failed authentication attempts from this address; wait before retrying",
-            {"Retry-After": str(max(1, ttl))},
+            max(1, ttl),
         )
 
 

@@ -1,0 +1,106 @@
+"""What an answer's events tell the rest of the service, watched from outside the pipeline.
+
+`observed` wraps the pipeline's event stream and passes every event on unchanged, while it
+notes the access log's fields, counts the outcome for /metrics and the dashboard, charges
+generated tokens to the caller's daily budget, and counts failures by stage. Whatever needs
+I/O runs detached, off the request's path. The pipeline's steps know none of this.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
+
+from service.answer.events import Admitted, Done, Event, Failed, Meta
+from service.answer.schemas import RagRequest
+from service.errors import DependencyUnavailable, GuardrailViolation, InvalidRequest, ServiceError
+from service.observability.logs import note
+from service.observability.metrics import Metrics
+from service.policy.routing import ModelChoice
+from service.redis.limits import TokenBudget
+
+Detach = Callable[[Coroutine[Any, Any, None]], None]
+
+
+async def observed(
+    events: AsyncIterator[Admitted | Event],
+    request: RagRequest,
+    *,
+    metrics: Metrics | None,
+    budget: TokenBudget | None,
+    detach: Detach,
+) -> AsyncIterator[Event]:
+    """`events` as they come, minus `Admitted`; each one noted, counted and charged on the way.
+
+    Only answers generated for this request (`miss`, `bypass`) are charged to the budget.
+    """
+    note(question_chars=len(request.question))  # for the request's access log line (service.observability.logs)
+    question_hash = ""
+    meta: Meta | None = None
+    try:
+        async for event in events:
+            if isinstance(event, Admitted):
+                question_hash = event.question_hash
+                note(question_hash=question_hash)
+                continue
+            note(**access_fields(event))
+            if isinstance(event, Meta):
+                meta = event
+            elif isinstance(event, Done) and meta is not None:
+                if budget is not None and meta.cache in ("miss", "bypass"):
+                    detach(budget.charge(event.usage.input_tokens + event.usage.output_tokens))
+                if metrics is not None:
+                    detach(metrics.record(meta, event, question_hash))
+            elif isinstance(event, Failed) and metrics is not None:
+                detach(metrics.failed(code=event.code, stage="stream"))
+            yield event
+    except ServiceError as exc:
+        if metrics is not None:
+            detach(metrics.failed(code=exc.code, stage=failure_stage(exc)))
+        raise
+
+
+def failure_stage(exc: ServiceError) -> str:
+    """The `stage` label of a failure before the stream started, by the error's type.
+
+    Failures after the first event are `"stream"`; `observed` tells those apart.
+    """
+    if isinstance(exc, GuardrailViolation):
+        return "guardrail"
+    if isinstance(exc, InvalidRequest):
+        return "schema"
+    if isinstance(exc, DependencyUnavailable) and exc.dependency == "database":
+        return "database"
+    return "provider"  # providers, embedding, a followed generation that failed, budget, coalescing
+
+
+def access_fields(event: Event) -> dict[str, Any]:
+    """What the access log line says about an answer event: outcome, route, usage; never text."""
+    if isinstance(event, Meta):
+        route = event.route
+        return {"cache": event.cache, "tier": route.tier, "provider": route.provider, "model": route.model}
+    if isinstance(event, Done):
+        usage = event.usage
+        fields: dict[str, Any] = {
+            "ttft_ms": event.ttft_ms,
+            "input_tokens": usage.input_tokens,
+            "output_tokens": usage.output_tokens,
+            "cost_usd": usage.cost_usd,
+        }
+        if event.saved is not None:  # a hit or a coalesced answer: what the first generation cost
+            fields["saved_cost_usd"] = event.saved.cost_usd
+        return fields
+    if isinstance(event, Failed):
+        return {"error": event.code}
+    return {}
+
+
+def provider_attempts(metrics: Metrics | None) -> Callable[[ModelChoice, str, int | None], None] | None:
+    """`generate`'s `on_attempt`: each candidate model's outcome before its first token, counted."""
+    if metrics is None:
+        return None
+
+    def attempted(choice: ModelChoice, outcome: str, status: int | None) -> None:
+        metrics.provider_attempt(provider=choice.provider, model=choice.model, outcome=outcome, status=status)
+
+    return attempted

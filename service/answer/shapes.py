@@ -1,0 +1,123 @@
+"""What the pipeline's steps hand each other, and how one shape becomes the next (no I/O).
+
+A `Question` (a request past the guardrails) becomes a provider request; a provider's route
+and usage become the `meta` and `done` fields; a cached answer becomes the events of a hit,
+and a generated one becomes a cache entry.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
+from service.answer.events import Clock, Done, Event, Meta, Token
+from service.answer.generation import Answering
+from service.answer.schemas import RagRequest, RouteInfo, SourceInfo, UsageInfo
+from service.embeddings.encoders import Vectors
+from service.policy.prompt import Prompt
+from service.policy.routing import Route, RoutingPolicy
+from service.postgres.retrieval import Filters, Source
+from service.postgres.semantic_index import SemanticMatch
+from service.providers.base import GenerationRequest, Usage
+from service.redis.answer_cache import CachedAnswer
+
+Vector = Vectors  # one row of the embedder's output
+
+
+@dataclass
+class Question:
+    """A request that passed the guardrails: redacted text and everything the key needs."""
+
+    request: RagRequest
+    text: str
+    filters: Filters
+    key: str
+    scope: str  # the key without the question: what a semantic match must share
+    hash: str
+    flags: tuple[str, ...] = ()
+    vector: Vector | None = None  # embedded once, used by the semantic cache and retrieval
+
+
+def cost_usd(model: str, usage: Usage, pricing: Mapping[str, tuple[float, float]]) -> float:
+    per_in, per_out = pricing.get(model, (0.0, 0.0))
+    return round((usage.input_tokens * per_in + usage.output_tokens * per_out) / 1_000_000, 8)
+
+
+def usage_info(answering: Answering, usage: Usage, pricing: Mapping[str, tuple[float, float]]) -> UsageInfo:
+    return UsageInfo(
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+        cost_usd=cost_usd(answering.choice.model, usage, pricing),
+        estimated=usage.estimated,
+    )
+
+
+def source_info(source: Source) -> SourceInfo:
+    return SourceInfo(
+        n=source.n,
+        chunk_id=source.chunk_id,
+        document=source.document,
+        source=source.source,
+        score=source.score,
+        snippet=source.snippet(),
+    )
+
+
+def route_info(route: Route, answering: Answering, policy: RoutingPolicy) -> RouteInfo:
+    """The route that answered: the tier of the model that did (after a fallback, maybe the other one)."""
+    choice = answering.choice
+    tier = route.tier if choice in policy.tier_models(route.tier) else _other(route.tier)
+    reason = route.reason
+    if answering.failed:
+        reason += f"; fell back after {'; '.join(answering.failed)}"
+    return RouteInfo(tier=tier, model=choice.model, provider=choice.provider, reason=reason)
+
+
+def _other(tier: str) -> str:
+    return "large" if tier == "small" else "small"
+
+
+def replayed(hit: CachedAnswer, request_id: str, clock: Clock, semantic: SemanticMatch | None = None) -> list[Event]:
+    """A cached answer as this request's events: free now; `saved` is what it cost the first time."""
+    clock.first_token = time.perf_counter()
+    saved = UsageInfo(**hit.usage)
+    meta = Meta(request_id, "hit", RouteInfo(**hit.route), [SourceInfo(**s) for s in hit.sources])
+    if semantic is not None:
+        info = {"similarity": semantic.similarity, "matched_question_hash": semantic.question_hash}
+        meta = replace(meta, cache="semantic_hit", semantic=info)
+    return [
+        meta,
+        Token(hit.answer),
+        Done(UsageInfo(input_tokens=0, output_tokens=0, cost_usd=0.0), clock.ms(), clock.ttft_ms(), True, saved),
+    ]
+
+
+def cache_entry(question: Question, answer: str, route: RouteInfo, prompt: Prompt, usage: UsageInfo) -> CachedAnswer:
+    return CachedAnswer(
+        answer=answer,
+        route=route.model_dump(),
+        sources=[source_info(s).model_dump() for s in prompt.sources],
+        usage=usage.model_dump(),
+        document_ids=sorted({s.document_id for s in prompt.sources}),
+        question_hash=question.hash,
+    )
+
+
+@dataclass(frozen=True)
+class RequestFactory:
+    """The provider request for a model: the same prompt, whichever candidate answers."""
+
+    question: Question
+    prompt: Prompt
+
+    def __call__(self, model: str) -> GenerationRequest:
+        return GenerationRequest(
+            model=model,
+            system=self.prompt.system,
+            prompt=self.prompt.user,
+            max_tokens=self.question.request.max_tokens,
+            temperature=self.question.request.temperature,
+            question=self.question.text,
+            sources=self.prompt.sources,
+        )
