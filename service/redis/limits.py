@@ -16,12 +16,12 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from service.errors import BudgetExceeded, RateLimited
-from service.http.auth import Principal
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,17 @@ local n = redis.call('INCR', KEYS[1])
 if n == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
 return {n, redis.call('TTL', KEYS[1])}
 """
+
+
+class Principal(Protocol):
+    """What the limits know of a caller's API key (service.http.auth.Principal is one)."""
+
+    @property
+    def key_id(self) -> str: ...
+    @property
+    def rpm(self) -> int | None: ...
+    @property
+    def tokens_per_day(self) -> int | None: ...
 
 
 def seconds_to_utc_midnight(now: float) -> int:
