@@ -1,1 +1,1 @@
-"""The answer domain: the pipeline's seven steps, coalescing, events and domain errors."""
+"""The answer domain: the pipeline's seven steps, coalescing, the events and their observer."""

@@ -259,11 +259,11 @@ class Coalescing:
 
     async def _produce_and_consume(self, events: AsyncIterator[Event], lease: Lease | None) -> AsyncIterator[Event]:
         """Produce in a task of its own, so the answer can outlive this request for its followers."""
-        queue: asyncio.Queue[Event | ServiceError | None] = asyncio.Queue()
+        queue: asyncio.Queue[Event | Exception | None] = asyncio.Queue()
         producer = asyncio.create_task(self._produce(events, lease, queue))
         try:
             while (item := await queue.get()) is not None:
-                if isinstance(item, ServiceError):
+                if isinstance(item, Exception):
                     raise item
                 yield item
         finally:
@@ -276,16 +276,16 @@ class Coalescing:
                     self.detach(self._abandon_unless_followed(lease, producer))
 
     async def _produce(
-        self, events: AsyncIterator[Event], lease: Lease | None, queue: asyncio.Queue[Event | ServiceError | None]
+        self, events: AsyncIterator[Event], lease: Lease | None, queue: asyncio.Queue[Event | Exception | None]
     ) -> None:
         try:
             async for event in events:
                 queue.put_nowait(event)
                 if lease is not None:
                     lease.publish(event)
-        except ServiceError as exc:
+        except Exception as exc:  # the consumer raises it; followers hear a domain error's reason
             queue.put_nowait(exc)
-            if lease is not None:
+            if lease is not None and isinstance(exc, ServiceError):
                 lease.publish(Failed(exc.code, exc.message))
         finally:
             queue.put_nowait(None)
