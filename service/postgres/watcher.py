@@ -60,18 +60,18 @@ class CorpusWatcher:
 
     async def reconcile(self) -> int:
         """Apply corpus changes the cache has not seen; returns the number of answers dropped."""
-        marker = await self.cache.client.get(self.cache.generation_key)
+        marker = await self.cache.client.get(self.cache.keys.corpus_version)
         if marker is None:
             # A fresh (or flushed) Redis holds no answers older than now: nothing to clean.
             current = int(await self.pool.fetchval("SELECT generation FROM corpus"))
-            await self.cache.client.set(self.cache.generation_key, current)
+            await self.cache.client.set(self.cache.keys.corpus_version, current)
             self.generation = current
             return 0
         current, changed = await changes_since(self.pool, int(marker))
         dropped = 0
         if current > int(marker):
             dropped = await self.cache.invalidate([*changed, None])
-            await self.cache.client.set(self.cache.generation_key, current)
+            await self.cache.client.set(self.cache.keys.corpus_version, current)
             log.info("corpus changed: generation %s -> %s, %d cached answers dropped", int(marker), current, dropped)
         self.generation = current
         return dropped
