@@ -744,7 +744,7 @@ STEPS: list[tuple[str, str, str]] = [
         "service/observability/metrics.py",
         "record",
     ),
-    ("metrics: _write (MULTI to Redis, in its own task)", "service/observability/metrics.py", "_write"),
+    ("metrics: _write (MULTI to Redis, in its own task)", "service/observability/series.py", "_write"),
 ]
 
 

@@ -21,7 +21,7 @@ from rich.table import Table
 
 from service.http.app import redis_url
 from service.http.auth import ApiKey, KeyStore, Scope, parse_key
-from service.observability.metrics import Metrics
+from service.observability.dashboard_model import SeriesReader
 from service.postgres.corpus import open_corpus
 from service.redis.answer_cache import AnswerCache
 from service.settings import Settings
@@ -76,7 +76,7 @@ def cache_stats(
 
     async def collect(client: aioredis.Redis, settings: Settings) -> dict[str, Any]:
         answers = dict(await AnswerCache(client, ttl_s=settings.cache_ttl_s).stats())
-        summary = await Metrics(client).summary(minutes=STATS_RANGES[window])
+        summary = await SeriesReader(client).summary(minutes=STATS_RANGES[window])
         return {**answers, "range": window, "metrics": summary}
 
     stats = _with_redis(collect)

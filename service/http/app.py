@@ -30,6 +30,7 @@ from service.http.rag import router as rag_router
 from service.http.responses import ErrorResponse
 from service.observability.logs import configure_logging
 from service.observability.metrics import Metrics
+from service.observability.prometheus import PrometheusMetrics
 from service.observability.tracing import Tracing
 from service.policy.routing import RoutingPolicy
 from service.postgres.corpus import database_url, schema_params
@@ -141,7 +142,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     client = aioredis.Redis(connection_pool=pool_r)
     await embedder.warm_up()
     cache = AnswerCache(client, ttl_s=settings.cache_ttl_s)
-    metrics = Metrics(client, retention_s=settings.metrics_retention_s)
+    metrics = Metrics(client, prometheus=app.state.prometheus, retention_s=settings.metrics_retention_s)
     metrics.start()
     auth = Authenticator(KeyStore(pool).get, ttl_s=settings.auth_cache_ttl_s)
     watcher = CorpusWatcher(pool, dsn, cache, listeners={KEYS_CHANNEL: auth.forget})
@@ -236,6 +237,7 @@ def create_app(
     app.state.settings = settings
     app.state.embedder = embedder
     app.state.tracing = tracing
+    app.state.prometheus = PrometheusMetrics()  # this app's metric objects, in a registry of its own
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(AccessLog)  # outside the size limit: a 413 gets its access line too
