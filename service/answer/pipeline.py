@@ -29,7 +29,7 @@ from service.observability.metrics import Metrics, failure_stage
 from service.observability.tracing import Span, Tracing, span
 from service.policy.guardrails import Action, GuardrailPolicy, GuardrailViolation, check_question
 from service.policy.prompt import PROMPT_VERSION, Prompt, build_prompt
-from service.policy.routing import ModelChoice, Route, RoutingPolicy, UnknownModelError, decide
+from service.policy.routing import ModelChoice, Route, RoutingPolicy, UnknownModelError, choose_route
 from service.policy.tokens import count_tokens
 from service.postgres.retrieval import Filters, Retriever, Source
 from service.postgres.semantic_index import SemanticCache, SemanticMatch
@@ -252,18 +252,18 @@ class AnswerService:
         """The exact cache once more (a leader that just finished may have written it), then the semantic cache."""
         if look_again and (hit := await self.lookup(question.key)) is not None:
             return self.replay(hit, request_id, clock)
-        generation = self.watcher.generation
+        corpus_version = self.watcher.corpus_version
         similar = await self.semantic_lookup(question)
         if similar is None:
             return None
         answer, match = similar
         same = match.key == question.key  # written between our looks: an exact hit after all
         if not same:  # this wording's next ask is an exact hit: no embedding, no vector search
-            self._detached(self._remember(question, answer, generation))
+            self._detached(self._remember(question, answer, corpus_version))
         return self.replay(answer, request_id, clock, semantic=None if same else match)
 
-    async def _remember(self, question: Question, answer: CachedAnswer, generation: int) -> None:
-        if self.watcher.generation == generation >= 0:  # not while an invalidation may be running
+    async def _remember(self, question: Question, answer: CachedAnswer, corpus_version: int) -> None:
+        if self.watcher.corpus_version == corpus_version >= 0:  # not while an invalidation may be running
             await self.cache.put(question.key, replace(answer, question_hash=question.hash))
 
     async def _lead_or_follow(self, key: str) -> Lease | Literal["follow"] | None:
@@ -361,7 +361,7 @@ class AnswerService:
 
     async def _generate(self, question: Question, request_id: str, clock: _Clock) -> AsyncIterator[Event]:
         """Steps 4-7: retrieve, route, stream from the model, cache the complete answer."""
-        generation = self.watcher.generation
+        corpus_version = self.watcher.corpus_version
         with span("rag.retrieve") as traced:
             sources = await self.retrieve(question)
             traced.set(sources=len(sources))
@@ -403,7 +403,7 @@ class AnswerService:
         if question.request.cache != "bypass":
             route_info = self._route_info(route, answering)
             with span("rag.cache.write"):
-                await self.store(question, generation, "".join(pieces), route_info, prompt, usage_info)
+                await self.store(question, corpus_version, "".join(pieces), route_info, prompt, usage_info)
         yield Done(usage_info, clock.ms(), clock.ttft_ms(), cached=False)
 
     # -- 1. guardrails (no I/O) ----------------------------------------------------------
@@ -505,7 +505,7 @@ class AnswerService:
     def plan(self, question: Question, sources: list[Source]) -> tuple[Route, Prompt]:
         prompt = build_prompt(question.text, sources, context_budget=self.settings.context_token_budget)
         try:
-            route = decide(
+            route = choose_route(
                 question.request.model,
                 question=question.text,
                 prompt_tokens=prompt.prompt_tokens,
@@ -526,9 +526,9 @@ class AnswerService:
 
     # -- 7. cache write -----------------------------------------------------------------
     async def store(
-        self, question: Question, generation: int, answer: str, route: RouteInfo, prompt: Prompt, usage: UsageInfo
+        self, question: Question, corpus_version: int, answer: str, route: RouteInfo, prompt: Prompt, usage: UsageInfo
     ) -> None:
-        if self.watcher.generation != generation or generation < 0:
+        if self.watcher.corpus_version != corpus_version or corpus_version < 0:
             log.info("corpus changed while answering; not caching %s", question.hash)
             return
         entry = CachedAnswer(

@@ -35,7 +35,8 @@ from service.observability.tracing import Tracing
 from service.policy.routing import RoutingPolicy
 from service.postgres.corpus import database_url, schema_params
 from service.postgres.db import create_pool, migrate
-from service.postgres.documents import Store
+from service.postgres.documents import DocumentStore
+from service.postgres.notifications import NotificationRelay
 from service.postgres.retrieval import Retriever
 from service.postgres.semantic_index import SemanticCache
 from service.postgres.watcher import CorpusWatcher
@@ -68,7 +69,7 @@ class Resources:
     settings: Settings
     pool: asyncpg.Pool
     redis: aioredis.Redis
-    store: Store
+    store: DocumentStore
     embedder: LocalEmbedder | OpenAIEmbedder
     cache: AnswerCache
     watcher: CorpusWatcher
@@ -145,7 +146,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     metrics = Metrics(client, prometheus=app.state.prometheus, retention_s=settings.metrics_retention_s)
     metrics.start()
     auth = Authenticator(KeyStore(pool).get, ttl_s=settings.auth_cache_ttl_s)
-    watcher = CorpusWatcher(pool, dsn, cache, listeners={KEYS_CHANNEL: auth.forget})
+    relay = NotificationRelay(dsn)  # one LISTEN connection: corpus changes and revoked keys
+    relay.subscribe(KEYS_CHANNEL, auth.forget)
+    watcher = CorpusWatcher(pool, cache, relay)
+    await relay.start()
     await watcher.start()
     providers = build_providers(settings)
     tracing: Tracing = app.state.tracing
@@ -172,7 +176,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings,
         pool,
         client,
-        Store(pool),
+        DocumentStore(pool),
         embedder,
         cache,
         watcher,
@@ -185,6 +189,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         await watcher.stop()
+        await relay.stop()
         for provider in providers.values():
             close = getattr(provider, "aclose", None)
             if close is not None:

@@ -205,7 +205,7 @@ def content_words(text: str) -> frozenset[str]:
 
 
 @dataclass(frozen=True)
-class SemanticDecision:
+class MatchJudgement:
     """Outcome of one semantic look-up: whether to serve the cached answer, and why."""
 
     hit: bool
@@ -213,7 +213,7 @@ class SemanticDecision:
     reason: str  # "semantic_hit", "below_threshold", "invalid_similarity" or "guard:<incompatibility>"
 
 
-def decide(similarity: float, a: str, b: str, *, threshold: float) -> SemanticDecision:
+def judge_match(similarity: float, a: str, b: str, *, threshold: float) -> MatchJudgement:
     """Serve the cached answer of question `b` for question `a`?
 
     `similarity` is the cosine of their embeddings (1 - pgvector's cosine distance).  A hit needs
@@ -224,11 +224,11 @@ def decide(similarity: float, a: str, b: str, *, threshold: float) -> SemanticDe
     if not 0.0 < threshold <= 1.0:  # also refuses NaN
         raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
     if not math.isfinite(similarity):
-        return SemanticDecision(hit=False, similarity=similarity, reason="invalid_similarity")
+        return MatchJudgement(hit=False, similarity=similarity, reason="invalid_similarity")
     if similarity < threshold:
-        return SemanticDecision(hit=False, similarity=similarity, reason="below_threshold")
+        return MatchJudgement(hit=False, similarity=similarity, reason="below_threshold")
     if a != b:
         why = incompatibility(a, b)
         if why is not None:
-            return SemanticDecision(hit=False, similarity=similarity, reason=f"guard:{why}")
-    return SemanticDecision(hit=True, similarity=similarity, reason="semantic_hit")
+            return MatchJudgement(hit=False, similarity=similarity, reason=f"guard:{why}")
+    return MatchJudgement(hit=True, similarity=similarity, reason="semantic_hit")
