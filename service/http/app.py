@@ -19,7 +19,6 @@ from fastapi.responses import JSONResponse
 from service import __version__
 from service.answer.coalescing import Coalescer
 from service.answer.pipeline import AnswerService
-from service.embedded import EmbeddedValkey, start_valkey
 from service.embeddings.encoders import LocalEmbedder, OpenAIEmbedder, create_embedder
 from service.http.auth import KEYS_CHANNEL, Authenticator, KeyStore
 from service.http.dashboard import router as dashboard_router
@@ -45,6 +44,7 @@ from service.providers.base import Provider
 from service.providers.extractive import ExtractiveProvider
 from service.providers.openai import OpenAIProvider
 from service.redis.answer_cache import AnswerCache
+from service.redis.client import redis_url, worker_client
 from service.redis.limits import Limiter
 from service.settings import Settings
 
@@ -77,13 +77,6 @@ class Resources:
     metrics: Metrics
     auth: Authenticator
     limiter: Limiter
-
-
-def redis_url(settings: Settings) -> tuple[str, EmbeddedValkey | None]:
-    if settings.redis_url:
-        return settings.redis_url, None
-    server = start_valkey(settings.data_dir)
-    return server.url, server
 
 
 def build_providers(settings: Settings) -> dict[str, Provider]:
@@ -132,15 +125,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     pool = await create_pool(
         dsn, min_size=settings.db_pool_min, max_size=settings.db_pool_max, ef_search=settings.hnsw_ef_search
     )
-    # A pool that waits for a free connection (bounded) instead of failing at its size limit.
-    pool_r = aioredis.BlockingConnectionPool.from_url(
-        rurl,
-        max_connections=settings.redis_max_connections,
-        timeout=1.0,
-        socket_timeout=1.0,
-        socket_connect_timeout=1.0,
-    )
-    client = aioredis.Redis(connection_pool=pool_r)
+    client = worker_client(rurl, max_connections=settings.redis_max_connections)
     await embedder.warm_up()
     cache = AnswerCache(client, ttl_s=settings.cache_ttl_s)
     metrics = Metrics(client, prometheus=app.state.prometheus, retention_s=settings.metrics_retention_s)
