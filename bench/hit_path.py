@@ -729,7 +729,7 @@ STEPS: list[tuple[str, str, str]] = [
         "check_request",
     ),
     ("guardrails (service/policy/guardrails.py check_question)", "service/policy/guardrails.py", "check_question"),
-    ("  of which injection patterns (_looks_like_injection)", "service/policy/guardrails.py", "_looks_like_injection"),
+    ("  of which injection patterns (looks_like_injection)", "service/policy/injection.py", "looks_like_injection"),
     ("  of which token count (service/policy/tokens.py count_tokens)", "service/policy/tokens.py", "count_tokens"),
     ("cache key (service/redis/answer_cache.py cache_key)", "service/redis/answer_cache.py", "cache_key"),
     ("cache look-up (service/redis/answer_cache.py AnswerCache.get)", "service/redis/answer_cache.py", "get"),
@@ -744,7 +744,7 @@ STEPS: list[tuple[str, str, str]] = [
         "service/observability/metrics.py",
         "record",
     ),
-    ("metrics: _write (MULTI to Redis, in its own task)", "service/observability/metrics.py", "_write"),
+    ("metrics: _write (MULTI to Redis, in its own task)", "service/observability/series.py", "_write"),
 ]
 
 

@@ -56,7 +56,7 @@ from ingest.pipeline import IngestOptions, IngestReport, ingest_documents, prepa
 from service.embedded import EmbeddedPostgres, start_postgres
 from service.embeddings.encoders import LocalEmbedder, Vectors
 from service.postgres.corpus import open_corpus
-from service.postgres.documents import DocumentKey, PreparedDocument, Store, WriteResult
+from service.postgres.documents import DocumentKey, DocumentStore, PreparedDocument, WriteResult
 
 DEFAULT_CORPUS = SHARED_DATA / "msmarco-5k" / "corpus.jsonl"
 SECTION = "Ingest"
@@ -92,7 +92,7 @@ class TimedEmbedder:
             self.calls += 1
 
 
-class TimedStore(Store):
+class TimedStore(DocumentStore):
     """The real store; adds up time spent in writes (they overlap embedding) and hash look-ups."""
 
     def __init__(self, pool: asyncpg.Pool) -> None:

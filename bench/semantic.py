@@ -125,7 +125,7 @@ def cosine_only(pair: Pair, threshold: float) -> bool:
 
 
 def cosine_and_guard(pair: Pair, threshold: float) -> bool:
-    # Same decision as service.policy.semantic_match.decide, without re-running the guard per threshold.
+    # Same decision as service.policy.semantic_match.judge_match, without re-running the guard per threshold.
     return pair.similarity >= threshold and (pair.a == pair.b or pair.guard is None)
 
 
@@ -373,7 +373,7 @@ def report(
         + "), about a third each MS MARCO-style, operating ragcache, and general/product/support questions. "
         "Questions normalised with `normalize_for_key`, embedded with all-MiniLM-L6-v2; similarity = cosine. "
         "Policies: (a) `cosine` ≥ threshold; (b) `cosine+guard` = (a) and `service.policy.semantic_match.compatible` "
-        "(what `decide()` does). Precision = true hits / all hits; hit rate = paraphrases served / paraphrases. "
+        "(what `judge_match()` does). Precision = true hits / all hits; hit rate = paraphrases served / paraphrases. "
         f"Split 50/50 into dev/test, stratified by kind, seed {seed} (dev {len(dev)} pairs, test {len(test)}).",
         "",
         f"Threshold rule: the lowest of {floor:.2f}…{THRESHOLDS[-1]:.2f} at which cosine+guard reaches precision "

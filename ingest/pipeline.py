@@ -22,7 +22,7 @@ from ingest.chunking import CHUNKER_VERSION, chunk_text
 from ingest.loaders import LoadFailure, SourceDocument
 from service.embeddings.encoders import Embedder
 from service.policy.tokens import encoding
-from service.postgres.documents import ChunkRecord, DocumentKey, PreparedDocument, Store
+from service.postgres.documents import ChunkRecord, DocumentKey, DocumentStore, PreparedDocument
 from service.settings import Settings
 
 _HASH_LOOKUP_BATCH = 10_000
@@ -111,7 +111,7 @@ def prepare(doc: SourceDocument, digest: str, options: IngestOptions) -> Prepare
 
 
 async def ingest_documents(
-    store: Store,
+    store: DocumentStore,
     embedder: Embedder,
     items: Iterable[SourceDocument | LoadFailure],
     options: IngestOptions,
@@ -144,7 +144,7 @@ async def ingest_documents(
     return report
 
 
-async def _stored_hashes(store: Store, keys: Sequence[DocumentKey]) -> dict[DocumentKey, str]:
+async def _stored_hashes(store: DocumentStore, keys: Sequence[DocumentKey]) -> dict[DocumentKey, str]:
     found: dict[DocumentKey, str] = {}
     for start in range(0, len(keys), _HASH_LOOKUP_BATCH):
         found.update(await store.content_hashes(keys[start : start + _HASH_LOOKUP_BATCH]))
@@ -152,7 +152,7 @@ async def _stored_hashes(store: Store, keys: Sequence[DocumentKey]) -> dict[Docu
 
 
 async def _embed_and_write(
-    store: Store,
+    store: DocumentStore,
     embedder: Embedder,
     todo: list[tuple[SourceDocument, str]],
     options: IngestOptions,

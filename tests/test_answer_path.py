@@ -343,7 +343,7 @@ async def test_changed_or_deleted_cited_document_is_not_served_again(
 async def _caught_up(client: aioredis.Redis, settings: Settings) -> bool:
     """The cache has applied the newest corpus generation (the watcher's marker in Redis)."""
     async with open_corpus(settings, migrate_schema=False) as corpus:
-        current = await corpus.store.generation()
+        current = await corpus.store.corpus_version()
     return await client.get("ragcache:corpus:generation") == str(current).encode()
 
 

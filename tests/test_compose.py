@@ -2,7 +2,7 @@
 
 No Docker engine runs here, so the compose file is checked by what `docker-compose config`
 (Debian's `docker-compose` 1.29, which `make test` installs) resolves it to, and the
-Grafana dashboard's PromQL is checked against the metrics `service/observability/metrics.py` really
+Grafana dashboard's PromQL is checked against the metrics `service/observability/prometheus.py` really
 exports: a renamed metric or label must break this test, not a panel in production.
 
 docker-compose 1.29's `config` accepts `--profile` but prints every service whatever the
@@ -29,8 +29,8 @@ import yaml
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.parser import text_string_to_metric_families
 
-import service.observability.metrics as metrics_module
-from service.observability.metrics import ATTEMPT_OUTCOMES, OUTCOMES, metrics_app_response
+from service.observability.outcomes import ATTEMPT_OUTCOMES, OUTCOMES
+from service.observability.prometheus import HitRatios, PrometheusMetrics
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -229,7 +229,7 @@ def test_grafana_provisioning_points_at_prometheus_and_the_dashboard() -> None:
                     assert item["datasource"]["uid"] == prometheus["uid"], panel["title"]
 
 
-# -- the dashboard's PromQL against service/observability/metrics.py -----------------------------------------
+# -- the dashboard's PromQL against service/observability/prometheus.py -----------------------------------
 def panels(dashboard: dict[str, Any]) -> Iterator[dict[str, Any]]:
     for panel in dashboard["panels"]:
         yield panel
@@ -250,7 +250,7 @@ def exported_series() -> dict[str, str]:
     """Sample name -> metric family, for every ragcache metric in the real exposition."""
     suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_count", "_sum", "_created")}
     names = {}
-    exposition = bytes(metrics_app_response().body).decode()
+    exposition = PrometheusMetrics().exposition().decode()
     for family in text_string_to_metric_families(exposition):
         if family.name.startswith("ragcache_"):
             for suffix in suffixes.get(family.type, ("",)):
@@ -260,28 +260,26 @@ def exported_series() -> dict[str, str]:
 
 @cache
 def family_labels() -> dict[str, frozenset[str]]:
-    """Metric family -> its label names, from the metric objects of service/observability/metrics.py.
+    """Metric family -> its label names, from the metric objects of service/observability/prometheus.py.
 
     prometheus-client exposes no samples (so no label names) for a labelled metric that has
     not been used yet, so they are read from the metric objects; the hit-ratio gauge is
     computed at scrape time from the request counter, so it is computed here from a
     private registry that has one request.
     """
-    prom = metrics_module._prom()
     labels = {}
-    for f in dataclasses.fields(prom):
-        metric = getattr(prom, f.name)
+    for metric in PrometheusMetrics().all():
         labels[metric._name] = frozenset(metric._labelnames)
     registry = CollectorRegistry()
     Counter("ragcache_requests", "requests", ["outcome"], registry=registry).labels("hit").inc()
-    for family in metrics_module._WithRatios(registry).collect():
+    for family in HitRatios(registry).collect():
         labels.setdefault(family.name, frozenset(k for s in family.samples for k in s.labels))
     return labels
 
 
 # Labels Prometheus itself adds to every scraped series (plus the one deploy/ sets).
 TARGET_LABELS = frozenset({"job", "instance", "service"})
-# Label values that service/observability/metrics.py fixes, per (family, label).
+# Label values that service/observability/outcomes.py fixes, per (family, label).
 KNOWN_VALUES = {
     ("ragcache_requests", "outcome"): set(OUTCOMES),
     ("ragcache_ttft_seconds", "outcome"): set(OUTCOMES),
@@ -351,7 +349,7 @@ def test_dashboard_queries_use_only_real_metrics_and_labels() -> None:
         assert query.selectors, f"{title}: no metric in {expr!r}"
         allowed_grouping = set(TARGET_LABELS)
         for name, matchers in query.selectors:
-            assert name in series, f"{title}: {name} is not exported by service/observability/metrics.py ({expr})"
+            assert name in series, f"{title}: {name} is not exported by service/observability/prometheus.py ({expr})"
             family = series[name]
             used.add(family)
             allowed = labels[family] | TARGET_LABELS | ({"le"} if name.endswith("_bucket") else set())

@@ -444,7 +444,7 @@ async def test_ingest_sigkilled_while_serving_never_mixes_versions(
     async with open_corpus(settings) as corpus:
         report = await ingest_documents(corpus.store, local_embedder, load_corpus(corpus_file), OPTIONS)
         assert report.added == DOCS_N and report.chunks >= 2 * DOCS_N  # several chunks per widget
-        seeded_generation = await corpus.store.generation()
+        seeded_generation = await corpus.store.corpus_version()
     write_corpus(corpus_file, "BRAVO")  # the same ids, new text
 
     cmd = [str(BIN / "rag-ingest"), "add", str(corpus_file), "--source", "kb", "--json"]

@@ -7,7 +7,7 @@ traceback, the JSON error shape (OpenAI's under `/v1/`), and that nothing hostil
 Rows that must be answered check the answer instead. Header rows that an HTTP client refuses
 to send (CR, LF, NUL, raw bytes) go over a raw socket: uvicorn itself refuses the worst.
 
-The injection rows match what service/policy/guardrails.py detects, including look-alike letters
+The injection rows match what service/policy/injection.py detects, including look-alike letters
 and the two commonest attacks in other languages; benign rows in the same languages check
 that ordinary questions still get answered.
 

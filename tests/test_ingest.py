@@ -72,7 +72,7 @@ async def test_changed_document_replaces_only_its_chunks(corpus: Corpus) -> None
     docs = [doc("a", paragraphs("caching", 10)), doc("b", paragraphs("routing", 10))]
     await ingest_documents(corpus.store, corpus.embedder, docs, OPTIONS)
     untouched = await chunk_rows(corpus.pool, "b")
-    generation = await corpus.store.generation()
+    generation = await corpus.store.corpus_version()
 
     changed = doc("a", paragraphs("eviction", 4))
     report = await ingest_documents(corpus.store, corpus.embedder, [changed, docs[1]], OPTIONS)
@@ -83,7 +83,7 @@ async def test_changed_document_replaces_only_its_chunks(corpus: Corpus) -> None
     assert all("eviction" in r["text"] for r in new_rows)
     assert [r["ordinal"] for r in new_rows] == list(range(len(new_rows)))
     assert await chunk_rows(corpus.pool, "b") == untouched  # same ids, same text
-    assert await corpus.store.generation() == generation + 1
+    assert await corpus.store.corpus_version() == generation + 1
     orphans = await corpus.pool.fetchval(
         "SELECT count(*) FROM chunks c LEFT JOIN documents d ON d.id = c.document_id WHERE d.id IS NULL"
     )

@@ -18,19 +18,14 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
-import service.observability.metrics as metrics_module
+import service.redis.keyspace as keyspace
 from service.answer.events import Done, Meta
 from service.answer.schemas import RouteInfo, UsageInfo
 from service.embeddings.encoders import LocalEmbedder
 from service.http.app import create_app
 from service.http.auth import Scope
-from service.observability.metrics import (
-    BUCKET_BOUNDS_MS,
-    Metrics,
-    bucket_index,
-    bucket_range,
-    percentile,
-)
+from service.observability.metrics import Metrics
+from service.observability.outcomes import BUCKET_BOUNDS_MS, bucket_index, bucket_range, percentile
 from service.settings import Settings
 from tests.support.servers import ROOT, bearer, make_key, serve_app, wait_until
 
@@ -281,17 +276,18 @@ async def test_keys_expire_after_the_retention(client: aioredis.Redis, clock: Cl
     await m.flush()  # counts are buffered and written by a 1 s background flush (or on read)
     minute = int(clock() // 60)
     hour = minute // 60
-    assert await client.expiretime(m.minute_key(minute)) == (minute + 1) * 60 + 3600
-    assert await client.expiretime(m.hour_key(hour)) == (hour + 1) * 3600 + 3600
-    assert await client.expiretime(m.top_key(hour)) == (hour + 1) * 3600 + 3600
+    assert await client.expiretime(keyspace.KEYS.metrics_minute(minute)) == (minute + 1) * 60 + 3600
+    assert await client.expiretime(keyspace.KEYS.metrics_hour(hour)) == (hour + 1) * 3600 + 3600
+    assert await client.expiretime(keyspace.KEYS.metrics_top(hour)) == (hour + 1) * 3600 + 3600
     default = Metrics(client, clock=clock)
-    assert default.retention_s == RETENTION
+    assert default.writer.retention_s == RETENTION
     await answer(default, "miss")
     await default.flush()
-    assert await client.expiretime(m.minute_key(minute)) == (minute + 1) * 60 + RETENTION
+    assert await client.expiretime(keyspace.KEYS.metrics_minute(minute)) == (minute + 1) * 60 + RETENTION
     # Nothing but counters and hashes: no user text anywhere in the keys or values.
     keys = sorted(k.decode() for k in await client.keys("ragcache:metrics:*"))
-    assert keys == [m.hour_key(hour), m.minute_key(minute), m.top_key(hour)]
+    ks = keyspace.KEYS
+    assert keys == [ks.metrics_hour(hour), ks.metrics_minute(minute), ks.metrics_top(hour)]
 
 
 async def test_two_workers_aggregate(redis_url: str, clock: Clock) -> None:
@@ -320,7 +316,7 @@ async def test_two_workers_aggregate(redis_url: str, clock: Clock) -> None:
 async def test_redis_down_never_raises(
     redis_url: str, clock: Clock, monkeypatch: pytest.MonkeyPatch, client: aioredis.Redis
 ) -> None:
-    monkeypatch.setattr(metrics_module, "COOL_DOWN_S", 0.2)
+    monkeypatch.setattr(keyspace, "COOL_DOWN_S", 0.2)
     dead = aioredis.from_url("redis://127.0.0.1:1/0", socket_timeout=0.5, socket_connect_timeout=0.5)
     m = Metrics(dead, clock=clock)
     started = time.perf_counter()
@@ -416,8 +412,8 @@ def test_prometheus_multiprocess_mode_sums_workers(tmp_path: Path) -> None:
     for _ in range(2):
         subprocess.run([sys.executable, "-c", record], env=env, check=True, timeout=60, cwd=str(ROOT))
     scrape = (
-        "import json; from service.observability.metrics import metrics_app_response, multiprocess_enabled\n"
-        "print(json.dumps([multiprocess_enabled(), metrics_app_response().body.decode()]))"
+        "import json; from service.observability.prometheus import PrometheusMetrics, multiprocess_enabled\n"
+        "print(json.dumps([multiprocess_enabled(), PrometheusMetrics().exposition().decode()]))"
     )
     out = subprocess.run(
         [sys.executable, "-c", scrape], env=env, check=True, timeout=60, cwd=str(ROOT), capture_output=True, text=True
@@ -506,7 +502,7 @@ async def test_background_flush_writes_without_a_read(client: aioredis.Redis, cl
     m.start(interval_s=0.05)
     try:
         await answer(m, "hit", question_hash="abcd")
-        key = m.minute_key(int(clock() // 60))
+        key = keyspace.KEYS.metrics_minute(int(clock() // 60))
         await wait_until(lambda: client.exists(key), within=5)
         assert (await m.summary(minutes=1))["requests"]["by_outcome"]["hit"] == 1
     finally:

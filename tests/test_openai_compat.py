@@ -244,7 +244,7 @@ async def test_errors_before_the_stream_use_openais_shape(settings: Settings, lo
         assert (too_big.value.status_code, too_big.value.code) == (413, "request_too_large")
         assert too_big.value.type == "invalid_request_error"
 
-        # The raw body: OpenAI's four keys (SPEC's code and message among them) and our request id.
+        # The raw body: OpenAI's four keys (our code and message among them) and our request id.
         async with served.http() as http:
             response = await http.post(
                 "/v1/chat/completions", json={"messages": USER, "n": 3}, headers={"X-Request-ID": "bad-1"}
@@ -253,7 +253,7 @@ async def test_errors_before_the_stream_use_openais_shape(settings: Settings, lo
             assert set(response.json()["error"]) == {"message", "type", "param", "code"}
             missing = await http.get("/v1/nope")
             assert missing.status_code == 404 and missing.json()["error"]["type"] == "invalid_request_error"
-            # /rag/* keeps SPEC's shape
+            # /rag/* keeps its own shape {code, message}
             spec = await http.post("/rag/answer", json={"question": "ok?", "top_k": 0})
             assert spec.status_code == 422 and set(spec.json()["error"]) == {"code", "message"}
 

@@ -15,7 +15,7 @@ from service.policy.routing import (
     RoutingPolicy,
     TaskFeatures,
     UnknownModelError,
-    decide,
+    choose_route,
     parse_model_list,
     task_features,
 )
@@ -33,7 +33,7 @@ SIMPLE = "What is HNSW?"
 def auto(
     question: str = SIMPLE, prompt_tokens: int = 400, max_tokens: int = 512, policy: RoutingPolicy = BOTH
 ) -> Route:
-    return decide("auto", question=question, prompt_tokens=prompt_tokens, max_tokens=max_tokens, policy=policy)
+    return choose_route("auto", question=question, prompt_tokens=prompt_tokens, max_tokens=max_tokens, policy=policy)
 
 
 def config(
@@ -215,7 +215,7 @@ def test_auto_reason_names_only_the_triggers_that_fired() -> None:
 def test_thresholds_come_from_the_policy(field: str, value: int, kwargs: dict[str, object], tier: str) -> None:
     policy = dataclasses.replace(BOTH, **{field: value})  # type: ignore[arg-type]
     args: dict[str, object] = {"question": SIMPLE, "prompt_tokens": 100, "max_tokens": 100, **kwargs}
-    route = decide("auto", policy=policy, **args)  # type: ignore[arg-type]
+    route = choose_route("auto", policy=policy, **args)  # type: ignore[arg-type]
     assert route.tier == tier
 
 
@@ -245,7 +245,7 @@ def test_negative_sizes_are_rejected() -> None:
 def test_explicit_tier_overrides_size(requested: str, tier: str, model: str) -> None:
     # The measured size would say the opposite: the request wins.
     size = {"prompt_tokens": 10, "max_tokens": 10} if tier == "large" else {"prompt_tokens": 9000, "max_tokens": 9000}
-    route = decide(requested, question="Compare A vs B" if tier == "small" else SIMPLE, policy=BOTH, **size)
+    route = choose_route(requested, question="Compare A vs B" if tier == "small" else SIMPLE, policy=BOTH, **size)
     assert (route.tier, route.model) == (tier, model)
     assert route.reason == f"requested tier {tier}"
 
@@ -260,7 +260,7 @@ def test_explicit_tier_overrides_size(requested: str, tier: str, model: str) -> 
     ],
 )
 def test_explicit_model_in_allow_list(requested: str, tier: str, provider: str, model: str) -> None:
-    route = decide(requested, question="Compare A vs B", prompt_tokens=9000, max_tokens=9000, policy=BOTH)
+    route = choose_route(requested, question="Compare A vs B", prompt_tokens=9000, max_tokens=9000, policy=BOTH)
     assert (route.tier, route.provider, route.model) == (tier, provider, model)
     assert model in route.reason and "requested model" in route.reason
     assert route.choice not in route.fallbacks
@@ -269,19 +269,19 @@ def test_explicit_model_in_allow_list(requested: str, tier: str, provider: str, 
 @pytest.mark.parametrize("requested", ["gpt-5", "claude-opus-4", "extractive", "openai:claude-haiku-4-5", "", "Auto!"])
 def test_explicit_model_outside_allow_list(requested: str) -> None:
     with pytest.raises(UnknownModelError) as info:
-        decide(requested, question=SIMPLE, prompt_tokens=10, max_tokens=10, policy=BOTH)
+        choose_route(requested, question=SIMPLE, prompt_tokens=10, max_tokens=10, policy=BOTH)
     assert isinstance(info.value, ValueError)
     assert "gpt-4o" in str(info.value)  # the message lists what is allowed
 
 
 def test_extractive_is_requestable_when_it_is_the_only_model() -> None:
-    route = decide("extractive", question=SIMPLE, prompt_tokens=1, max_tokens=1, policy=config())
+    route = choose_route("extractive", question=SIMPLE, prompt_tokens=1, max_tokens=1, policy=config())
     assert (route.provider, route.model, route.fallbacks) == ("extractive", "extractive", ())
 
 
 def test_unknown_model_error_message_is_bounded() -> None:
     with pytest.raises(UnknownModelError) as info:
-        decide("x" * 5000, question=SIMPLE, prompt_tokens=1, max_tokens=1, policy=BOTH)
+        choose_route("x" * 5000, question=SIMPLE, prompt_tokens=1, max_tokens=1, policy=BOTH)
     assert len(str(info.value)) < 300
 
 
@@ -395,14 +395,14 @@ FALLBACK_CASES: list[tuple[str, dict[str, object], str, tuple[ModelChoice, ...]]
 )
 def test_fallbacks(kwargs: dict[str, object], requested: str, fallbacks: tuple[ModelChoice, ...]) -> None:
     policy = config(**kwargs)  # type: ignore[arg-type]
-    route = decide(requested, question=SIMPLE, prompt_tokens=10, max_tokens=10, policy=policy)
+    route = choose_route(requested, question=SIMPLE, prompt_tokens=10, max_tokens=10, policy=policy)
     assert route.fallbacks == fallbacks
 
 
 @pytest.mark.parametrize("requested", ["auto", "small", "large", "claude-haiku-4-5", "gpt-4o-mini", "gpt-4o"])
 @pytest.mark.parametrize("question", [SIMPLE, "Compare A vs B and explain why"])
 def test_fallbacks_never_repeat_the_choice_and_never_add_extractive(requested: str, question: str) -> None:
-    route = decide(requested, question=question, prompt_tokens=10, max_tokens=10, policy=BOTH)
+    route = choose_route(requested, question=question, prompt_tokens=10, max_tokens=10, policy=BOTH)
     assert route.choice not in route.fallbacks
     assert len(set(route.fallbacks)) == len(route.fallbacks)
     assert all(choice.provider != "extractive" for choice in route.fallbacks)

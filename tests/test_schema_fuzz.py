@@ -135,7 +135,7 @@ def error_shape(ctx: CheckContext, response: Response, case: Case[Any]) -> bool 
         assert error["type"] in OPENAI_ERROR_TYPES, error
         assert error["param"] is None or isinstance(error["param"], str), error
     elif case.operation.path != "/ready":  # /ready's 503 also carries `status` and `checks`
-        assert set(error) == {"code", "message"}, f"not SPEC's shape: {error!r}"
+        assert set(error) == {"code", "message"}, f"not the error shape {{code, message}}: {error!r}"
     return None
 
 

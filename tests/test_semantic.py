@@ -14,11 +14,11 @@ import pytest
 from service.policy.guardrails import normalize_for_key
 from service.policy.semantic_match import (
     DEFAULT_THRESHOLD,
-    SemanticDecision,
+    MatchJudgement,
     compatible,
     content_words,
-    decide,
     incompatibility,
+    judge_match,
 )
 
 PAIRS_PATH = Path(__file__).resolve().parent.parent / "bench" / "semantic_pairs.jsonl"
@@ -194,21 +194,21 @@ def test_long_inputs_stay_cheap() -> None:
     assert time.perf_counter() - started < 2.0
 
 
-# --------------------------------------------------------------------------- decide()
+# --------------------------------------------------------------------------- judge_match()
 
 
 def test_threshold_is_inclusive() -> None:
     a, b = n("how do i flush the cache"), n("how can i clear the cache")
-    at = decide(0.85, a, b, threshold=0.85)
-    assert at == SemanticDecision(hit=True, similarity=0.85, reason="semantic_hit")
-    below = decide(math.nextafter(0.85, 0.0), a, b, threshold=0.85)
+    at = judge_match(0.85, a, b, threshold=0.85)
+    assert at == MatchJudgement(hit=True, similarity=0.85, reason="semantic_hit")
+    below = judge_match(math.nextafter(0.85, 0.0), a, b, threshold=0.85)
     assert below.hit is False
     assert below.reason == "below_threshold"
 
 
 def test_below_threshold_wins_over_the_guard() -> None:
     # The guard is only consulted for candidates above the threshold.
-    decision = decide(0.5, "port 8000", "port 8080", threshold=0.7)
+    decision = judge_match(0.5, "port 8000", "port 8080", threshold=0.7)
     assert decision.reason == "below_threshold"
 
 
@@ -222,17 +222,17 @@ def test_below_threshold_wins_over_the_guard() -> None:
     ],
 )
 def test_guard_vetoes_high_similarity(a: str, b: str, reason: str) -> None:
-    decision = decide(0.99, a, b, threshold=DEFAULT_THRESHOLD)
-    assert decision == SemanticDecision(hit=False, similarity=0.99, reason=reason)
+    decision = judge_match(0.99, a, b, threshold=DEFAULT_THRESHOLD)
+    assert decision == MatchJudgement(hit=False, similarity=0.99, reason=reason)
 
 
 def test_identical_question_is_a_hit_at_full_similarity() -> None:
-    assert decide(1.0, "x", "x", threshold=1.0).hit
+    assert judge_match(1.0, "x", "x", threshold=1.0).hit
 
 
 @pytest.mark.parametrize("similarity", [math.nan, math.inf, -math.inf])
 def test_non_finite_similarity_is_never_a_hit(similarity: float) -> None:
-    decision = decide(similarity, "a b", "a b", threshold=0.5)
+    decision = judge_match(similarity, "a b", "a b", threshold=0.5)
     assert decision.hit is False
     assert decision.reason == "invalid_similarity"
 
@@ -240,11 +240,11 @@ def test_non_finite_similarity_is_never_a_hit(similarity: float) -> None:
 @pytest.mark.parametrize("threshold", [0.0, -0.1, 1.01, math.nan])
 def test_invalid_threshold_is_refused(threshold: float) -> None:
     with pytest.raises(ValueError, match="threshold"):
-        decide(0.9, "a", "b", threshold=threshold)
+        judge_match(0.9, "a", "b", threshold=threshold)
 
 
 def test_decision_is_frozen_and_default_threshold_is_sane() -> None:
-    decision = decide(0.9, "a", "a", threshold=0.8)
+    decision = judge_match(0.9, "a", "a", threshold=0.8)
     with pytest.raises(dataclasses.FrozenInstanceError):
         decision.hit = False  # type: ignore[misc]
     assert 0.7 <= DEFAULT_THRESHOLD < 1.0

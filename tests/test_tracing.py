@@ -35,7 +35,7 @@ from tests.support.answers import FLUSH, ask, seed, with_providers
 from tests.support.provider_server import Behavior, ProviderServer
 from tests.support.servers import ROOT, bearer, make_key, serve_app, wait_until
 
-# The request path's steps, in the order a miss runs them (SPEC: guardrails, exact cache,
+# The request path's steps, in the order a miss runs them (guardrails, exact cache,
 # semantic cache, retrieval, routing, generation, cache write).
 MISS_STEPS = [
     "rag.guardrails",

@@ -29,6 +29,7 @@ from redis.exceptions import RedisError
 from service.answer.events import Clock, Done, Event, Failed, Meta, Token, decode, encode
 from service.answer.schemas import UsageInfo
 from service.errors import LeaderFailed, Overloaded, ServiceError
+from service.redis.keyspace import KEYS, Keyspace
 
 log = logging.getLogger(__name__)
 
@@ -138,20 +139,20 @@ class Lease:
 
 
 class Coalescer:
-    def __init__(self, client: aioredis.Redis, *, lease_ms: int = 5000, prefix: str = "ragcache") -> None:
+    def __init__(self, client: aioredis.Redis, *, lease_ms: int = 5000, keys: Keyspace = KEYS) -> None:
         self.client = client
         self.lease_ms = lease_ms
-        self.prefix = prefix
+        self.keys = keys
         self.publish_events = client.register_script(_PUBLISH)  # EVALSHA: the script is sent once
 
     def lease_key(self, key: str) -> str:
-        return f"{self.prefix}:inflight:{key}"
+        return self.keys.lease(key)
 
     def stream_key(self, key: str) -> str:
-        return f"{self.prefix}:stream:{key}"
+        return self.keys.stream(key)
 
     def followers_key(self, key: str) -> str:
-        return f"{self.prefix}:followers:{key}"
+        return self.keys.followers(key)
 
     async def lead(self, key: str) -> Lease | None:
         """The lease if this request leads; None if another request is already generating.

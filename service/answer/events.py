@@ -1,4 +1,4 @@
-"""The events of an answer, in SPEC's order: meta, token…, done (or error).
+"""The events of an answer, in the order every client sees them: meta, token…, done (or error).
 
 One representation shared by the pipeline, the coalescer (which ships events to other
 workers through Redis Streams) and the HTTP layer (SSE or JSON).
@@ -73,7 +73,7 @@ class Clock:
 
 
 def event_payload(event: Event) -> tuple[str, dict[str, Any]]:
-    """SPEC's SSE event name and JSON payload."""
+    """The SSE event name (`meta`, `token`, `done`, `error`) and the JSON payload of an event."""
     if isinstance(event, Meta):
         return "meta", {
             "request_id": event.request_id,

@@ -29,7 +29,7 @@ from service.observability.metrics import Metrics
 from service.observability.tracing import span
 from service.policy.guardrails import Action, GuardrailPolicy, check_question
 from service.policy.prompt import PROMPT_VERSION, Prompt, build_prompt
-from service.policy.routing import Route, RoutingPolicy, UnknownModelError, decide
+from service.policy.routing import Route, RoutingPolicy, UnknownModelError, choose_route
 from service.policy.tokens import count_tokens
 from service.postgres.retrieval import Filters, Retriever, Source
 from service.postgres.semantic_index import SemanticCache, SemanticMatch
@@ -137,23 +137,23 @@ class AnswerService:
         """The exact cache once more (a leader that just finished may have written it), then the semantic cache."""
         if look_again and (hit := await self.lookup(question.key)) is not None:
             return replayed(hit, request_id, clock)
-        generation = self.watcher.generation
+        corpus_version = self.watcher.corpus_version
         similar = await self.semantic_lookup(question)
         if similar is None:
             return None
         answer, match = similar
         same = match.key == question.key  # written between our looks: an exact hit after all
         if not same:  # this wording's next ask is an exact hit: no embedding, no vector search
-            self._background.run(self._remember(question, answer, generation))
+            self._background.run(self._remember(question, answer, corpus_version))
         return replayed(answer, request_id, clock, semantic=None if same else match)
 
-    async def _remember(self, question: Question, answer: CachedAnswer, generation: int) -> None:
-        if self.watcher.generation == generation >= 0:  # not while an invalidation may be running
+    async def _remember(self, question: Question, answer: CachedAnswer, corpus_version: int) -> None:
+        if self.watcher.corpus_version == corpus_version >= 0:  # not while an invalidation may be running
             await self.cache.put(question.key, replace(answer, question_hash=question.hash))
 
     async def _generate(self, question: Question, request_id: str, clock: Clock) -> AsyncIterator[Event]:
         """Steps 4-7: retrieve, route, stream from the model, cache the complete answer."""
-        generation = self.watcher.generation
+        corpus_version = self.watcher.corpus_version
         with span("rag.retrieve") as traced:
             sources = await self.retrieve(question)
             traced.set(sources=len(sources))
@@ -189,7 +189,7 @@ class AnswerService:
         if question.request.cache != "bypass":  # 7. cache write
             with span("rag.cache.write"):
                 entry = cache_entry(question, "".join(pieces), route_info(route, answering, self.policy), prompt, spent)
-                await self.store(question, generation, entry)
+                await self.store(question, corpus_version, entry)
         yield Done(spent, clock.ms(), clock.ttft_ms(), cached=False)
 
     # -- 1. guardrails (no I/O) ----------------------------------------------------------
@@ -269,7 +269,7 @@ class AnswerService:
     def plan(self, question: Question, sources: list[Source]) -> tuple[Route, Prompt]:
         prompt = build_prompt(question.text, sources, context_budget=self.settings.context_token_budget)
         try:
-            route = decide(
+            route = choose_route(
                 question.request.model,
                 question=question.text,
                 prompt_tokens=prompt.prompt_tokens,
@@ -281,9 +281,9 @@ class AnswerService:
         return route, prompt
 
     # -- 7. cache write -----------------------------------------------------------------
-    async def store(self, question: Question, generation: int, entry: CachedAnswer) -> None:
+    async def store(self, question: Question, corpus_version: int, entry: CachedAnswer) -> None:
         """The answer under its key, and its question in the semantic index, unless the corpus changed meanwhile."""
-        if self.watcher.generation != generation or generation < 0:
+        if self.watcher.corpus_version != corpus_version or corpus_version < 0:
             log.info("corpus changed while answering; not caching %s", question.hash)
             return
         # Shielded: a client that disconnects right after the last token must not leave half a write.

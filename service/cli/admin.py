@@ -19,11 +19,11 @@ from redis.exceptions import RedisError
 from rich.console import Console
 from rich.table import Table
 
-from service.http.app import redis_url
 from service.http.auth import ApiKey, KeyStore, Scope, parse_key
-from service.observability.metrics import Metrics
+from service.observability.dashboard_model import SeriesReader
 from service.postgres.corpus import open_corpus
 from service.redis.answer_cache import AnswerCache
+from service.redis.client import cli_client, redis_url
 from service.settings import Settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Administer ragcache.")
@@ -48,7 +48,7 @@ def _with_redis(action: Callable[[aioredis.Redis, Settings], Awaitable[T]]) -> T
 
     async def run() -> T:
         url, _server = redis_url(settings)
-        client = aioredis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        client = cli_client(url)
         try:
             return await action(client, settings)
         finally:
@@ -76,7 +76,7 @@ def cache_stats(
 
     async def collect(client: aioredis.Redis, settings: Settings) -> dict[str, Any]:
         answers = dict(await AnswerCache(client, ttl_s=settings.cache_ttl_s).stats())
-        summary = await Metrics(client).summary(minutes=STATS_RANGES[window])
+        summary = await SeriesReader(client).summary(minutes=STATS_RANGES[window])
         return {**answers, "range": window, "metrics": summary}
 
     stats = _with_redis(collect)

@@ -13,11 +13,11 @@ import typer
 import uvicorn
 from rich.console import Console
 
-from service.http.app import redis_url
 from service.http.auth import KeyStore, parse_key, verify
 from service.observability.logs import configure_logging
-from service.observability.metrics import prepare_multiprocess_dir
+from service.observability.prometheus import prepare_multiprocess_dir
 from service.postgres.corpus import database_url, open_corpus
+from service.redis.client import redis_url
 from service.settings import Settings
 
 console = Console(stderr=True)

@@ -19,7 +19,6 @@ from fastapi.responses import JSONResponse
 from service import __version__
 from service.answer.coalescing import Coalescer
 from service.answer.pipeline import AnswerService
-from service.embedded import EmbeddedValkey, start_valkey
 from service.embeddings.encoders import LocalEmbedder, OpenAIEmbedder, create_embedder
 from service.http.auth import KEYS_CHANNEL, Authenticator, KeyStore
 from service.http.dashboard import router as dashboard_router
@@ -30,11 +29,13 @@ from service.http.rag import router as rag_router
 from service.http.responses import ErrorResponse
 from service.observability.logs import configure_logging
 from service.observability.metrics import Metrics
+from service.observability.prometheus import PrometheusMetrics
 from service.observability.tracing import Tracing
 from service.policy.routing import RoutingPolicy
 from service.postgres.corpus import database_url, schema_params
 from service.postgres.db import create_pool, migrate
-from service.postgres.documents import Store
+from service.postgres.documents import DocumentStore
+from service.postgres.notifications import NotificationRelay
 from service.postgres.retrieval import Retriever
 from service.postgres.semantic_index import SemanticCache
 from service.postgres.watcher import CorpusWatcher
@@ -43,6 +44,7 @@ from service.providers.base import Provider
 from service.providers.extractive import ExtractiveProvider
 from service.providers.openai import OpenAIProvider
 from service.redis.answer_cache import AnswerCache
+from service.redis.client import redis_url, worker_client
 from service.redis.limits import Limiter
 from service.settings import Settings
 
@@ -67,7 +69,7 @@ class Resources:
     settings: Settings
     pool: asyncpg.Pool
     redis: aioredis.Redis
-    store: Store
+    store: DocumentStore
     embedder: LocalEmbedder | OpenAIEmbedder
     cache: AnswerCache
     watcher: CorpusWatcher
@@ -75,13 +77,6 @@ class Resources:
     metrics: Metrics
     auth: Authenticator
     limiter: Limiter
-
-
-def redis_url(settings: Settings) -> tuple[str, EmbeddedValkey | None]:
-    if settings.redis_url:
-        return settings.redis_url, None
-    server = start_valkey(settings.data_dir)
-    return server.url, server
 
 
 def build_providers(settings: Settings) -> dict[str, Provider]:
@@ -130,21 +125,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     pool = await create_pool(
         dsn, min_size=settings.db_pool_min, max_size=settings.db_pool_max, ef_search=settings.hnsw_ef_search
     )
-    # A pool that waits for a free connection (bounded) instead of failing at its size limit.
-    pool_r = aioredis.BlockingConnectionPool.from_url(
-        rurl,
-        max_connections=settings.redis_max_connections,
-        timeout=1.0,
-        socket_timeout=1.0,
-        socket_connect_timeout=1.0,
-    )
-    client = aioredis.Redis(connection_pool=pool_r)
+    client = worker_client(rurl, max_connections=settings.redis_max_connections)
     await embedder.warm_up()
     cache = AnswerCache(client, ttl_s=settings.cache_ttl_s)
-    metrics = Metrics(client, retention_s=settings.metrics_retention_s)
+    metrics = Metrics(client, prometheus=app.state.prometheus, retention_s=settings.metrics_retention_s)
     metrics.start()
     auth = Authenticator(KeyStore(pool).get, ttl_s=settings.auth_cache_ttl_s)
-    watcher = CorpusWatcher(pool, dsn, cache, listeners={KEYS_CHANNEL: auth.forget})
+    relay = NotificationRelay(dsn)  # one LISTEN connection: corpus changes and revoked keys
+    relay.subscribe(KEYS_CHANNEL, auth.forget)
+    watcher = CorpusWatcher(pool, cache, relay)
+    await relay.start()
     await watcher.start()
     providers = build_providers(settings)
     tracing: Tracing = app.state.tracing
@@ -170,7 +160,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings,
         pool,
         client,
-        Store(pool),
+        DocumentStore(pool),
         embedder,
         cache,
         watcher,
@@ -183,6 +173,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         await watcher.stop()
+        await relay.stop()
         for provider in providers.values():
             close = getattr(provider, "aclose", None)
             if close is not None:
@@ -235,6 +226,7 @@ def create_app(
     app.state.settings = settings
     app.state.embedder = embedder
     app.state.tracing = tracing
+    app.state.prometheus = PrometheusMetrics()  # this app's metric objects, in a registry of its own
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(AccessLog)  # outside the size limit: a 413 gets its access line too

@@ -25,7 +25,8 @@ from starlette.responses import Response
 from service.http.auth import bearer as _bearer
 from service.http.auth import requires
 from service.http.responses import AUTH, error_responses
-from service.observability.metrics import Metrics, metrics_app_response
+from service.observability.metrics import Metrics
+from service.observability.prometheus import CONTENT_TYPE, PrometheusMetrics
 
 router = APIRouter()
 admin = [Depends(requires("admin"))]
@@ -82,10 +83,12 @@ async def prometheus_metrics(request: Request) -> Response:
     if not request.app.state.settings.metrics_public:
         credentials = await _bearer(request)
         await _admin_principal(request, credentials)
-    response = metrics_app_response()
-    response.headers["X-Content-Type-Options"] = "nosniff"
-    response.headers["Cache-Control"] = "no-store"
-    return response
+    prometheus: PrometheusMetrics = request.app.state.prometheus
+    return Response(
+        prometheus.exposition(),
+        media_type=CONTENT_TYPE,
+        headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"},
+    )
 
 
 @router.get(

@@ -261,7 +261,7 @@ def _usage(done: Done) -> dict[str, int]:
 
 
 def _rag(event: Meta | Done) -> dict[str, Any]:
-    """SPEC's meta or done payload, so the extra field reads like /rag/stream's events."""
+    """The payload of /rag/stream's `meta` or `done` event, so the extra field reads like those events."""
     return event_payload(event)[1]
 
 

@@ -20,7 +20,7 @@ class ErrorDetail(BaseModel):
 
 
 class ErrorResponse(BaseModel):
-    """SPEC's shape for every error before a stream starts."""
+    """The body of every error answered before a stream starts: `{"error": {"code", "message"}}`."""
 
     error: ErrorDetail
 

@@ -3,7 +3,7 @@
 Why it is pure: the decision has to be explainable (its reason goes into the
 `meta` event and the metrics), deterministic (tests and cache keys rely on it)
 and cheap (it runs on every cache miss). The service builds a
-:class:`RoutingPolicy` from its settings once and calls :func:`decide` with the
+:class:`RoutingPolicy` from its settings once and calls :func:`choose_route` with the
 measured prompt size; nothing here reads the environment or does I/O.
 
 `auto` picks `large` when any trigger fires:
@@ -40,7 +40,7 @@ __all__ = [
     "TaskFeatures",
     "Tier",
     "UnknownModelError",
-    "decide",
+    "choose_route",
     "parse_model_list",
     "task_features",
 ]
@@ -383,7 +383,7 @@ def _find_model(requested: str, policy: RoutingPolicy) -> tuple[Tier, ModelChoic
     return None
 
 
-def decide(requested: str, *, question: str, prompt_tokens: int, max_tokens: int, policy: RoutingPolicy) -> Route:
+def choose_route(requested: str, *, question: str, prompt_tokens: int, max_tokens: int, policy: RoutingPolicy) -> Route:
     """Route one request: `small`/`large` force a tier, a model name is looked up, `auto` measures the task."""
     if prompt_tokens < 0 or max_tokens < 0:
         raise ValueError("prompt_tokens and max_tokens must not be negative")

@@ -1,1 +1,1 @@
-"""Postgres adapters: connections, migrations, documents, retrieval, the semantic index, the corpus watcher."""
+"""Postgres adapters: connections, migrations, documents, retrieval, semantic index, corpus watcher, NOTIFY relay."""

@@ -14,14 +14,14 @@ import asyncpg
 from service.embedded import EmbeddedPostgres, start_postgres
 from service.embeddings.encoders import KNOWN_DIMENSIONS, LocalEmbedder, OpenAIEmbedder, create_embedder
 from service.postgres.db import SchemaParams, create_pool, migrate
-from service.postgres.documents import Store
+from service.postgres.documents import DocumentStore
 from service.settings import Settings
 
 
 @dataclass
 class Corpus:
     pool: asyncpg.Pool
-    store: Store
+    store: DocumentStore
     embedder: LocalEmbedder | OpenAIEmbedder | None
 
 
@@ -52,6 +52,6 @@ async def open_corpus(
         await migrate(dsn, schema_params(settings, embedder))
     pool = await create_pool(dsn, min_size=1, max_size=4)
     try:
-        yield Corpus(pool, Store(pool), embedder)
+        yield Corpus(pool, DocumentStore(pool), embedder)
     finally:
         await pool.close()

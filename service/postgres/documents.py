@@ -1,8 +1,8 @@
 """The corpus in Postgres: documents and their chunks.
 
-Every change is one transaction that also bumps `corpus.generation` and NOTIFYs
-listeners, so a reader sees either the old or the new version of a document, never a
-mix, and the answer cache learns about it without polling.
+Every change is one transaction that also bumps the corpus version (column
+`corpus.generation`) and NOTIFYs listeners, so a reader sees either the old or the new
+version of a document, never a mix, and the answer cache learns about it without polling.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class PreparedDocument:
 
 @dataclass(frozen=True)
 class WriteResult:
-    generation: int
+    corpus_version: int  # the version this write created
     inserted: int
     updated: int
     chunks: int
@@ -63,7 +63,7 @@ class CorpusStatus:
     initialised: bool
     embedding_model: str | None = None
     embedding_dim: int | None = None
-    generation: int = 0
+    generation: int = 0  # the corpus version (column corpus.generation; a key of `rag-ingest status --json`)
     documents: int = 0
     chunks: int = 0
     tokens: int = 0
@@ -75,7 +75,9 @@ class CorpusStatus:
 _CHUNK_COLUMNS = ("document_id", "source", "ordinal", "text", "token_count", "embedding")
 
 
-class Store:
+class DocumentStore:
+    """Documents and their chunks: atomic writes and deletes, each bumping the corpus version."""
+
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
 
@@ -102,7 +104,7 @@ class Store:
         if not docs:
             raise ValueError("nothing to write")
         async with self.pool.acquire() as conn, conn.transaction():
-            generation = await _bump_generation(conn)
+            version = await _bump_corpus_version(conn)
             rows = await conn.fetch(
                 """INSERT INTO documents AS d (source, external_id, uri, title, content_hash, metadata,
                                                token_count, chunk_count, generation)
@@ -122,21 +124,21 @@ class Store:
                 [json.dumps(d.metadata) for d in docs],
                 [d.token_count for d in docs],
                 [len(d.chunks) for d in docs],
-                [generation] * len(docs),
+                [version] * len(docs),
             )
             ids = {(r["source"], r["external_id"]): r["id"] for r in rows}
             replaced = [r["id"] for r in rows if r["replaced"]]
             if replaced:
                 await conn.execute("DELETE FROM chunks WHERE document_id = ANY($1::bigint[])", replaced)
-                await _log_changes(conn, generation, replaced)
+                await _log_changes(conn, version, replaced)
             records = [
                 (ids[doc.key], doc.source, chunk.ordinal, chunk.text, chunk.token_count, vector)
                 for doc in docs
                 for chunk, vector in zip(doc.chunks, _vectors(doc), strict=True)
             ]
             await conn.copy_records_to_table("chunks", records=records, columns=_CHUNK_COLUMNS)
-            await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, str(generation))
-        return WriteResult(generation, len(rows) - len(replaced), len(replaced), len(records))
+            await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, str(version))
+        return WriteResult(version, len(rows) - len(replaced), len(replaced), len(records))
 
     async def delete_documents(self, *, source: str | None = None, external_ids: Sequence[str] = ()) -> int:
         """Delete by source, by external ids (optionally within a source), or both."""
@@ -156,12 +158,13 @@ class Store:
                 *args,
             )
             if deleted:
-                generation = await _bump_generation(conn)
-                await _log_changes(conn, generation, [r["id"] for r in deleted])
-                await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, str(generation))
+                version = await _bump_corpus_version(conn)
+                await _log_changes(conn, version, [r["id"] for r in deleted])
+                await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, str(version))
         return len(deleted)
 
-    async def generation(self) -> int:
+    async def corpus_version(self) -> int:
+        """Bumped by every write and delete (stored as column corpus.generation)."""
         value = await self.pool.fetchval("SELECT generation FROM corpus")
         return int(value or 0)
 
@@ -169,25 +172,25 @@ class Store:
         return await corpus_status(self.pool)
 
 
-async def _bump_generation(conn: asyncpg.Connection) -> int:
+async def _bump_corpus_version(conn: asyncpg.Connection) -> int:
     return int(await conn.fetchval("UPDATE corpus SET generation = generation + 1 RETURNING generation"))
 
 
-async def _log_changes(conn: asyncpg.Connection, generation: int, document_ids: list[int]) -> None:
+async def _log_changes(conn: asyncpg.Connection, version: int, document_ids: list[int]) -> None:
     await conn.execute(
         "INSERT INTO corpus_changes (generation, document_id) SELECT $1, unnest($2::bigint[])",
-        generation,
+        version,
         document_ids,
     )
 
 
-async def changes_since(pool: asyncpg.Pool, generation: int) -> tuple[int, list[int]]:
-    """The current generation and the documents replaced or deleted after `generation`."""
+async def changes_since(pool: asyncpg.Pool, version: int) -> tuple[int, list[int]]:
+    """The current corpus version and the documents replaced or deleted after `version`."""
     async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
         current = int(await conn.fetchval("SELECT generation FROM corpus"))
         rows = await conn.fetch(
             "SELECT DISTINCT document_id FROM corpus_changes WHERE generation > $1 AND generation <= $2",
-            generation,
+            version,
             current,
         )
     return current, [r["document_id"] for r in rows]

@@ -14,7 +14,7 @@ import asyncpg
 import numpy as np
 import numpy.typing as npt
 
-from service.policy.semantic_match import decide
+from service.policy.semantic_match import judge_match
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class SemanticCache:
         )
         matches = []
         for row in rows:
-            decision = decide(float(row["similarity"]), question, row["question"], threshold=self.threshold)
+            decision = judge_match(float(row["similarity"]), question, row["question"], threshold=self.threshold)
             if decision.hit:
                 matches.append(SemanticMatch(row["key"], round(decision.similarity, 4), row["question_hash"]))
         return matches

@@ -7,14 +7,13 @@ unrelated document therefore keeps the cache warm. Answers built from no sources
 depend on the whole corpus and are dropped on any change.
 
 Redis is optional at run time: every operation fails soft, and after a failure the cache
-stays off for a short cool-down so a dead Redis costs nothing per request.
+stays off for a short cool-down so a dead Redis costs nothing per request (`keyspace.CoolDown`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,11 +24,7 @@ from redis.exceptions import RedisError
 
 from service.policy.guardrails import normalize_for_key
 from service.postgres.retrieval import Filters
-
-log = logging.getLogger(__name__)
-
-PREFIX = "ragcache"
-COOL_DOWN_S = 2.0
+from service.redis.keyspace import KEYS, CoolDown, Keyspace
 
 
 @dataclass(frozen=True)
@@ -93,39 +88,25 @@ class CachedAnswer:
 
 
 class AnswerCache:
-    def __init__(self, client: aioredis.Redis, *, ttl_s: int, prefix: str = PREFIX) -> None:
+    def __init__(self, client: aioredis.Redis, *, ttl_s: int, keys: Keyspace = KEYS) -> None:
         self.client = client
         self.ttl_s = ttl_s
-        self.prefix = prefix
-        self._down_until = 0.0
+        self.keys = keys
+        self._cool_down = CoolDown("cache off")
 
-    # -- health -------------------------------------------------------------------
     @property
     def available(self) -> bool:
-        return time.monotonic() >= self._down_until
+        return self._cool_down.available
 
     def _failed(self, op: str, exc: Exception) -> None:
-        if self.available:
-            log.warning("redis unavailable, cache off for %.0fs (%s: %s)", COOL_DOWN_S, op, type(exc).__name__)
-        self._down_until = time.monotonic() + COOL_DOWN_S
-
-    # -- keys -----------------------------------------------------------------------
-    def answer_key(self, key: str) -> str:
-        return f"{self.prefix}:answer:{key}"
-
-    def deps_key(self, document_id: int | None) -> str:
-        return f"{self.prefix}:deps:{'none' if document_id is None else document_id}"
-
-    @property
-    def generation_key(self) -> str:
-        return f"{self.prefix}:corpus:generation"
+        self._cool_down.failed(op, exc)
 
     # -- operations -------------------------------------------------------------------
     async def get(self, key: str) -> CachedAnswer | None:
         if not self.available:
             return None
         try:
-            raw = await self.client.get(self.answer_key(key))
+            raw = await self.client.get(self.keys.answer(key))
         except (RedisError, OSError) as exc:
             self._failed("get", exc)
             return None
@@ -139,10 +120,10 @@ class AnswerCache:
     async def put(self, key: str, entry: CachedAnswer) -> bool:
         if not self.available:
             return False
-        deps = [self.deps_key(d) for d in entry.document_ids] or [self.deps_key(None)]
+        deps = [self.keys.deps(d) for d in entry.document_ids] or [self.keys.deps(None)]
         try:
             async with self.client.pipeline(transaction=True) as pipe:
-                pipe.set(self.answer_key(key), entry.dumps(), ex=self.ttl_s)
+                pipe.set(self.keys.answer(key), entry.dumps(), ex=self.ttl_s)
                 for dep in deps:
                     pipe.sadd(dep, key)
                     pipe.expire(dep, self.ttl_s)
@@ -154,7 +135,7 @@ class AnswerCache:
 
     async def delete(self, key: str) -> None:
         try:
-            await self.client.delete(self.answer_key(key))
+            await self.client.delete(self.keys.answer(key))
         except (RedisError, OSError) as exc:
             self._failed("delete", exc)
 
@@ -163,7 +144,7 @@ class AnswerCache:
 
         Raises on Redis errors: the caller must retry later rather than forget the change.
         """
-        deps = [self.deps_key(d) for d in document_ids]
+        deps = [self.keys.deps(d) for d in document_ids]
         if not deps:
             return 0
         async with self.client.pipeline(transaction=False) as pipe:
@@ -173,27 +154,27 @@ class AnswerCache:
         keys = {m.decode() for group in members for m in group}
         async with self.client.pipeline(transaction=True) as pipe:
             for key in keys:
-                pipe.delete(self.answer_key(key))
+                pipe.delete(self.keys.answer(key))
             pipe.delete(*deps)
             await pipe.execute()
         return len(keys)
 
     async def flush(self) -> int:
-        """Delete every cache key this service owns: answers, dependency sets, coalescing state.
+        """Delete every key of the families the keyspace assigns to the cache: answers, dependency
+        sets, the corpus marker, coalescing state.
 
         Nothing else in the Redis database is touched; the metrics history and the keys'
         rate limits and token budgets are kept (a flush must not hand out fresh budgets).
         """
-        keep = (f"{self.prefix}:metrics:".encode(), f"{self.prefix}:limit:".encode())
-        keys = (k async for k in self.client.scan_iter(match=f"{self.prefix}:*", count=500) if not k.startswith(keep))
         deleted = 0
-        async for batch in _batched(keys, 500):
-            deleted += await self.client.delete(*batch)
+        for pattern in self.keys.flushed_by_answer_cache:
+            async for batch in _batched(self.client.scan_iter(match=pattern, count=500), 500):
+                deleted += await self.client.delete(*batch)
         return deleted
 
     async def stats(self) -> Mapping[str, int]:
         answers = 0
-        async for _ in self.client.scan_iter(match=f"{self.prefix}:answer:*", count=1000):
+        async for _ in self.client.scan_iter(match=self.keys.family("answer"), count=1000):
             answers += 1
         return {"answers": answers}
 

@@ -22,10 +22,9 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from service.errors import BudgetExceeded, RateLimited
+from service.redis.keyspace import KEYS
 
 log = logging.getLogger(__name__)
-
-PREFIX = "ragcache:limit"
 
 # KEYS[1]: the key's theoretical arrival time (ms). ARGV: emission interval, period (ms).
 # Allows `limit` requests at once, then one per interval. Returns 0, or ms to wait.
@@ -87,7 +86,7 @@ class Limiter:
         if principal.rpm is None:
             return
         try:
-            key = f"{PREFIX}:rpm:{principal.key_id}"
+            key = KEYS.requests_per_minute(principal.key_id)
             wait_ms = int(await self._gcra(keys=[key], args=[60_000 / principal.rpm, 60_000]))
         except (RedisError, OSError) as exc:
             log.warning("rate limit not checked (fail open): %s", type(exc).__name__)
@@ -99,7 +98,7 @@ class Limiter:
 
     # -- tokens per day --------------------------------------------------------------------
     def _budget_key(self, principal: Principal, now: float) -> str:
-        return f"{PREFIX}:tokens:{principal.key_id}:{utc_day(now)}"
+        return KEYS.token_budget(principal.key_id, utc_day(now))
 
     async def check_tokens(self, principal: Principal) -> None:
         """`BudgetExceeded` once today's (UTC) provider tokens reached the key's budget."""
@@ -132,7 +131,7 @@ class Limiter:
 
     # -- failed authentication per client address -----------------------------------------------
     def _failures_key(self, address: str) -> str:
-        return f"{PREFIX}:authfail:{address}"
+        return KEYS.auth_failures(address)
 
     async def check_auth_failures(self, address: str) -> None:
         """`RateLimited` (`too_many_auth_failures`) for an address that failed too often this minute."""

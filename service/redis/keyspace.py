@@ -1,0 +1,125 @@
+"""Every Redis key this service writes, and the one fail-soft policy for Redis errors.
+
+All keys live under one prefix (`ragcache:`), split into families:
+
+- `answer:`, `deps:`: the exact answer cache (an answer, and the answers built from a document);
+- `corpus:`: the corpus watcher's marker (the corpus version the cache has caught up with);
+- `inflight:`, `stream:`, `followers:`: coalescing leases, event streams and follower counts;
+- `limit:`: rate limits, token budgets and failed-auth counters;
+- `metrics:`: the dashboard's per-minute series.
+
+`rag-admin cache flush` deletes the first three groups (`CACHE_FAMILIES`) and keeps limits (a
+flush must not hand out fresh budgets) and the metrics history (`KEPT_FAMILIES`).
+
+Redis is optional at run time: after a failure, the callers that can do without it skip it for
+`COOL_DOWN_S` (see `CoolDown`), so a dead Redis costs nothing per request.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from redis.exceptions import RedisError
+
+PREFIX = "ragcache"
+COOL_DOWN_S = 2.0
+# What a Redis call raises when the server is away: redis-py's own errors, a refused or reset
+# socket, and a timed-out read.
+REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
+
+CACHE_FAMILIES = ("answer", "deps", "corpus", "inflight", "stream", "followers")
+KEPT_FAMILIES = ("limit", "metrics")
+
+
+@dataclass(frozen=True)
+class Keyspace:
+    """Key builders for every family; one instance (`KEYS`) unless a test wants another prefix."""
+
+    prefix: str = PREFIX
+
+    def family(self, name: str) -> str:
+        """The match pattern of every key of one family (for SCAN)."""
+        return f"{self.prefix}:{name}:*"
+
+    @property
+    def flushed_by_answer_cache(self) -> tuple[str, ...]:
+        """Match patterns of the families an answer-cache flush deletes (everything but limits and metrics)."""
+        return tuple(self.family(name) for name in CACHE_FAMILIES)
+
+    # -- the exact answer cache --------------------------------------------------------------
+    def answer(self, key: str) -> str:
+        return f"{self.prefix}:answer:{key}"
+
+    def deps(self, document_id: int | None) -> str:
+        """The set of answer keys built from one document (None: answers built from no source)."""
+        return f"{self.prefix}:deps:{'none' if document_id is None else document_id}"
+
+    @property
+    def corpus_version(self) -> str:
+        """The corpus version whose changes the cache has applied (the stored name predates the rename)."""
+        return f"{self.prefix}:corpus:generation"
+
+    # -- coalescing ---------------------------------------------------------------------------
+    def lease(self, key: str) -> str:
+        return f"{self.prefix}:inflight:{key}"
+
+    def stream(self, key: str) -> str:
+        return f"{self.prefix}:stream:{key}"
+
+    def followers(self, key: str) -> str:
+        return f"{self.prefix}:followers:{key}"
+
+    # -- limits -------------------------------------------------------------------------------
+    def requests_per_minute(self, key_id: str) -> str:
+        return f"{self.prefix}:limit:rpm:{key_id}"
+
+    def token_budget(self, key_id: str, day: str) -> str:
+        return f"{self.prefix}:limit:tokens:{key_id}:{day}"
+
+    def auth_failures(self, address: str) -> str:
+        return f"{self.prefix}:limit:authfail:{address}"
+
+    # -- the dashboard's series ----------------------------------------------------------------
+    def metrics_minute(self, minute: int) -> str:
+        return f"{self.prefix}:metrics:m:{minute}"
+
+    def metrics_hour(self, hour: int) -> str:
+        return f"{self.prefix}:metrics:h:{hour}"
+
+    def metrics_top(self, hour: int) -> str:
+        """Most-hit question hashes of one hour (a sorted set)."""
+        return f"{self.prefix}:metrics:q:{hour}"
+
+    def metrics_scratch(self, token: str) -> str:
+        """A short-lived key a read aggregates into."""
+        return f"{self.prefix}:metrics:tmp:{token}"
+
+
+KEYS = Keyspace()
+
+
+@dataclass
+class CoolDown:
+    """The fail-soft policy shared by Redis callers that can do without Redis.
+
+    After a failure, `available` is False for `COOL_DOWN_S` seconds: callers skip Redis (a miss,
+    a buffered write) instead of waiting for a timeout on every request. One warning per outage.
+    """
+
+    what: str  # what is switched off, for the log line ("cache off", "metrics series paused")
+    logger: logging.Logger = field(default_factory=lambda: logging.getLogger(__name__))
+    _down_until: float = 0.0
+
+    @property
+    def available(self) -> bool:
+        return time.monotonic() >= self._down_until
+
+    def failed(self, op: str, exc: BaseException) -> None:
+        cool_down_s = COOL_DOWN_S  # read at failure time so a test can shorten it
+        if self.available:
+            self.logger.warning(
+                "redis unavailable, %s for %.0fs (%s: %s)", self.what, cool_down_s, op, type(exc).__name__
+            )
+        self._down_until = time.monotonic() + cool_down_s
