@@ -7,7 +7,6 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -32,8 +31,8 @@ from service.providers.extractive import (
     terms,
     truncate_to_tokens,
 )
+from tests.support.servers import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 CITATION = re.compile(r"\[(\d+)\]")
 
 CACHING = """# Caching

@@ -31,8 +31,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import service.observability.metrics as metrics_module
 from service.observability.metrics import ATTEMPT_OUTCOMES, OUTCOMES, metrics_app_response
+from tests.support.servers import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
 GRAFANA_PROVISIONING = DEPLOY / "grafana" / "provisioning"
