@@ -8,7 +8,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -25,14 +25,11 @@ from service.embeddings.encoders import LocalEmbedder
 from service.http.app import create_app
 from service.http.auth import Scope
 from service.observability.metrics import (
-    BUCKET_BOUNDS_MS,
     Metrics,
-    bucket_index,
-    bucket_range,
     failure_stage,
-    percentile,
 )
 from service.settings import Settings
+from tests.support.metrics import in_bucket_of
 from tests.support.servers import ROOT, bearer, make_key, serve_app, wait_until
 
 RETENTION = 7 * 24 * 3600
@@ -87,12 +84,6 @@ async def answer(metrics: Metrics, outcome: str, **overrides: Any) -> None:
     }
     values.update(overrides)
     await metrics.answered(**values)
-
-
-def in_bucket_of(value: float) -> Callable[[float | None], bool]:
-    """True when a reported percentile lies in the bucket holding `value` (the resolution promised)."""
-    lower, upper = bucket_range(bucket_index(value))
-    return lambda reported: reported is not None and lower <= reported <= upper
 
 
 async def traffic(m: Metrics) -> None:
@@ -165,20 +156,6 @@ async def traffic(m: Metrics) -> None:
     m.provider_attempt(provider="openai", model="gpt-4o", outcome="timeout")
     m.provider_attempt(provider="anthropic", model="claude-haiku-4-5", outcome="retry", status=429)
     m.provider_attempt(provider="anthropic", model="claude-haiku-4-5", outcome="retry", status=429)
-
-
-def test_buckets_and_percentiles() -> None:
-    assert bucket_index(0) == 0 and bucket_index(0.1) == 0
-    assert bucket_index(BUCKET_BOUNDS_MS[-1] * 10) == len(BUCKET_BOUNDS_MS)  # the overflow bucket
-    for value in (0.3, 1.0, 42.0, 999.0, 60_000.0):
-        lower, upper = bucket_range(bucket_index(value))
-        assert lower < value <= upper and upper / lower <= 1.25 + 1e-9
-    counts: dict[int, int] = {}
-    for ms in range(1, 101):  # 1..100 ms, one each
-        counts[bucket_index(ms)] = counts.get(bucket_index(ms), 0) + 1
-    assert in_bucket_of(50)(percentile(counts, 0.5))
-    assert in_bucket_of(95)(percentile(counts, 0.95))
-    assert percentile({}, 0.5) is None
 
 
 async def test_summary_numbers_are_exact(client: aioredis.Redis, clock: Clock) -> None:

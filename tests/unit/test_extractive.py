@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -398,17 +399,18 @@ def test_deterministic_across_processes_and_hash_seeds() -> None:
     """Sets and dicts iterate differently under other hash seeds; the answer must not."""
     code = (
         "import json, sys\n"
-        "from tests.test_extractive import SOURCES\n"
+        "from service.postgres.retrieval import Source\n"
         "from service.providers.extractive import build_answer\n"
-        "qs = json.loads(sys.argv[1])\n"
-        "print(json.dumps([build_answer(q, SOURCES, 512) for q in qs]))\n"
+        "qs, sources = json.loads(sys.argv[1]), [Source(**s) for s in json.loads(sys.argv[2])]\n"
+        "print(json.dumps([build_answer(q, sources, 512) for q in qs]))\n"
     )
+    sources = json.dumps([dataclasses.asdict(s) for s in SOURCES])
     questions = ["How do I flush the cache?", "What happens to scanned PDFs and revoked keys?", "cache keys pdf prompt"]
     outputs = []
     for seed in ("1", "2", "12345"):
         env = {**os.environ, "PYTHONHASHSEED": seed}
         result = subprocess.run(
-            [sys.executable, "-c", code, json.dumps(questions)],
+            [sys.executable, "-c", code, json.dumps(questions), sources],
             cwd=ROOT,
             env=env,
             capture_output=True,
