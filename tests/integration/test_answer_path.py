@@ -22,6 +22,7 @@ from service.settings import Settings
 from tests.support.answers import FLUSH, ask, running, seed, with_providers
 from tests.support.provider_server import Behavior, ProviderServer
 from tests.support.servers import make_key, make_settings, wait_until
+from tests.support.sse import aiter_sse
 
 # --- the offline default -----------------------------------------------------------------
 
@@ -283,8 +284,8 @@ async def test_client_disconnect_closes_the_upstream_and_caches_nothing(
     provider.enqueue(Behavior(text=" ".join(["word"] * 50), token_interval=0.2))
     async with running(settings, local_embedder) as http:
         async with http.stream("POST", "/rag/stream", json={"question": FLUSH}) as response:
-            async for line in response.aiter_lines():
-                if line.startswith("event: token"):
+            async for name, _ in aiter_sse(response.aiter_lines()):
+                if name == "token":
                     break  # one token seen: hang up
         call = provider.calls_to("messages")[0]
         assert await provider.async_wait_for(lambda: call.disconnected, timeout=1.0), "upstream still open after 1 s"

@@ -11,6 +11,7 @@ from service.settings import Settings
 from tests.support.answers import FLUSH, ask, followers_joined, running, seed, with_providers
 from tests.support.provider_server import Behavior, ProviderServer
 from tests.support.servers import wait_until
+from tests.support.sse import aiter_sse
 
 
 async def test_leader_client_leaving_keeps_the_answer_going_for_followers(
@@ -25,8 +26,8 @@ async def test_leader_client_leaving_keeps_the_answer_going_for_followers(
 
         async def leader_hangs_up_after_first_token() -> None:
             async with http.stream("POST", "/rag/stream", json={"question": FLUSH}) as response:
-                async for line in response.aiter_lines():
-                    if line.startswith("event: token"):
+                async for name, _ in aiter_sse(response.aiter_lines()):
+                    if name == "token":
                         return
 
         leader = asyncio.create_task(leader_hangs_up_after_first_token())

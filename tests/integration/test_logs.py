@@ -28,6 +28,7 @@ from tests.support.answers import FLUSH, Reply, ask, running, seed, with_provide
 from tests.support.log_capture import capturing
 from tests.support.provider_server import Behavior, ProviderServer
 from tests.support.servers import bearer, make_key
+from tests.support.sse import parse_chat_sse
 
 HASH = re.compile(r"[0-9a-f]{16}")  # service.redis.answer_cache.question_hash: a SHA-256 prefix
 
@@ -69,8 +70,7 @@ def access_line(lines: list[dict[str, Any]], request_id: str) -> dict[str, Any]:
 def chat_reply(response: httpx.Response) -> tuple[str, str]:
     """(cache outcome, answer text) of a /v1/chat/completions response, streamed or not."""
     if response.headers["content-type"].startswith("text/event-stream"):
-        data = [line[5:].strip() for line in response.text.splitlines() if line.startswith("data:")]
-        chunks = [json.loads(item) for item in data if item != "[DONE]"]
+        chunks = parse_chat_sse(response.text)
         text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
         return chunks[0]["rag"]["cache"], text
     body = response.json()

@@ -30,6 +30,7 @@ from service.settings import Settings
 from tests.support.answers import FLUSH, ask, seed, with_providers
 from tests.support.provider_server import Behavior, ProviderServer
 from tests.support.servers import bearer, make_key, serve_app, wait_until
+from tests.support.sse import aiter_sse
 
 # The request path's steps, in the order a miss runs them (SPEC: guardrails, exact cache,
 # semantic cache, retrieval, routing, generation, cache write).
@@ -330,8 +331,8 @@ async def test_failed_and_abandoned_streams_end_their_spans(
         async with http.stream(
             "POST", "/rag/stream", json={"question": "How are API keys stored?"}, headers=headers
         ) as r:
-            async for line in r.aiter_lines():
-                if line.startswith("event: token"):
+            async for name, _ in aiter_sse(r.aiter_lines()):
+                if name == "token":
                     break
         call = provider_server.calls_to("messages")[-1]
         assert await provider_server.async_wait_for(lambda: call.disconnected, timeout=2.0)
