@@ -28,11 +28,12 @@ def doc(external_id: str, text: str, source: str = "notes", title: str = "") -> 
 
 
 async def chunk_rows(pool: asyncpg.Pool, external_id: str) -> list[asyncpg.Record]:
-    return await pool.fetch(
+    rows: list[asyncpg.Record] = await pool.fetch(
         """SELECT c.id, c.ordinal, c.text FROM chunks c JOIN documents d ON d.id = c.document_id
            WHERE d.external_id = $1 ORDER BY c.ordinal""",
         external_id,
     )
+    return rows
 
 
 async def test_reingest_unchanged_computes_no_embeddings(corpus: Corpus) -> None:

@@ -268,7 +268,7 @@ async def test_keys_expire_after_the_retention(client: aioredis.Redis, clock: Cl
     await default.flush()
     assert await client.expiretime(m.minute_key(minute)) == (minute + 1) * 60 + RETENTION
     # Nothing but counters and hashes: no user text anywhere in the keys or values.
-    keys = sorted(k.decode() for k in await client.keys("ragcache:metrics:*"))
+    keys = sorted(k.decode() if isinstance(k, bytes) else k for k in await client.keys("ragcache:metrics:*"))
     assert keys == [m.hour_key(hour), m.minute_key(minute), m.top_key(hour)]
 
 
@@ -448,8 +448,8 @@ async def test_dashboard_api_and_headers(settings: Settings, local_embedder: Loc
             asset = await http.get(f"/dashboard/static/{name}")
             assert asset.status_code == 200 and asset.headers["content-type"].startswith(kind), name
             assert asset.headers["x-content-type-options"] == "nosniff"
-        for bad in ("..%2Fmetrics.py", "metrics.py", ".hidden.js", "nope.js"):
-            assert (await http.get(f"/dashboard/static/{bad}")).status_code == 404, bad
+        for path in ("..%2Fmetrics.py", "metrics.py", ".hidden.js", "nope.js"):
+            assert (await http.get(f"/dashboard/static/{path}")).status_code == 404, path
 
         summary = (await http.get("/dashboard/api/summary", params={"range": "24h"})).json()
         assert summary["range"] == "24h" and summary["minutes"] == 1440

@@ -86,7 +86,7 @@ def attrs(span: ReadableSpan) -> dict[str, Any]:
 
 def span_id(span: ReadableSpan) -> int:
     assert span.context is not None
-    return span.context.span_id
+    return int(span.context.span_id)
 
 
 @dataclass
@@ -378,14 +378,18 @@ async def test_tracing_off_answers_flow_and_no_spans_are_made(
     assert not isinstance(otel_trace.get_tracer_provider(), TracerProvider)
 
 
+class _CollectorServer(ThreadingHTTPServer):
+    received: list[tuple[str, bytes]]
+
+
 class _Collector(BaseHTTPRequestHandler):
     """A stand-in OTLP/HTTP collector on loopback: keeps every export request it receives."""
 
-    received: list[tuple[str, bytes]]
+    server: _CollectorServer
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-        self.server.received.append((self.path, body))  # type: ignore[attr-defined]
+        self.server.received.append((self.path, body))
         self.send_response(200)
         self.send_header("Content-Type", "application/x-protobuf")
         self.send_header("Content-Length", "0")
@@ -397,11 +401,11 @@ class _Collector(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def collector() -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Collector)
-    server.received = []  # type: ignore[attr-defined]
+    server = _CollectorServer(("127.0.0.1", 0), _Collector)
+    server.received = []
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", server.received  # type: ignore[attr-defined]
+    yield f"http://127.0.0.1:{server.server_address[1]}", server.received
     server.shutdown()
     server.server_close()
 

@@ -10,7 +10,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
+
+from starlette.types import ASGIApp
 
 from service.embedded import EmbeddedPostgres, EmbeddedValkey
 from service.http.auth import KeyStore, Scope
@@ -38,7 +41,7 @@ def with_database(dsn: str, name: str) -> str:
 
 def make_settings(database_url: str, redis_url: str, data_dir: Path, **overrides: object) -> Settings:
     """Settings from explicit values only: no .env, and nothing leaks in from the environment."""
-    values: dict[str, object] = {
+    values: dict[str, Any] = {
         "database_url": database_url,
         "redis_url": redis_url,
         "data_dir": data_dir,
@@ -97,11 +100,11 @@ def bearer(token: str) -> dict[str, str]:
 
 
 @asynccontextmanager
-async def serve_app(app: object) -> AsyncIterator[str]:
+async def serve_app(app: ASGIApp) -> AsyncIterator[str]:
     """Run the ASGI app on a real uvicorn server on a free loopback port, in this event loop."""
     import uvicorn
 
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="on", log_level="warning")  # type: ignore[arg-type]
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="on", log_level="warning")
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     await wait_until(lambda: server.started or task.done(), within=60)

@@ -8,6 +8,7 @@ import signal
 import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import httpx
 import pytest
@@ -60,13 +61,13 @@ async def server_process(settings: Settings, provider: ProviderServer, **env: st
                 proc.wait()
 
 
-async def stream_answer(http: httpx.AsyncClient, url: str) -> list[tuple[str, dict[str, object]]]:
+async def stream_answer(http: httpx.AsyncClient, url: str) -> list[tuple[str, dict[str, Any]]]:
     response = await http.post(f"{url}/rag/stream", json={"question": FLUSH}, timeout=60)
     assert response.status_code == 200, response.text
     return parse_sse(response.text)
 
 
-def text_of(events: list[tuple[str, dict[str, object]]]) -> str:
+def text_of(events: list[tuple[str, dict[str, Any]]]) -> str:
     return "".join(str(data["text"]) for name, data in events if name == "token")
 
 
@@ -91,7 +92,7 @@ async def test_fifty_identical_misses_across_two_processes_cost_one_call(
     assert all(text_of(r) == answer for r in replies)
     assert all(r[-1][0] == "done" for r in replies)
     done = [data for r in replies for name, data in r if name == "done"]
-    assert sum(1 for d in done if d["usage"]["cost_usd"] == 0 and "saved" in d) == 49  # type: ignore[index]
+    assert sum(1 for d in done if d["usage"]["cost_usd"] == 0 and "saved" in d) == 49
 
 
 async def test_killed_leader_process_does_not_strand_followers(

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import asyncpg
@@ -120,5 +121,5 @@ def test_sigkill_mid_ingest_then_rerun_leaves_exact_corpus(settings: Settings, t
     asyncio.run(verify())
 
 
-async def count_at_least(count: object, minimum: int) -> bool:
-    return bool(await count() >= minimum)  # type: ignore[operator]
+async def count_at_least(count: Callable[[], Awaitable[int]], minimum: int) -> bool:
+    return await count() >= minimum

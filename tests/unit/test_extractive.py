@@ -274,8 +274,8 @@ def test_flush_question_quotes_and_cites_the_cache_source() -> None:
     assert answer.startswith(LABEL)
     assert FLUSH_SENTENCE in answer
     after = answer[answer.index(FLUSH_SENTENCE) + len(FLUSH_SENTENCE) :]
-    assert CITATION.search(after) is not None
-    assert CITATION.search(after).group(1) == "1"  # type: ignore[union-attr]
+    cited = CITATION.search(after)
+    assert cited is not None and cited.group(1) == "1"
     assert NO_ANSWER not in answer
 
 

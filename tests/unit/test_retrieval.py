@@ -67,7 +67,7 @@ BASE = KeyParts("How do I flush the cache?", 5, Filters(), "auto", 512, 0.2, "1"
 
 def with_(**changes: object) -> KeyParts:
     values = {**BASE.__dict__, **changes}
-    return KeyParts(**values)  # type: ignore[arg-type]
+    return KeyParts(**values)
 
 
 def test_cache_key_ignores_case_spacing_and_unicode_form() -> None:
