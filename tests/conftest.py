@@ -16,20 +16,17 @@ import itertools
 import os
 import shutil
 import tempfile
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import asyncpg
 import pytest
-import redis.asyncio as aioredis
 
 from service.embedded import start_postgres, start_valkey
 from service.embeddings.encoders import LocalEmbedder
 from service.postgres.corpus import Corpus, open_corpus
 from service.settings import Settings
 from tests.support.provider_server import ProviderServer
-from tests.support.servers import Servers, make_settings, with_database
+from tests.support.servers import Servers, empty_redis_database, fresh_database, make_settings
 
 
 @pytest.fixture(scope="session")
@@ -52,38 +49,20 @@ def servers() -> Iterator[Servers]:
     shutil.rmtree(data, ignore_errors=True)
 
 
-_db_counter = itertools.count()
-
-
 @pytest.fixture
 async def database_url(servers: Servers) -> AsyncIterator[str]:
     """A fresh, empty database on the session's server, dropped afterwards."""
-    name = f"ragtest_{os.getpid()}_{next(_db_counter)}_{uuid.uuid4().hex[:6]}"
-    admin = await asyncpg.connect(servers.admin_dsn)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    yield with_database(servers.admin_dsn, name)
-    admin = await asyncpg.connect(servers.admin_dsn)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    async with fresh_database(servers.admin_dsn) as url:
+        yield url
 
 
 _redis_db = itertools.count(1)
 
 
 @pytest.fixture
-async def redis_url(servers: Servers) -> AsyncIterator[str]:
-    """An empty logical Redis database (1..15, round robin), flushed before use."""
-    db = next(_redis_db) % 15 + 1
-    url = f"{servers.redis_url}{'&' if '?' in servers.redis_url else '?'}db={db}"
-    client = aioredis.from_url(url)
-    await client.flushdb()
-    await client.aclose()
-    yield url
+async def redis_url(servers: Servers) -> str:
+    """An empty logical Redis database (1..15, round robin; 0 is tests/support/module_env's)."""
+    return await empty_redis_database(servers.redis_url, next(_redis_db) % 15 + 1)
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ import asyncio
 import os
 import socket
 import sys
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import asyncpg
+import redis.asyncio as aioredis
 from starlette.types import ASGIApp
 
 from service.embedded import EmbeddedPostgres, EmbeddedValkey
@@ -37,6 +40,34 @@ def with_database(dsn: str, name: str) -> str:
     """The same server, another database (works for host:port and unix-socket DSNs)."""
     parts = urlsplit(dsn)
     return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
+
+
+@asynccontextmanager
+async def fresh_database(admin_dsn: str, prefix: str = "ragtest") -> AsyncIterator[str]:
+    """A new, empty database on the server at `admin_dsn` (its URL), dropped afterwards."""
+    name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(admin_dsn)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    try:
+        yield with_database(admin_dsn, name)
+    finally:
+        admin = await asyncpg.connect(admin_dsn)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+async def empty_redis_database(redis_url: str, db: int) -> str:
+    """The URL of logical database `db` on the same Redis server, flushed."""
+    url = f"{redis_url}{'&' if '?' in redis_url else '?'}db={db}"
+    client = aioredis.from_url(url)
+    await client.flushdb()
+    await client.aclose()
+    return url
 
 
 def make_settings(database_url: str, redis_url: str, data_dir: Path, **overrides: object) -> Settings:
