@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test test-unit lint bench clean
 
 install: $(STAMP)
 
@@ -22,8 +22,12 @@ run: install
 test: install
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
 		|| echo "warning: could not install chromium; the dashboard browser test will fail"
-	@command -v docker-compose >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null) || echo "warning: could not install docker-compose; tests/test_compose.py will fail"
+	@command -v docker-compose >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null) || echo "warning: could not install docker-compose; tests/system/test_compose.py will fail"
 	$(BIN)/pytest -q
+
+# The fast part alone: pure tests, no servers, no model (tests/unit, marked `unit`).
+test-unit: install
+	$(BIN)/pytest -q -m unit tests/unit
 
 lint: install
 	$(BIN)/ruff check service ingest tests bench

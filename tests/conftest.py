@@ -1,4 +1,8 @@
-"""Real servers for the whole suite.
+"""Real servers for the whole suite, and the unit / integration / system markers.
+
+The marker comes from the folder a test lives in (tests/unit, tests/integration, tests/system),
+so `pytest -m unit` runs the fast part alone; a unit test that asks for a server fixture, or a
+test outside the three folders, stops the collection with a message saying where it belongs.
 
 Postgres+pgvector and Valkey start once per session from their pip wheels in a temp dir,
 unless DATABASE_URL / REDIS_URL point at servers to use instead. Every test that touches
@@ -12,20 +16,17 @@ import itertools
 import os
 import shutil
 import tempfile
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import asyncpg
 import pytest
-import redis.asyncio as aioredis
 
 from service.embedded import start_postgres, start_valkey
 from service.embeddings.encoders import LocalEmbedder
 from service.postgres.corpus import Corpus, open_corpus
 from service.settings import Settings
 from tests.support.provider_server import ProviderServer
-from tests.support.servers import Servers, make_settings, with_database
+from tests.support.servers import Servers, empty_redis_database, fresh_database, make_settings
 
 
 @pytest.fixture(scope="session")
@@ -48,38 +49,20 @@ def servers() -> Iterator[Servers]:
     shutil.rmtree(data, ignore_errors=True)
 
 
-_db_counter = itertools.count()
-
-
 @pytest.fixture
 async def database_url(servers: Servers) -> AsyncIterator[str]:
     """A fresh, empty database on the session's server, dropped afterwards."""
-    name = f"ragtest_{os.getpid()}_{next(_db_counter)}_{uuid.uuid4().hex[:6]}"
-    admin = await asyncpg.connect(servers.admin_dsn)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    yield with_database(servers.admin_dsn, name)
-    admin = await asyncpg.connect(servers.admin_dsn)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    async with fresh_database(servers.admin_dsn) as url:
+        yield url
 
 
 _redis_db = itertools.count(1)
 
 
 @pytest.fixture
-async def redis_url(servers: Servers) -> AsyncIterator[str]:
-    """An empty logical Redis database (1..15, round robin), flushed before use."""
-    db = next(_redis_db) % 15 + 1
-    url = f"{servers.redis_url}{'&' if '?' in servers.redis_url else '?'}db={db}"
-    client = aioredis.from_url(url)
-    await client.flushdb()
-    await client.aclose()
-    yield url
+async def redis_url(servers: Servers) -> str:
+    """An empty logical Redis database (1..15, round robin; 0 is tests/support/module_env's)."""
+    return await empty_redis_database(servers.redis_url, next(_redis_db) % 15 + 1)
 
 
 @pytest.fixture
@@ -100,6 +83,30 @@ async def corpus(settings: Settings, local_embedder: LocalEmbedder) -> AsyncIter
     async with open_corpus(settings) as opened:
         opened.embedder = local_embedder
         yield opened
+
+
+LAYERS = ("unit", "integration", "system")
+# Fixtures that start or reach a server (Postgres, Valkey, the loopback providers) or load the model.
+SERVER_FIXTURES = frozenset(
+    {"servers", "database_url", "redis_url", "settings", "corpus", "local_embedder", "provider_module", "provider"}
+)
+TESTS = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        folder = item.path.resolve().relative_to(TESTS).parts[0]
+        if folder not in LAYERS:
+            raise pytest.UsageError(f"{item.nodeid}: put test modules in tests/unit, tests/integration or tests/system")
+        item.add_marker(getattr(pytest.mark, folder))
+        if folder == "unit":
+            callspec = getattr(item, "callspec", None)
+            parametrized = set(callspec.params) if callspec else set()
+            if needs := SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ())) - parametrized:
+                raise pytest.UsageError(
+                    f"{item.nodeid} uses {', '.join(sorted(needs))}: a unit test starts no server; "
+                    "move it to tests/integration"
+                )
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -4,7 +4,7 @@ FastAPI documents only 200 and its own 422 shape (`{"detail": [...]}`), which th
 never sends: every error is `{"error": {"code", "message"}}` (service/http/errors.py), and under
 `/v1/` OpenAI's `{"error": {"message", "type", "param", "code"}}`. Routes pass
 `responses=error_responses(...)` so the schema says what clients really get; the schema
-fuzz test (tests/test_schema_fuzz.py) holds every response to it.
+fuzz test (tests/integration/test_schema_fuzz.py) holds every response to it.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import redis.asyncio as aioredis
 from pydantic import SecretStr
 
 from ingest.loaders import SourceDocument
@@ -108,3 +109,9 @@ async def running(
         httpx.AsyncClient(base_url=url, timeout=30, headers=bearer(key)) as http,
     ):
         yield http
+
+
+async def followers_joined(client: aioredis.Redis, n: int) -> bool:
+    """True once `n` followers wait on the one in-flight answer (the coalescer counts them in Redis)."""
+    keys = [k async for k in client.scan_iter(match="ragcache:followers:*")]
+    return bool(keys) and int(await client.get(keys[0]) or 0) >= n

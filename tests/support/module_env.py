@@ -7,21 +7,17 @@ model, the migrations and the server start once per module.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
-import asyncpg
-import redis.asyncio as aioredis
 import uvicorn
 from fastapi import FastAPI
 
 from service.settings import Settings
-from tests.support.servers import Servers, make_settings, with_database
+from tests.support.servers import Servers, empty_redis_database, fresh_database, make_settings
 
 # conftest hands out Redis databases 1..15 to single tests; modules use 0 and flush it first.
 MODULE_REDIS_DB = 0
@@ -30,24 +26,9 @@ MODULE_REDIS_DB = 0
 @asynccontextmanager
 async def module_settings(servers: Servers, data_dir: Path, **overrides: object) -> AsyncIterator[Settings]:
     """Settings for an empty database (dropped afterwards) and an empty Redis database."""
-    name = f"ragmod_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    admin = await asyncpg.connect(servers.admin_dsn)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    redis_url = f"{servers.redis_url}{'&' if '?' in servers.redis_url else '?'}db={MODULE_REDIS_DB}"
-    client = aioredis.from_url(redis_url)
-    await client.flushdb()
-    await client.aclose()
-    try:
-        yield make_settings(with_database(servers.admin_dsn, name), redis_url, data_dir, **overrides)
-    finally:
-        admin = await asyncpg.connect(servers.admin_dsn)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
+    async with fresh_database(servers.admin_dsn, "ragmod") as database_url:
+        redis_url = await empty_redis_database(servers.redis_url, MODULE_REDIS_DB)
+        yield make_settings(database_url, redis_url, data_dir, **overrides)
 
 
 @contextmanager

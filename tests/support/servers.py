@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import sys
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import redis.asyncio as aioredis
+from starlette.types import ASGIApp
 
 from service.embedded import EmbeddedPostgres, EmbeddedValkey
 from service.http.auth import KeyStore, Scope
@@ -35,9 +42,37 @@ def with_database(dsn: str, name: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
 
 
+@asynccontextmanager
+async def fresh_database(admin_dsn: str, prefix: str = "ragtest") -> AsyncIterator[str]:
+    """A new, empty database on the server at `admin_dsn` (its URL), dropped afterwards."""
+    name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(admin_dsn)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    try:
+        yield with_database(admin_dsn, name)
+    finally:
+        admin = await asyncpg.connect(admin_dsn)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+async def empty_redis_database(redis_url: str, db: int) -> str:
+    """The URL of logical database `db` on the same Redis server, flushed."""
+    url = f"{redis_url}{'&' if '?' in redis_url else '?'}db={db}"
+    client = aioredis.from_url(url)
+    await client.flushdb()
+    await client.aclose()
+    return url
+
+
 def make_settings(database_url: str, redis_url: str, data_dir: Path, **overrides: object) -> Settings:
     """Settings from explicit values only: no .env, and nothing leaks in from the environment."""
-    values: dict[str, object] = {
+    values: dict[str, Any] = {
         "database_url": database_url,
         "redis_url": redis_url,
         "data_dir": data_dir,
@@ -96,11 +131,11 @@ def bearer(token: str) -> dict[str, str]:
 
 
 @asynccontextmanager
-async def serve_app(app: object) -> AsyncIterator[str]:
+async def serve_app(app: ASGIApp) -> AsyncIterator[str]:
     """Run the ASGI app on a real uvicorn server on a free loopback port, in this event loop."""
     import uvicorn
 
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="on", log_level="warning")  # type: ignore[arg-type]
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="on", log_level="warning")
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     await wait_until(lambda: server.started or task.done(), within=60)
@@ -112,3 +147,10 @@ async def serve_app(app: object) -> AsyncIterator[str]:
     finally:
         server.should_exit = True
         await task
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now (for a server started in another process)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

@@ -7,7 +7,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -17,14 +16,8 @@ from pathlib import Path
 import httpx
 
 from service.cli.serve import LOCAL_KEY_FILE
-from tests.support.servers import BIN, ROOT
+from tests.support.servers import BIN, ROOT, free_port
 from tests.support.sse import parse_sse
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _healthy(port: int) -> bool:

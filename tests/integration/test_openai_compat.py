@@ -6,7 +6,6 @@ needs them, are the loopback `ProviderServer` speaking Anthropic's and OpenAI's 
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,6 +23,7 @@ from service.settings import Settings
 from tests.support.answers import FLUSH, seed, with_providers
 from tests.support.provider_server import Behavior, ProviderServer
 from tests.support.servers import make_key, serve_app
+from tests.support.sse import parse_chat_sse
 
 
 def user(text: str) -> list[ChatCompletionMessageParam]:
@@ -148,9 +148,9 @@ async def test_streaming_deltas_usage_chunk_and_done(settings: Settings, local_e
             response = await http.post("/v1/chat/completions", json={"model": "auto", "messages": USER, "stream": True})
         assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
         assert response.headers["cache-control"] == "no-cache" and response.headers["x-request-id"]
-        lines = [line for line in response.text.splitlines() if line]
-        assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
-        assert json.loads(lines[0][6:])["rag"]["request_id"] == response.headers["x-request-id"]
+        assert all(line.startswith("data: ") for line in response.text.splitlines() if line)
+        wire = parse_chat_sse(response.text)  # and ends with `data: [DONE]`
+        assert wire[0]["rag"]["request_id"] == response.headers["x-request-id"]
 
 
 async def test_rag_extra_body_top_k_filters_and_cache(settings: Settings, local_embedder: LocalEmbedder) -> None:

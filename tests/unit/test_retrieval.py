@@ -67,7 +67,7 @@ BASE = KeyParts("How do I flush the cache?", 5, Filters(), "auto", 512, 0.2, "1"
 
 def with_(**changes: object) -> KeyParts:
     values = {**BASE.__dict__, **changes}
-    return KeyParts(**values)  # type: ignore[arg-type]
+    return KeyParts(**values)
 
 
 def test_cache_key_ignores_case_spacing_and_unicode_form() -> None:
@@ -98,44 +98,3 @@ def test_filter_order_does_not_matter_and_question_hash_hides_text() -> None:
     )
     digest = question_hash("How do I flush the cache?")
     assert len(digest) == 16 and "flush" not in digest and digest == question_hash("how do i flush the cache?")
-
-
-async def test_pool_keeps_hnsw_settings_after_connections_are_reused(database_url: str) -> None:
-    """asyncpg resets session state on release; the HNSW settings must survive it."""
-    from service.postgres.db import SchemaParams, create_pool, migrate
-
-    await migrate(database_url, SchemaParams("m", 3))
-    pool = await create_pool(database_url, min_size=1, max_size=1, ef_search=77)
-    try:
-        for _ in range(3):  # the same connection, acquired and released (RESET ALL) each time
-            async with pool.acquire() as conn:
-                assert await conn.fetchval("SHOW hnsw.ef_search") == "77"
-                assert await conn.fetchval("SHOW hnsw.iterative_scan") == "relaxed_order"
-    finally:
-        await pool.close()
-
-
-async def test_full_text_ors_terms_but_keeps_negations(corpus: object) -> None:
-    from ingest.loaders import SourceDocument
-    from ingest.pipeline import IngestOptions, ingest_documents
-    from service.postgres.corpus import Corpus
-    from service.postgres.retrieval import Retriever
-
-    assert isinstance(corpus, Corpus) and corpus.embedder is not None
-    docs = [
-        SourceDocument("s", "py", "m://py", "", "Python snakes are large reptiles."),
-        SourceDocument("s", "lang", "m://lang", "", "Python is a programming language."),
-        SourceDocument("s", "other", "m://other", "", "Bananas are yellow fruit."),
-    ]
-    await ingest_documents(corpus.store, corpus.embedder, docs, IngestOptions(window=8))
-    retriever = Retriever(corpus.pool)
-    vector = (await corpus.embedder.embed(["x"]))[0]
-
-    async def sparse(question: str) -> set[str]:
-        found = await retriever.search(vector, question, top_k=5, mode="sparse")
-        rows = await corpus.pool.fetch("SELECT id, external_id FROM documents")
-        names = {r["id"]: r["external_id"] for r in rows}
-        return {names[s.document_id] for s in found}
-
-    assert await sparse("python reptiles") == {"py", "lang"}  # OR: either term is enough
-    assert await sparse("python -snake") == {"lang"}  # a negation is not turned into "or not snake"

@@ -7,18 +7,9 @@ import httpx
 
 from service.embeddings.encoders import LocalEmbedder
 from service.http.app import create_app
-from service.redis.limits import retry_after, seconds_to_utc_midnight, utc_day
 from service.settings import Settings
 from tests.support.answers import FLUSH, ask, running, seed
 from tests.support.servers import bearer, make_key, serve_app
-
-
-def test_pure_helpers() -> None:
-    assert seconds_to_utc_midnight(86_400 * 20_000) == 86_400
-    assert seconds_to_utc_midnight(86_400 * 20_000 + 86_399) == 1
-    assert utc_day(0) == "19700101" and utc_day(86_400 * 365 - 1) == "19701231"
-    assert retry_after(1) == 1 and retry_after(1001) == 2
-    assert retry_after(0) == 1  # never tell a client to retry at once
 
 
 async def test_requests_per_minute_are_per_key_and_shared_by_workers(

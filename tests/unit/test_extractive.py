@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -32,8 +32,8 @@ from service.providers.extractive import (
     terms,
     truncate_to_tokens,
 )
+from tests.support.servers import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 CITATION = re.compile(r"\[(\d+)\]")
 
 CACHING = """# Caching
@@ -274,8 +274,8 @@ def test_flush_question_quotes_and_cites_the_cache_source() -> None:
     assert answer.startswith(LABEL)
     assert FLUSH_SENTENCE in answer
     after = answer[answer.index(FLUSH_SENTENCE) + len(FLUSH_SENTENCE) :]
-    assert CITATION.search(after) is not None
-    assert CITATION.search(after).group(1) == "1"  # type: ignore[union-attr]
+    cited = CITATION.search(after)
+    assert cited is not None and cited.group(1) == "1"
     assert NO_ANSWER not in answer
 
 
@@ -399,17 +399,18 @@ def test_deterministic_across_processes_and_hash_seeds() -> None:
     """Sets and dicts iterate differently under other hash seeds; the answer must not."""
     code = (
         "import json, sys\n"
-        "from tests.test_extractive import SOURCES\n"
+        "from service.postgres.retrieval import Source\n"
         "from service.providers.extractive import build_answer\n"
-        "qs = json.loads(sys.argv[1])\n"
-        "print(json.dumps([build_answer(q, SOURCES, 512) for q in qs]))\n"
+        "qs, sources = json.loads(sys.argv[1]), [Source(**s) for s in json.loads(sys.argv[2])]\n"
+        "print(json.dumps([build_answer(q, sources, 512) for q in qs]))\n"
     )
+    sources = json.dumps([dataclasses.asdict(s) for s in SOURCES])
     questions = ["How do I flush the cache?", "What happens to scanned PDFs and revoked keys?", "cache keys pdf prompt"]
     outputs = []
     for seed in ("1", "2", "12345"):
         env = {**os.environ, "PYTHONHASHSEED": seed}
         result = subprocess.run(
-            [sys.executable, "-c", code, json.dumps(questions)],
+            [sys.executable, "-c", code, json.dumps(questions), sources],
             cwd=ROOT,
             env=env,
             capture_output=True,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import pytest
 
@@ -212,10 +213,11 @@ def test_auto_reason_names_only_the_triggers_that_fired() -> None:
         ("large_feature_score", 3, {"question": "What is A and how does it compare to B?"}, "large"),
     ],
 )
-def test_thresholds_come_from_the_policy(field: str, value: int, kwargs: dict[str, object], tier: str) -> None:
-    policy = dataclasses.replace(BOTH, **{field: value})  # type: ignore[arg-type]
-    args: dict[str, object] = {"question": SIMPLE, "prompt_tokens": 100, "max_tokens": 100, **kwargs}
-    route = choose_route("auto", policy=policy, **args)  # type: ignore[arg-type]
+def test_thresholds_come_from_the_policy(field: str, value: int, kwargs: dict[str, Any], tier: str) -> None:
+    changes: dict[str, Any] = {field: value}
+    policy = dataclasses.replace(BOTH, **changes)
+    args: dict[str, Any] = {"question": SIMPLE, "prompt_tokens": 100, "max_tokens": 100, **kwargs}
+    route = choose_route("auto", policy=policy, **args)
     assert route.tier == tier
 
 
@@ -287,7 +289,7 @@ def test_unknown_model_error_message_is_bounded() -> None:
 
 # --- from_config ------------------------------------------------------------------------
 
-CONFIG_CASES: list[tuple[str, dict[str, object], tuple[ModelChoice, ...], tuple[ModelChoice, ...]]] = [
+CONFIG_CASES: list[tuple[str, dict[str, Any], tuple[ModelChoice, ...], tuple[ModelChoice, ...]]] = [
     ("none", {}, (EXTRACTIVE,), (EXTRACTIVE,)),
     ("anthropic only", {"anthropic": True}, (HAIKU,), (SONNET,)),
     ("openai only", {"openai": True}, (MINI,), (GPT4O,)),
@@ -323,8 +325,8 @@ CONFIG_CASES: list[tuple[str, dict[str, object], tuple[ModelChoice, ...], tuple[
     [case[1:] for case in CONFIG_CASES],
     ids=[case[0] for case in CONFIG_CASES],
 )
-def test_from_config(kwargs: dict[str, object], small: tuple[ModelChoice, ...], large: tuple[ModelChoice, ...]) -> None:
-    policy = config(**kwargs)  # type: ignore[arg-type]
+def test_from_config(kwargs: dict[str, Any], small: tuple[ModelChoice, ...], large: tuple[ModelChoice, ...]) -> None:
+    policy = config(**kwargs)
     assert (policy.small, policy.large) == (small, large)
 
 
@@ -365,9 +367,9 @@ def test_parse_model_list_rejects_bad_entries() -> None:
     "kwargs",
     [{"small": ()}, {"large": ()}, {"large_prompt_tokens": 0}, {"large_max_tokens": -1}, {"large_feature_score": 0}],
 )
-def test_policy_validation(kwargs: dict[str, object]) -> None:
+def test_policy_validation(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
-        dataclasses.replace(BOTH, **kwargs)  # type: ignore[arg-type]
+        dataclasses.replace(BOTH, **kwargs)
 
 
 def test_model_choice_validation() -> None:
@@ -377,7 +379,7 @@ def test_model_choice_validation() -> None:
 
 # --- fallbacks ---------------------------------------------------------------------------
 
-FALLBACK_CASES: list[tuple[str, dict[str, object], str, tuple[ModelChoice, ...]]] = [
+FALLBACK_CASES: list[tuple[str, dict[str, Any], str, tuple[ModelChoice, ...]]] = [
     ("both, small", {"anthropic": True, "openai": True}, "small", (MINI, SONNET, GPT4O)),
     ("both, large", {"anthropic": True, "openai": True}, "large", (GPT4O, HAIKU, MINI)),
     ("both, model gpt-4o", {"anthropic": True, "openai": True}, "gpt-4o", (SONNET, HAIKU, MINI)),
@@ -393,8 +395,8 @@ FALLBACK_CASES: list[tuple[str, dict[str, object], str, tuple[ModelChoice, ...]]
     [case[1:] for case in FALLBACK_CASES],
     ids=[case[0] for case in FALLBACK_CASES],
 )
-def test_fallbacks(kwargs: dict[str, object], requested: str, fallbacks: tuple[ModelChoice, ...]) -> None:
-    policy = config(**kwargs)  # type: ignore[arg-type]
+def test_fallbacks(kwargs: dict[str, Any], requested: str, fallbacks: tuple[ModelChoice, ...]) -> None:
+    policy = config(**kwargs)
     route = choose_route(requested, question=SIMPLE, prompt_tokens=10, max_tokens=10, policy=policy)
     assert route.fallbacks == fallbacks
 

@@ -37,6 +37,13 @@ def server() -> Iterator[ProviderServer]:
         yield srv
 
 
+def error_type(error: anthropic.APIStatusError | openai.APIStatusError) -> str:
+    """The `error.type` of a provider's JSON error body (the SDKs type the body as `object`)."""
+    body = error.body
+    assert isinstance(body, dict), body
+    return str(body["error"]["type"])
+
+
 def claude(server: ProviderServer, max_retries: int = 0, **kwargs: Any) -> anthropic.AsyncAnthropic:
     return anthropic.AsyncAnthropic(base_url=server.base_url, api_key="test", max_retries=max_retries, **kwargs)
 
@@ -200,7 +207,7 @@ async def test_anthropic_529_is_overloaded_status_error(server: ProviderServer) 
             async with client.messages.stream(model=MODEL_A, max_tokens=64, messages=A_MESSAGES) as stream:
                 await stream.get_final_message()
     assert isinstance(caught.value, anthropic.APIStatusError) and caught.value.status_code == 529
-    assert caught.value.body["error"]["type"] == "overloaded_error"  # type: ignore[index]
+    assert error_type(caught.value) == "overloaded_error"
     assert caught.value.request_id == f"req_fixture_{server.last_call.index:06d}"
     assert len(server.calls) == 1
 
@@ -214,7 +221,7 @@ async def test_429_is_rate_limit_error_on_both_sdks(server: ProviderServer) -> N
         with pytest.raises(openai.RateLimitError) as o_err:
             await oclient.chat.completions.create(model=MODEL_O, messages=O_MESSAGES)
     assert a_err.value.status_code == 429 and a_err.value.response.headers["retry-after"] == "7"
-    assert a_err.value.body["error"]["type"] == "rate_limit_error"  # type: ignore[index]
+    assert error_type(a_err.value) == "rate_limit_error"
     assert o_err.value.status_code == 429 and o_err.value.code == "rate_limit_exceeded"
 
 
@@ -299,7 +306,7 @@ async def test_anthropic_in_stream_error_event(server: ProviderServer) -> None:
                 async for piece in stream.text_stream:
                     received.append(piece)
     assert received == WORDS[:2]
-    assert caught.value.body["error"]["type"] == "overloaded_error"  # type: ignore[index]
+    assert error_type(caught.value) == "overloaded_error"
 
 
 @pytest.mark.asyncio

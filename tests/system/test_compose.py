@@ -31,8 +31,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.observability.outcomes import ATTEMPT_OUTCOMES, OUTCOMES
 from service.observability.prometheus import HitRatios, PrometheusMetrics
+from tests.support.servers import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
 GRAFANA_PROVISIONING = DEPLOY / "grafana" / "provisioning"

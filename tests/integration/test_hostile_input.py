@@ -11,7 +11,7 @@ The injection rows match what service/policy/injection.py detects, including loo
 and the two commonest attacks in other languages; benign rows in the same languages check
 that ordinary questions still get answered.
 
-One app, database and key serve the whole module (tests/module_env.py).
+One app, database and key serve the whole module (tests/support/module_env.py).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ async def served(
     servers: Servers, local_embedder: LocalEmbedder, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Served]:
     data_dir = tmp_path_factory.mktemp("hostile")
-    # The auth rows send junk keys; the failed-auth limit (429) is tests/test_limits.py's business.
+    # The auth rows send junk keys; the failed-auth limit (429) is tests/integration/test_limits.py's business.
     overrides = {"max_body_bytes": MAX_BODY_BYTES, "auth_failures_per_minute": 1_000_000}
     async with module_settings(servers, data_dir, **overrides) as settings:
         await seed(settings, local_embedder)

@@ -10,33 +10,25 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import re
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import httpx
 import pytest
-import structlog
 
 from service.embeddings.encoders import LocalEmbedder
 from service.http.auth import parse_key
 from service.observability.logs import (
     ACCESS_LOGGER,
-    OWN_LOGGERS,
-    REDACTED,
-    access_record,
-    configure_logging,
-    format_exception_without_messages,
-    note,
-    scrub,
 )
 from service.redis.answer_cache import question_hash
 from service.settings import Settings
 from tests.support.answers import FLUSH, Reply, ask, running, seed, with_providers
+from tests.support.log_capture import capturing
 from tests.support.provider_server import Behavior, ProviderServer
 from tests.support.servers import bearer, make_key
+from tests.support.sse import parse_chat_sse
 
 HASH = re.compile(r"[0-9a-f]{16}")  # service.redis.answer_cache.question_hash: a SHA-256 prefix
 
@@ -50,24 +42,6 @@ CHAT = "How are PDF files parsed?"
 REVOKE = "How do I revoke an API key?"
 SCANNED = "Are scanned PDFs without a text layer supported?"
 PROVIDER_ANSWER = "Revoke it with rag-admin keys revoke and the key id [1]."
-
-
-@contextmanager
-def capturing(level: str = "info", *, json: bool = True) -> Iterator[io.StringIO]:
-    """All log output, formatted as in production, into a StringIO; the logging setup is restored after."""
-    loggers = [logging.getLogger(), *(logging.getLogger(name) for name in OWN_LOGGERS)]
-    saved = [(logger, logger.level, list(logger.handlers), logger.propagate) for logger in loggers]
-    saved_structlog = structlog.get_config()
-    stream = io.StringIO()
-    configure_logging(level, json=json, stream=stream)
-    try:
-        yield stream
-    finally:
-        for logger, old_level, handlers, propagate in saved:
-            logger.setLevel(old_level)
-            logger.handlers[:] = handlers
-            logger.propagate = propagate
-        structlog.configure(**saved_structlog)
 
 
 @pytest.fixture
@@ -96,8 +70,7 @@ def access_line(lines: list[dict[str, Any]], request_id: str) -> dict[str, Any]:
 def chat_reply(response: httpx.Response) -> tuple[str, str]:
     """(cache outcome, answer text) of a /v1/chat/completions response, streamed or not."""
     if response.headers["content-type"].startswith("text/event-stream"):
-        data = [line[5:].strip() for line in response.text.splitlines() if line.startswith("data:")]
-        chunks = [json.loads(item) for item in data if item != "[DONE]"]
+        chunks = parse_chat_sse(response.text)
         text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
         return chunks[0]["rag"]["cache"], text
     body = response.json()
@@ -253,60 +226,3 @@ async def test_access_lines_carry_the_request_and_nothing_private(
 
 
 # --- the processors ---------------------------------------------------------------------------
-
-SECRET_QUESTION = "what is my password?"
-
-
-def test_credentials_are_masked_and_secret_fields_blanked() -> None:
-    key = "rck_abcdefghijkl_" + "s" * 43
-    assert scrub(f"key {key} and Authorization: Bearer abc.def") == (
-        f"key rck_abcdefghijkl_{REDACTED} and Authorization: Bearer {REDACTED}"
-    )
-    assert scrub("ANTHROPIC_API_KEY=sk-ant-api03-xyz OPENAI_API_KEY=sk-proj-123") == (
-        f"ANTHROPIC_API_KEY={REDACTED} OPENAI_API_KEY={REDACTED}"
-    )
-    assert scrub("cache hit for 3f2a9c0d1e4b5a67 in 1.2 ms") == "cache hit for 3f2a9c0d1e4b5a67 in 1.2 ms"
-
-    with capturing() as stream:
-        log = logging.getLogger("service.test_logs")
-        log.info("got %s", key, extra={"question": SECRET_QUESTION, "answer": None, "n": 3})
-        row_error = f"duplicate key value: {EMAIL}"  # the kind of message asyncpg writes, quoting a value
-        try:
-            try:
-                raise ValueError(row_error)
-            except ValueError as exc:
-                raise RuntimeError(SECRET_QUESTION) from exc
-        except RuntimeError:
-            log.exception("failed")
-        structlog.get_logger("service.test_logs").warning("native", api_key="sk-live", tokens=5)
-    first, failed, native = (json.loads(line) for line in stream.getvalue().splitlines())
-    assert first["event"] == f"got rck_abcdefghijkl_{REDACTED}"
-    assert (first["question"], first["answer"], first["n"]) == (REDACTED, None, 3)
-    assert failed["exc_type"] == "RuntimeError" and "builtins.ValueError" in failed["exception"]
-    assert "test_logs.py" in failed["exception"] and "direct cause" in failed["exception"]
-    assert EMAIL not in stream.getvalue() and SECRET_QUESTION not in stream.getvalue()
-    assert (native["api_key"], native["tokens"], native["level"]) == (REDACTED, 5, "warning")
-
-
-def test_exception_traceback_keeps_frames_and_types_only() -> None:
-    def fail(value: str) -> None:
-        raise KeyError(value)
-
-    try:
-        fail(EMAIL)
-    except KeyError as exc:
-        rendered = format_exception_without_messages(exc)
-    assert rendered.startswith("Traceback (most recent call last):") and rendered.endswith("builtins.KeyError")
-    assert "in fail" in rendered and "raise KeyError(value)" in rendered and EMAIL not in rendered
-
-
-def test_console_format_and_notes_outside_a_request() -> None:
-    note(cache="hit")  # no request: nothing to add to, and no error
-    with access_record() as record:
-        note(cache="miss", question_chars=3)
-        assert record == {"cache": "miss", "question_chars": 3}
-    with capturing("warning", json=False) as stream:
-        logging.getLogger("service.test_logs").info("quiet")  # below the level
-        logging.getLogger("service.test_logs").warning("loud %d", 1, extra={"request_id": "r-1"})
-    out = stream.getvalue()
-    assert "quiet" not in out and "loud 1" in out and "request_id=r-1" in out and not out.lstrip().startswith("{")

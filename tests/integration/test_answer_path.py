@@ -15,17 +15,14 @@ import pytest
 import redis.asyncio as aioredis
 
 from ingest.loaders import SourceDocument
-from service.answer.events import Done, Token
-from service.answer.schemas import UsageInfo
 from service.embeddings.encoders import LocalEmbedder
-from service.http.rag import sse_bytes, sse_event
 from service.postgres.corpus import open_corpus
 from service.redis.answer_cache import AnswerCache, question_hash
 from service.settings import Settings
 from tests.support.answers import FLUSH, ask, running, seed, with_providers
 from tests.support.provider_server import Behavior, ProviderServer
 from tests.support.servers import make_key, make_settings, wait_until
-from tests.support.sse import parse_sse
+from tests.support.sse import aiter_sse
 
 # --- the offline default -----------------------------------------------------------------
 
@@ -287,8 +284,8 @@ async def test_client_disconnect_closes_the_upstream_and_caches_nothing(
     provider.enqueue(Behavior(text=" ".join(["word"] * 50), token_interval=0.2))
     async with running(settings, local_embedder) as http:
         async with http.stream("POST", "/rag/stream", json={"question": FLUSH}) as response:
-            async for line in response.aiter_lines():
-                if line.startswith("event: token"):
+            async for name, _ in aiter_sse(response.aiter_lines()):
+                if name == "token":
                     break  # one token seen: hang up
         call = provider.calls_to("messages")[0]
         assert await provider.async_wait_for(lambda: call.disconnected, timeout=1.0), "upstream still open after 1 s"
@@ -444,10 +441,3 @@ async def test_traffic_shows_up_in_metrics_and_the_dashboard_api(
         assert 'ragcache_requests_total{outcome="hit"}' in exposition
         page = await http.get("/dashboard")
         assert page.status_code == 200 and "default-src 'self'" in page.headers["content-security-policy"]
-
-
-def test_sse_bytes_are_what_sse_starlette_would_send() -> None:
-    usage = UsageInfo(input_tokens=1, output_tokens=2, cost_usd=0.0)
-    for event in (Token('line\nbreak "quoted" ünïcode\r\n'), Done(usage, 1.5, None, True)):
-        assert sse_bytes(event) == sse_event(event).encode()
-        assert parse_sse(sse_bytes(event).decode())[0][1] == parse_sse(sse_event(event).encode().decode())[0][1]

@@ -7,7 +7,6 @@ import json
 import math
 import time
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
@@ -20,8 +19,9 @@ from service.policy.semantic_match import (
     incompatibility,
     judge_match,
 )
+from tests.support.servers import ROOT
 
-PAIRS_PATH = Path(__file__).resolve().parent.parent / "bench" / "semantic_pairs.jsonl"
+PAIRS_PATH = ROOT / "bench" / "semantic_pairs.jsonl"
 KINDS = {"paraphrase", "entity", "negation", "number", "date", "unit", "scope", "other"}
 
 

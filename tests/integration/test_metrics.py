@@ -8,7 +8,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -25,8 +25,8 @@ from service.embeddings.encoders import LocalEmbedder
 from service.http.app import create_app
 from service.http.auth import Scope
 from service.observability.metrics import Metrics
-from service.observability.outcomes import BUCKET_BOUNDS_MS, bucket_index, bucket_range, percentile
 from service.settings import Settings
+from tests.support.metrics import in_bucket_of
 from tests.support.servers import ROOT, bearer, make_key, serve_app, wait_until
 
 RETENTION = 7 * 24 * 3600
@@ -81,12 +81,6 @@ async def answer(metrics: Metrics, outcome: str, **overrides: Any) -> None:
     }
     values.update(overrides)
     await metrics.answered(**values)
-
-
-def in_bucket_of(value: float) -> Callable[[float | None], bool]:
-    """True when a reported percentile lies in the bucket holding `value` (the resolution promised)."""
-    lower, upper = bucket_range(bucket_index(value))
-    return lambda reported: reported is not None and lower <= reported <= upper
 
 
 async def traffic(m: Metrics) -> None:
@@ -159,20 +153,6 @@ async def traffic(m: Metrics) -> None:
     m.provider_attempt(provider="openai", model="gpt-4o", outcome="timeout")
     m.provider_attempt(provider="anthropic", model="claude-haiku-4-5", outcome="retry", status=429)
     m.provider_attempt(provider="anthropic", model="claude-haiku-4-5", outcome="retry", status=429)
-
-
-def test_buckets_and_percentiles() -> None:
-    assert bucket_index(0) == 0 and bucket_index(0.1) == 0
-    assert bucket_index(BUCKET_BOUNDS_MS[-1] * 10) == len(BUCKET_BOUNDS_MS)  # the overflow bucket
-    for value in (0.3, 1.0, 42.0, 999.0, 60_000.0):
-        lower, upper = bucket_range(bucket_index(value))
-        assert lower < value <= upper and upper / lower <= 1.25 + 1e-9
-    counts: dict[int, int] = {}
-    for ms in range(1, 101):  # 1..100 ms, one each
-        counts[bucket_index(ms)] = counts.get(bucket_index(ms), 0) + 1
-    assert in_bucket_of(50)(percentile(counts, 0.5))
-    assert in_bucket_of(95)(percentile(counts, 0.95))
-    assert percentile({}, 0.5) is None
 
 
 async def test_summary_numbers_are_exact(client: aioredis.Redis, clock: Clock) -> None:
@@ -285,7 +265,7 @@ async def test_keys_expire_after_the_retention(client: aioredis.Redis, clock: Cl
     await default.flush()
     assert await client.expiretime(keyspace.KEYS.metrics_minute(minute)) == (minute + 1) * 60 + RETENTION
     # Nothing but counters and hashes: no user text anywhere in the keys or values.
-    keys = sorted(k.decode() for k in await client.keys("ragcache:metrics:*"))
+    keys = sorted(k.decode() if isinstance(k, bytes) else k for k in await client.keys("ragcache:metrics:*"))
     ks = keyspace.KEYS
     assert keys == [ks.metrics_hour(hour), ks.metrics_minute(minute), ks.metrics_top(hour)]
 
@@ -466,8 +446,8 @@ async def test_dashboard_api_and_headers(settings: Settings, local_embedder: Loc
             asset = await http.get(f"/dashboard/static/{name}")
             assert asset.status_code == 200 and asset.headers["content-type"].startswith(kind), name
             assert asset.headers["x-content-type-options"] == "nosniff"
-        for bad in ("..%2Fmetrics.py", "metrics.py", ".hidden.js", "nope.js"):
-            assert (await http.get(f"/dashboard/static/{bad}")).status_code == 404, bad
+        for path in ("..%2Fmetrics.py", "metrics.py", ".hidden.js", "nope.js"):
+            assert (await http.get(f"/dashboard/static/{path}")).status_code == 404, path
 
         summary = (await http.get("/dashboard/api/summary", params={"range": "24h"})).json()
         assert summary["range"] == "24h" and summary["minutes"] == 1440

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -27,7 +28,7 @@ async def _fill(url: str) -> None:
     await client.aclose()
 
 
-async def _left(url: str) -> tuple[bool, bytes | None, bytes | None]:
+async def _left(url: str) -> tuple[bool, bytes | str | None, bytes | str | None]:
     client = aioredis.from_url(url)
     try:
         gone = await AnswerCache(client, ttl_s=60).get("k1") is None
@@ -64,8 +65,8 @@ def test_unreachable_redis_is_one_line_and_exit_2(settings: Settings, monkeypatc
 async def _traffic(url: str) -> None:
     client = aioredis.from_url(url)
     metrics = Metrics(client)
-    common = {"tier": None, "provider": None, "model": None, "ttft_ms": 1.0, "latency_ms": 1.0}
-    free = {"input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0}
+    common: dict[str, Any] = {"tier": None, "provider": None, "model": None, "ttft_ms": 1.0, "latency_ms": 1.0}
+    free: dict[str, Any] = {"input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0}
     for _ in range(3):
         await metrics.answered(
             outcome="hit",
