@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from service.embedded import EmbeddedPostgres, EmbeddedValkey
@@ -35,9 +36,9 @@ def with_database(dsn: str, name: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
 
 
-def make_settings(database_url: str, redis_url: str, data_dir: Path, **overrides: object) -> Settings:
+def make_settings(database_url: str, redis_url: str, data_dir: Path, **overrides: Any) -> Settings:
     """Settings from explicit values only: no .env, and nothing leaks in from the environment."""
-    values: dict[str, object] = {
+    values: dict[str, Any] = {
         "database_url": database_url,
         "redis_url": redis_url,
         "data_dir": data_dir,
