@@ -1,13 +1,12 @@
 """Cache-hit throughput and latency of `/rag/stream` against a floor, side by side in one run.
 
-    python -m bench.hit_path [--concurrency 1 16 64] [--rounds 3] [--duration 3] [--client raw|httpx]
-                             [--no-profile] [--quick] [--no-write]
+    python -m bench.hit_path [--concurrency 1 16 64] [--rounds 3] [--duration 3] [--no-profile] [--quick]
 
 Two servers, each `uvicorn --workers 1 --loop uvloop --http httptools --no-access-log`: the project
 (`service.http.app:app_factory` over embedded Postgres + Valkey with `examples/` ingested and one hit
 warmed) and the floor (`bench.hit_path:floor_app`: one Redis GET of the project's cached SSE bytes,
 returned as they are). Per level and round both are loaded alternately by keep-alive clients
-(tests.support.load, or httpx) that check every response is a complete hit. Then, unless
+(tests.support.load) that check every response is a complete hit. Then, unless
 `--no-profile`, both apps run in-process through ASGI: CPU per hit, a cProfile breakdown by package,
 and what garbage collection costs in a process that holds the embedding model.
 """
@@ -109,36 +108,21 @@ def is_hit(body: bytes) -> bool:
 Send = Callable[[], Awaitable[tuple[int, bytes]]]
 
 
-@asynccontextmanager
-async def senders(kind: str, base: str, payload: dict[str, str], token: str, n: int) -> AsyncIterator[list[Send]]:
-    """`n` independent senders, one keep-alive connection each."""
-    if kind == "raw":
-        clients = [Client(base, bearer(token)) for _ in range(n)]
-        raw = clients[0].encode("POST", "/rag/stream", json.dumps(payload).encode(), close=False)
+def senders(base: str, token: str, n: int) -> tuple[list[Send], list[Client]]:
+    """`n` independent senders, one keep-alive connection each, sending one pre-built request."""
+    clients = [Client(base, bearer(token)) for _ in range(n)]
+    raw = clients[0].encode("POST", "/rag/stream", json.dumps({"question": QUESTION}).encode(), close=False)
 
-        def sender(client: Client) -> Send:
-            async def send() -> tuple[int, bytes]:
-                reply = await client.request("POST", "/rag/stream", raw=raw, limit_s=30)
-                if reply.client_error:
-                    raise ConnectionError(reply.client_error)
-                return reply.status, reply.body
-
-            return send
-
-        yield [sender(c) for c in clients]
-        for c in clients:
-            c.close()
-        return
-    import httpx
-
-    limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
-    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=30.0, headers=bearer(token)) as http:
-
+    def sender(client: Client) -> Send:
         async def send() -> tuple[int, bytes]:
-            response = await http.post("/rag/stream", json=payload)
-            return response.status_code, response.content
+            reply = await client.request("POST", "/rag/stream", raw=raw, limit_s=30)
+            if reply.client_error:
+                raise ConnectionError(reply.client_error)
+            return reply.status, reply.body
 
-        yield [send] * n
+        return send
+
+    return [sender(c) for c in clients], clients
 
 
 def cpu_seconds(pid: int) -> float:
@@ -190,13 +174,15 @@ async def drive(sends: Sequence[Send], seconds: float, run: Run | None) -> None:
 
 async def measure(name: str, server: Served, args: Any, token: str, c: int, rnd: int) -> Run:
     run = Run(name, c, rnd)
-    async with senders(args.client, server.url, {"question": QUESTION}, token, c) as sends:
-        await drive(sends, args.warmup, None)
-        cpu0, server0, t0 = time.process_time(), cpu_seconds(server.pid), time.perf_counter()
-        await drive(sends, args.duration, run)
-        run.seconds = time.perf_counter() - t0
-        run.client_cpu = time.process_time() - cpu0
-        run.server_cpu = cpu_seconds(server.pid) - server0
+    sends, clients = senders(server.url, token, c)
+    await drive(sends, args.warmup, None)
+    cpu0, server0, t0 = time.process_time(), cpu_seconds(server.pid), time.perf_counter()
+    await drive(sends, args.duration, run)
+    run.seconds = time.perf_counter() - t0
+    run.client_cpu = time.process_time() - cpu0
+    run.server_cpu = cpu_seconds(server.pid) - server0
+    for client in clients:
+        client.close()
     return run
 
 
@@ -428,7 +414,7 @@ async def profile_in_process(s: Stack, n: int) -> str:
             profiler.disable()
             profiles[name] = pstats.Stats(profiler)
             profiles[name].dump_stats(str(LOGS / f"{name}_hit.prof"))
-        gc_line = await gc_pauses(apps["project"], payload, s.token)
+        gc_line = await gc_pauses(apps["project"], payload, s.token, hits=64 * max(1, n // 32))
     # cProfile inflates times: scale each app's numbers to its unprofiled CPU per hit (approximate).
     scale = {k: cpu[k] / profiles[k].total_tt for k in apps}  # type: ignore[attr-defined]
     packages = {k: by_package(profiles[k]) for k in apps}
@@ -492,7 +478,7 @@ async def bench(args: Any) -> str:
                     say(f"c={c:<3} round {rnd} {name:8} {run.rps:8,.0f} req/s  errors {len(run.errors)}")
         setup = (
             "Both servers `uvicorn --workers 1 --loop uvloop --http httptools --no-access-log`; "
-            f"`{args.client}` client, "
+            f"tests.support.load client, "
             f"one keep-alive connection per concurrent request, every body checked; {args.rounds} rounds × "
             f"{args.duration:g} s per side and level after {args.warmup:g} s warm-up, order alternating; cached "
             f"response {s.hit_bytes:,} bytes; API key without `rpm` or `tokens_per_day`."
@@ -509,7 +495,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=3.0, help="measured seconds per side per round")
     parser.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds before each measurement")
-    parser.add_argument("--client", choices=["raw", "httpx"], default="raw")
     parser.add_argument("--no-profile", dest="profile", action="store_false")
     parser.add_argument("--profile-requests", type=int, default=2000)
     args = parse(parser, argv, concurrency=[4], rounds=1, duration=0.5, warmup=0.2, profile_requests=100)

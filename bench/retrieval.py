@@ -35,7 +35,8 @@ import numpy.typing as npt
 from pgvector.asyncpg import register_vector
 
 from bench._kit import arguments, make_settings, parse, publish, run_line, say, table
-from ingest.loaders import LoadFailure, SourceDocument, discover, load
+from bench.ingest import load_items
+from ingest.loaders import LoadFailure, SourceDocument
 from ingest.pipeline import IngestOptions, IngestReport, ingest_documents
 from service.embedded import start_postgres
 from service.embeddings.encoders import LocalEmbedder
@@ -120,15 +121,6 @@ def load_dataset(data_dir: Path) -> Dataset:
             query_id = str(record["_id"])
             queries.append(Query(query_id, str(record["text"]), qrels.get(query_id, {})))
     return Dataset(data_dir, queries, sum(len(j) for j in qrels.values()), first, header)
-
-
-def load_corpus(corpus: Path) -> list[SourceDocument | LoadFailure]:
-    """discover + load, exactly as `rag-ingest add CORPUS --format beir` does."""
-    entries, failures = discover([str(corpus)])
-    items: list[SourceDocument | LoadFailure] = list(failures)
-    for entry in entries:
-        items.extend(load(entry, "beir"))
-    return items
 
 
 # --------------------------------------------------------------------------- metrics
@@ -322,7 +314,7 @@ async def evaluate(args: argparse.Namespace) -> Results:
     dataset = load_dataset(args.data_dir)
     judged = dataset.judged
     say(f"{args.data_dir}: {len(dataset.queries)} queries, {len(judged)} with judgments, {dataset.judgments} judgments")
-    items = load_corpus(args.data_dir / "corpus.jsonl")
+    items = load_items(args.data_dir / "corpus.jsonl", args.limit_corpus)
     failures = [i for i in items if isinstance(i, LoadFailure)]
     if failures:
         raise SystemExit(f"{len(failures)} load failures, first: {failures[0]}")
@@ -696,7 +688,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=10, help="cut-off k for every metric")
     parser.add_argument("--ef-search", type=int, default=100, help="hnsw.ef_search for the main runs")
     parser.add_argument("--keep", type=Path, default=None, help="database directory to keep and reuse across runs")
-    args = parse(parser, argv)
+    parser.add_argument("--limit-corpus", type=int, default=None, help="only the first N documents (smoke runs)")
+    args = parse(parser, argv, limit_corpus=60)
     if args.top_k < 1 or not 1 <= args.ef_search <= 1000:
         parser.error("--top-k must be positive and --ef-search within 1..1000")
     missing = [n for n in ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv") if not (args.data_dir / n).is_file()]
