@@ -377,7 +377,9 @@ def by_package(stats: pstats.Stats) -> dict[str, float]:
 
 def heaviest(stats: pstats.Stats, n: int = 8) -> list[tuple[str, float]]:
     """The project's functions with the most cumulative CPU per call chain (coroutines only while they run)."""
-    found = [(f"{f.split('/service/')[1]}:{fn}", v[3]) for (f, _l, fn), v in stats.stats.items() if "/service/" in f]  # type: ignore[attr-defined]
+    found = [
+        (f"{f.split('/service/')[1]}:{line} {fn}", v[3]) for (f, line, fn), v in stats.stats.items() if "/service/" in f
+    ]  # type: ignore[attr-defined]
     return sorted(found, key=lambda x: -x[1])[:n]
 
 
@@ -469,6 +471,7 @@ async def gc_pauses(app: Any, payload: bytes, token: str, hits: int = 4096, conc
 
 
 async def bench(args: Any) -> str:
+    first = run_line(args.command)
     async with stack() as s:
         runs: list[Run] = []
         for c in args.concurrency:
@@ -485,7 +488,7 @@ async def bench(args: Any) -> str:
         )
         profile = await profile_in_process(s, args.profile_requests) if args.profile else ""
     return "\n\n".join(
-        x for x in [run_line(args.command, load_after=load_text()), setup, report(runs, args), profile] if x
+        x for x in [f"{first} Load average after: {load_text()}.", setup, report(runs, args), profile] if x
     )
 
 

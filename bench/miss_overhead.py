@@ -337,7 +337,7 @@ def render(samples: Samples, args: argparse.Namespace, corpus: str, queries: int
         if percentile(d := samples.timeline[label], 99) >= 0.0001
     ]
     e2e = percentile(values["e2e_use"], 50)
-    errors = "; ".join(f"`{e[:160]}`" for e in samples.errors[:3])
+    errors = "".join(f"; `{e[:160]}`" for e in samples.errors[:3])
     return "\n\n".join(
         [
             run_line(args.command, torch=f"{torch.__version__} ({torch.get_num_threads()} threads)"),
@@ -348,7 +348,7 @@ def render(samples: Samples, args: argparse.Namespace, corpus: str, queries: int
             "between consecutive marks add up to the total, those with p99 < 0.1 ms left out):",
             table("interval | n | p50 ms | p99 ms", segments),
             f"Goal p50 ≤ {GOAL_P50_S * 1000:.0f} ms: **{ms(e2e)} ms, {'met' if e2e <= GOAL_P50_S else 'not met'}**; "
-            f"the bare embedding is {ms(embed50)} ms of it. Errors: {len(samples.errors)} {errors}.",
+            f"the bare embedding is {ms(embed50)} ms of it. Errors: {len(samples.errors)}{errors}.",
         ]
     )
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
 import shutil
 import statistics
@@ -34,7 +33,7 @@ import numpy as np
 import numpy.typing as npt
 from pgvector.asyncpg import register_vector
 
-from bench._kit import arguments, make_settings, parse, publish, run_line, say, table
+from bench._kit import arguments, jsonl, make_settings, parse, publish, run_line, say, table
 from bench.ingest import load_items
 from ingest.loaders import LoadFailure, SourceDocument
 from ingest.pipeline import IngestOptions, IngestReport, ingest_documents
@@ -114,12 +113,8 @@ def read_qrels(path: Path) -> tuple[dict[str, Judgments], tuple[str, str] | None
 
 def load_dataset(data_dir: Path) -> Dataset:
     qrels, first, header = read_qrels(data_dir / "qrels" / "test.tsv")
-    queries = []
-    for line in (data_dir / "queries.jsonl").read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            record = json.loads(line)
-            query_id = str(record["_id"])
-            queries.append(Query(query_id, str(record["text"]), qrels.get(query_id, {})))
+    rows = jsonl(data_dir / "queries.jsonl")
+    queries = [Query(str(r["_id"]), str(r["text"]), qrels.get(str(r["_id"]), {})) for r in rows]
     return Dataset(data_dir, queries, sum(len(j) for j in qrels.values()), first, header)
 
 
@@ -176,7 +171,6 @@ class Run:
     name: str
     ranked: dict[str, list[str]] = field(default_factory=dict)
     seconds: list[float] = field(default_factory=list)
-    note: str = ""
 
     def per_query(self, metric: str, queries: Sequence[Query], k: int) -> list[float]:
         fn = METRICS[metric]
@@ -388,7 +382,7 @@ async def _measure(
             "hybrid": f"hybrid (RRF k={RRF_K})",
         }
         for mode, label in labels.items():
-            run = runs.setdefault(mode, Run(label, note="service: Retriever.search"))
+            run = runs.setdefault(mode, Run(label))
             for q in judged[:3]:  # warm-up: plans, caches
                 await evaluator.service_ranking(retriever, vectors[q.id], q.text, mode)
             for q in judged:
@@ -400,7 +394,7 @@ async def _measure(
 
         # Exact search and the full-text variants, on one connection with the same settings.
         async with pool.acquire() as conn:
-            exact = runs.setdefault("exact", Run("dense (exact cosine, no index)", note="seq scan"))
+            exact = runs.setdefault("exact", Run("dense (exact cosine, no index)"))
             dense40: dict[str, list[int]] = {}
             exact40: dict[str, list[int]] = {}
             for q in judged:
@@ -426,29 +420,21 @@ async def _measure(
                     run.seconds.append(time.perf_counter() - started)
                     run.ranked[q.id] = evaluator.documents(sparse40[name][q.id])
             # AND first, then the OR matches not already there: strict matches rank above partial ones.
-            fallback = diagnostics["sparse and→or"] = Run("full-text: AND, then OR for the rest, ts_rank_cd")
-            for q in judged:
-                chunk_ids = dedupe([*sparse40["and/ts_rank_cd"][q.id], *sparse40["or/ts_rank_cd"][q.id]])
-                fallback.ranked[q.id] = evaluator.documents(chunk_ids)
-
-            def fused(dense: Mapping[str, list[int]], sparse: Mapping[str, list[int]], qid: str) -> list[str]:
-                return evaluator.documents(c for c, _ in rrf([dense[qid], sparse[qid]]))
-
-            for name, label in (
-                ("or/ts_rank_cd", "hybrid: dense + OR/ts_rank_cd (re-built service)"),
-                ("and/ts_rank_cd", "hybrid: dense + AND/ts_rank_cd"),
-                ("or/ts_rank", "hybrid: dense + OR/ts_rank"),
-            ):
-                run = diagnostics[f"hybrid {name}"] = Run(label)
-                for q in judged:
-                    run.ranked[q.id] = fused(dense40, sparse40[name], q.id)
-            run = diagnostics["hybrid and→or"] = Run("hybrid: dense + AND, then OR")
-            for q in judged:
-                sparse = dedupe([*sparse40["and/ts_rank_cd"][q.id], *sparse40["or/ts_rank_cd"][q.id]])
-                run.ranked[q.id] = fused(dense40, {q.id: sparse[:SERVICE_CANDIDATES]}, q.id)
-            run = diagnostics["hybrid exact"] = Run("hybrid: exact dense + OR/ts_rank_cd")
-            for q in judged:
-                run.ranked[q.id] = fused(exact40, sparse40["or/ts_rank_cd"], q.id)
+            both = {q.id: dedupe([*sparse40["and/ts_rank_cd"][q.id], *sparse40["or/ts_rank_cd"][q.id]]) for q in judged}
+            label = "full-text: AND, then OR for the rest, ts_rank_cd"
+            diagnostics["sparse and→or"] = Run(label, {q: evaluator.documents(ids) for q, ids in both.items()})
+            sparse40["and→or"] = {q: ids[:SERVICE_CANDIDATES] for q, ids in both.items()}
+            hybrids = {
+                "or/ts_rank_cd": (dense40, "hybrid: dense + OR/ts_rank_cd (re-built service)"),
+                "and/ts_rank_cd": (dense40, "hybrid: dense + AND/ts_rank_cd"),
+                "or/ts_rank": (dense40, "hybrid: dense + OR/ts_rank"),
+                "and→or": (dense40, "hybrid: dense + AND, then OR"),
+                "exact": (exact40, "hybrid: exact dense + OR/ts_rank_cd"),
+            }
+            for name, (dense, label) in hybrids.items():
+                sparse = sparse40["or/ts_rank_cd" if name == "exact" else name]
+                fused = {q.id: evaluator.documents(c for c, _ in rrf([dense[q.id], sparse[q.id]])) for q in judged}
+                diagnostics[f"hybrid {name}"] = Run(label, fused)
             rebuilt = diagnostics["hybrid or/ts_rank_cd"]
             agreement = sum(rebuilt.ranked[q.id] == runs["hybrid"].ranked[q.id] for q in judged)
             exact_plan = await plan_of(conn, _DENSE_SQL, vectors[judged[0].id], k, settings=("enable_indexscan = off",))
