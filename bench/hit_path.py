@@ -377,9 +377,8 @@ def by_package(stats: pstats.Stats) -> dict[str, float]:
 
 def heaviest(stats: pstats.Stats, n: int = 8) -> list[tuple[str, float]]:
     """The project's functions with the most cumulative CPU per call chain (coroutines only while they run)."""
-    found = [
-        (f"{f.split('/service/')[1]}:{line} {fn}", v[3]) for (f, line, fn), v in stats.stats.items() if "/service/" in f
-    ]  # type: ignore[attr-defined]
+    raw: dict[tuple[str, int, str], tuple[Any, ...]] = stats.stats  # type: ignore[attr-defined]
+    found = [(f"{f.split('/service/')[1]}:{line} {fn}", v[3]) for (f, line, fn), v in raw.items() if "/service/" in f]
     return sorted(found, key=lambda x: -x[1])[:n]
 
 
