@@ -127,6 +127,7 @@ def _probe_main(url: str, interval: float, control: Any) -> None:
     async def probe() -> list[tuple[float, float]]:
         client, samples = Client(url), []
         next_at = time.monotonic()
+        control.send("ready")  # importing this module in a spawned process takes seconds on a busy machine
         while not control.poll(0):
             reply = await client.request("GET", "/health", limit_s=30)
             samples.append((reply.started, reply.total_s if reply.status == 200 else math.nan))
@@ -139,11 +140,12 @@ def _probe_main(url: str, interval: float, control: Any) -> None:
 
 
 class HealthProbe:
-    def __init__(self, url: str, interval: float = 0.1) -> None:
+    async def start(self, url: str, interval: float = 0.1) -> None:
         ctx = multiprocessing.get_context("spawn")
         self._mine, theirs = ctx.Pipe()
         self._proc = ctx.Process(target=_probe_main, args=(url, interval, theirs), daemon=True)
         self._proc.start()
+        await asyncio.to_thread(self._mine.recv)  # "ready"
 
     async def stop(self) -> list[tuple[float, float]]:
         self._mine.send("stop")
@@ -174,7 +176,8 @@ def warnings_in(log: Path) -> dict[str, int]:
 
 
 async def miss_burst(url: str, token: str, server_pid: int, questions: list[str]) -> dict[str, Any]:
-    probe = HealthProbe(url)
+    probe = HealthProbe()
+    await probe.start(url)
     await asyncio.sleep(3)  # the probe's idle baseline
     rss_before = sum(process_tree_rss(server_pid).values())
     with Sampler(server_pid) as sampler:

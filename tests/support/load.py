@@ -38,6 +38,7 @@ class Reply:
     ttft_s: float = math.nan  # the first `token` event arrived
     total_s: float = math.nan  # the whole response was read
     client_error: str = ""  # the connection failed or timed out
+    version: str = "HTTP/1.1"
 
     @cached_property
     def events(self) -> list[tuple[str, dict[str, Any]]]:
@@ -133,7 +134,7 @@ class Client:
                 assert self._reader is not None
                 self._writer.write(message)
                 await self._read(self._reader, reply)
-            if reply.headers.get("connection", "").lower() == "close":
+            if reply.headers.get("connection", "").lower() == "close" or reply.version == "HTTP/1.0":
                 self.close()
         except _FAILURES as exc:
             reply.client_error = f"{type(exc).__name__}: {exc}"[:200]
@@ -145,7 +146,7 @@ class Client:
         """Read one response (Content-Length, chunked, or until close)."""
         head = await reader.readuntil(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
-        reply.status = int(lines[0].split()[1])
+        reply.version, reply.status = lines[0].split()[0], int(lines[0].split()[1])
         reply.headers = {k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:] if x)}
         if "content-length" in reply.headers:
             reply.body = await reader.readexactly(int(reply.headers["content-length"]))
