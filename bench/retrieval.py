@@ -1,56 +1,28 @@
 """Retrieval quality on a BEIR data set: dense, full-text and hybrid, plus HNSW recall.
 
-    python -m bench.retrieval DATA_DIR [--top-k 10] [--ef-search 100] [--keep DIR]
+    python -m bench.retrieval DATA_DIR [--top-k 10] [--ef-search 100] [--keep DIR] [--quick] [--no-write]
 
-DATA_DIR holds `corpus.jsonl`, `queries.jsonl` and `qrels/test.tsv` (query-id, corpus-id,
-grade; no header). The corpus is ingested exactly as `rag-ingest add corpus.jsonl --format
-beir` would (same loader, chunker, embedder and store) into a fresh embedded Postgres in a
-temp dir, or into `--keep DIR`, where a later run finds every document unchanged and skips
-the embedding. Each judged query is embedded the way the answer path does it (one
-`embed([question])` call) and retrieved through the service's own `Retriever.search` in its
-three modes; chunks map to their document's BEIR `_id` (`documents.external_id`) and are
-de-duplicated by document.
-
-Metrics at k (all averaged over the queries that have at least one judgment):
-
-- nDCG@k, standard (BEIR / pytrec_eval `ndcg_cut`): DCG = Σ_{i=1..k} grade_i / log2(i + 1),
-  unjudged = 0; the ideal DCG sorts *all* judged grades of the query and takes the top k.
-- nDCG@k, leaderboard: the same DCG, but the ideal ranking is the retrieved top k's own
-  grades sorted descending (0 when none of them is judged). This is the formula of the public
-  embedding leaderboard the data set comes from; it only scores the order of what was
-  retrieved, not what was missed, so it is always ≥ the standard value.
-- recall@k: |top k ∩ {grade ≥ t}| / |{grade ≥ t}| for t = 1 (headline) and t = 2 (the
-  usual TREC-DL binarisation for passage ranking).
-- MRR@k: 1 / rank of the first passage with grade ≥ 1 in the top k, 0 if there is none.
-- P@k: passages with grade ≥ 1 in the top k, divided by k.
-
-HNSW recall@k: the index's top k (plain `ORDER BY embedding <=> q LIMIT k`, with
-`hnsw.ef_search` and `enable_seqscan = off` set per transaction so the index is really used)
-against the exact top k (the same SQL with index scans disabled, i.e. a sequential scan over
-every cosine distance), as mean overlap over all queries in queries.jsonl; next to it, the
-service's dense mode as deployed (a pool from `create_pool(ef_search=…)`) and the ef_search
-its pooled connection actually has after use.
-
-Full-text and fusion variants (AND vs OR of the query terms, `ts_rank` vs `ts_rank_cd`) run
-as the bench's own SQL, as diagnostics; the service's fusion is re-built from them and checked
-against `Retriever.search` query by query.
-
-The benchmark data lives outside the project (`../shared`); only this script reads it.
+DATA_DIR holds `corpus.jsonl`, `queries.jsonl` and `qrels/test.tsv` (with or without a header). The
+corpus is ingested as `rag-ingest add --format beir` would into an embedded Postgres (a temp dir, or
+`--keep DIR` to reuse it); each query is embedded as the answer path does and retrieved through
+`Retriever.search` in its three modes, chunks mapped to their document's BEIR id. Metrics at k over
+the judged queries (a grade-t metric over the queries with a judgment ≥ t): nDCG (standard, as
+pytrec_eval; and the leaderboard variant, whose ideal is the retrieved list's own grades), recall,
+MRR, P. Full-text and fusion variants run as the bench's own SQL, as diagnostics; HNSW recall is the
+index's top k against an exact sequential scan, per `hnsw.ef_search`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
-import json
 import math
-import shlex
 import shutil
 import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,8 +33,9 @@ import numpy as np
 import numpy.typing as npt
 from pgvector.asyncpg import register_vector
 
-from bench.common import cpu_model, load_text, make_settings, nproc, say
-from ingest.loaders import LoadFailure, SourceDocument, discover, load
+from bench._kit import arguments, jsonl, make_settings, parse, publish, run_line, say, table
+from bench.ingest import load_items
+from ingest.loaders import LoadFailure, SourceDocument
 from ingest.pipeline import IngestOptions, IngestReport, ingest_documents
 from service.embedded import start_postgres
 from service.embeddings.encoders import LocalEmbedder
@@ -74,7 +47,8 @@ Vector = npt.NDArray[np.float32]
 Judgments = dict[str, int]  # corpus id -> grade
 T = TypeVar("T")
 
-LEADERBOARD = {  # nDCG@10, ideal ranking from the retrieved list, exact cosine search over the whole subset
+# Public leaderboard figures for msmarco-5k only: nDCG@10, leaderboard formula, exact cosine over the subset.
+LEADERBOARD = {
     "text-embedding-3-large": 0.947,
     "text-embedding-3-small": 0.946,
     "voyage-3-large": 0.942,
@@ -100,16 +74,21 @@ class Dataset:
     queries: list[Query]  # every query in queries.jsonl, judged or not
     judgments: int
     first_qrels_line: tuple[str, str] | None = None
+    qrels_header: bool = False
 
     @property
     def judged(self) -> list[Query]:
         return [q for q in self.queries if q.judgments]
 
 
-def read_qrels(path: Path) -> tuple[dict[str, Judgments], tuple[str, str] | None]:
-    """BEIR qrels: `query-id <TAB> corpus-id <TAB> grade`; a header line, if any, is skipped."""
+def read_qrels(path: Path) -> tuple[dict[str, Judgments], tuple[str, str] | None, bool]:
+    """BEIR qrels: `query-id <TAB> corpus-id <TAB> grade`; a header line, if any, is skipped.
+
+    Returns the judgments, the first judged (query, corpus) pair, and whether the file has a header.
+    """
     qrels: dict[str, Judgments] = {}
     first: tuple[str, str] | None = None
+    header = False
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
@@ -123,32 +102,20 @@ def read_qrels(path: Path) -> tuple[dict[str, Judgments], tuple[str, str] | None
             value = int(grade)
         except ValueError:
             if number == 1:  # "query-id corpus-id score"
+                header = True
                 continue
             raise SystemExit(f"{path}:{number}: grade {grade!r} is not an integer") from None
         qrels.setdefault(query_id, {})[corpus_id] = value
         if first is None:
             first = (query_id, corpus_id)
-    return qrels, first
+    return qrels, first, header
 
 
 def load_dataset(data_dir: Path) -> Dataset:
-    qrels, first = read_qrels(data_dir / "qrels" / "test.tsv")
-    queries = []
-    for line in (data_dir / "queries.jsonl").read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            record = json.loads(line)
-            query_id = str(record["_id"])
-            queries.append(Query(query_id, str(record["text"]), qrels.get(query_id, {})))
-    return Dataset(data_dir, queries, sum(len(j) for j in qrels.values()), first)
-
-
-def load_corpus(corpus: Path) -> list[SourceDocument | LoadFailure]:
-    """discover + load, exactly as `rag-ingest add CORPUS --format beir` does."""
-    entries, failures = discover([str(corpus)])
-    items: list[SourceDocument | LoadFailure] = list(failures)
-    for entry in entries:
-        items.extend(load(entry, "beir"))
-    return items
+    qrels, first, header = read_qrels(data_dir / "qrels" / "test.tsv")
+    rows = jsonl(data_dir / "queries.jsonl")
+    queries = [Query(str(r["_id"]), str(r["text"]), qrels.get(str(r["_id"]), {})) for r in rows]
+    return Dataset(data_dir, queries, sum(len(j) for j in qrels.values()), first, header)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -171,8 +138,9 @@ def ndcg_leaderboard(ranked: Sequence[str], judgments: Mapping[str, int], k: int
 
 
 def recall(ranked: Sequence[str], judgments: Mapping[str, int], k: int, min_grade: int) -> float:
+    """NaN when the query has no judgment at `min_grade` (it is left out of the mean, not scored 0)."""
     relevant = {d for d, g in judgments.items() if g >= min_grade}
-    return len(relevant.intersection(ranked[:k])) / len(relevant) if relevant else 0.0
+    return len(relevant.intersection(ranked[:k])) / len(relevant) if relevant else math.nan
 
 
 def reciprocal_rank(ranked: Sequence[str], judgments: Mapping[str, int], k: int, min_grade: int = 1) -> float:
@@ -196,19 +164,6 @@ METRICS: dict[str, Callable[[Sequence[str], Mapping[str, int], int], float]] = {
 }
 
 
-def _self_check() -> None:
-    """The formulas on hand-computed cases, so a refactor cannot silently change them."""
-    j = {"a": 3, "b": 2, "c": 1, "z": 0}
-    assert ndcg_standard(["a", "b", "c"], j, 3) == 1.0
-    assert ndcg_leaderboard(["c", "x"], j, 2) == 1.0  # only one judged passage retrieved: "ideal"
-    assert math.isclose(ndcg_standard(["c", "x"], j, 2), 1 / (3 + 2 / math.log2(3)))
-    assert math.isclose(ndcg_leaderboard(["x", "a", "b"], j, 3), (3 / math.log2(3) + 1) / (3 + 2 / math.log2(3)))
-    assert ndcg_leaderboard(["x", "y"], j, 2) == 0.0
-    assert recall(["a", "z", "c"], j, 3, 1) == 2 / 3 and recall(["a", "z", "c"], j, 3, 2) == 1 / 2
-    assert reciprocal_rank(["z", "x", "c"], j, 3) == 1 / 3 and reciprocal_rank(["z"], j, 1) == 0.0
-    assert precision(["a", "z", "x", "b"], j, 4) == 0.5
-
-
 @dataclass
 class Run:
     """One retrieval method over the judged queries: ranked corpus ids and latency per query."""
@@ -216,14 +171,15 @@ class Run:
     name: str
     ranked: dict[str, list[str]] = field(default_factory=dict)
     seconds: list[float] = field(default_factory=list)
-    note: str = ""
 
     def per_query(self, metric: str, queries: Sequence[Query], k: int) -> list[float]:
         fn = METRICS[metric]
         return [fn(self.ranked[q.id], q.judgments, k) for q in queries]
 
     def mean(self, metric: str, queries: Sequence[Query], k: int) -> float:
-        return statistics.fmean(self.per_query(metric, queries, k))
+        """Mean over the queries where the metric is defined; NaN when it is defined for none."""
+        values = [v for v in self.per_query(metric, queries, k) if not math.isnan(v)]
+        return statistics.fmean(values) if values else math.nan
 
     def short(self, k: int) -> int:
         """Queries for which fewer than k passages came back."""
@@ -342,19 +298,17 @@ class Results:
     in_effect: dict[str, str]
     refetches: int
     hybrid_agreement: int
-    machine: dict[str, str]
 
 
 def _ms(seconds: Sequence[float], q: float) -> float:
     return 1000 * float(np.percentile(np.asarray(seconds), q))
 
 
-async def evaluate(args: argparse.Namespace, command: str) -> Results:
-    _self_check()
+async def evaluate(args: argparse.Namespace) -> Results:
     dataset = load_dataset(args.data_dir)
     judged = dataset.judged
     say(f"{args.data_dir}: {len(dataset.queries)} queries, {len(judged)} with judgments, {dataset.judgments} judgments")
-    items = load_corpus(args.data_dir / "corpus.jsonl")
+    items = load_items(args.data_dir / "corpus.jsonl", args.limit_corpus)
     failures = [i for i in items if isinstance(i, LoadFailure)]
     if failures:
         raise SystemExit(f"{len(failures)} load failures, first: {failures[0]}")
@@ -363,7 +317,7 @@ async def evaluate(args: argparse.Namespace, command: str) -> Results:
     work = args.keep or Path(tempfile.mkdtemp(prefix="ragbench-retrieval-"))
     pg = start_postgres(work)
     try:
-        settings = make_settings(pg.url, None, work)
+        settings = make_settings(pg.url, "redis://127.0.0.1:1", work)
         embedder = LocalEmbedder(batch_size=settings.embed_batch_size)
         options = IngestOptions(settings.chunk_tokens, settings.chunk_overlap, settings.embed_batch_size)
         started = time.perf_counter()
@@ -375,7 +329,7 @@ async def evaluate(args: argparse.Namespace, command: str) -> Results:
             f"{report.chunks} chunks written, {ingest_seconds:.1f}s ({work})"
         )
         del items
-        return await _measure(args, command, pg.url, dataset, corpus_ids, embedder, report, ingest_seconds)
+        return await _measure(args, args.command, pg.url, dataset, corpus_ids, embedder, report, ingest_seconds)
     finally:
         pg.stop()
         if args.keep is None:
@@ -428,7 +382,7 @@ async def _measure(
             "hybrid": f"hybrid (RRF k={RRF_K})",
         }
         for mode, label in labels.items():
-            run = runs.setdefault(mode, Run(label, note="service: Retriever.search"))
+            run = runs.setdefault(mode, Run(label))
             for q in judged[:3]:  # warm-up: plans, caches
                 await evaluator.service_ranking(retriever, vectors[q.id], q.text, mode)
             for q in judged:
@@ -440,7 +394,7 @@ async def _measure(
 
         # Exact search and the full-text variants, on one connection with the same settings.
         async with pool.acquire() as conn:
-            exact = runs.setdefault("exact", Run("dense (exact cosine, no index)", note="seq scan"))
+            exact = runs.setdefault("exact", Run("dense (exact cosine, no index)"))
             dense40: dict[str, list[int]] = {}
             exact40: dict[str, list[int]] = {}
             for q in judged:
@@ -466,29 +420,21 @@ async def _measure(
                     run.seconds.append(time.perf_counter() - started)
                     run.ranked[q.id] = evaluator.documents(sparse40[name][q.id])
             # AND first, then the OR matches not already there: strict matches rank above partial ones.
-            fallback = diagnostics["sparse and→or"] = Run("full-text: AND, then OR for the rest, ts_rank_cd")
-            for q in judged:
-                chunk_ids = dedupe([*sparse40["and/ts_rank_cd"][q.id], *sparse40["or/ts_rank_cd"][q.id]])
-                fallback.ranked[q.id] = evaluator.documents(chunk_ids)
-
-            def fused(dense: Mapping[str, list[int]], sparse: Mapping[str, list[int]], qid: str) -> list[str]:
-                return evaluator.documents(c for c, _ in rrf([dense[qid], sparse[qid]]))
-
-            for name, label in (
-                ("or/ts_rank_cd", "hybrid: dense + OR/ts_rank_cd (re-built service)"),
-                ("and/ts_rank_cd", "hybrid: dense + AND/ts_rank_cd"),
-                ("or/ts_rank", "hybrid: dense + OR/ts_rank"),
-            ):
-                run = diagnostics[f"hybrid {name}"] = Run(label)
-                for q in judged:
-                    run.ranked[q.id] = fused(dense40, sparse40[name], q.id)
-            run = diagnostics["hybrid and→or"] = Run("hybrid: dense + AND, then OR")
-            for q in judged:
-                sparse = dedupe([*sparse40["and/ts_rank_cd"][q.id], *sparse40["or/ts_rank_cd"][q.id]])
-                run.ranked[q.id] = fused(dense40, {q.id: sparse[:SERVICE_CANDIDATES]}, q.id)
-            run = diagnostics["hybrid exact"] = Run("hybrid: exact dense + OR/ts_rank_cd")
-            for q in judged:
-                run.ranked[q.id] = fused(exact40, sparse40["or/ts_rank_cd"], q.id)
+            both = {q.id: dedupe([*sparse40["and/ts_rank_cd"][q.id], *sparse40["or/ts_rank_cd"][q.id]]) for q in judged}
+            label = "full-text: AND, then OR for the rest, ts_rank_cd"
+            diagnostics["sparse and→or"] = Run(label, {q: evaluator.documents(ids) for q, ids in both.items()})
+            sparse40["and→or"] = {q: ids[:SERVICE_CANDIDATES] for q, ids in both.items()}
+            hybrids = {
+                "or/ts_rank_cd": (dense40, "hybrid: dense + OR/ts_rank_cd (re-built service)"),
+                "and/ts_rank_cd": (dense40, "hybrid: dense + AND/ts_rank_cd"),
+                "or/ts_rank": (dense40, "hybrid: dense + OR/ts_rank"),
+                "and→or": (dense40, "hybrid: dense + AND, then OR"),
+                "exact": (exact40, "hybrid: exact dense + OR/ts_rank_cd"),
+            }
+            for name, (dense, label) in hybrids.items():
+                sparse = sparse40["or/ts_rank_cd" if name == "exact" else name]
+                fused = {q.id: evaluator.documents(c for c, _ in rrf([dense[q.id], sparse[q.id]])) for q in judged}
+                diagnostics[f"hybrid {name}"] = Run(label, fused)
             rebuilt = diagnostics["hybrid or/ts_rank_cd"]
             agreement = sum(rebuilt.ranked[q.id] == runs["hybrid"].ranked[q.id] for q in judged)
             exact_plan = await plan_of(conn, _DENSE_SQL, vectors[judged[0].id], k, settings=("enable_indexscan = off",))
@@ -514,7 +460,6 @@ async def _measure(
         in_effect=in_effect,
         refetches=evaluator.refetches,
         hybrid_agreement=agreement,
-        machine=machine_info(embedder),
     )
 
 
@@ -601,21 +546,6 @@ async def _hnsw_sweep(
     return points, _ms(exact_seconds, 50)
 
 
-def machine_info(embedder: LocalEmbedder) -> dict[str, str]:
-    import platform
-
-    import torch
-
-    return {
-        "cpu": cpu_model(),
-        "cores": str(nproc()),
-        "load average at the end": load_text(),
-        "torch threads": str(torch.get_num_threads()),
-        "python": platform.python_version(),
-        "model": embedder.model,
-    }
-
-
 # --------------------------------------------------------------------------- reporting
 
 COLUMNS = ("nDCG@k", "nDCG@k (leaderboard)", "recall@k (≥1)", "recall@k (≥2)", "MRR@k (≥1)", "P@k (≥1)")
@@ -626,21 +556,15 @@ def _header(k: int) -> list[str]:
 
 
 def _row(run: Run, queries: Sequence[Query], k: int, *, short: bool = False) -> list[str]:
-    cells = [f"{run.mean(metric, queries, k):.3f}" for metric in COLUMNS]
+    cells = [_f(run.mean(metric, queries, k)) for metric in COLUMNS]
     extra = [str(run.short(k))] if short else []
     return [run.name, *cells, *extra, f"{run.ms:.1f}" if run.seconds else "–"]
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return lines
 
 
 def leaderboard_quirk(results: Results) -> float | None:
     """The leaderboard's evaluation skips the first qrels line as a header; this file has none."""
     first = results.dataset.first_qrels_line
-    if first is None:
+    if first is None or results.dataset.qrels_header:
         return None
     queries = []
     for q in results.dataset.judged:
@@ -651,169 +575,116 @@ def leaderboard_quirk(results: Results) -> float | None:
 
 
 def oracle_recall(queries: Sequence[Query], k: int, min_grade: int) -> float:
-    """The best recall@k any ranking can reach: k / |relevant| when a query has more than k."""
-    values = []
-    for q in queries:
-        relevant = sum(1 for g in q.judgments.values() if g >= min_grade)
-        values.append(min(k, relevant) / relevant)
-    return statistics.fmean(values)
+    """The best recall@k any ranking can reach (k / |relevant| when a query has more than k), over the
+    queries with a judgment ≥ `min_grade`; NaN when none has one."""
+    counts = [sum(1 for g in q.judgments.values() if g >= min_grade) for q in queries]
+    values = [min(k, n) / n for n in counts if n]
+    return statistics.fmean(values) if values else math.nan
+
+
+def leaderboard_for(data_dir: Path) -> dict[str, float]:
+    """The public leaderboard figures that apply to `data_dir`: msmarco-5k's, or none."""
+    return LEADERBOARD if data_dir.resolve().name == "msmarco-5k" else {}
+
+
+def _f(value: float, digits: int = 3) -> str:
+    return "–" if math.isnan(value) else f"{value:.{digits}f}"
 
 
 def render(results: Results) -> str:
     k, judged, ds = results.k, results.dataset.judged, results.dataset
     header = ["method", *_header(k), "ms/query (p50)"]
-    main_rows = [_row(results.runs[m], judged, k) for m in ("dense", "exact", "sparse", "hybrid")]
-    grade_counts: dict[int, int] = {}
-    for q in judged:
-        for g in q.judgments.values():
-            grade_counts[g] = grade_counts.get(g, 0) + 1
-    grades = ", ".join(f"{g}: {n:,}" for g, n in sorted(grade_counts.items()))
-    unjudged = len(ds.queries) - len(judged)
-    lines = [
-        f"Command: `{results.command}`  ",
-        f"Date: {dt.date.today().isoformat()}  ",
-        "Machine: " + ", ".join(f"{key} {value}" for key, value in results.machine.items()) + "  ",
-        f"Data: {results.documents:,} passages ({results.chunks:,} chunks), {len(ds.queries)} queries of which "
-        f"{len(judged)} have judgments ({unjudged} have none and are left out of every quality metric, "
-        f"as the leaderboard's code also does), {ds.judgments:,} judgments (grades {grades}).  ",
-        f"Ingest: {results.ingest.added:,} added, {results.ingest.unchanged:,} unchanged, "
-        f"{results.ingest_seconds:.0f} s. Query embedding: {results.embed_ms:.1f} ms p50 (one `embed([q])` each).",
-        "",
-        *_table(header, main_rows),
-        "",
-        f"- nDCG@{k}: DCG = Σ_(i=1..{k}) grade_i / log2(i+1), unjudged = 0; ideal = the query's best {k} grades "
-        "among *all* its judgments (BEIR / pytrec_eval `ndcg_cut`).",
-        f"- nDCG@{k} (leaderboard): the same DCG divided by the DCG of the retrieved top {k}'s own grades "
-        "sorted descending (0 if none is judged); it ignores relevant passages that were not retrieved.",
-        f"- recall@{k} (≥t): judged passages with grade ≥ t found in the top {k} / all with grade ≥ t. "
-        f"The best any ranking can reach here is {oracle_recall(judged, k, 1):.3f} (≥1) and "
-        f"{oracle_recall(judged, k, 2):.3f} (≥2), because most queries have far more than {k} relevant passages.",
-        f"- MRR@{k} (≥1): 1/rank of the first passage with grade ≥ 1; P@{k} (≥1): share of the top {k} with grade ≥ 1.",
-        "- Latency: `Retriever.search` round trip (its one SQL statement always runs both the vector and the "
-        "full-text part; the mode only picks the ranking), without the query embedding; the exact row is a "
-        "plain sequential-scan query.",
+    grades = Counter(g for q in judged for g in q.judgments.values())
+    notes = [
+        f"Data: `{ds.path.name}`, {results.documents:,} passages ({results.chunks:,} chunks), "
+        f"{len(ds.queries)} queries "
+        f"({len(judged)} judged), {ds.judgments:,} judgments (grades "
+        f"{', '.join(f'{g}: {n:,}' for g, n in sorted(grades.items()))}"
+        f"{'; qrels with a header' if ds.qrels_header else ''}). Ingest {results.ingest_seconds:.0f} s; query "
+        f"embedding {results.embed_ms:.1f} ms p50. Best reachable recall@{k}: {_f(oracle_recall(judged, k, 1))} (≥1), "
+        f"{_f(oracle_recall(judged, k, 2))} (≥2)."
     ]
     configured = {"hnsw.ef_search": str(results.ef_search), "hnsw.iterative_scan": "relaxed_order"}
     if results.in_effect != configured:
-        lines.append(
-            "- **The service's connections lose their pgvector settings after first use**: configured "
-            + ", ".join(f"{n} = {v}" for n, v in configured.items())
-            + " (`create_pool(ef_search=…)`), in effect on a pooled connection after a release: "
-            + ", ".join(f"{n} = {v}" for n, v in results.in_effect.items())
-            + " (asyncpg runs `RESET ALL` when a connection goes back to the pool; unset means pgvector's "
-            "defaults, ef_search 40 and iterative scans off)."
+        notes.append(
+            f"pgvector settings on a pooled connection after a release: {results.in_effect} (configured {configured})."
         )
-    if results.refetches:
-        lines.append(f"- {results.refetches} searches returned repeated documents and were asked for more.")
-    quirk = leaderboard_quirk(results)
-    if quirk is not None:
-        lines.append(
-            f"- The leaderboard's code skips the first qrels line as a header; this file has none. Scored that "
-            f"way, exact dense gives {quirk:.4f} (leaderboard formula) instead of "
-            f"{results.runs['exact'].mean('nDCG@k (leaderboard)', judged, k):.4f}."
+    if (quirk := leaderboard_quirk(results)) is not None:
+        notes.append(
+            f"Skipping the first qrels line as the leaderboard's code does, exact dense scores {quirk:.4f} "
+            "(leaderboard formula)."
         )
-    lines += [
-        "",
-        f"Leaderboard, nDCG@{k} with the leaderboard formula, exact cosine over this subset: "
-        + ", ".join(f"{name} {value:.3f}" for name, value in LEADERBOARD.items())
-        + ".",
-        "",
-        "Full-text and fusion variants (diagnostics: the bench's own SQL; the first hybrid row re-builds the "
-        f"service's fusion and matched it on {results.hybrid_agreement}/{len(judged)} queries):",
-        "",
-        *_table(
-            [*header[:-1], f"queries with < {k} results", header[-1]],
-            [_row(run, judged, k, short=True) for run in results.diagnostics.values()],
-        ),
-        "",
-        "Paired differences in standard nDCG@10 (mean over queries, 95% bootstrap interval):",
-        "",
-    ]
+    if board := leaderboard_for(ds.path):
+        notes.append(
+            f"Leaderboard, nDCG@{k} (leaderboard formula): " + ", ".join(f"{n} {v:.3f}" for n, v in board.items()) + "."
+        )
     comparisons = [
         ("hybrid − dense", results.runs["dense"], results.runs["hybrid"]),
         ("hybrid − full-text", results.runs["sparse"], results.runs["hybrid"]),
         ("dense (HNSW) − dense (exact)", results.runs["exact"], results.runs["dense"]),
-        ("full-text AND→OR − OR", results.runs["sparse"], results.diagnostics["sparse and→or"]),
         ("hybrid AND→OR − hybrid OR", results.runs["hybrid"], results.diagnostics["hybrid and→or"]),
     ]
+    paired = []
     for label, a, b in comparisons:
         mean, low, high = paired_bootstrap(a.per_query("nDCG@k", judged, k), b.per_query("nDCG@k", judged, k))
-        lines.append(f"- {label}: {mean:+.3f} [{low:+.3f}, {high:+.3f}]")
-    lines += [
-        "",
-        f"HNSW recall@{k} against exact search ({len(ds.queries)} queries incl. unjudged, overlap of chunk ids; "
-        f"index m=16, ef_construction=64; exact search {results.exact_ms_p50:.1f} ms/query p50, "
-        f"`{results.exact_plan}`):",
-        "",
-        *_table(
-            [
-                "hnsw.ef_search",
-                f"HNSW recall@{k}",
-                f"identical top {k}",
-                "HNSW ms/query p50",
-                "p95",
-                "planner's own choice",
-                "service: ef_search in effect",
-                f"service dense mode recall@{k}",
-                "service ms/query p50",
-            ],
-            [
-                [
-                    str(p.ef_search) + (" (default)" if p.ef_search == results.ef_search else ""),
-                    f"{p.overlap:.3f}",
-                    f"{p.perfect}/{len(ds.queries)}",
-                    f"{p.ms_p50:.2f}",
-                    f"{p.ms_p95:.2f}",
-                    p.planner,
-                    p.service_ef,
-                    f"{p.service_overlap:.3f}",
-                    f"{p.service_ms_p50:.1f}",
-                ]
-                for p in results.hnsw
-            ],
-        ),
-        "",
-        "HNSW columns: `SELECT … ORDER BY embedding <=> $1 LIMIT k` with `enable_seqscan = off` (EXPLAIN-checked "
-        "to use `chunks_embedding_hnsw`). Planner's own choice: the plan Postgres picks for that query without the "
-        'override. Service columns: `Retriever.search(mode="dense")` as deployed (whatever plan Postgres picks; '
-        "the time includes the full-text half of its SQL).",
+        paired.append([label, f"{mean:+.3f}", f"[{low:+.3f}, {high:+.3f}]"])
+    hnsw = [
+        (
+            f"{p.ef_search}{' (default)' if p.ef_search == results.ef_search else ''} | {p.overlap:.3f} | "
+            f"{p.perfect}/{len(ds.queries)} | {p.ms_p50:.2f} | {p.ms_p95:.2f} | {p.planner} | "
+            f"{p.service_ef} | {p.service_overlap:.3f} | {p.service_ms_p50:.1f}"
+        )
+        for p in results.hnsw
     ]
-    return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------- main
-
-
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.retrieval", description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("data_dir", type=Path, help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/test.tsv")
-    parser.add_argument("--top-k", type=int, default=10, help="cut-off k for every metric (default 10)")
-    parser.add_argument("--ef-search", type=int, default=100, help="hnsw.ef_search for the main runs (default 100)")
-    parser.add_argument(
-        "--keep", type=Path, default=None, help="database directory to keep and reuse across runs (skips re-embedding)"
+    return "\n\n".join(
+        [
+            run_line(results.command),
+            " ".join(notes),
+            table(header, [_row(results.runs[m], judged, k) for m in ("dense", "exact", "sparse", "hybrid")]),
+            f"Diagnostics (the bench's own SQL; the first hybrid row re-builds the service's fusion and matched it on "
+            f"{results.hybrid_agreement}/{len(judged)} queries):",
+            table(
+                [*header[:-1], f"queries with < {k} results", header[-1]],
+                [_row(run, judged, k, short=True) for run in results.diagnostics.values()],
+            ),
+            table("paired difference, standard nDCG@k | mean | 95% bootstrap interval", paired),
+            f"HNSW recall@{k} against exact search (all queries; exact {results.exact_ms_p50:.1f} ms p50, "
+            f"`{results.exact_plan}`):",
+            table(
+                [
+                    "hnsw.ef_search",
+                    f"HNSW recall@{k}",
+                    f"identical top {k}",
+                    "ms p50",
+                    "p95",
+                    "planner's own choice",
+                    "service: ef_search in effect",
+                    f"service dense recall@{k}",
+                    "service ms p50",
+                ],
+                hnsw,
+            ),
+        ]
     )
-    args = parser.parse_args(argv)
-    if args.top_k < 1 or not 1 <= args.ef_search <= 1000:
-        parser.error("--top-k must be positive and --ef-search within 1..1000")
-    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    missing = [
-        name for name in ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv") if not (args.data_dir / name).is_file()
-    ]
+    parser = arguments("retrieval", __doc__)
+    parser.add_argument("data_dir", type=Path, help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/test.tsv")
+    parser.add_argument("--top-k", type=int, default=10, help="cut-off k for every metric")
+    parser.add_argument("--ef-search", type=int, default=100, help="hnsw.ef_search for the main runs")
+    parser.add_argument("--keep", type=Path, default=None, help="database directory to keep and reuse across runs")
+    parser.add_argument("--limit-corpus", type=int, default=None, help="only the first N documents (smoke runs)")
+    args = parse(parser, argv, limit_corpus=60)
+    if args.top_k < 1 or not 1 <= args.ef_search <= 1000:
+        parser.error("--top-k must be positive and --ef-search within 1..1000")
+    missing = [n for n in ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv") if not (args.data_dir / n).is_file()]
     if missing:
-        print(
-            f"benchmark data not found in {args.data_dir}: missing {', '.join(missing)}\n"
-            "bench.retrieval needs a BEIR folder (e.g. ../shared/data/msmarco-5k next to the repository).",
-            file=sys.stderr,
-        )
+        print(f"benchmark data not found in {args.data_dir}: missing {', '.join(missing)}", file=sys.stderr)
         return 2
-    command = shlex.join([".venv/bin/python", "-m", "bench.retrieval", *argv])
-    results = asyncio.run(evaluate(args, command))
-    print(render(results))
+    name = args.data_dir.resolve().name
+    section = "Retrieval quality" + ("" if name == "msmarco-5k" else f" ({name})")
+    publish(section, render(asyncio.run(evaluate(args))), args)
     return 0
 
 

@@ -70,7 +70,7 @@ async def empty_redis_database(redis_url: str, db: int) -> str:
     return url
 
 
-def make_settings(database_url: str, redis_url: str, data_dir: Path, **overrides: object) -> Settings:
+def make_settings(database_url: str, redis_url: str, data_dir: Path, **overrides: Any) -> Settings:
     """Settings from explicit values only: no .env, and nothing leaks in from the environment."""
     values: dict[str, Any] = {
         "database_url": database_url,

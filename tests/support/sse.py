@@ -8,7 +8,7 @@ Everything here reads both through `_Framer`, one implementation of the framing.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Container, Iterable, Iterator
 from typing import Any
 
 DONE = "[DONE]"  # the OpenAI stream's last data line, not JSON
@@ -50,6 +50,19 @@ def sse_messages(lines: Iterable[str]) -> Iterator[tuple[str, str]]:
 def parse_sse(raw: str) -> list[tuple[str, dict[str, Any]]]:
     """A whole `/rag/stream` body: (event name, JSON data) per event."""
     return [(name, json.loads(data)) for name, data in sse_messages(raw.replace("\r\n", "\n").split("\n"))]
+
+
+def parse_sse_bytes(body: bytes, *, skip: Container[str] = ()) -> list[tuple[str, dict[str, Any]]]:
+    """`parse_sse` over raw bytes. Events named in `skip` keep their name but not their data (no JSON
+    decoding): a cheap count of tokens for the load benchmarks."""
+    lines = body.decode().replace("\r\n", "\n").split("\n")
+    return [(name, {} if name in skip else json.loads(data)) for name, data in sse_messages(lines)]
+
+
+def first_event(body: bytes) -> tuple[str, dict[str, Any]] | None:
+    """The first event of an SSE body, without reading the rest."""
+    parsed = parse_sse_bytes(body.split(b"\n\n", 1)[0])
+    return parsed[0] if parsed else None
 
 
 def parse_chat_sse(raw: str) -> list[dict[str, Any]]:

@@ -1,0 +1,479 @@
+"""The scaffolding every benchmark shares: machine facts, statistics, servers, the model stand-in, reports.
+
+A benchmark module holds its scenario and its numbers; it starts servers, asks questions (through the
+one load client in `tests.support.load`) and hands a few tables to `publish`, which replaces only its
+own `## Section` of docs/benchmarks.md. `--quick` runs at the smallest size and writes nowhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import fcntl
+import json
+import math
+import os
+import platform
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import redis.asyncio as aioredis
+
+from service.settings import Settings
+from tests.support.load import Client, ProviderProcess, Reply, fetch
+from tests.support.servers import SHARED_DATA, bearer, make_key, make_settings, with_database
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = Path(os.environ.get("BENCH_DOCS", ROOT / "docs" / "benchmarks.md"))
+RESULTS = ROOT / "bench" / "results"
+MSMARCO = SHARED_DATA / "msmarco-5k"
+PARAPHRASES = ROOT / "bench" / "paraphrases.jsonl"
+DATA_DIR = RESULTS / "replay"
+BIN = Path(sys.executable).parent
+WARM_UP = ["what is the boiling point of water at altitude", "how do vaccines train the immune system"]
+__all__ = ["SHARED_DATA", "Client", "ProviderProcess", "Reply", "bearer", "fetch", "make_settings", "with_database"]
+
+
+def say(message: str) -> None:
+    """Progress goes to stderr; stdout carries only the report."""
+    print(message, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    """Linear-interpolated percentile (numpy's default) of the values that are not NaN; NaN when none."""
+    ordered = sorted(v for v in values if not math.isnan(v))
+    if not ordered:
+        return math.nan
+    rank = (len(ordered) - 1) * p / 100
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def stats(values: Sequence[float]) -> dict[str, float]:
+    clean = [v for v in values if not math.isnan(v)]
+    p = {f"p{q}": percentile(clean, q) for q in (50, 95, 99)}
+    return p | {"max": max(clean, default=math.nan), "n": len(clean)}
+
+
+def fmt_ms(value: float) -> str:
+    """Milliseconds, to a sensible precision ("–" for NaN)."""
+    return "–" if math.isnan(value) else f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
+
+
+def ms(seconds: float) -> str:
+    """Seconds shown as milliseconds."""
+    return fmt_ms(seconds * 1000)
+
+
+# --------------------------------------------------------------------------- machine
+
+
+def machine_line() -> str:
+    cpu = platform.processor() or "unknown"
+    with contextlib.suppress(OSError, StopIteration):
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next(x.split(":", 1)[1].strip() for x in lines if x.startswith("model name"))
+    return f"{cpu}, nproc {nproc()}, Python {platform.python_version()}, {platform.system()}"
+
+
+def nproc() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def load_average() -> tuple[float, float, float]:
+    try:
+        return os.getloadavg()
+    except OSError:
+        return (math.nan, math.nan, math.nan)
+
+
+def load_text(loads: Sequence[float] | None = None) -> str:
+    values = load_average() if loads is None else loads
+    return "n/a" if any(math.isnan(x) for x in values) else " / ".join(f"{x:.2f}" for x in values)
+
+
+def revision() -> str:
+    """The commit measured, marked when service/ or ingest/ differ from it."""
+    try:
+        git = ["git", "-C", str(ROOT)]
+        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(
+            [*git, "status", "--porcelain", "--", "service", "ingest"], capture_output=True, text=True
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.stdout.strip() + (" + uncommitted changes" if dirty.stdout.strip() else "")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# --------------------------------------------------------------------------- options and reports
+
+
+def arguments(prog: str, doc: str | None) -> argparse.ArgumentParser:
+    """A parser with the options every benchmark has: --quick (smallest size, writes nowhere), --no-write."""
+    parser = argparse.ArgumentParser(prog=f"python -m bench.{prog}", description=(doc or "").split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smallest size, a smoke run: write nothing")
+    parser.add_argument("--no-write", action="store_true", help="print the section, do not update docs")
+    return parser
+
+
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None, **quick: Any) -> argparse.Namespace:
+    """Parse `argv`; with --quick, the `quick` sizes replace the defaults and nothing is written."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    if args.quick:
+        for name, value in quick.items():
+            if getattr(args, name) == parser.get_default(name):
+                setattr(args, name, value)
+        args.no_write = True
+    args.command = shlex.join(["python", "-m", parser.prog.split()[-1], *argv])
+    return args
+
+
+def table(header: str | Sequence[str], rows: Iterable[str | Sequence[object]], align: str = "") -> str:
+    """A Markdown table; the header and each row are a list of cells or one string "a | b | c";
+    `align` has one 'l' or 'r' per column (default: first left, the rest right)."""
+    header = header.split(" | ") if isinstance(header, str) else header
+    rows = [row.split(" | ") if isinstance(row, str) else row for row in rows]
+    align = align or "l" + "r" * (len(header) - 1)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if a == "l" else "---:" for a in align) + "|"]
+    return "\n".join([*lines, *("| " + " | ".join(str(c) for c in row) + " |" for row in rows)])
+
+
+def run_line(command: str, **facts: object) -> str:
+    """The first line of every section: command, date, machine, revision, load, and any `facts`."""
+    extra = "".join(f"; {k.replace('_', ' ')}: {v}" for k, v in facts.items())
+    return (
+        f"Command: `{command}` — {dt.datetime.now():%Y-%m-%d %H:%M} — {machine_line()} — revision {revision()}"
+        f" — load average {load_text()}{extra}."
+    )
+
+
+def update_section(heading: str, body: str, path: Path | None = None) -> None:
+    """Replace the `## heading` section (append it if missing); other sections and a `### Notes` stay as they are."""
+    path = path or DOCS
+    marker = f"## {heading}"
+    with (Path(tempfile.gettempdir()) / "ragcache-benchmarks-md.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        text = path.read_text() if path.exists() else "# Benchmarks\n"
+        lines = text.splitlines(keepends=True)
+        start = next((i for i, line in enumerate(lines) if line.rstrip() == marker), None)
+        section = f"{marker}\n\n{body.strip()}\n\n"
+        if start is None:
+            new = text.rstrip("\n") + "\n\n" + section
+        else:
+            end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+            notes = next((i for i in range(start + 1, end) if lines[i].rstrip() == "### Notes"), None)
+            if notes is not None:
+                section += "".join(lines[notes:end]).rstrip("\n") + "\n\n"
+            new = "".join(lines[:start]) + section + "".join(lines[end:])
+        path.write_text(new.rstrip("\n") + "\n")
+
+
+def publish(
+    section: str, body: str, args: argparse.Namespace, summary: object = None, run_dir: Path | None = None
+) -> None:
+    """Print the section, save the raw `summary`, and update docs/benchmarks.md unless --no-write/--quick."""
+    print(body)
+    if run_dir is not None and summary is not None:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        say(f"raw results: {run_dir / 'summary.json'}")
+    if not args.no_write:
+        update_section(section, body)
+        say(f"wrote section “{section}” of {DOCS}")
+
+
+def run_dir(name: str) -> Path:
+    path = RESULTS / name / time.strftime("%Y%m%d-%H%M%S")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# --------------------------------------------------------------------------- data and corpus
+
+
+@dataclass(frozen=True)
+class Query:
+    query_id: str
+    text: str
+    paraphrases: tuple[str, ...]
+
+
+def jsonl(path: Path) -> list[dict[str, Any]]:
+    """Rows of a JSON-lines file (bytes and b"\\n" only: passages hold characters splitlines() splits on)."""
+    return [json.loads(line) for line in path.read_bytes().split(b"\n") if line.strip()]
+
+
+def load_queries(root: Path = MSMARCO, paraphrases: Path = PARAPHRASES) -> list[Query]:
+    extra: dict[str, list[str]] = {}
+    for row in jsonl(paraphrases):
+        extra.setdefault(str(row["query_id"]), []).append(str(row["text"]))
+    queries = [
+        Query(str(r["_id"]), str(r["text"]), tuple(extra.pop(str(r["_id"]), []))) for r in jsonl(root / "queries.jsonl")
+    ]
+    if extra:
+        raise SystemExit(f"{paraphrases}: unknown query ids {sorted(extra)}")
+    return queries
+
+
+def passage_questions(n: int, *, prefix: str, skip: int = 0) -> list[str]:
+    """`n` distinct questions, one per msmarco passage (every 7th, from `skip`), in a fixed order."""
+    import re
+
+    rows = jsonl(MSMARCO / "corpus.jsonl")
+    out: list[str] = []
+    for i in range(len(rows)):
+        words = re.findall(r"[a-z][a-z']+", str(rows[(skip + i * 7) % len(rows)]["text"]).lower())[:7]
+        question = f"{prefix} {' '.join(words)}"
+        if len(words) >= 5 and question not in out:
+            out.append(question)
+            if len(out) == n:
+                return out
+    raise SystemExit(f"only {len(out)} distinct questions could be built, {n} needed")
+
+
+async def ingest_path(settings: Settings, embedder: Any, path: Path, fmt: str = "auto", **discover_kw: Any) -> Any:
+    """`rag-ingest add PATH` in-process; returns the IngestReport (unchanged documents are skipped)."""
+    from ingest.loaders import discover, load
+    from ingest.pipeline import IngestOptions, ingest_documents
+    from service.postgres.corpus import open_corpus
+
+    async with open_corpus(settings) as corpus:
+        entries, failures = discover([str(path)], **discover_kw)
+        items = [*failures, *(doc for entry in entries for doc in load(entry, fmt))]  # type: ignore[arg-type]
+        options = IngestOptions(settings.chunk_tokens, settings.chunk_overlap, settings.embed_batch_size)
+        report = await ingest_documents(corpus.store, embedder, items, options)
+        if report.failures:
+            raise SystemExit(f"ingest of {path}: {len(report.failures)} failures, first: {report.failures[0]}")
+        return report
+
+
+async def create_key(dsn: str) -> str:
+    """A query key without `rpm` or `tokens_per_day`: the default path (no rate-limit call to Redis)."""
+    return await make_key(make_settings(dsn, "redis://127.0.0.1:1", RESULTS), "query")
+
+
+# --------------------------------------------------------------------------- servers under test
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment minus every service setting, plus `extra`."""
+    prefixes = ("RAG_", "OPENAI_", "ANTHROPIC_", "DATABASE_URL", "REDIS_URL")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env | {"PYTHONUNBUFFERED": "1"} | extra
+
+
+@dataclass
+class Servers:
+    admin_dsn: str
+    redis_base: str
+
+    def redis_url(self, db: int) -> str:
+        return f"{self.redis_base}{'&' if '?' in self.redis_base else '?'}db={db}"
+
+    def database(self, name: str) -> str:
+        return with_database(self.admin_dsn, name)
+
+
+@contextlib.contextmanager
+def embedded_servers(data_dir: Path = DATA_DIR) -> Iterator[Servers]:
+    """Embedded Postgres + Valkey under `data_dir` (started, or attached to if already running)."""
+    from service.embedded import start_postgres, start_valkey
+
+    pg = start_postgres(data_dir)
+    valkey = start_valkey(data_dir)
+    try:
+        yield Servers(pg.url, valkey.url)
+    finally:
+        valkey.stop()
+        pg.stop()
+
+
+async def fetchval(dsn: str, sql: str, *args: object) -> Any:
+    """One statement on a connection of its own."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetchval(sql, *args)
+    finally:
+        await conn.close()
+
+
+async def _documents(dsn: str) -> int:
+    if not await fetchval(dsn, "SELECT to_regclass('documents') IS NOT NULL"):
+        return 0
+    return int(await fetchval(dsn, "SELECT count(*) FROM documents"))
+
+
+async def ensure_corpus(servers: Servers, limit: int | None, data_dir: Path = DATA_DIR) -> tuple[str, int]:
+    """A database holding msmarco-5k (or its first `limit` passages), ingested once with `rag-ingest`, then reused."""
+    corpus = MSMARCO / "corpus.jsonl"
+    name = "msmarco_full" if limit is None else f"msmarco_{limit}"
+    if not await fetchval(servers.admin_dsn, "SELECT 1 FROM pg_database WHERE datname = $1", name):
+        await fetchval(servers.admin_dsn, f'CREATE DATABASE "{name}"')
+    dsn = servers.database(name)
+    if limit is not None:
+        subset = data_dir / f"corpus-{limit}" / "corpus.jsonl"
+        subset.parent.mkdir(parents=True, exist_ok=True)
+        head = b"".join(line + b"\n" for line in corpus.read_bytes().split(b"\n")[:limit])
+        if not subset.exists() or subset.read_bytes() != head:
+            subset.write_bytes(head)
+        corpus = subset
+    expected = len(jsonl(corpus))
+    have = await _documents(dsn)
+    if have != expected:
+        say(f"ingesting {expected} passages from {corpus} into {name} (has {have}) …")
+        env = clean_env(DATABASE_URL=dsn, RAG_DATA_DIR=str(data_dir), RAG_LOG_LEVEL="warning")
+        cmd = [str(BIN / "rag-ingest"), "add", str(corpus), "--format", "beir", "--json"]
+        proc = await asyncio.create_subprocess_exec(*cmd, env=env, cwd=str(data_dir), stdout=asyncio.subprocess.PIPE)
+        out, _ = await proc.communicate()
+        if proc.returncode != 0:
+            raise SystemExit(f"rag-ingest failed ({proc.returncode}): {out.decode()[-2000:]}")
+        have = await _documents(dsn)
+    return dsn, have
+
+
+async def fresh_caches(dsn: str, redis_url: str) -> None:
+    """Empty the answer cache (the whole logical Redis db) and the semantic index."""
+    client = aioredis.from_url(redis_url)
+    try:
+        await client.flushdb()
+    finally:
+        await client.aclose()
+    if await fetchval(dsn, "SELECT to_regclass('semantic_cache') IS NOT NULL"):
+        await fetchval(dsn, "DELETE FROM semantic_cache")
+
+
+@dataclass
+class Served:
+    url: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+@asynccontextmanager
+async def serve_process(command: str, port: int, env: dict[str, str], log: Path, cwd: Path) -> AsyncIterator[Served]:
+    """`command` (split on spaces) as a process of its own, until GET /health answers on `port`; stopped after."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(command.split(), env=env, cwd=cwd, stdout=sink, stderr=subprocess.STDOUT)  # noqa: ASYNC220
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 240
+    try:
+        while (await fetch(url, "GET", "/health", limit_s=2)).status != 200:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"{command.split()[0]} did not start (exit {proc.poll()}); see {log}")
+            await asyncio.sleep(0.2)
+        yield Served(url, proc, log)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def rag_serve(
+    *, dsn: str, redis_url: str, provider_url: str, log: Path, env: Mapping[str, str] | None = None, workers: int = 1
+) -> contextlib.AbstractAsyncContextManager[Served]:
+    """`rag-serve --port P --workers N` as its own process, answering through the provider server."""
+    port = free_port()
+    environment = clean_env(
+        DATABASE_URL=dsn,
+        REDIS_URL=redis_url,
+        RAG_DATA_DIR=str(DATA_DIR),
+        ANTHROPIC_API_KEY="sk-ant-bench",
+        ANTHROPIC_BASE_URL=provider_url,
+        RAG_PROVIDER_MAX_RETRIES="0",
+        RAG_LOG_LEVEL="warning",
+        **(env or {}),
+    )
+    return serve_process(f"{BIN / 'rag-serve'} --port {port} --workers {workers}", port, environment, log, DATA_DIR)
+
+
+# --------------------------------------------------------------------------- what the replay benchmarks share
+
+
+async def ask(url: str, token: str, body: Mapping[str, Any], limit_s: float = 120) -> Reply:
+    """POST /rag/stream on a connection of its own."""
+    return await fetch(url, "POST", "/rag/stream", dict(body), headers=bearer(token), limit_s=limit_s)
+
+
+async def warm_up(url: str, token: str, n: int = 1) -> None:
+    """Pay a server's first-request costs with `cache: bypass` requests (n at a time), outside any measurement."""
+    for question in WARM_UP:
+        replies = await asyncio.gather(
+            *(ask(url, token, {"question": f"{question} {i}", "cache": "bypass"}) for i in range(n))
+        )
+        if bad := [r for r in replies if not r.ok]:
+            raise SystemExit(f"warm-up of {url} failed: {bad[0].outcome} {bad[0].error}")
+
+
+def replay_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    first_token_delay: float = 0.6,
+    token_interval: float = 0.02,
+    answer_tokens: int = 150,
+) -> None:
+    """Options of the replay benchmarks: corpus size and the model stand-in's pace."""
+    parser.add_argument("--limit-corpus", type=int, default=None, help="ingest only the first N passages")
+    parser.add_argument("--first-token-delay", type=float, default=first_token_delay, help="seconds")
+    parser.add_argument("--token-interval", type=float, default=token_interval, help="seconds")
+    parser.add_argument("--answer-tokens", type=int, default=answer_tokens)
+
+
+@dataclass
+class ReplayStack:
+    servers: Servers
+    provider: ProviderProcess
+    dsn: str
+    documents: int
+    token: str
+
+
+@asynccontextmanager
+async def replay_stack(args: argparse.Namespace) -> AsyncIterator[ReplayStack]:
+    """Embedded Postgres + Valkey, the model stand-in at `args`' pace, the corpus, and an API key."""
+    with embedded_servers(DATA_DIR) as servers:
+        async with ProviderProcess(args.first_token_delay, args.token_interval, args.answer_tokens) as provider:
+            dsn, documents = await ensure_corpus(servers, args.limit_corpus)
+            yield ReplayStack(servers, provider, dsn, documents, await create_key(dsn))
+
+
+def model_line(args: argparse.Namespace, documents: int) -> str:
+    """One sentence on the replay set-up: corpus and the model stand-in's pace."""
+    return (
+        f"Corpus: msmarco-5k, {documents:,} passages, in embedded Postgres + pgvector; embedded Valkey; `rag-serve` "
+        f"as its own process with a real API key. Model: the loopback `ProviderServer` (tests/support) in a process "
+        f"of its own behind the real Anthropic SDK, first token after {args.first_token_delay * 1000:.0f} ms, then "
+        f"{args.answer_tokens} tokens {args.token_interval * 1000:.0f} ms apart."
+    )
