@@ -110,6 +110,10 @@ class Settings(BaseSettings):
     # How long a worker trusts its cached copy of a key (revocations also arrive at once by NOTIFY).
     auth_cache_ttl_s: float = Field(default=10.0, alias="RAG_AUTH_CACHE_TTL_S", ge=0)
     auth_failures_per_minute: int = Field(default=20, alias="RAG_AUTH_FAILURES_PER_MINUTE", ge=1)
+    # Keys the question hashes shown in logs, metrics, the dashboard and `matched_question_hash`.
+    # Unset: a random one is made once and kept in RAG_DATA_DIR/hash-secret (mode 0600). Give every
+    # replica the same value, or their hashes of one question differ.
+    hash_secret: SecretStr | None = Field(default=None, alias="RAG_HASH_SECRET")
     metrics_public: bool = Field(
         default=False, alias="RAG_METRICS_PUBLIC", description="Serve /metrics without an admin key."
     )
@@ -140,6 +144,7 @@ class Settings(BaseSettings):
         "models_large",
         "otel_enabled",
         "otel_exporter_otlp_endpoint",
+        "hash_secret",
         mode="before",
     )
     @classmethod

@@ -18,6 +18,7 @@ from ingest.loaders import SourceDocument
 from service.answer.events import Done, Token
 from service.answer.schemas import UsageInfo
 from service.embeddings.encoders import LocalEmbedder
+from service.hashing import hash_key
 from service.http.rag import sse_bytes, sse_event
 from service.postgres.corpus import open_corpus
 from service.redis.answer_cache import AnswerCache, question_hash
@@ -382,7 +383,9 @@ async def test_semantic_cache_serves_paraphrases_and_refuses_near_misses(
         assert first.meta["cache"] == "miss"
         para = await ask(http, "how can i flush the cache")
         assert para.meta["cache"] == "semantic_hit" and para.text == first.text
-        assert para.meta["semantic"]["matched_question_hash"] == question_hash("How do I flush the cache?")
+        assert para.meta["semantic"]["matched_question_hash"] == question_hash(
+            "How do I flush the cache?", hash_key(settings)
+        )
         assert settings.semantic_cache_threshold <= para.meta["semantic"]["similarity"] <= 1
         assert para.of("done")[0]["cached"] is True and para.of("done")[0]["usage"]["cost_usd"] == 0
         calls = len(provider.calls_to("messages"))

@@ -21,6 +21,7 @@ from service.answer.coalescing import Coalescer
 from service.answer.pipeline import AnswerService
 from service.embedded import EmbeddedValkey, start_valkey
 from service.embeddings.encoders import LocalEmbedder, OpenAIEmbedder, create_embedder
+from service.hashing import hash_key
 from service.http.auth import KEYS_CHANNEL, Authenticator, KeyStore
 from service.http.dashboard import router as dashboard_router
 from service.http.errors import install_error_handlers
@@ -160,6 +161,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         watcher=watcher,
         providers=providers,
         policy=routing_policy(settings),
+        hash_key=hash_key(settings),
         metrics=metrics,
         tracing=tracing,
     )
