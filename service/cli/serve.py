@@ -15,6 +15,7 @@ from rich.console import Console
 
 from service.http.app import redis_url
 from service.http.auth import KeyStore, parse_key, verify
+from service.http.proxies import uvicorn_proxy_options
 from service.observability.logs import configure_logging
 from service.observability.metrics import prepare_multiprocess_dir
 from service.postgres.corpus import database_url, open_corpus
@@ -122,6 +123,7 @@ def serve(
             log_level=settings.log_level,
             log_config=None,
             access_log=False,
+            **uvicorn_proxy_options(settings),
         )
     finally:
         if valkey is not None:
