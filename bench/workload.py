@@ -46,6 +46,7 @@ from bench._kit import (
 )
 
 SECTION = "Cached workload"
+HASH_SECRET = "ragcache-bench-workload-hash-secret"
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,8 @@ def opportunities(draws: list[Draw]) -> dict[str, int]:
 async def run_config(config: Config, draws: list[Draw], stack: ReplayStack, args: Any, out: Any) -> dict[str, Any]:
     redis_url = stack.servers.redis_url(config.redis_db)
     await fresh_caches(stack.dsn, redis_url)
-    env = {**config.env, **dict(kv.split("=", 1) for kv in args.server_env)}
+    # A known secret, so that the bench can map matched-question hashes back to the queries it sent.
+    env = {"RAG_HASH_SECRET": HASH_SECRET, **config.env, **dict(kv.split("=", 1) for kv in args.server_env)}
     log = out / f"rag-serve-{config.name}.log"
     async with rag_serve(
         dsn=stack.dsn, redis_url=redis_url, provider_url=stack.provider.base_url, log=log, env=env
@@ -237,7 +239,8 @@ async def main_async(args: Any) -> None:
 
     queries = load_queries()
     draws = draw_workload(queries, args.requests, args.zipf, args.paraphrase_share, args.seed)
-    hash_to_query = {question_hash(t): q.query_id for q in queries for t in (q.text, *q.paraphrases)}
+    key = HASH_SECRET.encode()
+    hash_to_query = {question_hash(t, key): q.query_id for q in queries for t in (q.text, *q.paraphrases)}
     out = run_dir("workload")
     summaries = []
     async with replay_stack(args) as stack:

@@ -6,6 +6,7 @@ code base reads the environment.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
 
@@ -110,6 +111,13 @@ class Settings(BaseSettings):
     # How long a worker trusts its cached copy of a key (revocations also arrive at once by NOTIFY).
     auth_cache_ttl_s: float = Field(default=10.0, alias="RAG_AUTH_CACHE_TTL_S", ge=0)
     auth_failures_per_minute: int = Field(default=20, alias="RAG_AUTH_FAILURES_PER_MINUTE", ge=1)
+    # Comma list of addresses or networks (e.g. "10.0.0.5,172.18.0.0/16") whose X-Forwarded-For
+    # and X-Forwarded-Proto are believed; default none: the peer address is the client.
+    trusted_proxies: str = Field(default="", alias="RAG_TRUSTED_PROXIES")
+    # Keys the question hashes shown in logs, metrics, the dashboard and `matched_question_hash`.
+    # Unset: a random one is made once and kept in RAG_DATA_DIR/hash-secret (mode 0600). Give every
+    # replica the same value, or their hashes of one question differ.
+    hash_secret: SecretStr | None = Field(default=None, alias="RAG_HASH_SECRET")
     metrics_public: bool = Field(
         default=False, alias="RAG_METRICS_PUBLIC", description="Serve /metrics without an admin key."
     )
@@ -127,6 +135,17 @@ class Settings(BaseSettings):
     # json: one JSON object per line (for log shippers); console: aligned, readable text for a terminal.
     log_format: Literal["json", "console"] = Field(default="json", alias="RAG_LOG_FORMAT")
 
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxy_networks(cls, value: str) -> str:
+        for item in (part.strip() for part in value.split(",")):
+            if item and item != "*":
+                try:
+                    ipaddress.ip_network(item, strict=False)
+                except ValueError:
+                    raise ValueError(f"not an address or network: {item!r}") from None
+        return value
+
     @field_validator(
         "database_url",
         "redis_url",
@@ -140,6 +159,7 @@ class Settings(BaseSettings):
         "models_large",
         "otel_enabled",
         "otel_exporter_otlp_endpoint",
+        "hash_secret",
         mode="before",
     )
     @classmethod

@@ -59,9 +59,11 @@ class AnswerService:
         watcher: CorpusWatcher,
         providers: Mapping[str, Provider],
         policy: RoutingPolicy,
+        hash_key: bytes,
         metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
+        self.hash_key = hash_key  # keys the question hashes that reach logs, metrics and responses
         self.embedder = embedder
         self.retriever = retriever
         self.cache = cache
@@ -211,7 +213,7 @@ class AnswerService:
             filters=filters,
             key=cache_key(parts),
             scope=scope_key(parts),
-            hash=question_hash(checked.text),
+            hash=question_hash(checked.text, self.hash_key),
             flags=checked.flags,
         )
 

@@ -7,13 +7,14 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TextIO
 
 import typer
 import uvicorn
 from rich.console import Console
 
 from service.http.auth import KeyStore, parse_key, verify
+from service.http.proxies import uvicorn_proxy_options
 from service.observability.logs import configure_logging
 from service.observability.prometheus import prepare_multiprocess_dir
 from service.postgres.corpus import database_url, open_corpus
@@ -68,6 +69,15 @@ async def _local_key(settings: Settings) -> str:
     return token
 
 
+def key_may_be_shown(settings: Settings, stream: TextIO) -> bool:
+    """Print the local admin key only to a person: a terminal, or console-format logs (`make run`).
+
+    Where stderr is JSON lines it is a log stream on its way to a shipper, and the banner
+    bypasses the log scrubber (service/observability/logs.py).
+    """
+    return stream.isatty() or settings.log_format == "console"
+
+
 @app.command()
 def serve(
     host: Annotated[str | None, typer.Option(help="Bind address (default RAG_HOST).")] = None,
@@ -100,10 +110,21 @@ def serve(
             f"curl -N http://{host}:{port}/rag/stream -H {auth} "
             f"-H 'Content-Type: application/json' -d {shlex.quote(body)}"
         )
+        shown = not local_key or key_may_be_shown(settings, sys.stderr)
+        if not shown:  # the same line, without the key
+            curl = curl.replace(key, f"$(cat {shlex.quote(str(settings.data_dir / LOCAL_KEY_FILE))})")
+        key_line = ""
+        if local_key:
+            where = settings.data_dir / LOCAL_KEY_FILE
+            key_line = (
+                f"admin API key (kept in {where}): {key}\n"
+                if shown
+                else f"admin API key kept in {where} (not printed: stderr is a JSON log stream)\n"
+            )
         # Plain writes, not rich: the curl must stay on one line whatever the terminal width.
         sys.stderr.write(
             f"\nragcache on http://{host}:{port}  (dashboard: http://{host}:{port}/dashboard)\n"
-            + (f"admin API key (kept in {settings.data_dir / LOCAL_KEY_FILE}): {key}\n" if local_key else "")
+            + key_line
             + f"try:\n  {curl}\n\n"
         )
         if workers > 1:  # one worker runs in this process, where prometheus-client is already set up
@@ -122,6 +143,7 @@ def serve(
             log_level=settings.log_level,
             log_config=None,
             access_log=False,
+            **uvicorn_proxy_options(settings),
         )
     finally:
         if valkey is not None:

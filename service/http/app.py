@@ -20,6 +20,7 @@ from service import __version__
 from service.answer.coalescing import Coalescer
 from service.answer.pipeline import AnswerService
 from service.embeddings.encoders import LocalEmbedder, OpenAIEmbedder, create_embedder
+from service.hashing import hash_key
 from service.http.auth import KEYS_CHANNEL, Authenticator, KeyStore
 from service.http.dashboard import router as dashboard_router
 from service.http.errors import install_error_handlers
@@ -150,6 +151,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         watcher=watcher,
         providers=providers,
         policy=routing_policy(settings),
+        hash_key=hash_key(settings),
         metrics=metrics,
     )
     # The model and SDKs leave ~650k long-lived objects; full GC passes over them took 0.3-0.7 s

@@ -32,6 +32,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 
 from service.http.errors import APIError
+from service.http.proxies import throttle_address
 
 log = logging.getLogger(__name__)
 
@@ -175,19 +176,13 @@ class Authenticator:
         self.clock = clock
         self._entries: OrderedDict[str, tuple[float, ApiKey | None]] = OrderedDict()
 
-    async def authenticate(
-        self, token: str, *, before_lookup: Callable[[], Awaitable[None]] | None = None
-    ) -> Principal | None:
-        """The principal for a valid, unrevoked key; None for anything else.
-
-        `before_lookup` runs only when Postgres must be asked (the failed-auth limit: a
-        flood of made-up keys is stopped before it reaches the database).
-        """
+    async def authenticate(self, token: str) -> Principal | None:
+        """The principal for a valid, unrevoked key; None for anything else."""
         parsed = parse_key(token)
         if parsed is None:
             return None
         key_id, secret = parsed
-        key = await self._key(key_id, before_lookup)
+        key = await self._key(key_id)
         if not verify(key, secret):
             return None
         assert key is not None
@@ -196,13 +191,11 @@ class Authenticator:
     def forget(self, key_id: str) -> None:
         self._entries.pop(key_id, None)
 
-    async def _key(self, key_id: str, before_lookup: Callable[[], Awaitable[None]] | None) -> ApiKey | None:
+    async def _key(self, key_id: str) -> ApiKey | None:
         now = self.clock()
         cached = self._entries.get(key_id)
         if cached is not None and now - cached[0] < self.ttl_s:
             return cached[1]
-        if before_lookup is not None:
-            await before_lookup()
         try:
             key = await self.lookup(key_id)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
@@ -228,7 +221,12 @@ def unauthorized(message: str) -> APIError:
 def requires(scope: Scope) -> Callable[[Request, HTTPAuthorizationCredentials | None], Awaitable[Principal]]:
     """A dependency: the caller's principal, or 401 (no or bad key) / 403 (key lacks `scope`).
 
-    Failed attempts are counted per client address, so keys cannot be tried at speed.
+    Failed attempts are counted per client address (`throttle_address`: the peer, or what a
+    proxy in RAG_TRUSTED_PROXIES reports; an IPv6 /64 counts as one), and only failed ones: once
+    an address is over the limit its failures get 429 instead of 401, but a valid key from it
+    is always let in, so an attacker sharing a NAT or proxy with a user cannot lock the user out.
+    Every key is looked up (one primary-key probe); 256-bit keys make guessing hopeless anyway,
+    and the limit is what keeps a flood of tries slow and visible.
     """
 
     async def dependency(
@@ -237,13 +235,11 @@ def requires(scope: Scope) -> Callable[[Request, HTTPAuthorizationCredentials | 
         resources = request.app.state.resources
         limiter = resources.limiter
         auth: Authenticator = resources.auth
-        address = request.client.host if request.client else "unknown"
+        address = throttle_address(request.client.host if request.client else None)
         principal: Principal | None = None
         if credentials is not None:
             try:
-                principal = await auth.authenticate(
-                    credentials.credentials, before_lookup=lambda: limiter.check_auth_failures(address)
-                )
+                principal = await auth.authenticate(credentials.credentials)
             except AuthUnavailableError:
                 raise APIError(
                     503, "auth_unavailable", "cannot verify the API key right now", {"Retry-After": "5"}

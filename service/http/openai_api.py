@@ -232,6 +232,8 @@ def _with_param(exc: APIError, index: int) -> APIError:
             exc.param = "rag.filters"
         elif exc.code == "unknown_model":
             exc.param = "model"
+        elif exc.code == "refresh_forbidden":
+            exc.param = "rag.cache"
     return exc
 
 

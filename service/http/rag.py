@@ -49,6 +49,10 @@ async def answer_events(request: Request, body: RagRequest) -> tuple[Event, Asyn
     on, the answer runs under a `rag.request` span (service/observability/tracing.py).
     """
     principal: Principal = request.state.principal
+    if body.cache == "refresh" and "admin" not in principal.scopes:
+        # A refresh replaces the answer every key is served; re-rolling it until a bad answer
+        # sticks for the cache's lifetime must not be open to every query key.
+        raise APIError(403, "refresh_forbidden", 'cache "refresh" needs an API key with the admin scope')
     limiter = request.app.state.resources.limiter
     await limiter.check_request(principal)
     rid = request_id(request)

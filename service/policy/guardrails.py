@@ -24,7 +24,7 @@ from typing import Final, Literal
 
 from service.errors import GuardrailViolation  # a rejected question; its message never echoes the text
 from service.policy.injection import looks_like_injection
-from service.policy.pii import PII_NAMES, luhn_valid, redact_pii
+from service.policy.pii import PII_NAMES, iban_valid, luhn_valid, redact, redact_pii
 
 __all__ = [
     "CONTROL_CHARACTERS",
@@ -40,8 +40,10 @@ __all__ = [
     "GuardrailViolation",
     "PiiMode",
     "check_question",
+    "iban_valid",
     "luhn_valid",
     "normalize_for_key",
+    "redact_pii",
 ]
 
 # Stable codes: clients, logs and metrics rely on these strings.
@@ -93,8 +95,8 @@ class GuardrailResult:
     """The question as it may be used downstream, plus what the checks recorded.
 
     ``flags`` holds codes that were detected but allowed by policy, in check
-    order; ``redactions`` counts replaced PII per kind (``email``, ``phone``,
-    ``card``); ``token_count`` is measured on ``text``.
+    order; ``redactions`` counts replaced PII per kind (``email``, ``iban``,
+    ``card``, ``ssn``, ``phone``); ``token_count`` is measured on ``text``.
     """
 
     text: str
@@ -183,7 +185,7 @@ def check_question(
 
     redactions: dict[str, int] = {}
     if policy.pii != "allow":
-        redacted, found = redact_pii(text)
+        redacted, found = redact(text)
         if found:
             if policy.pii == "block":
                 kinds = ", ".join(PII_NAMES[k] for k in sorted(found))

@@ -1,13 +1,15 @@
 """Prompt-injection detection: does a question try to override the assistant's instructions?
 
-Patterns run over a folded "detection view" of the text (NFKC, case, look-alike letters,
-spelled-out letters, spaces), so simple obfuscation does not dodge them. English patterns
-cover overriding, role-play without restrictions, prompt leaks and fake chat markup; the two
-commonest attacks are also matched in other languages. Pure and deterministic.
+Patterns run over a folded "detection view" of the text (NFKC, combining marks, small capitals,
+case, look-alike letters, leetspeak, spelled-out letters, spaces), so simple obfuscation does not
+dodge them; base64-encoded instructions are decoded once and checked too. English patterns cover
+overriding, role-play without restrictions, prompt leaks and fake chat markup; the commonest
+attacks are also matched in other languages. Pure and deterministic.
 """
 
 from __future__ import annotations
 
+import base64
 import re
 import unicodedata
 from typing import Final
@@ -73,13 +75,23 @@ _OTHER_LANGUAGES: Final = (
     ),
     _ignore_previous(  # de (casefolded: ß is ss)
         "ignoriere|ignorier|ignoriert|ignorieren|vergiss|vergesst|vergessen|missachte|missachtet|missachten",
-        "vorherigen|vorigen|bisherigen|obigen|früheren|alle|allen|deine|ihre|eure",
+        "vorherigen|vorigen|bisherigen|obigen|früheren|fruheren|alle|allen|deine|ihre|eure",
         "anweisungen|anweisung|instruktionen|vorgaben|befehle",
     ),
     _ignore_previous(  # it
         "ignora|ignori|ignorate|ignorare|dimentica|dimentichi|dimenticate|dimenticare",
         "precedenti|tutte|tue|sue|vostre",
         "istruzioni|indicazioni|direttive",
+    ),
+    _ignore_previous(  # nl
+        "negeer|negeert|negeren|vergeet|vergeten|verwaarloos|sla",
+        "vorige|eerdere|voorgaande|bovenstaande|alle|je|jouw|uw",
+        "instructies|instructie|aanwijzingen|opdrachten|richtlijnen|regels",
+    ),
+    _ignore_previous(  # pl (marks stripped: pomiń is pomin)
+        r"zignoruj\w*|ignoruj\w*|zapomnij\w*|pomin\w*|odrzuc\w*",
+        r"poprzedni\w*|wczesniejsz\w*|wszystki\w*|swoje|twoje|powyzsz\w*|dotychczasow\w*",
+        r"instrukcj\w*|polece\w*|wskazowk\w*|zasad\w*|regul\w*",
     ),
     _ignore_previous(  # ru
         r"игнорир\w*|проигнорир\w*|забудь\w*|забыть|забудьте",
@@ -101,7 +113,11 @@ _OTHER_LANGUAGES: Final = (
     r"(?:del?\s+|do\s+|di\s+)?(?:sistema|system)\b",
     r"\b(?:montre|montrez|affiche|affichez|révèle|révélez|revele|donne|donnez|répète|répétez|repete)"
     r"(?:-moi)?\b[^.!?\n]{0,30}?\b(?:ton|votre|tes|vos)\s+(?:prompt|invite|instructions?|consignes)\s+"
-    r"(?:système|systeme|cachées?|initiales?)",
+    r"(?:système|systeme|cachées?|cachees?|initiales?)",
+    r"\b(?:toon|laat|geef|herhaal|print|onthul)\b[^.!?\n]{0,30}?\b(?:je|jouw|uw)\s+"
+    r"(?:systeemprompt|systeem-prompt|systeeminstructies|prompt|verborgen\s+instructies)\b",
+    r"\b(?:pokaz|wyswietl|ujawnij|powtorz|podaj|wypisz|zdradz)\b[^.!?\n]{0,30}?\b(?:swoj|twoj|swoje|twoje|swoja|twoja)\s+"
+    r"(?:prompt\s+systemowy|systemowy\s+prompt|instrukcje\s+systemowe|ukryte\s+instrukcje|prompt)\b",
     r"\b(?:zeig|zeige|zeigen|verrate|verraten|gib|nenne|nennen|wiederhole|wiederholen|drucke)\b[^.!?\n]{0,30}?"
     r"\b(?:dein|deinen|deine|ihren|ihre|ihr)\s+(?:system-?prompt|systemanweisungen|system-anweisungen|prompt)\b",
     r"\b(?:покажи|покажите|выведи|выведите|раскрой|раскройте|повтори|повторите|напечатай|скажи|назови)\b"
@@ -132,6 +148,26 @@ _INJECTION_PATTERNS: Final[tuple[re.Pattern[str], ...]] = tuple(
         r"(?:above|before|previously|prior|so\s+far|earlier)\b",
         r"\b(?:ignore|disregard|forget)\s+(?:all\s+)?(?:of\s+)?the\s+(?:above|foregoing)"
         r"\s*(?:[.,;:!]|$|and\b)",
+        # skip / discard / set aside ... all (earlier) instructions: these verbs are also used
+        # for install steps, so the instructions must be all / every / your ones or the ones above
+        r"\b(?:skip|drop|discard|dismiss|abandon|neglect|overlook|scrap|set\s+aside|throw\s+(?:out|away))\s+"
+        r"(?:(?:all|any|every|each|your|these|those)\s+(?:of\s+)?(?:your\s+|the\s+|my\s+)?(?:\w+\s+){0,2}?"
+        r"(?:instructions?|prompts?|directives?|directions|rules|guidelines|programming)\b"
+        r"|(?:\w+\s+){0,2}?(?:instructions?|prompts?|directives?|rules)\s+(?:above|so\s+far|"
+        r"(?:you\s+(?:were|have\s+been)\s+)?given\s+(?:before|earlier|above)))",
+        # pay no attention to / do not follow / stop following ... the previous instructions
+        r"\b(?:pay\s+no\s+(?:attention|heed|mind)|take\s+no\s+notice|stop\s+(?:following|obeying|listening\s+to)|"
+        r"(?:do\s+not|don't|dont|never)\s+(?:follow|obey|listen\s+to|heed|pay\s+(?:any\s+)?attention))\s+"
+        r"(?:to\s+)?(?:(?:any|all|each|every)\s+(?:of\s+)?)?(?:the\s+|your\s+|these\s+|those\s+|my\s+)?"
+        r"(?:(?:(?:previous|prior|earlier|above|preceding|foregoing|original|initial|system|developer|hidden)\s+)+"
+        r"(?:instructions?|prompts?|directions|directives|rules|messages?)\b"
+        r"|(?:instructions?|prompts?|directions|directives|rules)\s+(?:above|before\s+this|so\s+far))",
+        # repeat the text before "Numbered sources" (the start of our prompt's user part)
+        r"\b(?:repeat|print|output|copy|recite|reproduce|return|write\s+out|echo)\b[^.!?\n]{0,80}?"
+        r"\b(?:before|above|preceding|prior\s+to|up\s+to|until)\b[^.!?\n]{0,40}?['\"\u201c]?numbered\b",
+        r"\b(?:repeat|print|output|copy|recite|reproduce)\b[^.!?\n]{0,60}?\b(?:text|words|everything|content|all)\b"
+        r"[^.!?\n]{0,60}?\b(?:before|preceding|prior\s+to)\s+(?:the\s+)?(?:word|phrase|line|heading)\b"
+        r"[^.!?\n]{0,60}?\b(?:verbatim|exactly|word\s+for\s+word)\b",
         # reveal/print/show your system prompt / hidden instructions
         r"\b" + _LEAK_VERB + r"\s+(?:me\s+|us\s+)?(?:\w+\s+){0,2}?your\s+"
         r"(?:" + _PROMPT_TARGET + r"|prompt|instructions\s+verbatim)\b",
@@ -175,17 +211,27 @@ _OTHER_LANGUAGE_PATTERNS: Final[tuple[re.Pattern[str], ...]] = tuple(re.compile(
 # Each _OTHER_LANGUAGES pattern needs one of these words: most questions have none and skip them all.
 _OTHER_LANGUAGE_NOUNS: Final = re.compile(
     r"instru|indicacion|indicazion|directric|directiv|direttiv|diretriz|orienta|consigne|invite|anweisung|"
-    r"vorgabe|befehl|istruzion|prompt|промпт|подсказк|инструкци|указани|команд|сообщени|"
+    r"vorgabe|befehl|istruzion|prompt|aanwijzing|opdracht|richtlijn|regels|polece|wskazow|zasad|regul|промпт|подсказк|инструкци|указани|команд|сообщени|"
     r"指令|指示|说明|說明|提示|命令|プロンプト|지시|지침|명령"
 )
 
 
-# Cyrillic and Greek letters that look like Latin ones ("ignоre" with a Cyrillic о). They are
-# folded only in words that also hold Latin letters: Russian or Greek words stay as they are.
-_CONFUSABLES: Final = str.maketrans("аеорсухіјѕһԁԛԝӏкαοικνρτυχεϲγ", "aeopcyxijshdqwlkaoikvptuxecy")
-_CONFUSABLE: Final = re.compile("[аеорсухіјѕһԁԛԝӏкαοικνρτυχεϲγ]")
+# Cyrillic, Greek and Armenian letters that look like Latin ones ("ignоre" with a Cyrillic о,
+# "ignօre" with an Armenian օ). They are folded only in words that also hold Latin letters:
+# Russian, Greek or Armenian words stay as they are.
+_LOOKALIKES: Final = "аеорсухіјѕһԁԛԝӏкαοικνρτυχεϲγօսոհցքզ"
+_CONFUSABLES: Final = str.maketrans(_LOOKALIKES, "aeopcyxijshdqwlkaoikvptuxecyounhgpq")
+_CONFUSABLE: Final = re.compile(f"[{_LOOKALIKES}]")
+# Small capitals and other Latin letter forms NFKC leaves alone ("ɪɢɴᴏʀᴇ"): always folded, as
+# they are Latin letters and no language writes words with them.
+_SMALL_CAPS: Final = str.maketrans("ᴀʙᴄᴅᴇꜰɢʜɪᴊᴋʟᴍɴᴏᴘꞯʀꜱᴛᴜᴠᴡʏᴢıɑɡ", "abcdefghijklmnopqrstuvwyziag")
 _WORD: Final = re.compile(r"[^\W\d_]+")
 _LATIN: Final = re.compile(r"[a-z]")
+# Leetspeak inside words that mix letters and these characters ("1gn0r3"); numbers alone stay.
+_LEET_WORD: Final = re.compile(r"(?=[\w@$]*[a-z])(?=[\w@$]*[0-9@$])[\w@$]+")
+_LEET: Final = str.maketrans("01345789@$", "oieasttgas")
+# Base64 long enough to carry an instruction; decoded and checked once.
+_BASE64: Final = re.compile(r"(?<![\w+/=])[A-Za-z0-9+/\-_]{16,}={0,2}(?![\w+/=])")
 
 
 def _fold_confusables(match: re.Match[str]) -> str:
@@ -193,25 +239,67 @@ def _fold_confusables(match: re.Match[str]) -> str:
     return word.translate(_CONFUSABLES) if _LATIN.search(word) else word
 
 
+def _strip_latin_marks(text: str) -> str:
+    """Drop combining marks on Latin letters: a stroke or accents over "ignore", or "précédentes".
+
+    Only after a Latin letter: Cyrillic й, Japanese dakuten or Hangul are left whole.
+    """
+    decomposed = unicodedata.normalize("NFKD", text)
+    kept: list[str] = []
+    base_is_latin = False
+    for ch in decomposed:
+        if unicodedata.combining(ch) or unicodedata.category(ch) == "Me":
+            if base_is_latin:
+                continue
+        else:
+            base_is_latin = "a" <= ch <= "z" or "A" <= ch <= "Z"
+        kept.append(ch)
+    return unicodedata.normalize("NFKC", "".join(kept))
+
+
 def _injection_view(text: str) -> str:
     """Fold the text so simple obfuscation does not dodge the patterns.
 
     NFKC maps full-width and styled letters to ASCII, format characters
-    (zero-width joiners etc.) are dropped, case is folded, Cyrillic and Greek
-    look-alikes in Latin words become Latin, spelled-out letters are joined,
-    and runs of spaces collapse. Only used for matching.
+    (zero-width joiners etc.) are dropped, combining marks on Latin letters go,
+    small capitals become letters, case is folded, Cyrillic, Greek and Armenian
+    look-alikes in Latin words become Latin, leetspeak in words is read as
+    letters, spelled-out letters are joined, and runs of spaces collapse.
+    Only used for matching.
     """
-    view = unicodedata.normalize("NFKC", text)
-    view = "".join(ch for ch in view if unicodedata.category(ch) != "Cf").casefold()
-    if _CONFUSABLE.search(view):
-        view = _WORD.sub(_fold_confusables, view)
+    if text.isascii():  # most questions: nothing to fold but case
+        view = text.casefold()
+    else:
+        view = _strip_latin_marks(text)
+        view = "".join(ch for ch in view if unicodedata.category(ch) != "Cf").translate(_SMALL_CAPS).casefold()
+        if _CONFUSABLE.search(view):
+            view = _WORD.sub(_fold_confusables, view)
+    view = _LEET_WORD.sub(lambda m: m.group(0).translate(_LEET), view)
     view = _QUOTES.sub("'", view)
     view = _SPACED_LETTERS.sub(lambda m: _SPACER.sub("", m.group(0)), view)
     return _HSPACE.sub(" ", view)
 
 
-def looks_like_injection(text: str) -> bool:
+def _decoded_base64(text: str) -> list[str]:
+    """Texts hidden as base64 in the question (the printable ones)."""
+    found = []
+    for match in _BASE64.finditer(text):
+        token = match.group(0).replace("-", "+").replace("_", "/")
+        try:
+            raw = base64.b64decode(token + "=" * (-len(token) % 4), validate=True)
+            decoded = raw.decode("utf-8")
+        except (ValueError, UnicodeDecodeError):
+            continue
+        if decoded and sum(ch.isprintable() or ch.isspace() for ch in decoded) >= 0.9 * len(decoded):
+            found.append(decoded)
+    return found
+
+
+def looks_like_injection(text: str, *, decode: bool = True) -> bool:
     view = _injection_view(text)
     if any(p.search(view) for p in _INJECTION_PATTERNS):
         return True
-    return _OTHER_LANGUAGE_NOUNS.search(view) is not None and any(p.search(view) for p in _OTHER_LANGUAGE_PATTERNS)
+    if _OTHER_LANGUAGE_NOUNS.search(view) is not None and any(p.search(view) for p in _OTHER_LANGUAGE_PATTERNS):
+        return True
+    # One level of base64: an instruction sent encoded, for the model to decode and follow.
+    return decode and any(looks_like_injection(hidden, decode=False) for hidden in _decoded_base64(text))

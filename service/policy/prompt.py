@@ -18,7 +18,6 @@ kept and the budget is exceeded by it).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Final
@@ -28,7 +27,7 @@ from service.postgres.retrieval import Source
 
 __all__ = ["PROMPT_VERSION", "SYSTEM_PROMPT", "TRUNCATION_MARK", "Prompt", "build_prompt", "render_source"]
 
-PROMPT_VERSION: Final = "1"  # part of the cache key: bump whenever SYSTEM_PROMPT or the layout below changes
+PROMPT_VERSION: Final = "2"  # part of the cache key: bump whenever SYSTEM_PROMPT or the layout below changes
 
 SYSTEM_PROMPT: Final = (
     "You answer questions using only the numbered sources provided in the user message.\n"
@@ -47,8 +46,13 @@ TRUNCATION_MARK: Final = " […]"
 _OPEN: Final = "<sources>"
 _CLOSE: Final = "</sources>"
 _SEPARATOR: Final = "\n\n"
-# Source text must not be able to close the block early and pose as instructions.
-_DELIMITER: Final = re.compile(r"<\s*/?\s*sources\s*>", re.IGNORECASE)
+# Source text must not be able to close the block early and pose as instructions. Matching the
+# delimiter is a losing game (zero-width or soft-hyphen characters inside it, full-width or
+# small-form brackets, `</source>`), so every angle bracket in retrieved text, and everything
+# that looks like one, becomes a single guillemet: no tag of any spelling survives.
+_LEFT_ANGLES: Final = "<\uff1c\ufe64\u2329\u3008\u27e8\u2039\u02c2\u1438\u276e\u276c\u29fc\u2a79"
+_RIGHT_ANGLES: Final = ">\uff1e\ufe65\u232a\u3009\u27e9\u203a\u02c3\u1433\u276f\u276d\u29fd\u2a7a"
+_ANGLES: Final = str.maketrans({**dict.fromkeys(_LEFT_ANGLES, "‹"), **dict.fromkeys(_RIGHT_ANGLES, "›")})
 
 
 @dataclass(frozen=True)
@@ -68,7 +72,7 @@ class Prompt:
 
 
 def _neutralize(text: str) -> str:
-    return _DELIMITER.sub(lambda m: m.group(0).replace("<", "‹").replace(">", "›"), text)
+    return text.translate(_ANGLES)
 
 
 def render_source(source: Source) -> str:

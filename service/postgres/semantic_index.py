@@ -14,6 +14,7 @@ import asyncpg
 import numpy as np
 import numpy.typing as npt
 
+from service.policy.guardrails import redact_pii
 from service.policy.semantic_match import judge_match
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ class SemanticCache:
                ON CONFLICT (key) DO UPDATE SET embedding = excluded.embedding, expires_at = excluded.expires_at""",
             key,
             scope,
-            question,
+            redact_pii(question),  # already redacted unless RAG_GUARD_PII=allow: nothing personal at rest
             question_hash,
             vector,
             float(self.ttl_s),

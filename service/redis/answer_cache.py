@@ -13,6 +13,7 @@ stays off for a short cool-down so a dead Redis costs nothing per request (`keys
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -64,9 +65,14 @@ def _digest(fields: dict[str, object]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def question_hash(question: str) -> str:
-    """What logs and the dashboard show instead of the question."""
-    return hashlib.sha256(normalize_for_key(question).encode()).hexdigest()[:16]
+def question_hash(question: str, key: bytes) -> str:
+    """What logs, metrics, the dashboard and `matched_question_hash` show instead of the question.
+
+    An HMAC with the server's secret (`service.hashing.hash_key`): a plain SHA-256 of a short
+    question is reversed by hashing a list of likely questions, so it would leak other users'
+    questions to anyone who sees the hash.
+    """
+    return hmac.new(key, normalize_for_key(question).encode(), hashlib.sha256).hexdigest()[:16]
 
 
 @dataclass

@@ -133,21 +133,12 @@ class Limiter:
     def _failures_key(self, address: str) -> str:
         return KEYS.auth_failures(address)
 
-    async def check_auth_failures(self, address: str) -> None:
-        """`RateLimited` (`too_many_auth_failures`) for an address that failed too often this minute."""
-        key = self._failures_key(address)
-        try:
-            async with self.client.pipeline(transaction=False) as pipe:
-                pipe.get(key)
-                pipe.ttl(key)
-                count, ttl = await pipe.execute()
-        except (RedisError, OSError):
-            return
-        if count is not None and int(count) >= self.auth_failures_per_minute:
-            raise self._blocked(int(ttl))
-
     async def record_auth_failure(self, address: str) -> None:
-        """Count a failed attempt; `RateLimited` (429 instead of 401) once the address is over the limit."""
+        """Count a failed attempt; `RateLimited` (429 instead of 401) once the address is over the limit.
+
+        Only failures are counted and only failures are refused: a valid key is never checked
+        here (service/http/auth.py), so nobody can lock a user out by failing from their address.
+        """
         try:
             count, ttl = await self._failure(keys=[self._failures_key(address)], args=[60])
         except (RedisError, OSError):

@@ -16,12 +16,13 @@ import redis.asyncio as aioredis
 
 from ingest.loaders import SourceDocument
 from service.embeddings.encoders import LocalEmbedder
+from service.hashing import hash_key
 from service.postgres.corpus import open_corpus
 from service.redis.answer_cache import AnswerCache, question_hash
 from service.settings import Settings
 from tests.support.answers import FLUSH, ask, running, seed, with_providers
 from tests.support.provider_server import Behavior, ProviderServer
-from tests.support.servers import make_key, make_settings, wait_until
+from tests.support.servers import bearer, make_key, make_settings, wait_until
 from tests.support.sse import aiter_sse
 
 # --- the offline default -----------------------------------------------------------------
@@ -104,7 +105,8 @@ async def test_bypass_neither_reads_nor_writes_and_refresh_writes(
         calls = len(provider.calls_to("messages"))
         assert calls == 3
         provider.default = Behavior(text="A refreshed answer [1].")
-        refreshed = await ask(http, cache="refresh")
+        # refresh replaces the answer every key is served: an admin operation (issue 12)
+        refreshed = await ask(http, cache="refresh", headers=bearer(await make_key(settings, "admin")))
         assert refreshed.meta["cache"] == "miss" and refreshed.text == "A refreshed answer [1]."
         hit = await ask(http)
         assert hit.meta["cache"] == "hit" and hit.text == "A refreshed answer [1]."
@@ -379,7 +381,9 @@ async def test_semantic_cache_serves_paraphrases_and_refuses_near_misses(
         assert first.meta["cache"] == "miss"
         para = await ask(http, "how can i flush the cache")
         assert para.meta["cache"] == "semantic_hit" and para.text == first.text
-        assert para.meta["semantic"]["matched_question_hash"] == question_hash("How do I flush the cache?")
+        assert para.meta["semantic"]["matched_question_hash"] == question_hash(
+            "How do I flush the cache?", hash_key(settings)
+        )
         assert settings.semantic_cache_threshold <= para.meta["semantic"]["similarity"] <= 1
         assert para.of("done")[0]["cached"] is True and para.of("done")[0]["usage"]["cost_usd"] == 0
         calls = len(provider.calls_to("messages"))

@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from service.embeddings.encoders import LocalEmbedder
+from service.hashing import hash_key
 from service.http.auth import parse_key
 from service.observability.logs import (
     ACCESS_LOGGER,
@@ -30,7 +31,7 @@ from tests.support.provider_server import Behavior, ProviderServer
 from tests.support.servers import bearer, make_key
 from tests.support.sse import parse_chat_sse
 
-HASH = re.compile(r"[0-9a-f]{16}")  # service.redis.answer_cache.question_hash: a SHA-256 prefix
+HASH = re.compile(r"[0-9a-f]{16}")  # service.redis.answer_cache.question_hash: an HMAC-SHA-256 prefix
 
 HIT = "  how do I FLUSH the cache? "  # the same prompt as FLUSH once normalised
 PARAPHRASE = "how can i flush the cache"
@@ -158,7 +159,7 @@ async def test_access_lines_carry_the_request_and_nothing_private(
 
     # a streamed miss: the usage arrives after the response started, and still makes the line
     miss, done = access["miss"], replies["miss"].of("done")[0]
-    assert miss["question_hash"] == question_hash(FLUSH) and miss["question_chars"] == len(FLUSH)
+    assert miss["question_hash"] == question_hash(FLUSH, hash_key(settings)) and miss["question_chars"] == len(FLUSH)
     assert (miss["input_tokens"], miss["output_tokens"]) == (
         done["usage"]["input_tokens"],
         done["usage"]["output_tokens"],
@@ -167,9 +168,10 @@ async def test_access_lines_carry_the_request_and_nothing_private(
     assert access["hit"]["question_hash"] == miss["question_hash"]  # the same prompt, the same hash
     assert access["hit"]["question_chars"] == len(HIT)
     assert access["hit"]["saved_cost_usd"] == 0 and access["hit"]["cost_usd"] == 0
-    assert access["semantic"]["question_hash"] == question_hash(PARAPHRASE)
+    assert access["semantic"]["question_hash"] == question_hash(PARAPHRASE, hash_key(settings))
     # the PII question is hashed after redaction: the hash does not stand for the raw address
-    assert access["pii"]["question_hash"] != question_hash(PII) and access["pii"]["question_chars"] == len(PII)
+    assert access["pii"]["question_hash"] != question_hash(PII, hash_key(settings))
+    assert access["pii"]["question_chars"] == len(PII)
 
     provider_line = access["fallback"]
     assert (provider_line["provider"], provider_line["model"]) == ("openai", "gpt-4o-mini")
@@ -189,7 +191,8 @@ async def test_access_lines_carry_the_request_and_nothing_private(
 
     for name, (outcome, _) in zip(("chat", "chat_stream"), chat_outcomes, strict=True):
         assert access[name]["path"] == "/v1/chat/completions" and access[name]["cache"] == outcome, name
-    assert access["chat"]["question_hash"] == access["chat_stream"]["question_hash"] == question_hash(CHAT)
+    chat_hash = question_hash(CHAT, hash_key(settings))
+    assert access["chat"]["question_hash"] == access["chat_stream"]["question_hash"] == chat_hash
 
     # a line written inside a request (here, in the generation task) carries the request's id
     fallbacks = [line for line in lines if line["logger"] == "service.answer.generation"]

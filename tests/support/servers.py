@@ -135,7 +135,12 @@ async def serve_app(app: ASGIApp) -> AsyncIterator[str]:
     """Run the ASGI app on a real uvicorn server on a free loopback port, in this event loop."""
     import uvicorn
 
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="on", log_level="warning")
+    from service.http.proxies import uvicorn_proxy_options
+
+    # Forwarded headers trusted as rag-serve trusts them: from RAG_TRUSTED_PROXIES only.
+    settings = getattr(getattr(app, "state", None), "settings", None)
+    proxies = uvicorn_proxy_options(settings) if isinstance(settings, Settings) else {"proxy_headers": False}
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="on", log_level="warning", **proxies)
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     await wait_until(lambda: server.started or task.done(), within=60)

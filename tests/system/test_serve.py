@@ -35,6 +35,7 @@ def make_run(data_dir: Path) -> Iterator[tuple[str, str, int]]:
     env.pop("DATABASE_URL", None)
     env.pop("REDIS_URL", None)
     env.update(RAG_DATA_DIR=str(data_dir), RAG_PORT=str(port), RAG_LOG_LEVEL="warning", HF_HUB_OFFLINE="1")
+    env.update(RAG_LOG_FORMAT="console")  # as the Makefile's `run` target sets it
     proc = subprocess.Popen(
         [BIN / "rag-serve", "--ingest-examples", "--local-key"],
         cwd=ROOT,

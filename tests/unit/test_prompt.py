@@ -45,7 +45,7 @@ QUESTION = "How does the cache key work?"
 
 
 def test_prompt_version_is_a_string() -> None:
-    assert PROMPT_VERSION == "1"
+    assert PROMPT_VERSION == "2"
 
 
 def test_system_prompt_rules() -> None:

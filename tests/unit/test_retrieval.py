@@ -96,5 +96,7 @@ def test_filter_order_does_not_matter_and_question_hash_hides_text() -> None:
     assert cache_key(with_(filters=Filters.parse({"source": ["a", "b"]}))) == cache_key(
         with_(filters=Filters.parse({"source": ["b", "a"]}))
     )
-    digest = question_hash("How do I flush the cache?")
-    assert len(digest) == 16 and "flush" not in digest and digest == question_hash("how do i flush the cache?")
+    key = b"k" * 32
+    digest = question_hash("How do I flush the cache?", key)
+    assert len(digest) == 16 and "flush" not in digest and digest == question_hash("how do i flush the cache?", key)
+    assert digest != question_hash("How do I flush the cache?", b"another server's secret")
