@@ -99,6 +99,12 @@ class Settings(BaseSettings):
     first_token_timeout_s: float = Field(default=20.0, alias="RAG_FIRST_TOKEN_TIMEOUT_S", gt=0)
     total_timeout_s: float = Field(default=120.0, alias="RAG_TOTAL_TIMEOUT_S", gt=0)
 
+    # --- ingest -------------------------------------------------------------------
+    # A file over this size is reported and skipped before it is read (raise it for big JSON-lines corpora).
+    ingest_max_file_bytes: int = Field(default=50_000_000, alias="RAG_INGEST_MAX_FILE_BYTES", ge=1)
+    # Parsing one file (HTML, PDF, JSON lines) stops after this long; the file is reported and skipped.
+    ingest_file_timeout_s: float = Field(default=30.0, alias="RAG_INGEST_FILE_TIMEOUT_S", gt=0)
+
     # --- guardrails -------------------------------------------------------------
     question_max_chars: int = Field(default=4000, alias="RAG_QUESTION_MAX_CHARS", ge=1)
     question_max_tokens: int = Field(default=1000, alias="RAG_QUESTION_MAX_TOKENS", ge=1)

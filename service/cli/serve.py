@@ -25,15 +25,16 @@ app = typer.Typer(add_completion=False, help="Run the ragcache API.")
 
 
 async def _ingest_examples_if_empty(settings: Settings, examples: Path) -> None:
-    from ingest.loaders import discover, load
+    from ingest.loaders import FileLimits, discover, load
     from ingest.pipeline import IngestOptions, ingest_documents
 
     async with open_corpus(settings, with_embedder=True) as corpus:
         if await corpus.pool.fetchval("SELECT count(*) FROM documents"):
             return
         assert corpus.embedder is not None
-        entries, failures = discover([str(examples)], source="handbook")
-        items = [*failures, *(doc for entry in entries for doc in load(entry))]
+        entries, failures = discover([str(examples)], source="handbook", data_dir=settings.data_dir)
+        limits = FileLimits(settings.ingest_max_file_bytes, settings.ingest_file_timeout_s)
+        items = [*failures, *(doc for entry in entries for doc in load(entry, "auto", limits))]
         options = IngestOptions.from_settings(settings)
         report = await ingest_documents(corpus.store, corpus.embedder, items, options)
         console.print(f"ingested {report.added} example documents ({report.chunks} chunks) from {examples}/")
