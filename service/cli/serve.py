@@ -13,6 +13,7 @@ import typer
 import uvicorn
 from rich.console import Console
 
+from service.embedded import write_private_file
 from service.http.app import redis_url
 from service.http.auth import KeyStore, parse_key, verify
 from service.observability.logs import configure_logging
@@ -63,9 +64,7 @@ async def _local_key(settings: Settings) -> str:
             if parsed and verify(stored, parsed[1]):
                 return token
         token, _ = await keys.create("local (make run)", "admin")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.touch(mode=0o600)
-    path.write_text(token + "\n", encoding="utf-8")
+    write_private_file(path, token + "\n")
     return token
 
 
