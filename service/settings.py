@@ -129,6 +129,15 @@ class Settings(BaseSettings):
     # --- HTTP -------------------------------------------------------------------
     host: str = Field(default="127.0.0.1", alias="RAG_HOST")
     port: int = Field(default=8000, alias="RAG_PORT", ge=0, le=65535)
+    # Swagger UI at /docs (assets from the installed package, strict CSP); `make run` turns it on.
+    docs: bool = Field(default=False, alias="RAG_DOCS")
+    # Slow clients: a connection gets this long to send a request's headers (from connecting, or
+    # from the first byte of its next request), else it is closed; uvicorn has no such timeout.
+    http_header_timeout_s: float = Field(default=10.0, alias="RAG_HTTP_HEADER_TIMEOUT_S", gt=0)
+    # Idle keep-alive connections are closed after this long (uvicorn's timeout_keep_alive).
+    http_keep_alive_s: int = Field(default=5, alias="RAG_HTTP_KEEP_ALIVE_S", ge=1)
+    # Open connections plus running requests per worker before uvicorn answers 503.
+    http_limit_concurrency: int = Field(default=1000, alias="RAG_HTTP_LIMIT_CONCURRENCY", ge=1)
     log_level: str = Field(default="info", alias="RAG_LOG_LEVEL")
     # json: one JSON object per line (for log shippers); console: aligned, readable text for a terminal.
     log_format: Literal["json", "console"] = Field(default="json", alias="RAG_LOG_FORMAT")

@@ -5,17 +5,21 @@ from __future__ import annotations
 import asyncio
 import os
 import shlex
+import signal
 import sys
 from pathlib import Path
-from typing import Annotated
+from types import FrameType
+from typing import Annotated, Any
 
 import typer
 import uvicorn
 from rich.console import Console
+from rich.markup import escape
 
-from service.embedded import write_private_file
+from service.embedded import EmbeddedPostgres, EmbeddedServerError, EmbeddedValkey, write_private_file
 from service.http.app import redis_url
 from service.http.auth import KeyStore, parse_key, verify
+from service.http.slow_clients import protocol_class
 from service.observability.logs import configure_logging
 from service.observability.metrics import prepare_multiprocess_dir
 from service.postgres.corpus import database_url, open_corpus
@@ -68,6 +72,19 @@ async def _local_key(settings: Settings) -> str:
     return token
 
 
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's connection limits from the settings (slow clients: see service/http/slow_clients.py)."""
+    return {
+        "http": protocol_class(),
+        "timeout_keep_alive": settings.http_keep_alive_s,
+        "limit_concurrency": settings.http_limit_concurrency,
+    }
+
+
+def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
 @app.command()
 def serve(
     host: Annotated[str | None, typer.Option(help="Bind address (default RAG_HOST).")] = None,
@@ -84,13 +101,21 @@ def serve(
     settings = Settings()
     host = host or settings.host
     port = port if port is not None else settings.port
-    # Start embedded servers here, once, and hand their URLs to the workers through the environment.
-    dsn, pg = database_url(settings)
-    rurl, valkey = redis_url(settings)
-    os.environ["DATABASE_URL"] = dsn
-    os.environ["REDIS_URL"] = rurl
-    settings = Settings()
+    # The embedded servers must stop on every way out. uvicorn turns SIGTERM into a graceful
+    # shutdown, then restores the handler it found and raises the signal again: with the
+    # default handler the process would die there, skipping `finally`. This handler (also the
+    # one in force before and after uvicorn) makes SIGTERM and SIGHUP an exit that unwinds.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _exit_on_signal)
+    pg: EmbeddedPostgres | None = None
+    valkey: EmbeddedValkey | None = None
     try:
+        # Start embedded servers here, once, and hand their URLs to the workers through the environment.
+        dsn, pg = database_url(settings)
+        rurl, valkey = redis_url(settings)
+        os.environ["DATABASE_URL"] = dsn
+        os.environ["REDIS_URL"] = rurl
+        settings = Settings()
         if ingest_examples and Path("examples").is_dir():
             asyncio.run(_ingest_examples_if_empty(settings, Path("examples")))
         key = asyncio.run(_local_key(settings)) if local_key else "$RAG_API_KEY"
@@ -122,7 +147,11 @@ def serve(
             log_level=settings.log_level,
             log_config=None,
             access_log=False,
+            **uvicorn_options(settings),
         )
+    except EmbeddedServerError as exc:
+        console.print(f"[red]error:[/] {escape(str(exc))}")
+        raise typer.Exit(2) from None
     finally:
         if valkey is not None:
             valkey.stop()
