@@ -21,7 +21,6 @@ import pytest
 
 from tests.support.servers import BIN, ROOT, wait_until
 
-
 # Starting rag-serve (initdb, the embedding model) takes minutes on a loaded machine.
 pytestmark = pytest.mark.timeout(600)
 
