@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: install
-	RAG_LOG_FORMAT=$${RAG_LOG_FORMAT:-console} $(BIN)/rag-serve --ingest-examples --local-key
+	RAG_LOG_FORMAT=$${RAG_LOG_FORMAT:-console} RAG_DOCS=$${RAG_DOCS:-true} $(BIN)/rag-serve --ingest-examples --local-key
 
 # The dashboard test drives Debian's chromium (headless); install it once if missing (root on CI).
 test: install

@@ -17,6 +17,7 @@ from typing import Annotated, Any, TypeVar
 import asyncpg
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -27,7 +28,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from ingest.loaders import Format, LoadFailure, SourceDocument, discover, load
+from ingest.loaders import FileLimits, Format, LoadFailure, SourceDocument, discover, load
 from ingest.pipeline import IngestOptions, IngestReport, ingest_documents
 from service.postgres.corpus import open_corpus
 from service.postgres.db import CorpusMismatchError
@@ -42,6 +43,13 @@ T = TypeVar("T")
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON summary.")]
 SourceOpt = Annotated[str | None, typer.Option("--source", help="Tag documents with this source name.")]
+FollowOpt = Annotated[
+    bool,
+    typer.Option(
+        "--follow-symlinks",
+        help="Follow symbolic links that resolve inside the folder given (default: skip every link).",
+    ),
+]
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
@@ -109,10 +117,13 @@ def _print_report(report: IngestReport, as_json: bool) -> None:
     if as_json:
         data = report.as_dict()
         data["failures"] = [{"path": f.path, "reason": f.reason} for f in report.failures]
+        data["skipped"] = [{"path": f.path, "reason": f.reason} for f in report.skipped]
         out.print_json(json.dumps(data))
     else:
+        for skipped in report.skipped:
+            err.print(f"[yellow]skipped[/] {escape(skipped.path)}: {escape(skipped.reason)}", highlight=False)
         for failure in report.failures:
-            err.print(f"[red]failed[/] {failure.path}: {failure.reason}")
+            err.print(f"[red]failed[/] {escape(failure.path)}: {escape(failure.reason)}", highlight=False)
         out.print(
             f"{report.documents} documents: {report.added} added, {report.updated} updated, "
             f"{report.unchanged} unchanged, {report.deleted} deleted; {report.chunks} chunks, "
@@ -123,11 +134,15 @@ def _print_report(report: IngestReport, as_json: bool) -> None:
         raise typer.Exit(1)
 
 
-def _load_all(paths: list[str], source: str | None, fmt: Format) -> list[SourceDocument | LoadFailure]:
-    entries, failures = discover(paths, source=source)
+def _load_all(
+    paths: list[str], source: str | None, fmt: Format, follow_symlinks: bool
+) -> list[SourceDocument | LoadFailure]:
+    settings = Settings()
+    entries, failures = discover(paths, source=source, follow_symlinks=follow_symlinks, data_dir=settings.data_dir)
+    limits = FileLimits(settings.ingest_max_file_bytes, settings.ingest_file_timeout_s)
     items: list[SourceDocument | LoadFailure] = list(failures)
     for entry in entries:
-        items.extend(load(entry, fmt))
+        items.extend(load(entry, fmt, limits))
     return items
 
 
@@ -145,13 +160,14 @@ def add(
     paths: Annotated[list[str], typer.Argument(help="Files, folders (recursive) or glob patterns.")],
     source: SourceOpt = None,
     fmt: Annotated[str, typer.Option("--format", help="auto | jsonl | beir")] = "auto",
+    follow_symlinks: FollowOpt = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Add new and changed documents; unchanged ones are skipped without re-embedding."""
     if fmt not in ("auto", "jsonl", "beir"):
         err.print(f"[red]error:[/] --format must be auto, jsonl or beir, not {fmt!r}")
         raise typer.Exit(2)
-    items = _load_all(paths, source, fmt)  # type: ignore[arg-type]
+    items = _load_all(paths, source, fmt, follow_symlinks)  # type: ignore[arg-type]
     _print_report(_run(_ingest(items, not as_json)), as_json)
 
 
@@ -160,6 +176,7 @@ def sync(
     directory: Annotated[Path, typer.Argument(help="The folder that is the whole truth for its source.")],
     source: SourceOpt = None,
     fmt: Annotated[str, typer.Option("--format", help="auto | jsonl | beir")] = "auto",
+    follow_symlinks: FollowOpt = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Make a source match a folder: add new and changed documents, delete those that are gone."""
@@ -167,7 +184,7 @@ def sync(
         err.print(f"[red]error:[/] {directory}: not a directory")
         raise typer.Exit(2)
     name = source or directory.resolve().name
-    items = _load_all([str(directory)], name, fmt)  # type: ignore[arg-type]
+    items = _load_all([str(directory)], name, fmt, follow_symlinks)  # type: ignore[arg-type]
 
     async def run() -> IngestReport:
         report = await _ingest(items, not as_json)

@@ -50,6 +50,7 @@ class IngestReport:
     tokens: int = 0
     embeddings_computed: int = 0
     failures: list[LoadFailure] = field(default_factory=list)
+    skipped: list[LoadFailure] = field(default_factory=list)  # left out on purpose (symbolic links)
     seconds: float = 0.0
 
     @property
@@ -123,7 +124,7 @@ async def ingest_documents(
     docs: dict[DocumentKey, tuple[SourceDocument, str]] = {}
     for item in items:
         if isinstance(item, LoadFailure):
-            report.failures.append(item)
+            (report.skipped if item.skipped else report.failures).append(item)
             continue
         key = (item.source, item.external_id)
         if key in docs:

@@ -100,6 +100,12 @@ class Settings(BaseSettings):
     first_token_timeout_s: float = Field(default=20.0, alias="RAG_FIRST_TOKEN_TIMEOUT_S", gt=0)
     total_timeout_s: float = Field(default=120.0, alias="RAG_TOTAL_TIMEOUT_S", gt=0)
 
+    # --- ingest -------------------------------------------------------------------
+    # A file over this size is reported and skipped before it is read (raise it for big JSON-lines corpora).
+    ingest_max_file_bytes: int = Field(default=50_000_000, alias="RAG_INGEST_MAX_FILE_BYTES", ge=1)
+    # Parsing one file (HTML, PDF, JSON lines) stops after this long; the file is reported and skipped.
+    ingest_file_timeout_s: float = Field(default=30.0, alias="RAG_INGEST_FILE_TIMEOUT_S", gt=0)
+
     # --- guardrails -------------------------------------------------------------
     question_max_chars: int = Field(default=4000, alias="RAG_QUESTION_MAX_CHARS", ge=1)
     question_max_tokens: int = Field(default=1000, alias="RAG_QUESTION_MAX_TOKENS", ge=1)
@@ -131,6 +137,15 @@ class Settings(BaseSettings):
     # --- HTTP -------------------------------------------------------------------
     host: str = Field(default="127.0.0.1", alias="RAG_HOST")
     port: int = Field(default=8000, alias="RAG_PORT", ge=0, le=65535)
+    # Swagger UI at /docs (assets from the installed package, strict CSP); `make run` turns it on.
+    docs: bool = Field(default=False, alias="RAG_DOCS")
+    # Slow clients: a connection gets this long to send a request's headers (from connecting, or
+    # from the first byte of its next request), else it is closed; uvicorn has no such timeout.
+    http_header_timeout_s: float = Field(default=10.0, alias="RAG_HTTP_HEADER_TIMEOUT_S", gt=0)
+    # Idle keep-alive connections are closed after this long (uvicorn's timeout_keep_alive).
+    http_keep_alive_s: int = Field(default=5, alias="RAG_HTTP_KEEP_ALIVE_S", ge=1)
+    # Open connections plus running requests per worker before uvicorn answers 503.
+    http_limit_concurrency: int = Field(default=1000, alias="RAG_HTTP_LIMIT_CONCURRENCY", ge=1)
     log_level: str = Field(default="info", alias="RAG_LOG_LEVEL")
     # json: one JSON object per line (for log shippers); console: aligned, readable text for a terminal.
     log_format: Literal["json", "console"] = Field(default="json", alias="RAG_LOG_FORMAT")

@@ -67,7 +67,9 @@ async def redis_url(servers: Servers) -> str:
 
 @pytest.fixture
 def settings(database_url: str, redis_url: str, tmp_path: Path) -> Settings:
-    return make_settings(database_url, redis_url, tmp_path)
+    # A data directory of its own: rag-ingest never reads anything under it, and the tests'
+    # documents live elsewhere in tmp_path.
+    return make_settings(database_url, redis_url, tmp_path / "data")
 
 
 @pytest.fixture(scope="session")

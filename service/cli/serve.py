@@ -5,16 +5,21 @@ from __future__ import annotations
 import asyncio
 import os
 import shlex
+import signal
 import sys
 from pathlib import Path
-from typing import Annotated, TextIO
+from types import FrameType
+from typing import Annotated, Any, TextIO
 
 import typer
 import uvicorn
 from rich.console import Console
+from rich.markup import escape
 
+from service.embedded import EmbeddedPostgres, EmbeddedServerError, EmbeddedValkey, write_private_file
 from service.http.auth import KeyStore, parse_key, verify
 from service.http.proxies import uvicorn_proxy_options
+from service.http.slow_clients import protocol_class
 from service.observability.logs import configure_logging
 from service.observability.prometheus import prepare_multiprocess_dir
 from service.postgres.corpus import database_url, open_corpus
@@ -26,15 +31,16 @@ app = typer.Typer(add_completion=False, help="Run the ragcache API.")
 
 
 async def _ingest_examples_if_empty(settings: Settings, examples: Path) -> None:
-    from ingest.loaders import discover, load
+    from ingest.loaders import FileLimits, discover, load
     from ingest.pipeline import IngestOptions, ingest_documents
 
     async with open_corpus(settings, with_embedder=True) as corpus:
         if await corpus.pool.fetchval("SELECT count(*) FROM documents"):
             return
         assert corpus.embedder is not None
-        entries, failures = discover([str(examples)], source="handbook")
-        items = [*failures, *(doc for entry in entries for doc in load(entry))]
+        entries, failures = discover([str(examples)], source="handbook", data_dir=settings.data_dir)
+        limits = FileLimits(settings.ingest_max_file_bytes, settings.ingest_file_timeout_s)
+        items = [*failures, *(doc for entry in entries for doc in load(entry, "auto", limits))]
         options = IngestOptions.from_settings(settings)
         report = await ingest_documents(corpus.store, corpus.embedder, items, options)
         console.print(f"ingested {report.added} example documents ({report.chunks} chunks) from {examples}/")
@@ -63,9 +69,7 @@ async def _local_key(settings: Settings) -> str:
             if parsed and verify(stored, parsed[1]):
                 return token
         token, _ = await keys.create("local (make run)", "admin")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.touch(mode=0o600)
-    path.write_text(token + "\n", encoding="utf-8")
+    write_private_file(path, token + "\n")
     return token
 
 
@@ -76,6 +80,19 @@ def key_may_be_shown(settings: Settings, stream: TextIO) -> bool:
     bypasses the log scrubber (service/observability/logs.py).
     """
     return stream.isatty() or settings.log_format == "console"
+
+
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's connection limits from the settings (slow clients: see service/http/slow_clients.py)."""
+    return {
+        "http": protocol_class(),
+        "timeout_keep_alive": settings.http_keep_alive_s,
+        "limit_concurrency": settings.http_limit_concurrency,
+    }
+
+
+def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
 
 
 @app.command()
@@ -94,13 +111,21 @@ def serve(
     settings = Settings()
     host = host or settings.host
     port = port if port is not None else settings.port
-    # Start embedded servers here, once, and hand their URLs to the workers through the environment.
-    dsn, pg = database_url(settings)
-    rurl, valkey = redis_url(settings)
-    os.environ["DATABASE_URL"] = dsn
-    os.environ["REDIS_URL"] = rurl
-    settings = Settings()
+    # The embedded servers must stop on every way out. uvicorn turns SIGTERM into a graceful
+    # shutdown, then restores the handler it found and raises the signal again: with the
+    # default handler the process would die there, skipping `finally`. This handler (also the
+    # one in force before and after uvicorn) makes SIGTERM and SIGHUP an exit that unwinds.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _exit_on_signal)
+    pg: EmbeddedPostgres | None = None
+    valkey: EmbeddedValkey | None = None
     try:
+        # Start embedded servers here, once, and hand their URLs to the workers through the environment.
+        dsn, pg = database_url(settings)
+        rurl, valkey = redis_url(settings)
+        os.environ["DATABASE_URL"] = dsn
+        os.environ["REDIS_URL"] = rurl
+        settings = Settings()
         if ingest_examples and Path("examples").is_dir():
             asyncio.run(_ingest_examples_if_empty(settings, Path("examples")))
         key = asyncio.run(_local_key(settings)) if local_key else "$RAG_API_KEY"
@@ -144,7 +169,11 @@ def serve(
             log_config=None,
             access_log=False,
             **uvicorn_proxy_options(settings),
+            **uvicorn_options(settings),
         )
+    except EmbeddedServerError as exc:
+        console.print(f"[red]error:[/] {escape(str(exc))}")
+        raise typer.Exit(2) from None
     finally:
         if valkey is not None:
             valkey.stop()

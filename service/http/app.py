@@ -23,6 +23,7 @@ from service.embeddings.encoders import LocalEmbedder, OpenAIEmbedder, create_em
 from service.hashing import hash_key
 from service.http.auth import KEYS_CHANNEL, Authenticator, KeyStore
 from service.http.dashboard import router as dashboard_router
+from service.http.docs import install_docs
 from service.http.errors import install_error_handlers
 from service.http.middleware import AccessLog, BodySizeLimit, RequestID
 from service.http.openai_api import router as openai_router
@@ -224,7 +225,14 @@ def create_app(
     """
     settings = settings or Settings()
     tracing = Tracing.from_settings(settings, tracer_provider)
-    app = FastAPI(title="ragcache", version=__version__, lifespan=lifespan, **tracing.fastapi_options())
+    app = FastAPI(
+        title="ragcache",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,  # service/http/docs.py serves /docs without a CDN, when RAG_DOCS is on
+        redoc_url=None,
+        **tracing.fastapi_options(),
+    )
     app.state.settings = settings
     app.state.embedder = embedder
     app.state.tracing = tracing
@@ -236,6 +244,8 @@ def create_app(
     app.include_router(rag_router)
     app.include_router(dashboard_router)
     app.include_router(openai_router)
+    if settings.docs:
+        install_docs(app)
 
     @app.get("/health", tags=["ops"])
     async def health() -> dict[str, str]:

@@ -57,7 +57,7 @@ def prepare_multiprocess_dir(data_dir: Path) -> Path:
     prometheus-client requires. With one worker it is unnecessary.
     """
     path = Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or Path(data_dir) / "prometheus")
-    path.mkdir(parents=True, exist_ok=True)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
     for stale in path.glob("*.db"):
         stale.unlink(missing_ok=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)

@@ -39,6 +39,8 @@ GRAFANA_PROVISIONING = DEPLOY / "grafana" / "provisioning"
 GRAFANA_DASHBOARDS = DEPLOY / "grafana" / "dashboards"
 
 DEFAULT_SERVICES = {"api", "postgres", "redis"}
+# The secrets compose refuses to start without (the user's .env; deploy/compose.env.example).
+SECRETS = {"POSTGRES_PASSWORD": "pgsecret1", "REDIS_PASSWORD": "redissecret2", "GRAFANA_ADMIN_PASSWORD": "grafsecret3"}
 MONITORING_SERVICES = {"prometheus", "grafana"}
 
 
@@ -50,7 +52,7 @@ def load_yaml(path: Path) -> Any:
 def compose_config(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
     """The compose file as `docker-compose config` resolves it, from a clean environment.
 
-    Only PATH is inherited and the env file is an empty one (or `env`), so a developer's
+    Only PATH is inherited and the env file holds only SECRETS and `env`, so a developer's
     shell or `.env` cannot change what is checked.
     """
     exe = shutil.which("docker-compose")
@@ -61,7 +63,8 @@ def compose_config(tmp_path: Path, *args: str, env: dict[str, str] | None = None
             "`make test` does this when it is missing."
         )
     env_file = tmp_path / "compose.env"
-    env_file.write_text("".join(f"{k}={v}\n" for k, v in (env or {}).items()), encoding="utf-8")
+    values = {**SECRETS, **(env or {})}
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in values.items()), encoding="utf-8")
     command = [exe, "--project-directory", str(ROOT), "-f", str(ROOT / "docker-compose.yml")]
     result = subprocess.run(
         [*command, "--env-file", str(env_file), *args, "config"],
@@ -152,13 +155,13 @@ def test_api_service(compose: dict[str, Any]) -> None:
     env = api["environment"]
     assert urlsplit(env["DATABASE_URL"]).hostname == "postgres"
     assert urlsplit(env["REDIS_URL"]).hostname == "redis"
-    # Prometheus scrapes /metrics without a key (see the comment in docker-compose.yml).
-    assert env["RAG_METRICS_PUBLIC"] == "true"
+    # /metrics needs an admin key; Prometheus sends one (see the comment in docker-compose.yml).
+    assert env["RAG_METRICS_PUBLIC"] == "false"
     # Provider settings are passed through when set in the shell, never forced to "" (which
     # would configure a provider without a client).
     assert env["ANTHROPIC_API_KEY"] is None and env["OPENAI_BASE_URL"] is None
     assert "/health" in " ".join(api["healthcheck"]["test"])
-    assert any(p["target"] == 8000 if isinstance(p, dict) else p.endswith("8000") for p in api["ports"])
+    assert any(p["target"] == 8000 if isinstance(p, dict) else p.split("/")[0].endswith(":8000") for p in api["ports"])
 
 
 def test_worker_count_is_a_compose_variable(tmp_path: Path) -> None:
@@ -184,7 +187,7 @@ def test_data_lives_in_named_volumes(compose: dict[str, Any]) -> None:
     services, volumes = compose["services"], compose["volumes"]
     assert mounts(services["postgres"])["/var/lib/postgresql/data"] in volumes
     assert mounts(services["redis"])["/data"] in volumes
-    command = services["redis"]["command"]
+    command = " ".join(services["redis"]["command"]).split()  # a shell line (the password stays out of argv)
     assert command[command.index("--appendonly") + 1] == "yes"  # AOF: the cache survives a restart
     if "--maxmemory-policy" in command:
         assert command[command.index("--maxmemory-policy") + 1] == "noeviction"

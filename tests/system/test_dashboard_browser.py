@@ -17,7 +17,6 @@ import hashlib
 import math
 import os
 import random
-import shutil
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -32,18 +31,9 @@ from service.embeddings.encoders import LocalEmbedder
 from service.http.app import create_app
 from service.observability.metrics import Metrics
 from service.settings import Settings
+from tests.support.browser import CHROMIUM, CHROMIUM_ARGS
 from tests.support.servers import ROOT, bearer, make_key, serve_app
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-    "--disable-sync",
-]
 PRICING = {"claude-haiku-4-5": (1.0, 5.0), "claude-sonnet-4-6": (3.0, 15.0)}
 QUESTIONS = [hashlib.sha256(f"question {i}".encode()).hexdigest()[:16] for i in range(40)]
 
