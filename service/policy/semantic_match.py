@@ -584,3 +584,40 @@ def decide(similarity: float, a: str, b: str, *, threshold: float) -> SemanticDe
         if why is not None:
             return SemanticDecision(hit=False, similarity=similarity, reason=f"guard:{why}")
     return SemanticDecision(hit=True, similarity=similarity, reason="semantic_hit")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """What the guard finds between two questions, as counts a learned judge can weigh.
+
+    ``numbers``, ``negation``, ``direction`` and ``empty`` are the hard constraints (see
+    :func:`incompatibility`); ``substituted`` and ``extra`` count the content words the other side
+    does not account for (fewer and more of the two one-sided counts), ``content_a``/``content_b``
+    the content words of each side.
+    """
+
+    numbers: bool
+    negation: bool
+    direction: bool
+    empty: bool
+    substituted: int
+    extra: int
+    content_a: int
+    content_b: int
+
+
+def compare(a: str, b: str) -> Comparison:
+    """The guard's findings for a pair, without turning them into a verdict."""
+    left, right = _analyse(a), _analyse(b)
+    only_left, only_right = _unexplained(left, right)
+    fewer, more = sorted((len(only_left), len(only_right)))
+    return Comparison(
+        numbers=left.numbers != right.numbers,
+        negation=left.negations != right.negations,
+        direction=_direction_conflict(left, right) or _roles_swapped(left, right),
+        empty=not left.content and not right.content,
+        substituted=fewer,
+        extra=more,
+        content_a=len(left.content),
+        content_b=len(right.content),
+    )
