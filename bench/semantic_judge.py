@@ -19,6 +19,7 @@ the regression on the dev halves and prints the constants for service/policy/sem
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -146,7 +147,7 @@ def choose(quora_dev: Sequence[Pair], semantic_dev: Sequence[Pair]) -> float | N
 
 
 def fit(quora_dev: Sequence[Pair], semantic_dev: Sequence[Pair]) -> None:
-    from sklearn.linear_model import LogisticRegression
+    from sklearn.linear_model import LogisticRegression  # type: ignore[import-untyped]
 
     rows = [(p, 1.0) for p in quora_dev] + [(p, SEMANTIC_WEIGHT) for p in semantic_dev]
     rows = [(p, w) for p, w in rows if semantic_judge.veto(p.comparison) is None]
@@ -173,9 +174,9 @@ def latency(pairs: Sequence[Pair], threshold: float) -> tuple[float, float, floa
             runs.append(time.perf_counter() - started)
         return sorted(runs)[1]
 
-    new = [timed(lambda p=p: semantic_judge.judge(p.similarity, p.a, p.b, threshold=threshold)) for p in above]
-    old_threshold = semantic_match.DEFAULT_THRESHOLD
-    old = [timed(lambda p=p: semantic_match.decide(p.similarity, p.a, p.b, threshold=old_threshold)) for p in above]
+    cut = semantic_match.DEFAULT_THRESHOLD
+    new = [timed(functools.partial(semantic_judge.judge, p.similarity, p.a, p.b, threshold=threshold)) for p in above]
+    old = [timed(functools.partial(semantic_match.decide, p.similarity, p.a, p.b, threshold=cut)) for p in above]
     return percentile(new, 50), percentile(new, 99), percentile(old, 50), percentile(old, 99)
 
 
