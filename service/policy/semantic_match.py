@@ -1,4 +1,12 @@
-"""Matching policy for the semantic cache: when may a cached answer serve a *different* question?
+"""Lexical analysis of question pairs for the semantic cache, and the previous rule-only guard.
+
+The service's decision is now :mod:`service.policy.semantic_judge`: it keeps this module's number,
+negation, direction and "no content word" findings as hard vetoes (via :func:`compare`) and replaces
+the rule "no content word may differ" with a learned score.  :func:`decide` below is the previous
+policy, kept as the baseline that ``bench.semantic_judge`` reports side by side with the judge.
+The rest of this docstring describes that guard.
+
+When may a cached answer serve a *different* question?
 
 The semantic cache is a second look-up after an exact miss: the question's embedding is compared
 with the embeddings of cached questions in the same scope (filters, tier, corpus state).  A cosine
