@@ -171,7 +171,7 @@ def pair_analysis(queries: list[Query]) -> dict[str, Any]:
     """The service's semantic policy offline, over every pair of texts (same query and across queries)."""
     from service.embeddings.encoders import LocalEmbedder
     from service.policy.guardrails import normalize_for_key
-    from service.policy.semantic_match import judge_match
+    from service.policy.semantic_judge import judge
     from service.settings import Settings
 
     threshold = Settings(_env_file=None).semantic_cache_threshold  # type: ignore[call-arg]
@@ -181,7 +181,7 @@ def pair_analysis(queries: list[Query]) -> dict[str, Any]:
     cross: list[str] = []
     for (i, (qa, a)), (j, (qb, b)) in itertools.combinations(enumerate(texts), 2):
         similarity = float(vectors[i] @ vectors[j])
-        decision = judge_match(similarity, a, b, threshold=threshold)
+        decision = judge(similarity, a, b, threshold=threshold)
         if qa == qb:
             same[decision.reason] += 1
         elif decision.hit:

@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.policy.semantic_match import DEFAULT_THRESHOLD
+from service.policy.semantic_judge import DEFAULT_THRESHOLD
 
 LOCAL_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -70,8 +70,9 @@ class Settings(BaseSettings):
     metrics_retention_s: int = Field(default=7 * 24 * 3600, alias="RAG_METRICS_RETENTION_S", ge=3600)
     coalesce_lease_ms: int = Field(default=5000, alias="RAG_COALESCE_LEASE_MS", ge=100)
     semantic_cache: bool = Field(default=True, alias="RAG_SEMANTIC_CACHE")
-    # Chosen on bench/semantic_pairs.jsonl (see docs/benchmarks.md); the lexical guard in
-    # service/policy/semantic_match.py, not the threshold, is what keeps near-misses out.
+    # The semantic judge's score threshold (service/policy/semantic_judge.py): an estimated
+    # probability that a cached question is a duplicate of the new one, after the hard vetoes.
+    # Chosen on the dev halves of quora-pairs-dev and bench/semantic_pairs.jsonl (docs/benchmarks.md).
     semantic_cache_threshold: float = Field(default=DEFAULT_THRESHOLD, alias="RAG_SEMANTIC_CACHE_THRESHOLD", gt=0, le=1)
 
     # --- routing ----------------------------------------------------------------

@@ -1,4 +1,12 @@
-"""Matching policy for the semantic cache: when may a cached answer serve a *different* question?
+"""Lexical analysis of question pairs for the semantic cache, and the previous rule-only guard.
+
+The service's decision is now :mod:`service.policy.semantic_judge`: it keeps this module's number,
+negation, direction and "no content word" findings as hard vetoes (via :func:`compare`) and replaces
+the rule "no content word may differ" with a learned score.  :func:`decide` below is the previous
+policy, kept as the baseline that ``bench.semantic_judge`` reports side by side with the judge.
+The rest of this docstring describes that guard.
+
+When may a cached answer serve a *different* question?
 
 The semantic cache is a second look-up after an exact miss: the question's embedding is compared
 with the embeddings of cached questions in the same scope (filters, tier, corpus state).  A cosine
@@ -232,3 +240,40 @@ def judge_match(similarity: float, a: str, b: str, *, threshold: float) -> Match
         if why is not None:
             return MatchJudgement(hit=False, similarity=similarity, reason=f"guard:{why}")
     return MatchJudgement(hit=True, similarity=similarity, reason="semantic_hit")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """What the guard finds between two questions, as counts a learned judge can weigh.
+
+    ``numbers``, ``negation``, ``direction`` and ``empty`` are the hard constraints (see
+    :func:`incompatibility`); ``substituted`` and ``extra`` count the content words the other side
+    does not account for (fewer and more of the two one-sided counts), ``content_a``/``content_b``
+    the content words of each side.
+    """
+
+    numbers: bool
+    negation: bool
+    direction: bool
+    empty: bool
+    substituted: int
+    extra: int
+    content_a: int
+    content_b: int
+
+
+def compare(a: str, b: str) -> Comparison:
+    """The guard's findings for a pair, without turning them into a verdict."""
+    left, right = analyse(a), analyse(b)
+    only_left, only_right = _unexplained(left, right)
+    fewer, more = sorted((len(only_left), len(only_right)))
+    return Comparison(
+        numbers=left.numbers != right.numbers,
+        negation=left.negations != right.negations,
+        direction=_direction_conflict(left, right) or _roles_swapped(left, right),
+        empty=not left.content and not right.content,
+        substituted=fewer,
+        extra=more,
+        content_a=len(left.content),
+        content_b=len(right.content),
+    )

@@ -1,8 +1,9 @@
 """The semantic cache's index: cached questions' embeddings in pgvector.
 
-Looked up after an exact miss. A candidate counts only if it is close enough, passes
-the lexical guard of `service.policy.semantic_match` (numbers, negations, entities, direction), and
-its answer still exists in the exact cache, which is where invalidation happens.
+Looked up after an exact miss. The nearest few cached questions of the same scope are candidates;
+one counts only if the judge of `service.policy.semantic_judge` accepts it (hard vetoes on numbers,
+negations and direction, then a learned duplicate score >= the threshold) and its answer still
+exists in the exact cache, which is where invalidation happens.
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ import numpy as np
 import numpy.typing as npt
 
 from service.policy.guardrails import redact_pii
-from service.policy.semantic_match import judge_match
+from service.policy.semantic_judge import judge
 
 log = logging.getLogger(__name__)
 
-CANDIDATES = 5  # the nearest may be a near-miss the guard rejects; look a little further
+CANDIDATES = 5  # the nearest may be a near-miss the judge rejects; look a little further
 PRUNE_EVERY = 200  # writes between deletions of expired rows
 
 
@@ -38,7 +39,7 @@ class SemanticCache:
         self._writes = 0
 
     async def candidates(self, scope: str, vector: npt.NDArray[np.float32], question: str) -> list[SemanticMatch]:
-        """Matches that pass threshold and guard, best first."""
+        """Candidates the judge accepts, nearest first (`threshold` is the judge's score threshold)."""
         rows = await self.pool.fetch(
             """SELECT key, question, question_hash, 1 - (embedding <=> $1) AS similarity
                FROM semantic_cache
@@ -50,7 +51,7 @@ class SemanticCache:
         )
         matches = []
         for row in rows:
-            decision = judge_match(float(row["similarity"]), question, row["question"], threshold=self.threshold)
+            decision = judge(float(row["similarity"]), question, row["question"], threshold=self.threshold)
             if decision.hit:
                 matches.append(SemanticMatch(row["key"], round(decision.similarity, 4), row["question_hash"]))
         return matches
