@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 
 from service.cli.serve import LOCAL_KEY_FILE
-from tests.support.servers import BIN, ROOT
+from tests.support.servers import BIN, ROOT, TEST_MODEL_DIR
 from tests.support.sse import parse_sse
 
 
@@ -42,6 +42,7 @@ def make_run(data_dir: Path) -> Iterator[tuple[str, str, int]]:
     env.pop("DATABASE_URL", None)
     env.pop("REDIS_URL", None)
     env.update(RAG_DATA_DIR=str(data_dir), RAG_PORT=str(port), RAG_LOG_LEVEL="warning", HF_HUB_OFFLINE="1")
+    env.update(RAG_MODEL_DIR=str(TEST_MODEL_DIR))  # the suite's ONNX export, not a fresh one per run
     proc = subprocess.Popen(
         [BIN / "rag-serve", "--ingest-examples", "--local-key"],
         cwd=ROOT,
