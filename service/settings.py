@@ -51,7 +51,18 @@ class Settings(BaseSettings):
     # before batching, so a wide window pads far less than batches cut in document order.
     embed_window: int = Field(default=1024, alias="RAG_EMBED_WINDOW", ge=1, le=65536)
     embed_concurrency: int = Field(default=4, alias="RAG_EMBED_CONCURRENCY", ge=1, le=64)
-    # CPU threads of the local model per process; unset: torch's default (one per core).
+    # Runtime of the local model: onnx (ONNX Runtime; no torch in the process) or torch
+    # (sentence-transformers). Both give the same vectors (cosine >= 0.99999), so a corpus
+    # written by one is served by the other.
+    embedding_runtime: Literal["onnx", "torch"] = Field(default="onnx", alias="RAG_EMBEDDING_RUNTIME")
+    # Where the ONNX export of the local model is cached; unset: RAG_DATA_DIR/models.
+    model_dir: Path | None = Field(default=None, alias="RAG_MODEL_DIR")
+    # Micro-batching of concurrent embeddings in one process (onnx runtime): the first waiting
+    # text waits at most this long for others to share its encode, and one encode takes at most
+    # RAG_EMBED_MAX_BATCH texts from waiting requests.
+    embed_batch_window_ms: float = Field(default=2.0, alias="RAG_EMBED_BATCH_WINDOW_MS", ge=0, le=100)
+    embed_max_batch: int = Field(default=32, alias="RAG_EMBED_MAX_BATCH", ge=1, le=1024)
+    # CPU threads of the local model per process; unset: the runtime's default (one per core).
     # `rag-serve --workers N` sets it to cores / N so the workers do not fight over cores.
     torch_threads: int | None = Field(default=None, alias="RAG_TORCH_THREADS", ge=1, le=256)
 
@@ -171,6 +182,7 @@ class Settings(BaseSettings):
         "openai_base_url",
         "embedding_model",
         "torch_threads",
+        "model_dir",
         "models_small",
         "models_large",
         "otel_enabled",
@@ -187,3 +199,6 @@ class Settings(BaseSettings):
         if self.embedding_model:
             return self.embedding_model
         return LOCAL_EMBEDDING_MODEL if self.embedding_provider == "local" else "text-embedding-3-small"
+
+    def resolved_model_dir(self) -> Path:
+        return self.model_dir if self.model_dir is not None else self.data_dir / "models"

@@ -22,11 +22,12 @@ from pathlib import Path
 import pytest
 
 from service.embedded import start_postgres, start_valkey
-from service.embeddings.encoders import LocalEmbedder
+from service.embeddings.encoders import LocalEmbedder, OnnxEmbedder
+from service.embeddings.model_cache import ensure_exported
 from service.postgres.corpus import Corpus, open_corpus
-from service.settings import Settings
+from service.settings import LOCAL_EMBEDDING_MODEL, Settings
 from tests.support.provider_server import ProviderServer
-from tests.support.servers import Servers, empty_redis_database, fresh_database, make_settings
+from tests.support.servers import TEST_MODEL_DIR, Servers, empty_redis_database, fresh_database, make_settings
 
 
 @pytest.fixture(scope="session")
@@ -80,6 +81,14 @@ def local_embedder() -> LocalEmbedder:
     return embedder
 
 
+@pytest.fixture(scope="session")
+def onnx_embedder() -> OnnxEmbedder:
+    """The same model on ONNX Runtime (what the API serves with), loaded once for the session."""
+    embedder = OnnxEmbedder(LOCAL_EMBEDDING_MODEL, model_dir=TEST_MODEL_DIR)
+    embedder._load()
+    return embedder
+
+
 @pytest.fixture
 async def corpus(settings: Settings, local_embedder: LocalEmbedder) -> AsyncIterator[Corpus]:
     async with open_corpus(settings) as opened:
@@ -115,6 +124,17 @@ def pytest_configure(config: pytest.Config) -> None:
     # Quieter, faster model loading everywhere in the suite.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Export the ONNX model (once, kept between runs) before any test that may serve with it.
+
+    Here rather than in a fixture so the export's ~20 s (more on a busy machine) never counts
+    against a test's timeout. Runs of pure unit tests skip it.
+    """
+    unit = Path(__file__).parent / "unit"
+    if any(unit not in Path(str(item.path)).parents for item in session.items):
+        ensure_exported(TEST_MODEL_DIR)
 
 
 @pytest.fixture(scope="module")

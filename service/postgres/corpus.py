@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from service.embedded import EmbeddedPostgres, start_postgres
-from service.embeddings.encoders import KNOWN_DIMENSIONS, LocalEmbedder, OpenAIEmbedder, create_embedder
+from service.embeddings.encoders import KNOWN_DIMENSIONS, AnyEmbedder, create_embedder
 from service.postgres.db import SchemaParams, create_pool, migrate
 from service.postgres.documents import DocumentStore
 from service.settings import Settings
@@ -22,7 +22,7 @@ from service.settings import Settings
 class Corpus:
     pool: asyncpg.Pool
     store: DocumentStore
-    embedder: LocalEmbedder | OpenAIEmbedder | None
+    embedder: AnyEmbedder | None
 
 
 def database_url(settings: Settings) -> tuple[str, EmbeddedPostgres | None]:
@@ -33,7 +33,7 @@ def database_url(settings: Settings) -> tuple[str, EmbeddedPostgres | None]:
     return server.url, server
 
 
-def schema_params(settings: Settings, embedder: LocalEmbedder | OpenAIEmbedder | None = None) -> SchemaParams:
+def schema_params(settings: Settings, embedder: AnyEmbedder | None = None) -> SchemaParams:
     model = settings.resolved_embedding_model()
     dim = embedder.dim if embedder else (settings.embedding_dim or KNOWN_DIMENSIONS.get(model))
     if dim is None:

@@ -8,7 +8,7 @@ import pytest
 from ingest.loaders import SourceDocument
 from ingest.pipeline import IngestOptions, ingest_documents
 from service.cli.serve import torch_threads_per_worker
-from service.embeddings.encoders import LocalEmbedder, OpenAIEmbedder, create_embedder
+from service.embeddings.encoders import LocalEmbedder, OnnxEmbedder, OpenAIEmbedder, create_embedder
 from service.postgres.corpus import open_corpus
 from service.settings import Settings
 from tests.support.provider_server import Behavior, ProviderServer
@@ -50,4 +50,6 @@ async def test_ingest_with_openai_embeddings_records_the_model(settings: Setting
 def test_workers_share_the_cores_between_their_models(settings: Settings) -> None:
     assert [torch_threads_per_worker(w, cores=8) for w in (1, 2, 3, 8, 16)] == [8, 4, 2, 1, 1]
     embedder = create_embedder(settings.model_copy(update={"torch_threads": 2}))
+    assert isinstance(embedder, OnnxEmbedder) and embedder.threads == 2
+    embedder = create_embedder(settings.model_copy(update={"torch_threads": 2, "embedding_runtime": "torch"}))
     assert isinstance(embedder, LocalEmbedder) and embedder.threads == 2

@@ -6,6 +6,7 @@ import asyncio
 import os
 import socket
 import sys
+import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -26,6 +27,9 @@ from service.settings import Settings
 ROOT = Path(__file__).resolve().parent.parent.parent
 BIN = Path(sys.executable).parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
+# The ONNX export of the local model, shared by every test and kept between runs (the export
+# takes ~20 s of CPU; conftest makes it once before the first test that may need it).
+TEST_MODEL_DIR = Path(tempfile.gettempdir()) / f"ragcache-test-models-{os.getuid()}"
 
 
 @dataclass
@@ -76,6 +80,7 @@ def make_settings(database_url: str, redis_url: str, data_dir: Path, **overrides
         "database_url": database_url,
         "redis_url": redis_url,
         "data_dir": data_dir,
+        "model_dir": TEST_MODEL_DIR,
         "anthropic_api_key": None,
         "openai_api_key": None,
         "openai_base_url": None,
@@ -96,6 +101,7 @@ def cli_env(settings: Settings, **extra: str) -> dict[str, str]:
         DATABASE_URL=str(settings.database_url),
         REDIS_URL=str(settings.redis_url),
         RAG_DATA_DIR=str(settings.data_dir),
+        RAG_MODEL_DIR=str(settings.resolved_model_dir()),
         PYTHONUNBUFFERED="1",
     )
     env.update(extra)

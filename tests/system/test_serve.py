@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 
 from service.cli.serve import LOCAL_KEY_FILE
-from tests.support.servers import BIN, ROOT, free_port
+from tests.support.servers import BIN, ROOT, TEST_MODEL_DIR, free_port
 from tests.support.sse import parse_sse
 
 
@@ -36,6 +36,7 @@ def make_run(data_dir: Path) -> Iterator[tuple[str, str, int]]:
     env.pop("REDIS_URL", None)
     env.update(RAG_DATA_DIR=str(data_dir), RAG_PORT=str(port), RAG_LOG_LEVEL="warning", HF_HUB_OFFLINE="1")
     env.update(RAG_LOG_FORMAT="console")  # as the Makefile's `run` target sets it
+    env.update(RAG_MODEL_DIR=str(TEST_MODEL_DIR))  # the suite's ONNX export, not a fresh one per run
     proc = subprocess.Popen(
         [BIN / "rag-serve", "--ingest-examples", "--local-key"],
         cwd=ROOT,

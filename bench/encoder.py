@@ -1,0 +1,233 @@
+"""The query encoder: torch vs ONNX Runtime, one question at a time and micro-batched under concurrency.
+
+    python -m bench.encoder [--queries 300] [--concurrency 50] [--passages 320] [--no-write]
+
+Side by side, on the same questions (msmarco-5k queries, then Quora questions): CPU ms per query
+(process CPU time / queries: robust on a shared machine, where wall time is not), wall time and
+throughput, for torch encoding one question per call, ONNX one per call, and ONNX micro-batched
+with `--concurrency` questions in flight (as an API worker sees them), plus torch behind its lock
+under the same concurrency (the encoder before). Then passages/s at batch 64 (ingest), and the
+resident memory of an API-like process (the app imported and built, the encoder loaded, one
+encode done) with each runtime, each in its own fresh process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench._kit import (
+    RESULTS,
+    ROOT,
+    SHARED_DATA,
+    arguments,
+    load_text,
+    machine_line,
+    parse,
+    percentile,
+    publish,
+    revision,
+    say,
+)
+from bench._kit import table as markdown_table
+from service.embeddings.encoders import LocalEmbedder, OnnxEmbedder
+from service.embeddings.model_cache import ensure_exported
+from service.settings import LOCAL_EMBEDDING_MODEL
+
+THREADS = 2
+MODEL_DIR = RESULTS / "models"
+
+
+def questions(n: int) -> list[str]:
+    out = [json.loads(line)["text"] for line in (SHARED_DATA / "msmarco-5k" / "queries.jsonl").open()]
+    for line in (SHARED_DATA / "quora-pairs-dev" / "pairs.jsonl").open():
+        if len(out) >= n:
+            break
+        pair = json.loads(line)
+        out.extend([pair["a"], pair["b"]])
+    return out[:n]
+
+
+def passages(n: int) -> list[str]:
+    with (SHARED_DATA / "msmarco-5k" / "corpus.jsonl").open() as f:
+        return [json.loads(line)["text"] for line, _ in zip(f, range(n), strict=False)]
+
+
+def one_at_a_time(encode: Callable[[list[str]], Any], texts: list[str]) -> dict[str, float]:
+    encode(texts[:5])  # warm
+    latencies = []
+    cpu, wall = time.process_time(), time.perf_counter()
+    for text in texts:
+        started = time.perf_counter()
+        encode([text])
+        latencies.append(time.perf_counter() - started)
+    return result(texts, cpu, wall, latencies)
+
+
+async def concurrent(embed: Callable[[list[str]], Any], texts: list[str], concurrency: int) -> dict[str, float]:
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    for text in texts:
+        queue.put_nowait(text)
+    latencies: list[float] = []
+
+    async def client() -> None:
+        while not queue.empty():
+            text = queue.get_nowait()
+            started = time.perf_counter()
+            await embed([text])
+            latencies.append(time.perf_counter() - started)
+
+    await embed(texts[:5])  # warm
+    cpu, wall = time.process_time(), time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return result(texts, cpu, wall, latencies)
+
+
+def result(texts: list[str], cpu: float, wall: float, latencies: list[float]) -> dict[str, float]:
+    cpu = time.process_time() - cpu
+    wall = time.perf_counter() - wall
+    return {
+        "cpu_ms_per_query": cpu / len(texts) * 1000,
+        "wall_s": wall,
+        "per_s": len(texts) / wall,
+        "p50_ms": percentile(latencies, 50) * 1000,
+        "p99_ms": percentile(latencies, 99) * 1000,
+    }
+
+
+def ingest_rate(encode: Callable[[list[str]], Any], texts: list[str]) -> dict[str, float]:
+    encode(texts[:64])  # warm
+    cpu, wall = time.process_time(), time.perf_counter()
+    encode(texts)
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    return {"per_s": len(texts) / wall, "cpu_ms_per_passage": cpu / len(texts) * 1000}
+
+
+RSS_PROBE = """
+import json, sys
+from pathlib import Path
+from service.embeddings.encoders import LocalEmbedder, OnnxEmbedder
+from service.http.app import create_app
+from service.settings import LOCAL_EMBEDDING_MODEL, Settings
+
+runtime, model_dir = sys.argv[1], Path(sys.argv[2])
+create_app(Settings(_env_file=None, model_dir=model_dir, embedding_runtime=runtime))
+if runtime == "onnx":
+    embedder = OnnxEmbedder(LOCAL_EMBEDDING_MODEL, model_dir=model_dir, threads=2)
+else:
+    embedder = LocalEmbedder(threads=2)
+embedder.encode(["How do I flush the cache?"])
+status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+print(json.dumps({
+    "rss_mb": int(status["VmRSS"].split()[0]) / 1024,
+    "peak_mb": int(status["VmHWM"].split()[0]) / 1024,
+    "torch": "torch" in sys.modules,
+}))
+"""
+
+
+def rss(runtime: str, model_dir: Path) -> dict[str, Any]:
+    done = subprocess.run(
+        [sys.executable, "-c", RSS_PROBE, runtime, str(model_dir)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PATH": "/usr/bin:/bin"},
+    )
+    parsed: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return parsed
+
+
+async def main() -> None:
+    parser = arguments("encoder", __doc__)
+    parser.add_argument("--queries", type=int, default=300)
+    parser.add_argument("--concurrency", type=int, default=50)
+    parser.add_argument("--passages", type=int, default=320)
+    parser.add_argument("--model-dir", type=Path, default=MODEL_DIR, help="where the ONNX export is cached")
+    args = parse(parser, None, queries=20, concurrency=8, passages=32)
+
+    loads_before = load_text()
+    texts = questions(args.queries)
+    say(f"exporting (once) / loading the models; {len(texts)} questions")
+    ensure_exported(args.model_dir)
+    onnx = OnnxEmbedder(LOCAL_EMBEDDING_MODEL, model_dir=args.model_dir, threads=THREADS)
+    onnx.encode(["warm"])
+    torch = LocalEmbedder(threads=THREADS)
+    torch.encode(["warm"])
+    agreement = float(np.min(np.sum(onnx.encode(texts[:50]) * torch.encode(texts[:50]), axis=1)))
+
+    rows: list[tuple[str, dict[str, float], str]] = []
+    say("torch, one question per encode")
+    rows.append(("torch, one question per encode", one_at_a_time(torch.encode, texts), "1"))
+    say("ONNX, one question per encode")
+    rows.append(("ONNX fp32, one question per encode", one_at_a_time(onnx.encode, texts), "1"))
+    say(f"ONNX, micro-batched, {args.concurrency} in flight")
+    before = (onnx.batcher.encodes, onnx.batcher.encoded)
+    batched = await concurrent(onnx.embed, texts, args.concurrency)
+    encodes, encoded = onnx.batcher.encodes - before[0], onnx.batcher.encoded - before[1]
+    rows.append((f"ONNX fp32, micro-batched, {args.concurrency} in flight", batched, f"{encoded / encodes:.1f}"))
+    say(f"torch behind its lock, {args.concurrency} in flight (the encoder before)")
+    rows.append(
+        (
+            f"torch behind a lock, {args.concurrency} in flight (before)",
+            await concurrent(torch.embed, texts, args.concurrency),
+            "1",
+        )
+    )
+
+    docs = passages(args.passages)
+    say(f"ingest: {len(docs)} passages at batch 64")
+    ingest = {"ONNX fp32": ingest_rate(onnx.encode, docs), "torch": ingest_rate(torch.encode, docs)}
+    say("resident memory of an API-like process")
+    memory = {"ONNX fp32 (no torch)": rss("onnx", args.model_dir), "torch": rss("torch", args.model_dir)}
+
+    table = markdown_table(
+        ["encoder", "CPU ms / query", "queries/s", "p50 ms", "p99 ms", "texts / encode"],
+        [
+            (name, f"{r['cpu_ms_per_query']:.1f}", f"{r['per_s']:.0f}", f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}", b)
+            for name, r, b in rows
+        ],
+    )
+    ingest_table = markdown_table(
+        ["runtime", "passages/s", "CPU ms / passage"],
+        [(name, f"{r['per_s']:.1f}", f"{r['cpu_ms_per_passage']:.1f}") for name, r in ingest.items()],
+    )
+    memory_table = markdown_table(
+        ["API-like process", "RSS MB", "peak RSS MB", "torch imported"],
+        [
+            (name, f"{m['rss_mb']:.0f}", f"{m['peak_mb']:.0f}", "yes" if m["torch"] else "no")
+            for name, m in memory.items()
+        ],
+    )
+    command = f"python -m bench.encoder --queries {args.queries} --concurrency {args.concurrency}"
+    command += f" --passages {args.passages}"
+    body = f"""`{command}`
+({dt.date.today()}, {revision()}; {machine_line()}; {THREADS} model threads; load average before {loads_before},
+after {load_text()}). {len(texts)} questions (msmarco-5k queries, then Quora questions). Worst cosine
+ONNX vs torch on the first 50: {agreement:.7f}.
+
+{table}
+
+Ingest, {len(docs)} msmarco-5k passages, batch 64:
+
+{ingest_table}
+
+Memory (the app imported and built, the encoder loaded, one encode; each in a fresh process):
+
+{memory_table}
+"""
+    publish("Query encoder", body, args)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

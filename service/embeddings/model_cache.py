@@ -1,0 +1,130 @@
+"""The ONNX export of the packaged all-MiniLM-L6-v2: made once per model directory, then reused.
+
+The export needs torch (the `local` extra), so it runs in a child process: the process that asked
+for it (an API worker) never imports torch. The result lands atomically: it is built in a private
+temporary directory next to its final place and renamed into place complete, so a crash leaves
+no half-written model and concurrent starters (several workers, ingest and serve) wait on a file
+lock for the first one's export instead of exporting twice.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+MODEL_NAME = "all-MiniLM-L6-v2"
+# Bump when service/embeddings/export.py changes what it writes; older exports are then ignored.
+EXPORT_FORMAT = 1
+MANIFEST = "manifest.json"
+MODEL_FILE = "model.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+EXPORT_TIMEOUT_S = 900.0
+_PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the directory holding `service/`
+
+
+class ModelUnavailable(RuntimeError):
+    """The ONNX model is neither cached nor exportable here (e.g. the `local` extra is missing)."""
+
+
+@dataclass(frozen=True)
+class ExportedModel:
+    directory: Path
+
+    @property
+    def model(self) -> Path:
+        return self.directory / MODEL_FILE
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.directory / TOKENIZER_FILE
+
+    @property
+    def manifest(self) -> Path:
+        return self.directory / MANIFEST
+
+    def complete(self) -> bool:
+        # The manifest is written last, and the directory only appears by rename once complete.
+        return self.manifest.is_file()
+
+
+def exported_model(root: Path) -> ExportedModel:
+    """Where the export lives under a model directory (it may not exist yet)."""
+    return ExportedModel(root / MODEL_NAME / f"onnx-fp32-v{EXPORT_FORMAT}")
+
+
+def ensure_exported(root: Path, *, timeout_s: float = EXPORT_TIMEOUT_S) -> ExportedModel:
+    """The cached export under `root`, exporting it first (once, in a child process) if missing.
+
+    Blocking (the export takes ~20 s of CPU); call it from a thread in async code.
+    """
+    exported = exported_model(root)
+    if exported.complete():
+        return exported
+    parent = exported.directory.parent
+    _private_dirs(root, parent)
+    lock_fd = os.open(root / f".{MODEL_NAME}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)  # another process may be exporting: wait for it
+        if exported.complete():
+            return exported
+        if exported.directory.exists():  # a directory without a manifest is not ours to trust
+            shutil.rmtree(exported.directory)
+        staging = Path(tempfile.mkdtemp(prefix=".export-", dir=parent))  # mode 0700
+        try:
+            _run_export(staging, timeout_s)
+            for path in staging.iterdir():
+                path.chmod(0o600)
+                _fsync(path)
+            staging.rename(exported.directory)
+            _fsync(parent)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    finally:
+        os.close(lock_fd)  # releases the lock
+    return exported
+
+
+def _private_dirs(*dirs: Path) -> None:
+    for directory in dirs:
+        if not directory.is_dir():
+            directory.mkdir(parents=True, exist_ok=True)
+            directory.chmod(0o700)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _run_export(staging: Path, timeout_s: float) -> None:
+    env = dict(os.environ)
+    # The child must import this very code base, whatever the working directory.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_PACKAGE_ROOT), env.get("PYTHONPATH")) if p)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        done = subprocess.run(  # noqa: S603 - our own module, run by this interpreter
+            [sys.executable, "-m", "service.embeddings.export", str(staging)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise ModelUnavailable(f"exporting {MODEL_NAME} to ONNX took over {timeout_s:.0f} s") from exc
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ModelUnavailable(
+            f"could not export {MODEL_NAME} to ONNX ({last}); it needs the `local` extra "
+            "(pip install 'ragcache[local]') once, or RAG_MODEL_DIR pointing at an existing export"
+        )

@@ -1,0 +1,54 @@
+"""An API worker serves questions without torch: built from the settings alone, in its own process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from service.settings import Settings
+from tests.support.servers import ROOT, cli_env
+
+# The app as rag-serve's workers build it (settings from the environment, default embedder),
+# answering one question over real HTTP; then what got imported.
+WORKER = """
+import asyncio, json, sys
+import httpx
+from service.http.app import create_app
+from service.settings import Settings
+from tests.support.servers import bearer, make_key, serve_app
+
+async def main() -> None:
+    settings = Settings(_env_file=None)
+    key = await make_key(settings, "query")
+    app = create_app(settings)
+    async with serve_app(app) as url, httpx.AsyncClient(base_url=url, timeout=60, headers=bearer(key)) as http:
+        reply = await http.post("/rag/stream", json={"question": "How do I flush the cache?"})
+        embedder = app.state.resources.embedder
+        heavy = {"torch", "transformers", "sentence_transformers"} & {name.split(".")[0] for name in sys.modules}
+        print(json.dumps({
+            "status": reply.status_code,
+            "embedder": type(embedder).__name__,
+            "encodes": embedder.batcher.encodes,
+            "heavy": sorted(heavy),
+        }))
+
+asyncio.run(main())
+"""
+
+
+def test_the_api_worker_embeds_questions_without_importing_torch(settings: Settings) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", WORKER],
+        env=cli_env(settings, RAG_LOG_LEVEL="warning"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["status"] == 200
+    assert result["embedder"] == "OnnxEmbedder" and result["encodes"] >= 1  # the question was embedded
+    assert result["heavy"] == []  # no torch, transformers or sentence-transformers in the worker
