@@ -13,6 +13,7 @@ import re
 from collections import Counter
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from service.policy.tokens import count_tokens
 from service.postgres.retrieval import Source
@@ -22,13 +23,17 @@ NAME = "extractive"
 LABEL = "Extractive answer (offline; no language model was used):\n\n"
 NO_ANSWER = "The indexed documents do not contain an answer to this question."
 
-MAX_SENTENCES = 4
+MAX_SENTENCES = 3  # short answers: the best few sentences, not a summary of every source
 MIN_SENTENCE_WORDS = 4  # shorter pieces are headings, labels or list fragments, not statements
 MAX_SENTENCE_WORDS = 60  # run-on text (e.g. PDF extraction without punctuation) is clipped to stay readable
 MIN_RELATIVE_SCORE = 0.3  # a sentence must score at least this share of the best one to be quoted
 DUPLICATE_JACCARD = 0.8  # term-set overlap above which two sentences say the same thing
 COVERAGE_WEIGHT = 0.5  # bonus for matching many of the question's distinct terms
 RANK_WEIGHT = 0.2  # bonus for sentences from better-ranked sources (lower n)
+# A statement under a question or heading that matches the query gains this share of the cue's score:
+# in FAQ-shaped text the answer follows its question and may share few words with the query itself.
+QUESTION_CUE_WEIGHT = 1.0
+HEADING_CUE_WEIGHT = 0.5
 BM25_K1 = 1.2
 BM25_B = 0.75
 
@@ -61,17 +66,36 @@ _EMPHASIS = re.compile(r"\*\*|__")
 _BOUNDARY = re.compile(r"[.!?…]+[\"'”’)\]]*\s+(?=[\"'“‘(\[`*]?[A-Z0-9])")
 _ENDS_SENTENCE = re.compile(r"[.!?…][\"'”’)\]`]*$")
 _PIECE = re.compile(r"\s*\S+\s*|\s+")
+_QA_PREFIX = re.compile(r"^(Q|A)\s*[:.]\s+", re.IGNORECASE)
+_HEADING_MARK = "\x00"  # prefixes heading blocks inside `_blocks`; never present in _inline() output
+
+Kind = Literal["statement", "question", "heading"]
 
 
 @dataclass(frozen=True)
 class Sentence:
-    """One candidate sentence, with where it came from (for citation and natural ordering)."""
+    """One candidate sentence, with where it came from (for citation and natural ordering).
+
+    Only statements are quoted. Questions and headings are cues: they are scored against the query
+    and lend part of their score to the statements that follow them (`cue`, a position in the source).
+    """
 
     source_n: int
     rank: int  # 0 for the best-ranked source
     position: int  # index of the sentence within its source
     text: str
     terms: tuple[str, ...]
+    kind: Kind = "statement"
+    cue: int | None = None
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """A sentence of one chunk as `parse_sentences` reads it."""
+
+    text: str
+    kind: Kind
+    cue: int | None  # index (in the same list) of the question or heading this statement answers
 
 
 @dataclass(frozen=True)
@@ -119,6 +143,11 @@ def markdown_blocks(text: str) -> list[str]:
     Fenced code is not prose and is dropped, except a short snippet right after a line ending in ':'
     ("To flush the cache, run:"), which is kept inline because it is usually the answer.
     """
+    return [block.removeprefix(_HEADING_MARK) for block in _blocks(text)]
+
+
+def _blocks(text: str) -> list[str]:
+    """`markdown_blocks`, with headings marked by a leading `_HEADING_MARK`."""
     blocks: list[str] = []
     current: list[str] = []
     code: list[str] | None = None
@@ -148,8 +177,9 @@ def markdown_blocks(text: str) -> list[str]:
             end_block()
         elif _HEADING.match(line):
             end_block()
-            current.append(_HEADING.sub("", line).rstrip("# "))
-            end_block()
+            heading = _inline(_HEADING.sub("", line).rstrip("# "))
+            if heading:
+                blocks.append(_HEADING_MARK + heading)
         elif _BULLET.match(line):
             end_block()
             current.append(_BULLET.sub("", line))
@@ -178,20 +208,49 @@ def _split_block(block: str) -> list[str]:
     return [p for p in pieces if p]
 
 
-def split_sentences(text: str) -> list[str]:
-    """Readable sentences of a chunk: markdown removed, fragments under MIN_SENTENCE_WORDS dropped, run-ons clipped."""
-    sentences: list[str] = []
-    for block in markdown_blocks(text):
-        for sentence in _split_block(block):
-            words = sentence.split()
-            if len(words) < MIN_SENTENCE_WORDS:
+def _readable(sentence: str) -> str | None:
+    """The sentence as quoted: None for a fragment, clipped when run-on, with a final full stop."""
+    words = sentence.split()
+    if len(words) < MIN_SENTENCE_WORDS:
+        return None
+    if len(words) > MAX_SENTENCE_WORDS:
+        return " ".join(words[:MAX_SENTENCE_WORDS]).rstrip(",;:") + "…"
+    if not _ENDS_SENTENCE.search(sentence):
+        return sentence.rstrip(",;:") + "."
+    return sentence
+
+
+def parse_sentences(text: str) -> list[Parsed]:
+    """A chunk's sentences, each marked as a statement, a question or a heading, with the cue it answers.
+
+    A heading cues the statements up to the next heading; a question ("…?", or "Q: …" in FAQ text)
+    cues the statements up to the next question or heading. "A: " prefixes are dropped.
+    """
+    parsed: list[Parsed] = []
+    heading: int | None = None
+    question: int | None = None
+    for block in _blocks(text):
+        if block.startswith(_HEADING_MARK):
+            title = block.removeprefix(_HEADING_MARK)
+            heading, question = len(parsed), None
+            parsed.append(Parsed(title, "question" if title.endswith("?") else "heading", None))
+            continue
+        for raw in _split_block(block):
+            prefix = _QA_PREFIX.match(raw)
+            sentence = raw[prefix.end() :] if prefix else raw
+            if (prefix and prefix.group(1).upper() == "Q") or sentence.rstrip("\"')”’").endswith("?"):
+                question = len(parsed)
+                parsed.append(Parsed(sentence, "question", None))
                 continue
-            if len(words) > MAX_SENTENCE_WORDS:
-                sentence = " ".join(words[:MAX_SENTENCE_WORDS]).rstrip(",;:") + "…"
-            elif not _ENDS_SENTENCE.search(sentence):
-                sentence = sentence.rstrip(",;:") + "."
-            sentences.append(sentence)
-    return sentences
+            readable = _readable(sentence)
+            if readable is not None:
+                parsed.append(Parsed(readable, "statement", question if question is not None else heading))
+    return parsed
+
+
+def split_sentences(text: str) -> list[str]:
+    """Quotable sentences of a chunk: markdown removed, no questions or headings, fragments dropped, run-ons clipped."""
+    return [p.text for p in parse_sentences(text) if p.kind == "statement"]
 
 
 def collect_sentences(sources: Sequence[Source]) -> list[Sentence]:
@@ -199,8 +258,8 @@ def collect_sentences(sources: Sequence[Source]) -> list[Sentence]:
     ranks = {n: i for i, n in enumerate(sorted({s.n for s in sources}))}
     out: list[Sentence] = []
     for source in sorted(sources, key=lambda s: s.n):
-        for position, text in enumerate(split_sentences(source.text)):
-            out.append(Sentence(source.n, ranks[source.n], position, text, tuple(terms(text))))
+        for position, p in enumerate(parse_sentences(source.text)):
+            out.append(Sentence(source.n, ranks[source.n], position, p.text, tuple(terms(p.text)), p.kind, p.cue))
     return out
 
 
@@ -224,7 +283,21 @@ def score_sentences(question: str, sentences: Sequence[Sentence]) -> list[Scored
         coverage = sum(1 for t in query if tf[t]) / len(query)
         score = bm25 * (1 + COVERAGE_WEIGHT * coverage) * (1 + RANK_WEIGHT / (1 + s.rank))
         scored.append(Scored(s, score))
-    return scored
+    return _with_cues(scored)
+
+
+def _with_cues(scored: list[Scored]) -> list[Scored]:
+    """Add to each statement a share of the score of the question or heading it answers."""
+    by_place = {(s.sentence.source_n, s.sentence.position): s for s in scored}
+    out: list[Scored] = []
+    for s in scored:
+        cue = by_place.get((s.sentence.source_n, s.sentence.cue)) if s.sentence.cue is not None else None
+        if cue is None or (s.score == 0.0 and cue.score == 0.0):
+            out.append(s)
+            continue
+        weight = QUESTION_CUE_WEIGHT if cue.sentence.kind == "question" else HEADING_CUE_WEIGHT
+        out.append(Scored(s.sentence, s.score + weight * cue.score))
+    return out
 
 
 def jaccard(a: Sequence[str], b: Sequence[str]) -> float:
@@ -246,7 +319,7 @@ def select_sentences(
     always kept; the final answer is truncated to the budget anyway).
     """
     ranked = sorted(
-        (s for s in scored if s.score > 0),
+        (s for s in scored if s.score > 0 and s.sentence.kind == "statement"),
         key=lambda s: (-s.score, s.sentence.source_n, s.sentence.position),
     )
     if not ranked:
