@@ -41,6 +41,13 @@ class UnknownModel(InvalidRequest):
         super().__init__("unknown_model", message)
 
 
+class Forbidden(ServiceError):
+    """The caller's key may not do this (e.g. `"cache": "refresh"` without the admin scope)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(code, message)
+
+
 class RateLimited(ServiceError):
     """The caller (an API key or a client address) asked too often; `retry_after` says when to return."""
 

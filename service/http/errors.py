@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.errors import (
     DependencyUnavailable,
+    Forbidden,
     GuardrailViolation,
     InvalidRequest,
     Overloaded,
@@ -54,6 +55,7 @@ class APIError(Exception):
 _STATUS: tuple[tuple[type[ServiceError], int], ...] = (
     (GuardrailViolation, 400),
     (InvalidRequest, 422),
+    (Forbidden, 403),
     (RateLimited, 429),  # and BudgetExceeded
     (DependencyUnavailable, 503),  # database, embedding, providers, a followed generation that failed
     (Overloaded, 503),

@@ -13,7 +13,7 @@ from service.answer.events import Done, Event, Failed, Meta, Token, event_payloa
 from service.answer.observe import access_fields
 from service.answer.pipeline import AnswerService
 from service.answer.schemas import RagAnswer, RagRequest
-from service.errors import ServiceError
+from service.errors import Forbidden, ServiceError
 from service.http.auth import AuthFirstRoute, Principal, requires
 from service.http.errors import APIError, api_error
 from service.http.responses import ANSWER, error_responses
@@ -52,7 +52,7 @@ async def answer_events(request: Request, body: RagRequest) -> tuple[Event, Asyn
     if body.cache == "refresh" and "admin" not in principal.scopes:
         # A refresh replaces the answer every key is served; re-rolling it until a bad answer
         # sticks for the cache's lifetime must not be open to every query key.
-        raise APIError(403, "refresh_forbidden", 'cache "refresh" needs an API key with the admin scope')
+        raise Forbidden("refresh_forbidden", 'cache "refresh" needs an API key with the admin scope')
     limiter = request.app.state.resources.limiter
     await limiter.check_request(principal)
     rid = request_id(request)
