@@ -148,7 +148,7 @@ def choose(quora_dev: Sequence[Pair], semantic_dev: Sequence[Pair]) -> float | N
 
 
 def fit(quora_dev: Sequence[Pair], semantic_dev: Sequence[Pair]) -> None:
-    from sklearn.linear_model import LogisticRegression  # type: ignore[import-untyped]
+    from sklearn.linear_model import LogisticRegression
 
     rows = [(p, 1.0) for p in quora_dev] + [(p, SEMANTIC_WEIGHT) for p in semantic_dev]
     rows = [(p, w) for p, w in rows if semantic_judge.veto(p.comparison) is None]

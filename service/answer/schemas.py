@@ -2,23 +2,37 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 CacheMode = Literal["use", "bypass", "refresh"]
 CacheOutcome = Literal["hit", "miss", "semantic_hit", "coalesced", "bypass"]
 
 
+def _json_number(value: object) -> object:
+    """JSON `true`/`false` and strings are not numbers, though pydantic's lax mode would coerce them."""
+    if isinstance(value, bool | str):
+        raise ValueError("must be a JSON number")
+    return value
+
+
+JsonInt = Annotated[int, BeforeValidator(_json_number)]  # 3 and 3.0, not true or "3"
+JsonFloat = Annotated[float, BeforeValidator(_json_number)]
+
+
 class RagRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # The example is what /docs shows and what the schema fuzzer sends first with a valid key.
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"question": "How do I flush the cache?"}]}
+    )
 
     # Length limits with clear codes are the guardrails' job; this bound only stops absurd bodies.
     question: str = Field(max_length=100_000, description="The question, in any language.")
-    top_k: int = Field(default=5, ge=1, le=50)
+    top_k: JsonInt = Field(default=5, ge=1, le=50)
     model: str = Field(default="auto", max_length=200, description="auto | small | large | an allowed model")
-    max_tokens: int = Field(default=512, ge=1, le=8192)
-    temperature: float = Field(default=0.2, ge=0.0, le=2.0)
+    max_tokens: JsonInt = Field(default=512, ge=1, le=8192)
+    temperature: JsonFloat = Field(default=0.2, ge=0.0, le=2.0)
     filters: dict[str, str | list[str]] | None = Field(default=None, description='e.g. {"source": "handbook"}')
     cache: CacheMode = "use"
 

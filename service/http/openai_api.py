@@ -36,7 +36,7 @@ from sse_starlette import ServerSentEvent
 
 from service.answer.events import Done, Event, Meta, Token, event_payload
 from service.answer.pipeline import AnswerService
-from service.answer.schemas import CacheMode, RagRequest
+from service.answer.schemas import CacheMode, JsonFloat, JsonInt, RagRequest
 from service.errors import ServiceError
 from service.http.auth import AuthFirstRoute, requires
 from service.http.errors import APIError, api_error, openai_error
@@ -99,19 +99,22 @@ class RagOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    top_k: int | None = None
+    top_k: JsonInt | None = None
     filters: dict[str, str | list[str]] | None = None
     cache: CacheMode | None = None
 
 
 class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"model": "auto", "messages": [{"role": "user", "content": "What is RRF?"}]}]},
+    )
 
     messages: list[ChatMessage] = Field(min_length=1)
     model: str = "auto"
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None  # wins over max_tokens when both are set
-    temperature: float | None = None
+    max_tokens: JsonInt | None = None
+    max_completion_tokens: JsonInt | None = None  # wins over max_tokens when both are set
+    temperature: JsonFloat | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     rag: RagOptions | None = None
