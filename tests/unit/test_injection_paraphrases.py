@@ -8,6 +8,7 @@ import pytest
 from service.policy.guardrails import PROMPT_INJECTION, GuardrailPolicy, GuardrailViolation, check_question
 from service.policy.tokens import count_tokens
 from tests.support.injections import ATTACKS, BENIGN, public_questions
+from tests.support.servers import SHARED_DATA
 
 
 def _blocked(question: str) -> bool:
@@ -29,5 +30,7 @@ def test_ordinary_questions_in_the_same_languages_pass(question: str) -> None:
 
 
 def test_public_questions_are_not_blocked() -> None:
+    if not SHARED_DATA.exists():
+        pytest.skip("the public question sets (../shared/data) are not beside this checkout")
     blocked = [q for q in public_questions() if _blocked(q)]
     assert len(blocked) <= 2, blocked  # each one read: see docs/benchmarks.md
