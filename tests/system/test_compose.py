@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
-import shutil
-import subprocess
 import tomllib
 from collections.abc import Iterator
 from functools import cache
@@ -31,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.observability.outcomes import ATTEMPT_OUTCOMES, OUTCOMES
 from service.observability.prometheus import HitRatios, PrometheusMetrics
+from tests.support.compose import SECRETS, run_compose_config
 from tests.support.servers import ROOT
 
 DEPLOY = ROOT / "deploy"
@@ -39,8 +37,6 @@ GRAFANA_PROVISIONING = DEPLOY / "grafana" / "provisioning"
 GRAFANA_DASHBOARDS = DEPLOY / "grafana" / "dashboards"
 
 DEFAULT_SERVICES = {"api", "postgres", "redis"}
-# The secrets compose refuses to start without (the user's .env; deploy/compose.env.example).
-SECRETS = {"POSTGRES_PASSWORD": "pgsecret1", "REDIS_PASSWORD": "redissecret2", "GRAFANA_ADMIN_PASSWORD": "grafsecret3"}
 MONITORING_SERVICES = {"prometheus", "grafana"}
 
 
@@ -55,26 +51,7 @@ def compose_config(tmp_path: Path, *args: str, env: dict[str, str] | None = None
     Only PATH is inherited and the env file holds only SECRETS and `env`, so a developer's
     shell or `.env` cannot change what is checked.
     """
-    exe = shutil.which("docker-compose")
-    if exe is None:
-        pytest.fail(
-            "docker-compose is not installed, so docker-compose.yml cannot be validated. Install Debian's "
-            "package (`apt-get install docker-compose`, 1.29.x, works without a Docker engine); "
-            "`make test` does this when it is missing."
-        )
-    env_file = tmp_path / "compose.env"
-    values = {**SECRETS, **(env or {})}
-    env_file.write_text("".join(f"{k}={v}\n" for k, v in values.items()), encoding="utf-8")
-    command = [exe, "--project-directory", str(ROOT), "-f", str(ROOT / "docker-compose.yml")]
-    result = subprocess.run(
-        [*command, "--env-file", str(env_file), *args, "config"],
-        cwd=ROOT,
-        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_compose_config(tmp_path, {**SECRETS, **(env or {})}, *args)
     assert result.returncode == 0, f"docker-compose config failed:\n{result.stderr}"
     config: dict[str, Any] = yaml.safe_load(result.stdout)
     return config

@@ -5,8 +5,6 @@ read-only root, no-new-privileges and a memory limit."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -15,27 +13,12 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent.parent
-SECRETS = {"POSTGRES_PASSWORD": "pgsecret1", "REDIS_PASSWORD": "redissecret2", "GRAFANA_ADMIN_PASSWORD": "grafsecret3"}
+from tests.support.compose import SECRETS, run_compose_config
+from tests.support.servers import ROOT
 
 
 def compose(tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """`docker-compose config` with only PATH inherited and `env` as the env file."""
-    exe = shutil.which("docker-compose")
-    if exe is None:
-        pytest.fail("docker-compose is not installed (`apt-get install docker-compose`; `make test` does this)")
-    env_file = tmp_path / "compose.env"
-    env_file.write_text("".join(f"{k}={v}\n" for k, v in env.items()), encoding="utf-8")
-    files = ["--project-directory", str(ROOT), "-f", str(ROOT / "docker-compose.yml")]
-    return subprocess.run(
-        [exe, *files, "--env-file", str(env_file), "config"],
-        cwd=ROOT,
-        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run_compose_config(tmp_path, env)
 
 
 @pytest.fixture(scope="module")
