@@ -292,7 +292,7 @@ def _with_cues(scored: list[Scored]) -> list[Scored]:
     out: list[Scored] = []
     for s in scored:
         cue = by_place.get((s.sentence.source_n, s.sentence.cue)) if s.sentence.cue is not None else None
-        if cue is None or (s.score == 0.0 and cue.score == 0.0):
+        if cue is None:
             out.append(s)
             continue
         weight = QUESTION_CUE_WEIGHT if cue.sentence.kind == "question" else HEADING_CUE_WEIGHT
