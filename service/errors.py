@@ -89,3 +89,14 @@ class Overloaded(ServiceError):
 
     def __init__(self, code: str, message: str, retry_after: int = 1) -> None:
         super().__init__(code, message, retry_after=retry_after)
+
+
+class HistoryViolation(ServiceError):
+    """A conversation history of the wrong shape (an unknown role, an empty message)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(code, message)
+
+
+class HistoryTooLarge(HistoryViolation):
+    """A conversation history over its bounds (`history_too_long`, `history_too_many_tokens`)."""

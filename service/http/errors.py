@@ -23,6 +23,8 @@ from service.errors import (
     DependencyUnavailable,
     Forbidden,
     GuardrailViolation,
+    HistoryTooLarge,
+    HistoryViolation,
     InvalidRequest,
     Overloaded,
     RateLimited,
@@ -54,6 +56,8 @@ class APIError(Exception):
 # Most specific class first: the first match gives the status.
 _STATUS: tuple[tuple[type[ServiceError], int], ...] = (
     (GuardrailViolation, 400),
+    (HistoryTooLarge, 413),
+    (HistoryViolation, 400),
     (InvalidRequest, 422),
     (Forbidden, 403),
     (RateLimited, 429),  # and BudgetExceeded
