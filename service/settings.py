@@ -112,6 +112,20 @@ class Settings(BaseSettings):
     first_token_timeout_s: float = Field(default=20.0, alias="RAG_FIRST_TOKEN_TIMEOUT_S", gt=0)
     total_timeout_s: float = Field(default=120.0, alias="RAG_TOTAL_TIMEOUT_S", gt=0)
 
+    # --- conversations ------------------------------------------------------------
+    # Bounds of the history a request may carry (`history` on /rag/*, earlier messages on /v1):
+    # past them the request is refused with a 413 (history_too_long, history_too_many_tokens).
+    history_max_turns: int = Field(default=20, alias="RAG_HISTORY_MAX_TURNS", ge=0, le=1000)
+    history_max_tokens: int = Field(default=4000, alias="RAG_HISTORY_MAX_TOKENS", ge=0)
+    # Tokens of recent turns the prompt's <conversation> block carries (newest kept first).
+    history_prompt_tokens: int = Field(default=1000, alias="RAG_HISTORY_PROMPT_TOKENS", ge=0)
+    # How a follow-up becomes a standalone question: auto (the small tier when a provider is
+    # configured, else the offline rules), offline (the rules only), off (no rewrite).
+    rewrite: Literal["auto", "offline", "off"] = Field(default="auto", alias="RAG_REWRITE")
+    rewrite_timeout_s: float = Field(default=3.0, alias="RAG_REWRITE_TIMEOUT_S", gt=0)
+    # Previous user turns the rewrite reads (and its cache key covers).
+    rewrite_turns: int = Field(default=3, alias="RAG_REWRITE_TURNS", ge=1, le=20)
+
     # --- ingest -------------------------------------------------------------------
     # A file over this size is reported and skipped before it is read (raise it for big JSON-lines corpora).
     ingest_max_file_bytes: int = Field(default=50_000_000, alias="RAG_INGEST_MAX_FILE_BYTES", ge=1)

@@ -21,6 +21,7 @@ class Meta:
     route: RouteInfo
     sources: list[SourceInfo]
     semantic: dict[str, Any] | None = None  # on a semantic hit: similarity and the matched question's hash
+    standalone_question: str | None = None  # a follow-up's rewrite, when it differs from the question asked
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,7 @@ def event_payload(event: Event) -> tuple[str, dict[str, Any]]:
             "route": event.route.model_dump(),
             "sources": [s.model_dump() for s in event.sources],
             **({"semantic": event.semantic} if event.semantic else {}),
+            **({"standalone_question": event.standalone_question} if event.standalone_question else {}),
         }
     if isinstance(event, Token):
         return "token", {"text": event.text}
@@ -112,6 +114,7 @@ def decode(fields: dict[bytes, bytes]) -> Event:
             RouteInfo(**data["route"]),
             [SourceInfo(**s) for s in data["sources"]],
             data.get("semantic"),
+            data.get("standalone_question"),
         )
     if name == "token":
         return Token(data["text"])

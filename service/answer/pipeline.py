@@ -1,5 +1,6 @@
-"""The answer pipeline: the request path's seven steps, in order: 1. guardrails, 2. exact cache,
-3. semantic cache, 4. retrieval, 5. routing and prompt, 6. streaming generation, 7. cache write.
+"""The answer pipeline: the request path's seven steps, in order: 1. guardrails (and, for a
+follow-up, its standalone question), 2. exact cache, 3. semantic cache, 4. retrieval, 5. routing
+and prompt, 6. streaming generation, 7. cache write.
 
 Identical misses in flight share one generation (service/answer/coalescing.py); the access log,
 metrics and token budget watch the events from outside (service/answer/observe.py). Before the
@@ -23,11 +24,14 @@ from service.answer.generation import AllProvidersFailedError, Answering, Timeou
 from service.answer.observe import observed, provider_attempts
 from service.answer.schemas import CacheOutcome, RagRequest
 from service.answer.shapes import Question, RequestFactory, cache_entry, replayed, route_info, source_info, usage_info
+from service.answer.standalone import Rewriter
 from service.embeddings.encoders import Embedder, Vectors
 from service.errors import BudgetExceeded, DependencyUnavailable, InvalidRequest, NoProviderAvailable, UnknownModel
 from service.observability.metrics import Metrics
 from service.observability.tracing import span
 from service.policy.guardrails import Action, GuardrailPolicy, check_question
+from service.policy.history import History, HistoryLimits, Turn, parse_history
+from service.policy.pii import redact_pii
 from service.policy.prompt import PROMPT_VERSION, Prompt, build_prompt
 from service.policy.routing import Route, RoutingPolicy, UnknownModelError, choose_route
 from service.policy.tokens import count_tokens
@@ -37,6 +41,7 @@ from service.postgres.watcher import CorpusWatcher
 from service.providers.base import Provider, ProviderError, Usage
 from service.redis.answer_cache import AnswerCache, CachedAnswer, KeyParts, cache_key, question_hash, scope_key
 from service.redis.limits import TokenBudget
+from service.redis.rewrites import RewriteCache
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -61,6 +66,7 @@ class AnswerService:
         policy: RoutingPolicy,
         hash_key: bytes,
         metrics: Metrics | None = None,
+        rewrites: RewriteCache | None = None,
     ) -> None:
         self.settings = settings
         self.hash_key = hash_key  # keys the question hashes that reach logs, metrics and responses
@@ -80,6 +86,15 @@ class AnswerService:
             injection=Action(settings.guard_injection),
             pii=settings.guard_pii,
         )
+        self.history_limits = HistoryLimits(settings.history_max_turns, settings.history_max_tokens)
+        self.rewriter = Rewriter(
+            mode=settings.rewrite,
+            providers=providers,
+            policy=policy,
+            cache=rewrites,
+            timeout_s=settings.rewrite_timeout_s,
+            turns=settings.rewrite_turns,
+        )
         self.timeouts = Timeouts(settings.first_token_timeout_s, settings.total_timeout_s)
         self._on_attempt = provider_attempts(metrics)
 
@@ -96,6 +111,7 @@ class AnswerService:
         clock = Clock()
         with span("rag.guardrails"):
             question = self.guard(request)
+        question = await self.understand(question)
         yield Admitted(question.hash)
         produce = partial(self._cached_or_generated, question, request_id, clock)
         key: str | None = question.key
@@ -103,6 +119,8 @@ class AnswerService:
         if request.cache != "use":  # bypass or refresh: never read the caches, never share the generation
             key, free = None, partial(_checked, budget)
         async for event in self.coalescing.run(key, produce, free=free, request_id=request_id, clock=clock):
+            if isinstance(event, Meta):  # this request's rewrite, whoever produced the answer
+                event = replace(event, standalone_question=question.standalone_question)
             yield event
 
     async def _free(
@@ -204,9 +222,8 @@ class AnswerService:
         if request.model not in ("auto", "small", "large") and request.model not in self.policy.allowed_models():
             allowed = ", ".join(["auto", "small", "large", *self.policy.allowed_models()])
             raise UnknownModel(f"model must be one of: {allowed}")
-        parts = KeyParts(
-            checked.text, request.top_k, filters, request.model, request.max_tokens, request.temperature, PROMPT_VERSION
-        )
+        history = self._history(request)  # raises HistoryViolation
+        parts = self._parts(checked.text, request, filters, history)
         return Question(
             request=request,
             text=checked.text,
@@ -215,6 +232,52 @@ class AnswerService:
             scope=scope_key(parts),
             hash=question_hash(checked.text, self.hash_key),
             flags=checked.flags,
+            history=history,
+        )
+
+    def _history(self, request: RagRequest) -> History:
+        """The request's earlier turns, checked and bounded, with personal data redacted like the question's."""
+        if not request.history:
+            return History()
+        history = parse_history([(m.role, m.content) for m in request.history], self.history_limits, count_tokens)
+        if self.guardrails.pii == "allow":
+            return history
+        return History(tuple(Turn(t.role, redact_pii(t.content)) for t in history.turns))
+
+    @staticmethod
+    def _parts(text: str, request: RagRequest, filters: Filters, history: History) -> KeyParts:
+        return KeyParts(
+            text,
+            request.top_k,
+            filters,
+            request.model,
+            request.max_tokens,
+            request.temperature,
+            PROMPT_VERSION,
+            instructions="\n\n".join(history.instructions),
+        )
+
+    # -- 1b. the standalone question of a follow-up ------------------------------------------
+    async def understand(self, question: Question) -> Question:
+        """A follow-up as the standalone question the cache, retrieval and prompt use (service/answer/standalone.py)."""
+        if not question.history.user_turns:
+            return question
+        with span("rag.understand") as traced:
+            standalone = await self.rewriter.standalone(question.text, question.history)
+            traced.set(rewrite=standalone.how)
+        if standalone.text == question.text:
+            return question
+        # Built from earlier turns (or a model's reply): untrusted text, checked like a question.
+        checked = check_question(standalone.text, self.guardrails, count_tokens)
+        parts = self._parts(checked.text, question.request, question.filters, question.history)
+        return replace(
+            question,
+            text=checked.text,
+            asked=question.text,
+            key=cache_key(parts),
+            scope=scope_key(parts),
+            hash=question_hash(checked.text, self.hash_key),
+            flags=tuple(dict.fromkeys((*question.flags, *checked.flags))),
         )
 
     # -- 2. exact cache ------------------------------------------------------------------
@@ -269,7 +332,14 @@ class AnswerService:
 
     # -- 5. routing and prompt -------------------------------------------------------------
     def plan(self, question: Question, sources: list[Source]) -> tuple[Route, Prompt]:
-        prompt = build_prompt(question.text, sources, context_budget=self.settings.context_token_budget)
+        prompt = build_prompt(
+            question.text,
+            sources,
+            context_budget=self.settings.context_token_budget,
+            conversation=question.history.dialogue,
+            conversation_budget=self.settings.history_prompt_tokens,
+            instructions=question.history.instructions,
+        )
         try:
             route = choose_route(
                 question.request.model,

@@ -21,6 +21,15 @@ JsonInt = Annotated[int, BeforeValidator(_json_number)]  # 3 and 3.0, not true o
 JsonFloat = Annotated[float, BeforeValidator(_json_number)]
 
 
+class HistoryMessage(BaseModel):
+    """One earlier turn of the conversation; roles and bounds are checked by service/policy/history.py."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: str = Field(max_length=32, description="user | assistant | system")
+    content: str | None = Field(default=None, max_length=100_000)
+
+
 class RagRequest(BaseModel):
     # The example is what /docs shows and what the schema fuzzer sends first with a valid key.
     model_config = ConfigDict(
@@ -35,6 +44,11 @@ class RagRequest(BaseModel):
     temperature: JsonFloat = Field(default=0.2, ge=0.0, le=2.0)
     filters: dict[str, str | list[str]] | None = Field(default=None, description='e.g. {"source": "handbook"}')
     cache: CacheMode = "use"
+    history: list[HistoryMessage] | None = Field(
+        default=None,
+        max_length=1000,  # the real bound is RAG_HISTORY_MAX_TURNS (413 history_too_long)
+        description="Earlier turns, oldest first: follow-ups are answered (and cached) as standalone questions.",
+    )
 
 
 class RouteInfo(BaseModel):

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from service.answer.events import Clock, Done, Event, Meta, Token
 from service.answer.generation import Answering
 from service.answer.schemas import RagRequest, RouteInfo, SourceInfo, UsageInfo
 from service.embeddings.encoders import Vectors
+from service.policy.history import History
 from service.policy.prompt import Prompt
 from service.policy.routing import Route, RoutingPolicy
 from service.postgres.retrieval import Filters, Source
@@ -37,6 +38,13 @@ class Question:
     hash: str
     flags: tuple[str, ...] = ()
     vector: Vector | None = None  # embedded once, used by the semantic cache and retrieval
+    history: History = field(default_factory=History)  # the turns before it (validated, redacted like the question)
+    asked: str = ""  # the question as asked (redacted), when `text` is its standalone rewrite
+
+    @property
+    def standalone_question(self) -> str | None:
+        """The rewrite, for the `meta` event: only when it differs from the question asked."""
+        return self.text if self.asked and self.asked != self.text else None
 
 
 def cost_usd(model: str, usage: Usage, pricing: Mapping[str, tuple[float, float]]) -> float:

@@ -48,6 +48,7 @@ from service.providers.openai import OpenAIProvider
 from service.redis.answer_cache import AnswerCache
 from service.redis.client import redis_url, worker_client
 from service.redis.limits import Limiter
+from service.redis.rewrites import RewriteCache
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -154,6 +155,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         policy=routing_policy(settings),
         hash_key=hash_key(settings),
         metrics=metrics,
+        rewrites=RewriteCache(client, ttl_s=settings.cache_ttl_s),
     )
     # The model and SDKs leave ~650k long-lived objects; full GC passes over them took 0.3-0.7 s
     # and were the p99 of cache hits. Freeze them out of the collector's view.

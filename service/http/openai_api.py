@@ -7,9 +7,12 @@ are written back in the Chat Completions format.
 
 - Every endpoint here needs an API key with the "query" scope (`Authorization: Bearer`,
   which is how the SDKs send `api_key`); errors use OpenAI's shape (service/http/errors.py).
-- The question is the last message, which must come from the user. Earlier messages
-  (system prompts, history) are accepted but not used yet: the pipeline has no place for
-  conversation history (neither the prompt nor the cache key would carry it).
+- The question is the last message, which must come from the user. The earlier messages are
+  the conversation: user and assistant turns are the history (a follow-up is answered, and
+  cached, as its standalone question, reported as `rag.standalone_question`), system and
+  developer messages are instructions to the generator that never override the citation
+  rules. Tool messages are skipped. Too many or too long: 413 `history_too_long` /
+  `history_too_many_tokens`; a message of the wrong shape: 400 `invalid_history`.
 - ragcache's own options travel in an extra body field, `"rag": {"top_k", "filters",
   "cache"}` (the openai SDK sends it with `extra_body`); its results come back in a
   top-level `"rag"` field: request id, cache outcome, route and sources on the
@@ -50,6 +53,7 @@ from service.policy.guardrails import (
     QUESTION_TOO_LONG,
     TOO_MANY_TOKENS,
 )
+from service.policy.history import HISTORY_TOO_LONG, HISTORY_TOO_MANY_TOKENS, INVALID_HISTORY
 
 # Every /v1 endpoint needs a key with the "query" scope; the SDKs send it as `Authorization: Bearer`.
 router = APIRouter(
@@ -65,6 +69,7 @@ OWNER: Final = "ragcache"  # owned_by of the virtual models auto/small/large
 _GUARDRAIL_CODES: Final = frozenset(
     {EMPTY_QUESTION, QUESTION_TOO_LONG, TOO_MANY_TOKENS, CONTROL_CHARACTERS, PROMPT_INJECTION, PII_DETECTED}
 )
+_HISTORY_CODES: Final = frozenset({INVALID_HISTORY, HISTORY_TOO_LONG, HISTORY_TOO_MANY_TOKENS})
 
 
 # --- request --------------------------------------------------------------------------------
@@ -194,12 +199,30 @@ def _question(body: ChatCompletionRequest) -> tuple[int, str]:
     return index, "\n".join(texts)
 
 
+def _text(content: str | list[ContentPart] | None) -> str | None:
+    """A history message's text: its text parts (images and other parts are not part of the history)."""
+    if content is None or isinstance(content, str):
+        return content
+    return "\n".join(part.text for part in content if part.type == "text" and part.text is not None)
+
+
+def _history(body: ChatCompletionRequest, index: int) -> list[dict[str, str | None]]:
+    """The messages before the question as `/rag/*` history; tool results have no place in it."""
+    return [
+        {"role": m.role, "content": _text(m.content)}
+        for m in body.messages[:index]
+        if m.role not in ("tool", "function")
+    ]
+
+
 def to_rag_request(body: ChatCompletionRequest) -> tuple[RagRequest, int]:
     """The RagRequest this chat request means; RagRequest's bounds apply, reported at the chat field."""
     _reject_unsupported(body)
     index, question = _question(body)
     tokens_field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     data: dict[str, Any] = {"question": question, "model": body.model}
+    if history := _history(body, index):
+        data["history"] = history
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     if max_tokens is not None:
         data["max_tokens"] = max_tokens
@@ -213,6 +236,7 @@ def to_rag_request(body: ChatCompletionRequest) -> tuple[RagRequest, int]:
         "top_k": ("rag", "top_k"),
         "filters": ("rag", "filters"),
         "cache": ("rag", "cache"),
+        "history": ("messages",),
     }
     try:
         return RagRequest.model_validate(data), index
@@ -237,6 +261,8 @@ def _with_param(exc: APIError, index: int) -> APIError:
             exc.param = "model"
         elif exc.code == "refresh_forbidden":
             exc.param = "rag.cache"
+        elif exc.code in _HISTORY_CODES:
+            exc.param = "messages"
     return exc
 
 

@@ -41,11 +41,11 @@ class OpenAIErrorResponse(BaseModel):
 _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}}
 
 _WHEN: dict[int, str] = {
-    400: "Rejected by the input guardrails, or asks for something unsupported.",
+    400: "Rejected by the input guardrails, a history message of the wrong shape, or something unsupported.",
     401: "Missing, unknown or revoked API key.",
     403: "The API key lacks the scope this endpoint needs.",
     404: "No such resource.",
-    413: "The request body exceeds RAG_MAX_BODY_BYTES.",
+    413: "The request body exceeds RAG_MAX_BODY_BYTES, or the history RAG_HISTORY_MAX_TURNS / _MAX_TOKENS.",
     422: "The request does not match the schema.",
     429: "Rate limit, token budget or failed-authentication limit reached.",
     502: "The model provider failed before the answer was complete.",

@@ -37,6 +37,7 @@ class KeyParts:
     max_tokens: int
     temperature: float
     prompt_version: str
+    instructions: str = ""  # the client's system messages: answers under other instructions are not shared
 
 
 def cache_key(parts: KeyParts) -> str:
@@ -57,6 +58,7 @@ def _scope(parts: KeyParts) -> dict[str, object]:
         "mt": parts.max_tokens,
         "t": round(parts.temperature, 3),
         "v": parts.prompt_version,
+        **({"i": parts.instructions} if parts.instructions else {}),  # keys without instructions are unchanged
     }
 
 

@@ -4,11 +4,12 @@ All keys live under one prefix (`ragcache:`), split into families:
 
 - `answer:`, `deps:`: the exact answer cache (an answer, and the answers built from a document);
 - `corpus:`: the corpus watcher's marker (the corpus version the cache has caught up with);
+- `rewrite:`: standalone questions of follow-ups, by a hash of the recent user turns and the question;
 - `inflight:`, `stream:`, `followers:`: coalescing leases, event streams and follower counts;
 - `limit:`: rate limits, token budgets and failed-auth counters;
 - `metrics:`: the dashboard's per-minute series.
 
-`rag-admin cache flush` deletes the first three groups (`CACHE_FAMILIES`) and keeps limits (a
+`rag-admin cache flush` deletes the first four groups (`CACHE_FAMILIES`) and keeps limits (a
 flush must not hand out fresh budgets) and the metrics history (`KEPT_FAMILIES`).
 
 Redis is optional at run time: after a failure, the callers that can do without it skip it for
@@ -29,7 +30,7 @@ COOL_DOWN_S = 2.0
 # socket, and a timed-out read.
 REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
 
-CACHE_FAMILIES = ("answer", "deps", "corpus", "inflight", "stream", "followers")
+CACHE_FAMILIES = ("answer", "deps", "corpus", "rewrite", "inflight", "stream", "followers")
 KEPT_FAMILIES = ("limit", "metrics")
 
 
@@ -60,6 +61,11 @@ class Keyspace:
     def corpus_version(self) -> str:
         """The corpus version whose changes the cache has applied (the stored name predates the rename)."""
         return f"{self.prefix}:corpus:generation"
+
+    # -- follow-up rewrites -------------------------------------------------------------------
+    def rewrite(self, key: str) -> str:
+        """The standalone question of one follow-up (`key`: a hash of the recent user turns and the question)."""
+        return f"{self.prefix}:rewrite:{key}"
 
     # -- coalescing ---------------------------------------------------------------------------
     def lease(self, key: str) -> str:

@@ -17,6 +17,7 @@ def every_key(keys: Keyspace) -> dict[str, str]:
         "deps": keys.deps(7),
         "deps_none": keys.deps(None),
         "corpus_version": keys.corpus_version,
+        "rewrite": keys.rewrite("k"),
         "lease": keys.lease("k"),
         "stream": keys.stream("k"),
         "followers": keys.followers("k"),
