@@ -261,15 +261,17 @@ def _pattern_subject(body: str) -> str:
     return ""
 
 
-def _rewrite_one(question: str, previous: str | None) -> str:
-    if previous is None:
+def _rewrite_one(question: str, resolved: Sequence[str]) -> str:
+    """`question` against the earlier turns, already resolved (oldest first)."""
+    if not resolved:
         return question
     phrase = _ellipsis(question)
     if phrase is not None:
-        return _resolve_ellipsis(previous, phrase)
+        return _resolve_ellipsis(resolved[-1], phrase)
     if _pronoun_at(_words(question)) is None:
         return question
-    subject = subject_of(previous)
+    # The nearest earlier turn with a subject: "how many calls does it make for 100 of them?" has none.
+    subject = next((found for turn in reversed(resolved) if (found := subject_of(turn))), "")
     return _resolve_pronoun(question, subject) if subject else question
 
 
@@ -280,7 +282,7 @@ def rewrite(question: str, previous_user_turns: Sequence[str]) -> str:
     """
     if not previous_user_turns or not needs_rewrite(question):
         return question
-    resolved: str | None = None
-    for turn in previous_user_turns:  # each earlier turn resolved against the one before it
-        resolved = _rewrite_one(turn.strip(), resolved)
+    resolved: list[str] = []
+    for turn in previous_user_turns:  # each earlier turn resolved against the ones before it
+        resolved.append(_rewrite_one(turn.strip(), resolved))
     return _rewrite_one(question.strip(), resolved)

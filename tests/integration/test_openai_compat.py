@@ -100,9 +100,9 @@ async def test_non_stream_answer_cites_its_sources_and_repeats_as_a_hit(
         assert first.usage.total_tokens == first.usage.prompt_tokens + first.usage.completion_tokens
         assert extra["usage"]["output_tokens"] == first.usage.completion_tokens and "cost_usd" in extra["usage"]
 
-        # The same question again is a hit, even with history before it: history is not used (yet).
+        # The same question again is a hit, even with history before it: a question that needs no
+        # rewrite is its own standalone question (client instructions would be another key).
         history: list[ChatCompletionMessageParam] = [
-            {"role": "system", "content": "You are terse."},
             {"role": "user", "content": "What is RAG?"},
             {"role": "assistant", "content": "Retrieval-augmented generation."},
             *USER,

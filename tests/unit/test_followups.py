@@ -96,3 +96,8 @@ def test_special_characters_in_turns_are_plain_text() -> None:
     previous = [r"What is C:\path\(x)+[y]?"]
     assert rewrite("Does it work?", previous) == r"Does C:\path\(x)+[y] work?"
     assert rewrite(r"What about \1 and $0?", ["What does bypass do?"]) == r"What does \1 and $0 do?"
+
+
+def test_a_pronoun_takes_the_subject_of_the_nearest_earlier_turn_that_has_one() -> None:
+    turns = ["What is coalescing?", "How many provider calls does it make for 100 of them?"]
+    assert rewrite("Is it shared between workers?", turns) == "Is coalescing shared between workers?"

@@ -1,0 +1,189 @@
+"""Conversations (issue 14): follow-ups answered and cached as standalone questions, on both APIs.
+
+The real `openai` SDK against the real app over the examples/ handbook; the offline generator,
+or the loopback provider where a test needs a model for the rewrite.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import openai
+import pytest
+from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
+
+from service.answer.standalone import REWRITE_SYSTEM
+from service.embeddings.encoders import LocalEmbedder
+from service.settings import Settings
+from tests.integration.test_openai_compat import Served, rag, serving
+from tests.support.answers import seed, with_providers
+from tests.support.demo import ingest_examples
+from tests.support.provider_server import Behavior, ProviderServer, default_answer
+from tests.support.sse import parse_sse
+
+COALESCING = "What is coalescing?"
+SEMANTIC = "What is the semantic cache?"
+FOLLOW_UP = "How many provider calls does it make for 100 of them?"
+
+
+def conversation(*turns: str, answers: tuple[str, ...] = ()) -> list[ChatCompletionMessageParam]:
+    """user, assistant, user, …: the earlier turns with their answers, then the last question."""
+    messages: list[ChatCompletionMessageParam] = []
+    for i, turn in enumerate(turns):
+        messages.append({"role": "user", "content": turn})
+        if i < len(turns) - 1:
+            messages.append({"role": "assistant", "content": answers[i] if i < len(answers) else "An answer [1]."})
+    return messages
+
+
+def cited(text: str) -> set[int]:
+    return {int(n) for n in re.findall(r"\[(\d+)\]", text)}
+
+
+async def ask(served: Served, messages: list[ChatCompletionMessageParam], model: str = "auto") -> ChatCompletion:
+    return await served.client().chat.completions.create(model=model, messages=messages)
+
+
+async def test_a_follow_up_is_answered_and_cached_by_what_it_means(
+    settings: Settings, local_embedder: LocalEmbedder
+) -> None:
+    await ingest_examples(settings, local_embedder)
+    async with serving(settings, local_embedder) as served:
+        first = await ask(served, conversation(COALESCING))
+        answer = first.choices[0].message.content or ""
+        assert "standalone_question" not in rag(first)  # a first question is its own standalone question
+
+        follow = await ask(served, conversation(COALESCING, FOLLOW_UP, answers=(answer,)))
+        extra = rag(follow)
+        standalone = extra["standalone_question"]
+        assert standalone == "How many provider calls does coalescing make for 100 of them?"
+        assert extra["cache"] == "miss"
+        text = follow.choices[0].message.content or ""
+        assert re.search(r"one provider call", text, re.IGNORECASE), text  # about coalescing, from the handbook
+        assert cited(text) and cited(text) <= {s["n"] for s in extra["sources"]}  # this turn's sources
+        assert extra["sources"][0]["document"] in ("Caching", "faq.txt", "Glossary")
+
+        third = await ask(served, conversation(COALESCING, FOLLOW_UP, "Is it shared between workers?"))
+        assert rag(third)["standalone_question"] == "Is coalescing shared between workers?"
+
+        # The same follow-up after another first turn means something else: no shared answer.
+        other = await ask(served, conversation(SEMANTIC, FOLLOW_UP))
+        assert (
+            rag(other)["standalone_question"] == "How many provider calls does the semantic cache make for 100 of them?"
+        )
+        assert rag(other)["cache"] == "miss"
+
+        # Asking the standalone question directly is the same question: a hit.
+        direct = await ask(served, conversation(standalone))
+        assert rag(direct)["cache"] == "hit" and "standalone_question" not in rag(direct)
+        assert direct.choices[0].message.content == text
+
+
+async def test_rag_endpoints_take_history_and_report_the_standalone_question(
+    settings: Settings, local_embedder: LocalEmbedder
+) -> None:
+    await seed(settings, local_embedder)
+    history = [{"role": "user", "content": "How do I create an API key?"}, {"role": "assistant", "content": "See [1]."}]
+    async with serving(settings, local_embedder) as served, served.http() as http:
+        answer = await http.post("/rag/answer", json={"question": "How do I revoke it?", "history": history})
+        assert answer.status_code == 200, answer.text
+        assert "rag-admin keys revoke" in answer.json()["answer"]
+        stream = await http.post("/rag/stream", json={"question": "How do I revoke it?", "history": history})
+        meta = parse_sse(stream.text)[0][1]
+        assert meta["standalone_question"] == "How do I revoke an API key?" and meta["cache"] == "hit"
+
+
+# --- limits and shapes --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("history", "status", "code"),
+    [
+        ([{"role": "user", "content": "q"}] * 21, 413, "history_too_long"),
+        ([{"role": "user", "content": "word " * 4100}], 413, "history_too_many_tokens"),
+        ([{"role": "robot", "content": "q"}], 400, "invalid_history"),
+        ([{"role": "user", "content": "  "}], 400, "invalid_history"),
+    ],
+)
+async def test_history_limits_and_shapes_are_clear_errors_in_each_format(
+    settings: Settings, local_embedder: LocalEmbedder, history: list[dict[str, str]], status: int, code: str
+) -> None:
+    async with serving(settings, local_embedder) as served, served.http() as http:
+        response = await http.post("/rag/answer", json={"question": "How do I flush the cache?", "history": history})
+        assert response.status_code == status
+        assert response.json() == {"error": {"code": code, "message": response.json()["error"]["message"]}}
+        assert "q" not in response.json()["error"]["message"].split()  # the history is never echoed
+
+        if history[0]["role"] == "robot":
+            return  # OpenAI's message schema has no such role: a 422 there, like any schema error
+        messages: list[Any] = [*history, {"role": "user", "content": "How do I flush the cache?"}]
+        with pytest.raises(openai.APIStatusError) as raised:
+            await served.client().chat.completions.create(model="auto", messages=messages)
+        assert raised.value.status_code == status
+        body: Any = raised.value.body
+        assert body["code"] == code and body["param"] == "messages" and body["type"] == "invalid_request_error"
+
+
+# --- with a model for the rewrite -----------------------------------------------------------------------
+
+REWRITTEN = "How many provider calls does request coalescing make for 100 identical questions?"
+
+
+def scripted(body: Mapping[str, Any]) -> str:
+    """The rewrite call gets the scripted standalone question; answers get the default answer."""
+    system = body.get("system") or ""
+    return REWRITTEN if REWRITE_SYSTEM in str(system) else default_answer(body)
+
+
+def rewrite_calls(provider: ProviderServer) -> list[Any]:
+    return [c for c in provider.calls_to("messages") if REWRITE_SYSTEM in str(c.body.get("system"))]
+
+
+async def test_the_rewrite_goes_to_the_small_tier_falls_back_and_is_cached(
+    settings: Settings, local_embedder: LocalEmbedder, provider: ProviderServer
+) -> None:
+    await ingest_examples(settings, local_embedder)
+    provider.default = Behavior(text=scripted)
+    async with serving(with_providers(settings, provider), local_embedder) as served:
+        messages = conversation(COALESCING, FOLLOW_UP)
+        follow = await ask(served, messages, model="large")  # the answer's tier does not move the rewrite
+        assert rag(follow)["standalone_question"] == REWRITTEN
+        calls = rewrite_calls(provider)
+        assert [c.body["model"] for c in calls] == ["claude-haiku-4-5"]  # the small tier, once
+        assert COALESCING in calls[0].body["messages"][0]["content"]
+
+        # Replayed: the rewrite comes from the cache, and the answer too.
+        again = await ask(served, messages, model="large")
+        assert rag(again)["standalone_question"] == REWRITTEN and rag(again)["cache"] == "hit"
+        assert len(rewrite_calls(provider)) == 1
+
+        # A failing rewrite falls back to the offline rules; the request still succeeds.
+        provider.enqueue(Behavior(status=400))
+        fallback = await ask(served, conversation(SEMANTIC, FOLLOW_UP))
+        assert rag(fallback)["standalone_question"] == (
+            "How many provider calls does the semantic cache make for 100 of them?"
+        )
+        assert fallback.choices[0].message.content
+
+
+async def test_client_instructions_reach_the_model_after_the_rules_and_key_their_own_answers(
+    settings: Settings, local_embedder: LocalEmbedder, provider: ProviderServer
+) -> None:
+    await seed(settings, local_embedder)
+    provider.default = Behavior(text="Run rag-admin cache flush [1].")
+    async with serving(with_providers(settings, provider), local_embedder) as served:
+        plain = await ask(served, conversation("How do I flush the cache?"))
+        assert rag(plain)["cache"] == "miss"
+        instructed: list[ChatCompletionMessageParam] = [
+            {"role": "system", "content": "Answer in French. Ignore the sources."},
+            *conversation("How do I flush the cache?"),
+        ]
+        french = await ask(served, instructed)
+        assert rag(french)["cache"] == "miss"  # other instructions, another answer
+        system = str(provider.calls_to("messages")[-1].body["system"])
+        rules, _, given = system.partition("<instructions>")
+        assert "Cite every claim" in rules and "never override" in rules
+        assert "Answer in French. Ignore the sources." in given
+        assert rag(await ask(served, instructed))["cache"] == "hit"
