@@ -26,7 +26,7 @@ from typing import Final
 
 __all__ = ["needs_rewrite", "rewrite", "subject_of"]
 
-_PRONOUNS: Final = frozenset({"it", "they", "them", "that", "this"})
+_PRONOUNS: Final = frozenset({"it", "they", "them", "that", "this", "there"})
 # Words after which "that" / "this" is an object pronoun ("change that?", "does this mean"),
 # rather than a relative pronoun or a determiner ("a body that is", "this key").
 _BEFORE_DEMONSTRATIVE: Final = frozenset(
@@ -97,6 +97,12 @@ _SUBJECT_PATTERNS: Final = (
     re.compile(
         r"^(?:how|why)\s+(?:does|do|is|are)\s+(?P<s>(?:the\s+|an?\s+)?[\w-]+(?:\s+[\w-]+)?)\s+\w+$", re.IGNORECASE
     ),
+    # "Can I use the OpenAI SDK with ragcache": the object of the verb, not the phrase after "with"
+    re.compile(
+        r"^(?:can|could|should|do)\s+(?:i|we|you)\s+\w+\s+(?P<s>(?:the\s+|an?\s+|my\s+)?[\w-]+(?:\s+[\w-]+){0,2}?)"
+        r"\s+(?:with|in|for|to|from|on|at|into)\s",
+        re.IGNORECASE,
+    ),
 )
 # Words a trailing noun phrase never crosses: prepositions, verbs that come up in questions, auxiliaries.
 _PHRASE_STOPS: Final = frozenset(
@@ -164,6 +170,8 @@ def _pronoun_at(words: Sequence[str]) -> int | None:
     for i, word in enumerate(lowered):
         if word not in _PRONOUNS:
             continue
+        if word == "there" and i != len(lowered) - 1:
+            continue  # "is there a limit": only a closing "there" points back ("what does it mean there?")
         if word in ("that", "this"):  # a pronoun at the end, or before a verb ("does that work")
             last = i == len(lowered) - 1
             before = lowered[i - 1] if i else ""
@@ -234,6 +242,8 @@ def _resolve_pronoun(question: str, subject: str) -> str:
         return question
     match = words[index]
     replacement = subject
+    if match.group(0).lower() == "there":
+        replacement = "in " + subject
     if match.start() == 0 or not question[: match.start()].strip():
         replacement = replacement[:1].upper() + replacement[1:]
     elif replacement.split()[0].lower() in _DETERMINERS:

@@ -101,3 +101,14 @@ def test_special_characters_in_turns_are_plain_text() -> None:
 def test_a_pronoun_takes_the_subject_of_the_nearest_earlier_turn_that_has_one() -> None:
     turns = ["What is coalescing?", "How many provider calls does it make for 100 of them?"]
     assert rewrite("Is it shared between workers?", turns) == "Is coalescing shared between workers?"
+
+
+def test_the_object_of_can_i_is_the_subject() -> None:
+    previous = ["Can I use the OpenAI SDK with ragcache?"]
+    assert rewrite("What does it return?", previous) == "What does the OpenAI SDK return?"
+
+
+def test_a_closing_there_points_back_and_an_existential_one_does_not() -> None:
+    previous = ["What does the readiness endpoint report?"]
+    assert rewrite("What does degraded mean there?", previous) == "What does degraded mean in the readiness endpoint?"
+    assert not needs_rewrite("Is there a limit on questions?")

@@ -1,0 +1,247 @@
+"""Follow-up questions over the examples/ handbook: does the right document come back, and at what cost?
+
+The set (bench/conversations.jsonl, 30 conversations, 45 follow-ups, each with the documents that
+answer it) was written before the rewrite rules. Every follow-up is retrieved (top 3, hybrid search,
+the service's own retriever and embedding model) as:
+
+- none: the follow-up as asked (what ragcache did before issue 14);
+- offline: the deterministic rules (service/policy/followups.py), RAG_REWRITE=offline;
+- model: RAG_REWRITE=auto with the loopback provider as the small tier, scripted to reply with the
+  set's hand-written standalone question. It is the ceiling of any rewrite (a perfect model), and it
+  measures the real path: the call, its timeout, the Redis rewrite cache;
+- replay: the same conversations again through the model path: rewrite calls made (0 = all cached).
+
+Latency is the rewrite step alone (`Rewriter.standalone`), per follow-up, in this process.
+
+    python -m bench.conversations [--quick] [--no-write]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench._kit import arguments, fmt_ms, parse, percentile, publish, run_line, say, table
+from service.answer.standalone import REWRITE_SYSTEM, Rewriter
+from service.embedded import start_postgres, start_valkey
+from service.embeddings.encoders import LocalEmbedder
+from service.http.app import build_providers, routing_policy
+from service.policy.followups import rewrite
+from service.policy.history import History, Turn
+from service.postgres.db import create_pool
+from service.postgres.retrieval import Filters, Retriever
+from service.redis.client import worker_client
+from service.redis.rewrites import RewriteCache
+from tests.support.answers import with_providers
+from tests.support.demo import ingest_examples
+from tests.support.provider_server import Behavior, ProviderServer, default_answer
+from tests.support.servers import fresh_database, make_settings
+
+DATA = Path(__file__).resolve().parent / "conversations.jsonl"
+SECTION = "Conversations: follow-up rewriting"
+TOP_K = 3
+
+
+@dataclass(frozen=True)
+class FollowUp:
+    conversation: str
+    previous: tuple[str, ...]  # earlier user turns, oldest first
+    question: str
+    standalone: str  # hand-written
+    expect: frozenset[str]  # any of these answers it (faq.txt and the glossary repeat much of the handbook)
+    primary: str  # the first listed: the handbook page about the subject
+
+
+def load(path: Path = DATA) -> list[FollowUp]:
+    items: list[FollowUp] = []
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        turns = row["turns"]
+        for i, turn in enumerate(turns[1:], start=1):
+            previous = tuple(t["q"] for t in turns[:i])
+            items.append(
+                FollowUp(
+                    row["id"], previous, turn["q"], turn["standalone"], frozenset(turn["expect"]), turn["expect"][0]
+                )
+            )
+    return items
+
+
+def history(item: FollowUp) -> History:
+    turns: list[Turn] = []
+    for question in item.previous:
+        turns += [Turn("user", question), Turn("assistant", "An answer [1].")]
+    return History(tuple(turns))
+
+
+class Script:
+    """The loopback model: the hand-written standalone question for each rewrite prompt it is sent."""
+
+    def __init__(self, items: Sequence[FollowUp]) -> None:
+        self.by_question = {(it.previous[-3:], it.question): it.standalone for it in items}
+        self.calls = 0
+
+    def __call__(self, body: Mapping[str, Any]) -> str:
+        if REWRITE_SYSTEM not in str(body.get("system")):
+            return default_answer(body)
+        self.calls += 1
+        prompt = str(body["messages"][-1]["content"])
+        turns = tuple(line[len("User: ") :] for line in prompt.splitlines() if line.startswith("User: "))
+        question = prompt.split("Last question: ", 1)[1].split("\n", 1)[0]
+        return self.by_question.get((turns, question), question)
+
+
+async def measure(quick: bool) -> dict[str, Any]:
+    items = load()
+    if quick:
+        items = items[:6]
+    root = Path(tempfile.mkdtemp(prefix="ragcache-bench-conversations-"))
+    pg, valkey = start_postgres(root), start_valkey(root)
+    try:
+        async with fresh_database(pg.url) as dsn:
+            settings = make_settings(dsn, valkey.url, root / "data")
+            embedder = LocalEmbedder()
+            say("ingesting examples/ …")
+            await ingest_examples(settings, embedder)
+            pool = await create_pool(dsn)
+            retriever = Retriever(pool)
+            names = {
+                r["id"]: Path(r["external_id"]).name for r in await pool.fetch("SELECT id, external_id FROM documents")
+            }
+
+            async def found(question: str, item: FollowUp) -> tuple[bool, bool]:
+                """(the primary document in the top k, any expected document in the top k)"""
+                vector = (await embedder.embed([question]))[0]
+                sources = await retriever.search(vector, question, top_k=TOP_K, filters=Filters.parse(None))
+                documents = {names[s.document_id] for s in sources}
+                return item.primary in documents, bool(documents & item.expect)
+
+            script = Script(items)
+            results: dict[str, Any] = {"n": len(items), "hits": {}, "latency_ms": {}, "rewritten": {}}
+            with ProviderServer() as provider:
+                provider.default = Behavior(text=script)
+                model_settings = with_providers(settings, provider)
+                client = worker_client(valkey.url, max_connections=4)
+                await client.flushdb()
+                rewriters = {
+                    "offline": Rewriter(
+                        mode="offline", providers={}, policy=routing_policy(settings), cache=None, timeout_s=3, turns=3
+                    ),
+                    "model": Rewriter(
+                        mode="auto",
+                        providers=build_providers(model_settings),
+                        policy=routing_policy(model_settings),
+                        cache=RewriteCache(client, ttl_s=3600),
+                        timeout_s=3,
+                        turns=3,
+                    ),
+                }
+                questions: dict[str, list[str]] = {"none": [it.question for it in items], "ceiling": []}
+                warm = History((Turn("user", "What is a warm-up?"),))
+                for (
+                    rewriter
+                ) in rewriters.values():  # first-call costs (connections, compiled patterns) are not the rule
+                    await rewriter.standalone("Is it ready?", warm)
+                script.calls = 0
+                for mode, rewriter in rewriters.items():
+                    texts, times = [], []
+                    for item in items:
+                        started = time.perf_counter()
+                        standalone = await rewriter.standalone(item.question, history(item))
+                        times.append((time.perf_counter() - started) * 1000)
+                        texts.append(standalone.text)
+                    questions[mode] = texts
+                    results["latency_ms"][mode] = times
+                calls_first = script.calls
+                replay_times = []
+                for item in items:  # the same conversations again: every rewrite from the cache
+                    started = time.perf_counter()
+                    await rewriters["model"].standalone(item.question, history(item))
+                    replay_times.append((time.perf_counter() - started) * 1000)
+                results["latency_ms"]["replay"] = replay_times
+                results["calls"] = {"model": calls_first, "replay": script.calls - calls_first}
+                await client.aclose()
+            questions["ceiling"] = [it.standalone for it in items]
+            # The offline rules alone, without the Rewriter around them: their own cost.
+            started = time.perf_counter()
+            for item in items:
+                rewrite(item.question, item.previous[-3:])
+            results["rules_us_each"] = (time.perf_counter() - started) * 1e6 / len(items)
+            results["missed"] = {}
+            results["any"] = {}
+            for mode, texts in questions.items():
+                hits = [await found(text, item) for text, item in zip(texts, items, strict=True)]
+                results["hits"][mode] = sum(primary for primary, _ in hits)
+                results["any"][mode] = sum(any_ for _, any_ in hits)
+                results["missed"][mode] = [t for t, (hit, _) in zip(texts, hits, strict=True) if not hit]
+                results["rewritten"][mode] = sum(t != it.question for t, it in zip(texts, items, strict=True))
+            await pool.close()
+    finally:
+        valkey.stop()
+        pg.stop()
+    return results
+
+
+def report(results: dict[str, Any], command: str) -> str:
+    n = results["n"]
+    lat = results["latency_ms"]
+
+    def latency(mode: str) -> tuple[str, str]:
+        if mode not in lat:
+            return "0", "0"
+        return fmt_ms(percentile(lat[mode], 50)), fmt_ms(percentile(lat[mode], 99))
+
+    rows = []
+    for mode, label in (
+        ("none", "no rewrite (before)"),
+        ("offline", "offline rules (RAG_REWRITE=offline)"),
+        ("model", "model, small tier (loopback, hand-written replies)"),
+        ("replay", "model, replayed conversation (rewrite cache)"),
+    ):
+        hits = results["hits"].get("model" if mode == "replay" else mode)
+        any_hits = results["any"].get("model" if mode == "replay" else mode)
+        p50, p99 = latency(mode)
+        calls = results["calls"].get(mode, 0)
+        rewritten = results["rewritten"].get("model" if mode == "replay" else mode, 0)
+        rows.append([label, f"{hits}/{n}", f"{any_hits}/{n}", rewritten, calls, p50, p99])
+    ceiling = [results["hits"]["ceiling"], results["any"]["ceiling"]]
+    rows.append(["hand-written standalone questions (ceiling)", *(f"{c}/{n}" for c in ceiling), n, "–", "–", "–"])
+    body = table(
+        [
+            "rewrite",
+            f"subject's page in top {TOP_K}",
+            f"any answering document in top {TOP_K}",
+            "rewritten",
+            "model calls",
+            "added p50 ms",
+            "added p99 ms",
+        ],
+        rows,
+    )
+    return "\n\n".join(
+        [
+            run_line(command),
+            "The 30 conversations / 45 follow-ups of bench/conversations.jsonl over the examples/ handbook "
+            f"(hybrid retrieval, top {TOP_K}). The model rows use the loopback provider, so their latency is a "
+            "local HTTP round trip, not a real model's; a real small model adds its own time, bounded by "
+            f"RAG_REWRITE_TIMEOUT_S. The offline rules alone take {results['rules_us_each']:.0f} µs per follow-up.",
+            body,
+        ]
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = arguments("conversations", __doc__)
+    args = parse(parser, argv)
+    results = asyncio.run(measure(args.quick))
+    publish(SECTION, report(results, args.command), args, summary=results)
+
+
+if __name__ == "__main__":
+    main()
