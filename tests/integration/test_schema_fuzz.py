@@ -57,10 +57,11 @@ CONFIG: dict[str, Any] = {
             # What a schema cannot say about a schema-valid question: the guardrails refuse it
             # (400: empty, injection, control characters, too long), the model is not in the
             # configured allow-list or a filter key is not `source` (422), or it asks for an OpenAI
-            # feature the pipeline cannot provide (400 unsupported_parameter).
+            # feature the pipeline cannot provide (400 unsupported_parameter); a history over
+            # RAG_HISTORY_MAX_TURNS / _MAX_TOKENS is a 413, an unknown role in it a 400.
             "include-path-regex": ANSWER_PATHS,
             "checks": {
-                "positive_data_acceptance": {"expected-statuses": ["2xx", 400, 401, 403, 404, 409, 422, 429]},
+                "positive_data_acceptance": {"expected-statuses": ["2xx", 400, 401, 403, 404, 409, 413, 422, 429]},
             },
         },
         {
