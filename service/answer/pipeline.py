@@ -26,9 +26,17 @@ from service.answer.schemas import CacheOutcome, RagRequest
 from service.answer.shapes import Question, RequestFactory, cache_entry, replayed, route_info, source_info, usage_info
 from service.answer.standalone import Rewriter
 from service.embeddings.encoders import Embedder, Vectors
-from service.errors import BudgetExceeded, DependencyUnavailable, InvalidRequest, NoProviderAvailable, UnknownModel
+from service.errors import (
+    BudgetExceeded,
+    DependencyUnavailable,
+    GuardrailViolation,
+    InvalidRequest,
+    NoProviderAvailable,
+    UnknownModel,
+)
 from service.observability.metrics import Metrics
 from service.observability.tracing import span
+from service.policy.followups import rewrite
 from service.policy.guardrails import Action, GuardrailPolicy, check_question
 from service.policy.history import History, HistoryLimits, Turn, parse_history
 from service.policy.pii import redact_pii
@@ -268,7 +276,14 @@ class AnswerService:
         if standalone.text == question.text:
             return question
         # Built from earlier turns (or a model's reply): untrusted text, checked like a question.
-        checked = check_question(standalone.text, self.guardrails, count_tokens)
+        try:
+            checked = check_question(standalone.text, self.guardrails, count_tokens)
+        except GuardrailViolation:
+            if standalone.how not in ("model", "cached"):
+                raise
+            # The model's reply, not the client, broke a rule: the offline rules answer instead.
+            offline = rewrite(question.text, question.history.user_turns[-self.settings.rewrite_turns :])
+            checked = check_question(offline, self.guardrails, count_tokens)
         parts = self._parts(checked.text, question.request, question.filters, question.history)
         return replace(
             question,
