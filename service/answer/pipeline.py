@@ -34,6 +34,7 @@ from service.errors import (
     NoProviderAvailable,
     UnknownModel,
 )
+from service.observability.logs import note
 from service.observability.metrics import Metrics
 from service.observability.tracing import span
 from service.policy.followups import rewrite
@@ -273,6 +274,7 @@ class AnswerService:
         with span("rag.understand") as traced:
             standalone = await self.rewriter.standalone(question.text, question.history)
             traced.set(rewrite=standalone.how)
+        note(history_turns=len(question.history.turns), rewrite=standalone.how)  # the access line: how, never what
         if standalone.text == question.text:
             return question
         # Built from earlier turns (or a model's reply): untrusted text, checked like a question.
