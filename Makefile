@@ -42,6 +42,7 @@ bench: install
 	$(BIN)/python -m bench.hit_path
 	$(BIN)/python -m bench.miss_overhead
 	$(BIN)/python -m bench.semantic
+	$(BIN)/python -m bench.conversations
 	$(BIN)/python -m bench.workload
 	$(BIN)/python -m bench.stampede
 	$(BIN)/python -m bench.load
