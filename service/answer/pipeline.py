@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import replace
 from functools import partial
 
@@ -24,9 +24,17 @@ from service.answer.observe import observed, provider_attempts
 from service.answer.schemas import CacheOutcome, RagRequest
 from service.answer.shapes import Question, RequestFactory, cache_entry, replayed, route_info, source_info, usage_info
 from service.embeddings.encoders import Embedder, Vectors
-from service.errors import BudgetExceeded, DependencyUnavailable, InvalidRequest, NoProviderAvailable, UnknownModel
+from service.errors import (
+    BudgetExceeded,
+    DependencyUnavailable,
+    Forbidden,
+    InvalidRequest,
+    NoProviderAvailable,
+    UnknownModel,
+)
 from service.observability.metrics import Metrics
 from service.observability.tracing import span
+from service.policy.collections import DEFAULT, CollectionForbiddenError, permission_set
 from service.policy.guardrails import Action, GuardrailPolicy, check_question
 from service.policy.prompt import PROMPT_VERSION, Prompt, build_prompt
 from service.policy.routing import Route, RoutingPolicy, UnknownModelError, choose_route
@@ -84,19 +92,28 @@ class AnswerService:
         self._on_attempt = provider_attempts(metrics)
 
     # -- the path: which steps run, in which order -------------------------------------------
-    def answer(self, request: RagRequest, request_id: str, budget: TokenBudget | None = None) -> AsyncIterator[Event]:
-        """The answer's events, observed (access log, metrics, budget charges) as they pass."""
-        steps = self._steps(request, request_id, budget)
+    def answer(
+        self,
+        request: RagRequest,
+        request_id: str,
+        budget: TokenBudget | None = None,
+        granted: Sequence[str] = (DEFAULT,),
+    ) -> AsyncIterator[Event]:
+        """The answer's events, observed (access log, metrics, budget charges) as they pass.
+
+        `granted` is what the caller's key may read (its collections, or `*`).
+        """
+        steps = self._steps(request, request_id, budget, granted)
         return observed(steps, request, metrics=self.metrics, budget=budget, detach=self._background.run)
 
     async def _steps(
-        self, request: RagRequest, request_id: str, budget: TokenBudget | None
+        self, request: RagRequest, request_id: str, budget: TokenBudget | None, granted: Sequence[str]
     ) -> AsyncIterator[Admitted | Event]:
         """Guardrails; then a cached answer, or one generation shared by every identical request in flight."""
         clock = Clock()
         with span("rag.guardrails"):
-            question = self.guard(request)
-        yield Admitted(question.hash)
+            question = self.guard(request, granted)
+        yield Admitted(question.hash, question.permissions.collections)
         produce = partial(self._cached_or_generated, question, request_id, clock)
         key: str | None = question.key
         free: Free = partial(self._free, question, request_id, clock, budget)
@@ -195,17 +212,28 @@ class AnswerService:
         yield Done(spent, clock.ms(), clock.ttft_ms(), cached=False)
 
     # -- 1. guardrails (no I/O) ----------------------------------------------------------
-    def guard(self, request: RagRequest) -> Question:
+    def guard(self, request: RagRequest, granted: Sequence[str] = (DEFAULT,)) -> Question:
         checked = check_question(request.question, self.guardrails, count_tokens)  # raises GuardrailViolation
         try:
             filters = Filters.parse(request.filters)
         except ValueError as exc:
             raise InvalidRequest("invalid_filters", str(exc)) from exc
+        try:  # what this request may read: the cache unit (see service/policy/collections.py)
+            permissions = permission_set(granted, filters.collections)
+        except CollectionForbiddenError as exc:
+            raise Forbidden("collection_forbidden", str(exc)) from exc
         if request.model not in ("auto", "small", "large") and request.model not in self.policy.allowed_models():
             allowed = ", ".join(["auto", "small", "large", *self.policy.allowed_models()])
             raise UnknownModel(f"model must be one of: {allowed}")
         parts = KeyParts(
-            checked.text, request.top_k, filters, request.model, request.max_tokens, request.temperature, PROMPT_VERSION
+            checked.text,
+            request.top_k,
+            filters,
+            request.model,
+            request.max_tokens,
+            request.temperature,
+            PROMPT_VERSION,
+            permissions.token,
         )
         return Question(
             request=request,
@@ -215,6 +243,7 @@ class AnswerService:
             scope=scope_key(parts),
             hash=question_hash(checked.text, self.hash_key),
             flags=checked.flags,
+            permissions=permissions,
         )
 
     # -- 2. exact cache ------------------------------------------------------------------
@@ -260,7 +289,11 @@ class AnswerService:
         vector = await self.embed(question)
         try:
             return await self.retriever.search(
-                vector, question.text, top_k=question.request.top_k, filters=question.filters
+                vector,
+                question.text,
+                top_k=question.request.top_k,
+                filters=question.filters,
+                collections=question.permissions.names,
             )
         except _POSTGRES_DOWN as exc:
             log.warning("retrieval failed: %s", type(exc).__name__)

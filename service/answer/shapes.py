@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from service.answer.events import Clock, Done, Event, Meta, Token
 from service.answer.generation import Answering
 from service.answer.schemas import RagRequest, RouteInfo, SourceInfo, UsageInfo
 from service.embeddings.encoders import Vectors
+from service.policy.collections import DEFAULT, PermissionSet
 from service.policy.prompt import Prompt
 from service.policy.routing import Route, RoutingPolicy
 from service.postgres.retrieval import Filters, Source
@@ -37,6 +38,7 @@ class Question:
     hash: str
     flags: tuple[str, ...] = ()
     vector: Vector | None = None  # embedded once, used by the semantic cache and retrieval
+    permissions: PermissionSet = field(default_factory=lambda: PermissionSet((DEFAULT,)))  # part of `key`, `scope`
 
 
 def cost_usd(model: str, usage: Usage, pricing: Mapping[str, tuple[float, float]]) -> float:
@@ -59,6 +61,7 @@ def source_info(source: Source) -> SourceInfo:
         chunk_id=source.chunk_id,
         document=source.document,
         source=source.source,
+        collection=source.collection,
         score=source.score,
         snippet=source.snippet(),
     )
