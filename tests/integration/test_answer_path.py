@@ -42,7 +42,7 @@ async def test_miss_then_hit_with_the_extractive_generator(settings: Settings, l
         assert meta["route"]["provider"] == "extractive" and meta["route"]["tier"] in ("small", "large")
         assert meta["route"]["reason"]
         assert meta["sources"][0]["document"] == "Caching" and meta["sources"][0]["n"] == 1
-        assert set(meta["sources"][0]) == {"n", "chunk_id", "document", "source", "score", "snippet"}
+        assert set(meta["sources"][0]) == {"n", "chunk_id", "document", "source", "collection", "score", "snippet"}
         assert "rag-admin cache flush" in first.text and first.text.startswith("Extractive answer")
         cited = {int(n) for n in re.findall(r"\[(\d+)\]", first.text)}
         assert cited and cited <= {s["n"] for s in meta["sources"]}
