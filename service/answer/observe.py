@@ -13,7 +13,7 @@ from typing import Any
 
 from service.answer.events import Admitted, Done, Event, Failed, Meta
 from service.answer.schemas import RagRequest
-from service.errors import DependencyUnavailable, GuardrailViolation, InvalidRequest, ServiceError
+from service.errors import DependencyUnavailable, Forbidden, GuardrailViolation, InvalidRequest, ServiceError
 from service.observability.logs import note
 from service.observability.metrics import Metrics
 from service.policy.routing import ModelChoice
@@ -70,6 +70,8 @@ def failure_stage(exc: ServiceError) -> str:
         return "guardrail"
     if isinstance(exc, InvalidRequest):
         return "schema"
+    if isinstance(exc, Forbidden):  # e.g. a filter to a collection the key may not read
+        return "permission"
     if isinstance(exc, DependencyUnavailable) and exc.dependency == "database":
         return "database"
     return "provider"  # providers, embedding, a followed generation that failed, budget, coalescing
