@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import asyncpg
 import numpy as np
@@ -88,7 +89,7 @@ async def _collections_database(admin_dsn: str, source_dsn: str) -> str:
     """A copy of the msmarco database split into p1/p9/p90 (made once; the source stays as other benches use it)."""
     dsn = with_database(admin_dsn, DATABASE)
     if not await fetchval(admin_dsn, "SELECT 1 FROM pg_database WHERE datname = $1", DATABASE):
-        source = source_dsn.rsplit("/", 1)[-1].split("?")[0]
+        source = urlsplit(source_dsn).path.lstrip("/")
         say(f"copying {source} to {DATABASE} …")
         await fetchval(admin_dsn, f'CREATE DATABASE "{DATABASE}" TEMPLATE "{source}"')
     # the copy may predate migration 0006: the pool below migrates nothing, so the service's schema is ensured here
