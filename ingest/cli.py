@@ -242,7 +242,8 @@ def delete(
     async def run() -> int:
         async with open_corpus(Settings(), migrate_schema=False) as corpus:
             if not (await corpus_status(corpus.pool)).initialised:
-                return 0
+                return 0  # nothing to delete, and no schema to create for it
+        async with open_corpus(Settings()) as corpus:  # pending migrations first (0006 adds `collection`)
             return await corpus.store.delete_documents(source=source, external_ids=ids or [], collection=collection)
 
     deleted = _run(run())

@@ -25,21 +25,31 @@ OPTIONS = IngestOptions(chunk_tokens=120, chunk_overlap=20, window=16)
 PARAMS = SchemaParams("sentence-transformers/all-MiniLM-L6-v2", 384)
 
 
+async def _before_collections(conn: asyncpg.Connection) -> None:
+    """The schema as it was before collections, with a document and two keys in it."""
+    await conn.execute("CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL)")
+    for migration in (m for m in load_migrations() if m.version < 6):
+        await conn.execute(render(migration.sql, PARAMS))
+        await conn.execute("INSERT INTO schema_migrations VALUES ($1, $2)", migration.version, migration.name)
+    await conn.execute(
+        "INSERT INTO corpus (embedding_model, embedding_dim) VALUES ($1, $2)",
+        PARAMS.embedding_model,
+        PARAMS.embedding_dim,
+    )
+    await conn.execute(
+        """INSERT INTO documents (source, external_id, uri, content_hash, token_count, chunk_count, generation)
+           VALUES ('kb', 'a.md', 'mem://a', 'h', 1, 0, 0)"""
+    )
+    for key_id, scopes in (("queryqueryqu", ["query"]), ("adminadminad", ["query", "admin"])):
+        await conn.execute(
+            "INSERT INTO api_keys (id, name, secret_sha256, scopes) VALUES ($1, $1, '\\x00', $2)", key_id, scopes
+        )
+
+
 async def test_the_migration_puts_existing_documents_in_default_and_keys_by_scope(database_url: str) -> None:
     conn = await asyncpg.connect(database_url)
-    try:  # the schema as it was before collections, with a document and two keys in it
-        await conn.execute("CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL)")
-        for migration in (m for m in load_migrations() if m.version < 6):
-            await conn.execute(render(migration.sql, PARAMS))
-            await conn.execute("INSERT INTO schema_migrations VALUES ($1, $2)", migration.version, migration.name)
-        await conn.execute(
-            """INSERT INTO documents (source, external_id, uri, content_hash, token_count, chunk_count, generation)
-               VALUES ('kb', 'a.md', 'mem://a', 'h', 1, 0, 0)"""
-        )
-        for key_id, scopes in (("queryqueryqu", ["query"]), ("adminadminad", ["query", "admin"])):
-            await conn.execute(
-                "INSERT INTO api_keys (id, name, secret_sha256, scopes) VALUES ($1, $1, '\\x00', $2)", key_id, scopes
-            )
+    try:
+        await _before_collections(conn)
         assert await migrate(database_url, PARAMS) == [m.version for m in load_migrations() if m.version >= 6]
         assert await conn.fetchval("SELECT collection FROM documents") == "default"
         keys = dict(await conn.fetch("SELECT id, collections FROM api_keys"))
@@ -107,6 +117,24 @@ async def test_keys_are_created_and_updated_with_their_collections(settings: Set
             await store.update(hr.id, {"name": "renamed"})  # only listed fields may change
         await store.revoke(query.id)
         assert await store.update(query.id, {"collections": ["hr"]}) is None  # a revoked key stays revoked
+
+
+def test_ingest_delete_migrates_a_corpus_from_before_collections(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def old() -> None:
+        conn = await asyncpg.connect(str(settings.database_url))
+        try:
+            await _before_collections(conn)
+        finally:
+            await conn.close()
+
+    asyncio.run(old())
+    for key, value in cli_env(settings).items():
+        monkeypatch.setenv(key, value)
+    deleted = CliRunner().invoke(ingest_app, ["delete", "--source", "kb", "--json"])
+    assert deleted.exit_code == 0, deleted.output
+    assert json.loads(deleted.stdout) == {"deleted": 1}  # the old document, now in `default`
 
 
 def test_admin_cli_creates_updates_and_lists_collections(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
