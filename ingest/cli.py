@@ -11,6 +11,7 @@ import json
 import time
 from collections.abc import Coroutine
 from contextlib import suppress
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -30,6 +31,7 @@ from rich.table import Table
 
 from ingest.loaders import FileLimits, Format, LoadFailure, SourceDocument, discover, load
 from ingest.pipeline import IngestOptions, IngestReport, ingest_documents
+from service.policy.collections import DEFAULT, valid_name
 from service.postgres.corpus import open_corpus
 from service.postgres.db import CorpusMismatchError
 from service.postgres.documents import corpus_status
@@ -43,6 +45,9 @@ T = TypeVar("T")
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON summary.")]
 SourceOpt = Annotated[str | None, typer.Option("--source", help="Tag documents with this source name.")]
+CollectionOpt = Annotated[
+    str, typer.Option("--collection", help="The collection the documents belong to (who may read them).")
+]
 FollowOpt = Annotated[
     bool,
     typer.Option(
@@ -134,8 +139,15 @@ def _print_report(report: IngestReport, as_json: bool) -> None:
         raise typer.Exit(1)
 
 
+def _collection(name: str) -> str:
+    if not valid_name(name):
+        err.print("[red]error:[/] --collection: use letters, digits, '.', '_' or '-' (max 64)")
+        raise typer.Exit(2)
+    return name
+
+
 def _load_all(
-    paths: list[str], source: str | None, fmt: Format, follow_symlinks: bool
+    paths: list[str], source: str | None, fmt: Format, follow_symlinks: bool, collection: str = DEFAULT
 ) -> list[SourceDocument | LoadFailure]:
     settings = Settings()
     entries, failures = discover(paths, source=source, follow_symlinks=follow_symlinks, data_dir=settings.data_dir)
@@ -143,7 +155,7 @@ def _load_all(
     items: list[SourceDocument | LoadFailure] = list(failures)
     for entry in entries:
         items.extend(load(entry, fmt, limits))
-    return items
+    return [replace(i, collection=collection) if isinstance(i, SourceDocument) else i for i in items]
 
 
 async def _ingest(items: list[SourceDocument | LoadFailure], show_progress: bool) -> IngestReport:
@@ -162,12 +174,13 @@ def add(
     fmt: Annotated[str, typer.Option("--format", help="auto | jsonl | beir")] = "auto",
     follow_symlinks: FollowOpt = False,
     as_json: JsonFlag = False,
+    collection: CollectionOpt = DEFAULT,
 ) -> None:
     """Add new and changed documents; unchanged ones are skipped without re-embedding."""
     if fmt not in ("auto", "jsonl", "beir"):
         err.print(f"[red]error:[/] --format must be auto, jsonl or beir, not {fmt!r}")
         raise typer.Exit(2)
-    items = _load_all(paths, source, fmt, follow_symlinks)  # type: ignore[arg-type]
+    items = _load_all(paths, source, fmt, follow_symlinks, _collection(collection))  # type: ignore[arg-type]
     _print_report(_run(_ingest(items, not as_json)), as_json)
 
 
@@ -178,13 +191,15 @@ def sync(
     fmt: Annotated[str, typer.Option("--format", help="auto | jsonl | beir")] = "auto",
     follow_symlinks: FollowOpt = False,
     as_json: JsonFlag = False,
+    collection: CollectionOpt = DEFAULT,
 ) -> None:
-    """Make a source match a folder: add new and changed documents, delete those that are gone."""
+    """Make a source (within a collection) match a folder: add new and changed documents, delete those gone."""
     if not directory.is_dir():
         err.print(f"[red]error:[/] {directory}: not a directory")
         raise typer.Exit(2)
     name = source or directory.resolve().name
-    items = _load_all([str(directory)], name, fmt, follow_symlinks)  # type: ignore[arg-type]
+    collection = _collection(collection)
+    items = _load_all([str(directory)], name, fmt, follow_symlinks, collection)  # type: ignore[arg-type]
 
     async def run() -> IngestReport:
         report = await _ingest(items, not as_json)
@@ -194,9 +209,11 @@ def sync(
             Path(f.path).relative_to(directory).as_posix() for f in report.failures if _inside(f.path, directory)
         }
         async with open_corpus(Settings()) as corpus:
-            gone = sorted(await corpus.store.external_ids(name) - present)
+            gone = sorted(await corpus.store.external_ids(name, collection) - present)
             if gone:
-                report.deleted = await corpus.store.delete_documents(source=name, external_ids=gone)
+                report.deleted = await corpus.store.delete_documents(
+                    source=name, external_ids=gone, collection=collection
+                )
         return report
 
     _print_report(_run(run()), as_json)
@@ -214,17 +231,20 @@ def delete(
     source: SourceOpt = None,
     ids: Annotated[list[str] | None, typer.Option("--id", help="External document id (repeatable).")] = None,
     as_json: JsonFlag = False,
+    collection: CollectionOpt = DEFAULT,
 ) -> None:
-    """Delete documents by source, by id, or by id within a source."""
+    """Delete documents by source, by id, or by id within a source; always within one collection."""
     if source is None and not ids:
         err.print("[red]error:[/] give --source NAME and/or --id ID")
         raise typer.Exit(2)
+    collection = _collection(collection)
 
     async def run() -> int:
         async with open_corpus(Settings(), migrate_schema=False) as corpus:
             if not (await corpus_status(corpus.pool)).initialised:
-                return 0
-            return await corpus.store.delete_documents(source=source, external_ids=ids or [])
+                return 0  # nothing to delete, and no schema to create for it
+        async with open_corpus(Settings()) as corpus:  # pending migrations first (0006 adds `collection`)
+            return await corpus.store.delete_documents(source=source, external_ids=ids or [], collection=collection)
 
     deleted = _run(run())
     if as_json:
@@ -257,6 +277,8 @@ def status(as_json: JsonFlag = False) -> None:
         "fulltext_index",
     ):
         table.add_row(key, str(info[key]))
+    for name, counts in info["collections"].items():
+        table.add_row(f"collection {name}", f"{counts['documents']} documents, {counts['chunks']} chunks")
     for name, counts in info["sources"].items():
         table.add_row(f"source {name}", f"{counts['documents']} documents, {counts['chunks']} chunks")
     out.print(table)

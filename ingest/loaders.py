@@ -48,6 +48,7 @@ class SourceDocument:
     title: str
     text: str
     metadata: dict[str, Any] = field(default_factory=dict)
+    collection: str = "default"  # who may read it (service/policy/collections.py); `source` is a free tag
 
 
 @dataclass(frozen=True)

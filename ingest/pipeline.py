@@ -108,6 +108,7 @@ def prepare(doc: SourceDocument, digest: str, options: IngestOptions) -> Prepare
         content_hash=digest,
         metadata=doc.metadata,
         chunks=[ChunkRecord(c.ordinal, c.text, c.token_count) for c in chunks],
+        collection=doc.collection,
     )
 
 
@@ -126,7 +127,7 @@ async def ingest_documents(
         if isinstance(item, LoadFailure):
             (report.skipped if item.skipped else report.failures).append(item)
             continue
-        key = (item.source, item.external_id)
+        key = (item.collection, item.source, item.external_id)
         if key in docs:
             report.failures.append(LoadFailure(item.uri, f"duplicate document id {item.external_id!r}"))
             continue

@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.policy.collections import valid_name
 from service.policy.semantic_judge import DEFAULT_THRESHOLD
 
 LOCAL_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -74,6 +75,9 @@ class Settings(BaseSettings):
     # 40 gives HNSW recall@10 >= 0.988 against exact search on msmarco-5k (docs/benchmarks.md);
     # much higher values make the planner prefer a sequential scan on small corpora.
     hnsw_ef_search: int = Field(default=40, alias="RAG_HNSW_EF_SEARCH", ge=1, le=1000)
+    # How far a filtered vector search (a small collection) may walk the HNSW index before it
+    # gives up; pgvector's default. Above the chunk count, a filter never shortens a top-k.
+    hnsw_max_scan_tuples: int = Field(default=20_000, alias="RAG_HNSW_MAX_SCAN_TUPLES", ge=1)
 
     # --- cache ------------------------------------------------------------------
     cache_ttl_s: int = Field(default=7 * 24 * 3600, alias="RAG_CACHE_TTL_S", ge=1)
@@ -153,6 +157,9 @@ class Settings(BaseSettings):
     metrics_public: bool = Field(
         default=False, alias="RAG_METRICS_PUBLIC", description="Serve /metrics without an admin key."
     )
+    # Collections that get their own `collection` label on /metrics (comma-separated); every other
+    # collection counts as "other", so the label's cardinality stays bounded by this list.
+    metrics_collections: str = Field(default="default", alias="RAG_METRICS_COLLECTIONS")
 
     # --- tracing (the `otel` extra) -----------------------------------------------
     # Unset: on exactly when OTEL_EXPORTER_OTLP_ENDPOINT is set; true/false force it on or off.
@@ -175,6 +182,18 @@ class Settings(BaseSettings):
     log_level: str = Field(default="info", alias="RAG_LOG_LEVEL")
     # json: one JSON object per line (for log shippers); console: aligned, readable text for a terminal.
     log_format: Literal["json", "console"] = Field(default="json", alias="RAG_LOG_FORMAT")
+
+    @field_validator("metrics_collections")
+    @classmethod
+    def _collection_names(cls, value: str) -> str:
+        names = [part.strip() for part in value.split(",") if part.strip()]
+        bad = [n for n in names if not valid_name(n)]
+        if bad:
+            raise ValueError(f"RAG_METRICS_COLLECTIONS: invalid collection name {bad[0]!r}")
+        return ",".join(sorted(set(names)))
+
+    def metrics_collection_names(self) -> frozenset[str]:
+        return frozenset(n for n in self.metrics_collections.split(",") if n)
 
     @field_validator("trusted_proxies")
     @classmethod

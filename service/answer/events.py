@@ -52,6 +52,7 @@ class Admitted:
     """The question passed the guardrails. For the pipeline's observers only; never sent to a client."""
 
     question_hash: str  # of the redacted text: the access log and the top questions show it, never the text
+    collections: tuple[str, ...] = ()  # the request's permission set, for the per-collection counter
 
 
 @dataclass

@@ -13,7 +13,7 @@ from typing import Any
 
 from service.answer.events import Admitted, Done, Event, Failed, Meta
 from service.answer.schemas import RagRequest
-from service.errors import DependencyUnavailable, GuardrailViolation, InvalidRequest, ServiceError
+from service.errors import DependencyUnavailable, Forbidden, GuardrailViolation, InvalidRequest, ServiceError
 from service.observability.logs import note
 from service.observability.metrics import Metrics
 from service.policy.routing import ModelChoice
@@ -36,11 +36,12 @@ async def observed(
     """
     note(question_chars=len(request.question))  # for the request's access log line (service.observability.logs)
     question_hash = ""
+    collections: tuple[str, ...] = ()
     meta: Meta | None = None
     try:
         async for event in events:
             if isinstance(event, Admitted):
-                question_hash = event.question_hash
+                question_hash, collections = event.question_hash, event.collections
                 note(question_hash=question_hash)
                 continue
             note(**access_fields(event))
@@ -50,7 +51,7 @@ async def observed(
                 if budget is not None and meta.cache in ("miss", "bypass"):
                     detach(budget.charge(event.usage.input_tokens + event.usage.output_tokens))
                 if metrics is not None:
-                    detach(metrics.record(meta, event, question_hash))
+                    detach(metrics.record(meta, event, question_hash, collections))
             elif isinstance(event, Failed) and metrics is not None:
                 detach(metrics.failed(code=event.code, stage="stream"))
             yield event
@@ -69,6 +70,8 @@ def failure_stage(exc: ServiceError) -> str:
         return "guardrail"
     if isinstance(exc, InvalidRequest):
         return "schema"
+    if isinstance(exc, Forbidden):  # e.g. a filter to a collection the key may not read
+        return "permission"
     if isinstance(exc, DependencyUnavailable) and exc.dependency == "database":
         return "database"
     return "provider"  # providers, embedding, a followed generation that failed, budget, coalescing

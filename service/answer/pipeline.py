@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import replace
 from functools import partial
 
@@ -29,6 +29,7 @@ from service.embeddings.encoders import Embedder, Vectors
 from service.errors import (
     BudgetExceeded,
     DependencyUnavailable,
+    Forbidden,
     GuardrailViolation,
     InvalidRequest,
     NoProviderAvailable,
@@ -37,6 +38,7 @@ from service.errors import (
 from service.observability.logs import note
 from service.observability.metrics import Metrics
 from service.observability.tracing import span
+from service.policy.collections import DEFAULT, CollectionForbiddenError, PermissionSet, permission_set
 from service.policy.followups import rewrite
 from service.policy.guardrails import Action, GuardrailPolicy, check_question
 from service.policy.history import History, HistoryLimits, Turn, parse_history
@@ -108,20 +110,29 @@ class AnswerService:
         self._on_attempt = provider_attempts(metrics)
 
     # -- the path: which steps run, in which order -------------------------------------------
-    def answer(self, request: RagRequest, request_id: str, budget: TokenBudget | None = None) -> AsyncIterator[Event]:
-        """The answer's events, observed (access log, metrics, budget charges) as they pass."""
-        steps = self._steps(request, request_id, budget)
+    def answer(
+        self,
+        request: RagRequest,
+        request_id: str,
+        budget: TokenBudget | None = None,
+        granted: Sequence[str] = (DEFAULT,),
+    ) -> AsyncIterator[Event]:
+        """The answer's events, observed (access log, metrics, budget charges) as they pass.
+
+        `granted` is what the caller's key may read (its collections, or `*`).
+        """
+        steps = self._steps(request, request_id, budget, granted)
         return observed(steps, request, metrics=self.metrics, budget=budget, detach=self._background.run)
 
     async def _steps(
-        self, request: RagRequest, request_id: str, budget: TokenBudget | None
+        self, request: RagRequest, request_id: str, budget: TokenBudget | None, granted: Sequence[str]
     ) -> AsyncIterator[Admitted | Event]:
         """Guardrails; then a cached answer, or one generation shared by every identical request in flight."""
         clock = Clock()
         with span("rag.guardrails"):
-            question = self.guard(request)
+            question = self.guard(request, granted)
         question = await self.understand(question)
-        yield Admitted(question.hash)
+        yield Admitted(question.hash, question.permissions.collections)
         produce = partial(self._cached_or_generated, question, request_id, clock)
         key: str | None = question.key
         free: Free = partial(self._free, question, request_id, clock, budget)
@@ -222,17 +233,21 @@ class AnswerService:
         yield Done(spent, clock.ms(), clock.ttft_ms(), cached=False)
 
     # -- 1. guardrails (no I/O) ----------------------------------------------------------
-    def guard(self, request: RagRequest) -> Question:
+    def guard(self, request: RagRequest, granted: Sequence[str] = (DEFAULT,)) -> Question:
         checked = check_question(request.question, self.guardrails, count_tokens)  # raises GuardrailViolation
         try:
             filters = Filters.parse(request.filters)
         except ValueError as exc:
             raise InvalidRequest("invalid_filters", str(exc)) from exc
+        try:  # what this request may read: the cache unit (see service/policy/collections.py)
+            permissions = permission_set(granted, filters.collections)
+        except CollectionForbiddenError as exc:
+            raise Forbidden("collection_forbidden", str(exc)) from exc
         if request.model not in ("auto", "small", "large") and request.model not in self.policy.allowed_models():
             allowed = ", ".join(["auto", "small", "large", *self.policy.allowed_models()])
             raise UnknownModel(f"model must be one of: {allowed}")
         history = self._history(request)  # raises HistoryViolation
-        parts = self._parts(checked.text, request, filters, history)
+        parts = self._parts(checked.text, request, filters, history, permissions)
         return Question(
             request=request,
             text=checked.text,
@@ -242,6 +257,7 @@ class AnswerService:
             hash=question_hash(checked.text, self.hash_key),
             flags=checked.flags,
             history=history,
+            permissions=permissions,
         )
 
     def _history(self, request: RagRequest) -> History:
@@ -254,7 +270,9 @@ class AnswerService:
         return History(tuple(Turn(t.role, redact_pii(t.content)) for t in history.turns))
 
     @staticmethod
-    def _parts(text: str, request: RagRequest, filters: Filters, history: History) -> KeyParts:
+    def _parts(
+        text: str, request: RagRequest, filters: Filters, history: History, permissions: PermissionSet
+    ) -> KeyParts:
         return KeyParts(
             text,
             request.top_k,
@@ -263,6 +281,7 @@ class AnswerService:
             request.max_tokens,
             request.temperature,
             PROMPT_VERSION,
+            permissions.token,
             instructions="\n\n".join(history.instructions),
         )
 
@@ -286,7 +305,7 @@ class AnswerService:
             # The model's reply, not the client, broke a rule: the offline rules answer instead.
             offline = rewrite(question.text, question.history.user_turns[-self.settings.rewrite_turns :])
             checked = check_question(offline, self.guardrails, count_tokens)
-        parts = self._parts(checked.text, question.request, question.filters, question.history)
+        parts = self._parts(checked.text, question.request, question.filters, question.history, question.permissions)
         return replace(
             question,
             text=checked.text,
@@ -340,7 +359,11 @@ class AnswerService:
         vector = await self.embed(question)
         try:
             return await self.retriever.search(
-                vector, question.text, top_k=question.request.top_k, filters=question.filters
+                vector,
+                question.text,
+                top_k=question.request.top_k,
+                filters=question.filters,
+                collections=question.permissions.names,
             )
         except _POSTGRES_DOWN as exc:
             log.warning("retrieval failed: %s", type(exc).__name__)

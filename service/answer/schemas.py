@@ -42,7 +42,9 @@ class RagRequest(BaseModel):
     model: str = Field(default="auto", max_length=200, description="auto | small | large | an allowed model")
     max_tokens: JsonInt = Field(default=512, ge=1, le=8192)
     temperature: JsonFloat = Field(default=0.2, ge=0.0, le=2.0)
-    filters: dict[str, str | list[str]] | None = Field(default=None, description='e.g. {"source": "handbook"}')
+    filters: dict[str, str | list[str]] | None = Field(
+        default=None, description='e.g. {"source": "handbook", "collection": ["hr", "public"]}'
+    )
     cache: CacheMode = "use"
     history: list[HistoryMessage] | None = Field(
         default=None,
@@ -63,6 +65,7 @@ class SourceInfo(BaseModel):
     chunk_id: int
     document: str
     source: str
+    collection: str = Field(default="default", description="The collection the document belongs to")
     score: float
     snippet: str
 

@@ -15,6 +15,7 @@ from service.answer.events import Clock, Done, Event, Meta, Token
 from service.answer.generation import Answering
 from service.answer.schemas import RagRequest, RouteInfo, SourceInfo, UsageInfo
 from service.embeddings.encoders import Vectors
+from service.policy.collections import DEFAULT, PermissionSet
 from service.policy.history import History
 from service.policy.prompt import Prompt
 from service.policy.routing import Route, RoutingPolicy
@@ -38,6 +39,7 @@ class Question:
     hash: str
     flags: tuple[str, ...] = ()
     vector: Vector | None = None  # embedded once, used by the semantic cache and retrieval
+    permissions: PermissionSet = field(default_factory=lambda: PermissionSet((DEFAULT,)))  # part of `key`, `scope`
     history: History = field(default_factory=History)  # the turns before it (validated, redacted like the question)
     asked: str = ""  # the question as asked (redacted), when `text` is its standalone rewrite
 
@@ -67,6 +69,7 @@ def source_info(source: Source) -> SourceInfo:
         chunk_id=source.chunk_id,
         document=source.document,
         source=source.source,
+        collection=source.collection,
         score=source.score,
         snippet=source.snippet(),
     )

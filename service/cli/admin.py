@@ -21,6 +21,7 @@ from rich.table import Table
 
 from service.http.auth import ApiKey, KeyStore, Scope, parse_key
 from service.observability.dashboard_model import SeriesReader
+from service.policy.collections import parse_grant
 from service.postgres.corpus import open_corpus
 from service.redis.answer_cache import AnswerCache
 from service.redis.client import cli_client, redis_url
@@ -148,6 +149,7 @@ def _key_json(key: ApiKey) -> dict[str, Any]:
         "scopes": list(key.scopes),
         "rpm": key.rpm,
         "tokens_per_day": key.tokens_per_day,
+        "collections": list(key.collections),
         "created_at": key.created_at.isoformat() if key.created_at else None,
         "revoked_at": key.revoked_at.isoformat() if key.revoked_at else None,
     }
@@ -163,6 +165,14 @@ def keys_create(
     tokens_per_day: Annotated[
         int | None, typer.Option("--tokens-per-day", min=1, help="Provider tokens per UTC day (default: unlimited).")
     ] = None,
+    collections: Annotated[
+        str | None,
+        typer.Option(
+            "--collections",
+            help="Collections the key may read, comma-separated; '*' for all "
+            "(default: 'default' for a query key, '*' for an admin key).",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Create a key and print it once: only its hash is stored."""
@@ -173,12 +183,54 @@ def keys_create(
         err.print("[red]error:[/] --name must not be empty")
         raise typer.Exit(2)
     chosen: Scope = "admin" if scope == "admin" else "query"
-    token, key = _with_keys(lambda keys: keys.create(name.strip(), chosen, rpm=rpm, tokens_per_day=tokens_per_day))
+    readable = _collections(collections) if collections is not None else None
+    token, key = _with_keys(
+        lambda keys: keys.create(name.strip(), chosen, rpm=rpm, tokens_per_day=tokens_per_day, collections=readable)
+    )
     if as_json:
         typer.echo(json.dumps({**_key_json(key), "key": token}))
         return
     typer.echo(token)
-    err.print(f"created key [bold]{key.id}[/] ({key.name}, scopes {', '.join(key.scopes)}); it is shown only once")
+    err.print(
+        f"created key [bold]{key.id}[/] ({key.name}, scopes {', '.join(key.scopes)}, "
+        f"collections {','.join(key.collections)}); it is shown only once"
+    )
+
+
+def _collections(raw: str) -> tuple[str, ...]:
+    try:
+        return parse_grant(raw)
+    except ValueError as exc:
+        err.print(f"[red]error:[/] --collections: {exc}")
+        raise typer.Exit(2) from None
+
+
+@keys_app.command("update")
+def keys_update(
+    key_id: Annotated[str, typer.Argument(help="The key's id (or the whole key).")],
+    collections: Annotated[
+        str | None,
+        typer.Option("--collections", help="Collections the key may read, comma-separated; '*' for all."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Change an active key's settings; every running server applies it within a second (NOTIFY)."""
+    fields: dict[str, object] = {}
+    if collections is not None:
+        fields["collections"] = list(_collections(collections))
+    if not fields:
+        err.print("[red]error:[/] nothing to update: give --collections")
+        raise typer.Exit(2)
+    parsed = parse_key(key_id)
+    wanted = parsed[0] if parsed else key_id
+    key = _with_keys(lambda keys: keys.update(wanted, fields))
+    if key is None:
+        err.print(f"[red]error:[/] no active key with id {wanted!r}")
+        raise typer.Exit(1)
+    if as_json:
+        typer.echo(json.dumps(_key_json(key)))
+        return
+    typer.echo(f"updated {key.id}: collections {','.join(key.collections)}")
 
 
 @keys_app.command("list")
@@ -191,12 +243,13 @@ def keys_list(
     if as_json:
         typer.echo(json.dumps([_key_json(k) for k in keys]))
         return
-    table = Table("id", "name", "scopes", "rpm", "tokens/day", "created", "revoked")
+    table = Table("id", "name", "scopes", "collections", "rpm", "tokens/day", "created", "revoked")
     for k in keys:
         table.add_row(
             k.id,
             k.name,
             ",".join(k.scopes),
+            ",".join(k.collections),
             str(k.rpm or "-"),
             str(k.tokens_per_day or "-"),
             k.created_at.strftime("%Y-%m-%d %H:%M") if k.created_at else "-",

@@ -126,12 +126,21 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     embedder = app.state.embedder or create_embedder(settings)
     await migrate(dsn, schema_params(settings, embedder))
     pool = await create_pool(
-        dsn, min_size=settings.db_pool_min, max_size=settings.db_pool_max, ef_search=settings.hnsw_ef_search
+        dsn,
+        min_size=settings.db_pool_min,
+        max_size=settings.db_pool_max,
+        ef_search=settings.hnsw_ef_search,
+        max_scan_tuples=settings.hnsw_max_scan_tuples,
     )
     client = worker_client(rurl, max_connections=settings.redis_max_connections)
     await embedder.warm_up()
     cache = AnswerCache(client, ttl_s=settings.cache_ttl_s)
-    metrics = Metrics(client, prometheus=app.state.prometheus, retention_s=settings.metrics_retention_s)
+    metrics = Metrics(
+        client,
+        prometheus=app.state.prometheus,
+        retention_s=settings.metrics_retention_s,
+        collections=settings.metrics_collection_names(),
+    )
     metrics.start()
     auth = Authenticator(KeyStore(pool).get, ttl_s=settings.auth_cache_ttl_s)
     relay = NotificationRelay(dsn)  # one LISTEN connection: corpus changes and revoked keys

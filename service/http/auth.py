@@ -19,7 +19,7 @@ import re
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -33,12 +33,13 @@ from starlette.exceptions import HTTPException
 
 from service.http.errors import APIError
 from service.http.proxies import throttle_address
+from service.policy.collections import ALL, DEFAULT, parse_grant
 
 log = logging.getLogger(__name__)
 
 Scope = Literal["query", "admin"]
 SCOPES: dict[Scope, tuple[str, ...]] = {"query": ("query",), "admin": ("query", "admin")}
-KEYS_CHANNEL = "ragcache_keys"  # NOTIFY payload: the id of a revoked key
+KEYS_CHANNEL = "ragcache_keys"  # NOTIFY payload: the id of a revoked or updated key
 PREFIX = "rck"
 _KEY = re.compile(rf"{PREFIX}_([a-z0-9]{{12}})_([A-Za-z0-9_-]{{43}})")
 _ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
@@ -54,6 +55,7 @@ class ApiKey:
     tokens_per_day: int | None
     created_at: datetime | None = None
     revoked_at: datetime | None = None
+    collections: tuple[str, ...] = (DEFAULT,)  # what it may read; ("*",) for every collection
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ class Principal:
     scopes: tuple[str, ...]
     rpm: int | None
     tokens_per_day: int | None
+    collections: tuple[str, ...] = (DEFAULT,)
 
 
 # --- pure ---------------------------------------------------------------------------------
@@ -96,6 +99,16 @@ def verify(key: ApiKey | None, secret: str) -> bool:
 # --- Postgres -----------------------------------------------------------------------------
 
 
+def _collections_value(value: object) -> list[str]:
+    if not isinstance(value, str | list | tuple):
+        raise ValueError("collections must be a list of names or '*'")
+    return list(parse_grant(value if isinstance(value, str) else [str(v) for v in value]))
+
+
+# The columns `KeyStore.update` may set, each with the check that turns a value into a column value.
+_UPDATABLE: dict[str, Callable[[object], object]] = {"collections": _collections_value}
+
+
 def _row(row: asyncpg.Record) -> ApiKey:
     return ApiKey(
         id=row["id"],
@@ -106,6 +119,7 @@ def _row(row: asyncpg.Record) -> ApiKey:
         tokens_per_day=row["tokens_per_day"],
         created_at=row["created_at"],
         revoked_at=row["revoked_at"],
+        collections=tuple(row["collections"]),
     )
 
 
@@ -114,19 +128,30 @@ class KeyStore:
         self.pool = pool
 
     async def create(
-        self, name: str, scope: Scope = "query", *, rpm: int | None = None, tokens_per_day: int | None = None
+        self,
+        name: str,
+        scope: Scope = "query",
+        *,
+        rpm: int | None = None,
+        tokens_per_day: int | None = None,
+        collections: Sequence[str] | None = None,
     ) -> tuple[str, ApiKey]:
-        """Store a new key; returns the full key, which exists nowhere else afterwards."""
+        """Store a new key; returns the full key, which exists nowhere else afterwards.
+
+        `collections` defaults to `default` for a query key and `*` (all) for an admin key.
+        """
         token, key_id, secret_hash = new_key()
+        readable = parse_grant(collections if collections is not None else (ALL if scope == "admin" else DEFAULT))
         row = await self.pool.fetchrow(
-            """INSERT INTO api_keys (id, name, secret_sha256, scopes, rpm, tokens_per_day)
-               VALUES ($1, $2, $3, $4, $5, $6) RETURNING *""",
+            """INSERT INTO api_keys (id, name, secret_sha256, scopes, rpm, tokens_per_day, collections)
+               VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING *""",
             key_id,
             name,
             secret_hash,
             list(SCOPES[scope]),
             rpm,
             tokens_per_day,
+            list(readable),
         )
         assert row is not None
         return token, _row(row)
@@ -140,6 +165,29 @@ class KeyStore:
             "SELECT * FROM api_keys WHERE $1 OR revoked_at IS NULL ORDER BY created_at, id", include_revoked
         )
         return [_row(r) for r in rows]
+
+    async def update(self, key_id: str, fields: Mapping[str, object]) -> ApiKey | None:
+        """Change an active key's settings (`collections`, …); every worker rereads it via NOTIFY.
+
+        Returns the updated key, or None if no active key has this id. Raises ValueError for an
+        unknown field or a bad value.
+        """
+        if not fields:
+            raise ValueError("nothing to update")
+        unknown = set(fields) - set(_UPDATABLE)
+        if unknown:
+            raise ValueError(f"cannot update {sorted(unknown)[0]!r}")
+        values = {name: _UPDATABLE[name](value) for name, value in fields.items()}
+        assignments = ", ".join(f"{name} = ${i}" for i, name in enumerate(values, start=2))
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                f"UPDATE api_keys SET {assignments} WHERE id = $1 AND revoked_at IS NULL RETURNING *",  # noqa: S608 names from _UPDATABLE
+                key_id,
+                *values.values(),
+            )
+            if row is not None:  # the same channel as a revocation: workers drop the key and reread it
+                await conn.execute("SELECT pg_notify($1, $2)", KEYS_CHANNEL, key_id)
+        return _row(row) if row is not None else None
 
     async def revoke(self, key_id: str) -> bool:
         """True if the key existed and was active; running servers forget it via NOTIFY."""
@@ -186,7 +234,7 @@ class Authenticator:
         if not verify(key, secret):
             return None
         assert key is not None
-        return Principal(key.id, key.name, key.scopes, key.rpm, key.tokens_per_day)
+        return Principal(key.id, key.name, key.scopes, key.rpm, key.tokens_per_day, key.collections)
 
     def forget(self, key_id: str) -> None:
         self._entries.pop(key_id, None)

@@ -255,7 +255,7 @@ def _with_param(exc: APIError, index: int) -> APIError:
     if exc.param is None:
         if exc.code in _GUARDRAIL_CODES:
             exc.param = f"messages.{index}.content"
-        elif exc.code == "invalid_filters":
+        elif exc.code in ("invalid_filters", "collection_forbidden"):
             exc.param = "rag.filters"
         elif exc.code == "unknown_model":
             exc.param = "model"

@@ -56,7 +56,7 @@ async def answer_events(request: Request, body: RagRequest) -> tuple[Event, Asyn
     limiter = request.app.state.resources.limiter
     await limiter.check_request(principal)
     rid = request_id(request)
-    answer = _service(request).answer(body, rid, TokenBudget(limiter, principal))
+    answer = _service(request).answer(body, rid, TokenBudget(limiter, principal), principal.collections)
     tracing: Tracing = request.app.state.tracing
     events = tracing.stream(answer, _describe_root, request_id=rid, key_id=principal.key_id)
     first = await anext(events)

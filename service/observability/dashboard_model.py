@@ -55,6 +55,7 @@ class Bucket:
     failures: Tally[tuple[str, str]] = field(default_factory=Tally)
     attempts: Tally[tuple[str, str]] = field(default_factory=Tally)  # (outcome, "provider/model")
     statuses: Tally[str] = field(default_factory=Tally)
+    collections: Tally[tuple[str, str]] = field(default_factory=Tally)  # (collection label, outcome)
 
     @classmethod
     def of(cls, fields: Mapping[str, int]) -> Bucket:
@@ -91,6 +92,9 @@ class Bucket:
                 p.attempts[(outcome, model)] += value
             elif kind == "ps":
                 p.statuses[rest] += value
+            elif kind == "col":
+                label, _, outcome = rest.partition(":")
+                p.collections[(label, outcome)] += value
         return p
 
     @property
@@ -274,7 +278,22 @@ class SeriesReader:
                 "by_model": sorted(per_model.values(), key=lambda r: (r["provider"], r["model"])),
             },
             "top_questions": [{"hash": h, "hits": n} for h, n in questions],
+            "collections": _by_collection(p.collections),
         }
+
+
+def _by_collection(counts: Mapping[tuple[str, str], int]) -> dict[str, dict[str, int]]:
+    """Answered and avoided (served without a generation) requests per `collection` label.
+
+    A request that could read several labelled collections counts under each of them.
+    """
+    out: dict[str, dict[str, int]] = {}
+    for (label, outcome), n in sorted(counts.items()):
+        row = out.setdefault(label, {"answered": 0, "avoided": 0})
+        row["answered"] += n
+        if outcome in AVOIDED:
+            row["avoided"] += n
+    return out
 
 
 def _quantiles(buckets: Mapping[int, int]) -> dict[str, Any]:

@@ -15,7 +15,7 @@ No user text is ever recorded: questions appear only as `question_hash` values.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -26,6 +26,7 @@ from service.observability.dashboard_model import SeriesReader
 from service.observability.outcomes import AVOIDED, GENERATED, NANO, bucket_index
 from service.observability.prometheus import PrometheusMetrics, mark_process_dead
 from service.observability.series import SeriesWriter
+from service.policy.collections import DEFAULT, metric_labels
 from service.redis.keyspace import KEYS, Keyspace
 
 
@@ -45,8 +46,10 @@ class Metrics:
         retention_s: int = 7 * 24 * 3600,
         keys: Keyspace = KEYS,
         clock: Callable[[], float] = time.time,
+        collections: Iterable[str] = (DEFAULT,),
     ) -> None:
         self.prometheus = prometheus if prometheus is not None else PrometheusMetrics()
+        self.collections = frozenset(collections)  # those with a `collection` label of their own
         self.writer = SeriesWriter(
             redis, retention_s=retention_s, keys=keys, clock=clock, on_dropped=self.prometheus.redis_errors.inc
         )
@@ -98,6 +101,7 @@ class Metrics:
         saved_output_tokens: int,
         saved_cost_usd: float,
         question_hash: str,
+        collections: Sequence[str] = (),
     ) -> None:
         """One answered request (a `done` event was sent), whatever its cache outcome.
 
@@ -136,6 +140,9 @@ class Metrics:
         }
         if ttft_ms is not None:
             fields[f"tt:{outcome}:{bucket_index(ttft_ms)}"] = 1
+        for label in metric_labels(collections, self.collections):
+            p.collection_requests.labels(label, outcome).inc()
+            fields[f"col:{label}:{outcome}"] = 1
         if generated and tier:
             fields[f"tier:{tier}"] = 1
             if model:
@@ -144,7 +151,7 @@ class Metrics:
         if outcome in AVOIDED and question_hash:
             self.writer.add_top(minute, question_hash)
 
-    async def record(self, meta: Meta, done: Done, question_hash: str) -> None:
+    async def record(self, meta: Meta, done: Done, question_hash: str, collections: Sequence[str] = ()) -> None:
         """`answered` from an answer's own `meta` and `done` events (what the client was told)."""
         saved = done.saved
         await self.answered(
@@ -161,6 +168,7 @@ class Metrics:
             saved_output_tokens=saved.output_tokens if saved else 0,
             saved_cost_usd=saved.cost_usd if saved else 0.0,
             question_hash=question_hash,
+            collections=collections,
         )
 
     async def failed(self, *, code: str, stage: str) -> None:

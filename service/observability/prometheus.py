@@ -107,6 +107,13 @@ class PrometheusMetrics:
             buckets=LATENCY_BUCKETS_S,
             registry=r,
         )
+        self.collection_requests = Counter(
+            "ragcache_collection_requests",
+            "Answered requests by collection they could read (RAG_METRICS_COLLECTIONS; others count as "
+            '"other", keys reading every collection as "all") and cache outcome.',
+            ["collection", "outcome"],
+            registry=r,
+        )
         self.routes = Counter(
             "ragcache_routes",
             "Generations by routed tier and answering model.",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -62,16 +63,31 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 
 
 async def create_pool(
-    dsn: str, *, min_size: int = 1, max_size: int = 10, ef_search: int = 40, **kwargs: Any
+    dsn: str,
+    *,
+    min_size: int = 1,
+    max_size: int = 10,
+    ef_search: int = 40,
+    max_scan_tuples: int = 20_000,
+    iterative_scan: str = "relaxed_order",
+    settings: Mapping[str, str] | None = None,
+    **kwargs: Any,
 ) -> asyncpg.Pool:
     """A pool whose connections speak pgvector's binary format. Call after `migrate`.
 
     HNSW settings go in the startup packet: asyncpg runs RESET ALL whenever a connection
-    returns to the pool, which would undo a SET made once per connection.
+    returns to the pool, which would undo a SET made once per connection, and a SET LOCAL per
+    search would cost a transaction (two more round trips) on every retrieval. `iterative_scan`
+    and `settings` (more server settings) are parameters only so the filtered-retrieval benchmark
+    can show what "off" costs and force a plan.
     """
     server_settings = {
         "hnsw.ef_search": str(int(ef_search)),  # recall vs speed of HNSW search
-        "hnsw.iterative_scan": "relaxed_order",  # filtered searches keep scanning instead of coming back short
+        # Filtered searches (a collection holding 1 % of the chunks) keep scanning instead of
+        # coming back short (pgvector issue #259), but stop after this many tuples.
+        "hnsw.iterative_scan": iterative_scan,
+        "hnsw.max_scan_tuples": str(int(max_scan_tuples)),
+        **(settings or {}),
     }
     pool = await asyncpg.create_pool(
         dsn,

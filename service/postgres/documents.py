@@ -18,7 +18,7 @@ import numpy.typing as npt
 
 from service.postgres.db import NOTIFY_CHANNEL
 
-DocumentKey = tuple[str, str]  # (source, external_id)
+DocumentKey = tuple[str, str, str]  # (collection, source, external_id)
 
 
 @dataclass(frozen=True)
@@ -40,10 +40,11 @@ class PreparedDocument:
     metadata: dict[str, Any]
     chunks: Sequence[ChunkRecord]
     embeddings: npt.NDArray[np.float32] | None = None
+    collection: str = "default"
 
     @property
     def key(self) -> DocumentKey:
-        return (self.source, self.external_id)
+        return (self.collection, self.source, self.external_id)
 
     @property
     def token_count(self) -> int:
@@ -70,9 +71,10 @@ class CorpusStatus:
     hnsw_index: bool = False
     fulltext_index: bool = False
     sources: dict[str, dict[str, int]] = field(default_factory=dict)
+    collections: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
-_CHUNK_COLUMNS = ("document_id", "source", "ordinal", "text", "token_count", "embedding")
+_CHUNK_COLUMNS = ("document_id", "source", "collection", "ordinal", "text", "token_count", "embedding")
 
 
 class DocumentStore:
@@ -86,17 +88,20 @@ class DocumentStore:
         if not keys:
             return {}
         rows = await self.pool.fetch(
-            """SELECT d.source, d.external_id, d.content_hash
+            """SELECT d.collection, d.source, d.external_id, d.content_hash
                FROM documents d
-               JOIN unnest($1::text[], $2::text[]) AS k(source, external_id)
-                 ON d.source = k.source AND d.external_id = k.external_id""",
+               JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(collection, source, external_id)
+                 ON d.collection = k.collection AND d.source = k.source AND d.external_id = k.external_id""",
             [k[0] for k in keys],
             [k[1] for k in keys],
+            [k[2] for k in keys],
         )
-        return {(r["source"], r["external_id"]): r["content_hash"] for r in rows}
+        return {(r["collection"], r["source"], r["external_id"]): r["content_hash"] for r in rows}
 
-    async def external_ids(self, source: str) -> set[str]:
-        rows = await self.pool.fetch("SELECT external_id FROM documents WHERE source = $1", source)
+    async def external_ids(self, source: str, collection: str = "default") -> set[str]:
+        rows = await self.pool.fetch(
+            "SELECT external_id FROM documents WHERE source = $1 AND collection = $2", source, collection
+        )
         return {r["external_id"] for r in rows}
 
     async def write_documents(self, docs: Sequence[PreparedDocument]) -> WriteResult:
@@ -107,15 +112,15 @@ class DocumentStore:
             version = await _bump_corpus_version(conn)
             rows = await conn.fetch(
                 """INSERT INTO documents AS d (source, external_id, uri, title, content_hash, metadata,
-                                               token_count, chunk_count, generation)
+                                               token_count, chunk_count, generation, collection)
                    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                                        $6::jsonb[], $7::int[], $8::int[], $9::bigint[])
-                   ON CONFLICT (source, external_id) DO UPDATE SET
+                                        $6::jsonb[], $7::int[], $8::int[], $9::bigint[], $10::text[])
+                   ON CONFLICT (collection, source, external_id) DO UPDATE SET
                        uri = excluded.uri, title = excluded.title, content_hash = excluded.content_hash,
                        metadata = excluded.metadata, token_count = excluded.token_count,
                        chunk_count = excluded.chunk_count, generation = excluded.generation,
                        updated_at = now()
-                   RETURNING id, source, external_id, (xmax <> 0) AS replaced""",
+                   RETURNING id, collection, source, external_id, (xmax <> 0) AS replaced""",
                 [d.source for d in docs],
                 [d.external_id for d in docs],
                 [d.uri for d in docs],
@@ -125,14 +130,15 @@ class DocumentStore:
                 [d.token_count for d in docs],
                 [len(d.chunks) for d in docs],
                 [version] * len(docs),
+                [d.collection for d in docs],
             )
-            ids = {(r["source"], r["external_id"]): r["id"] for r in rows}
+            ids = {(r["collection"], r["source"], r["external_id"]): r["id"] for r in rows}
             replaced = [r["id"] for r in rows if r["replaced"]]
             if replaced:
                 await conn.execute("DELETE FROM chunks WHERE document_id = ANY($1::bigint[])", replaced)
                 await _log_changes(conn, version, replaced)
             records = [
-                (ids[doc.key], doc.source, chunk.ordinal, chunk.text, chunk.token_count, vector)
+                (ids[doc.key], doc.source, doc.collection, chunk.ordinal, chunk.text, chunk.token_count, vector)
                 for doc in docs
                 for chunk, vector in zip(doc.chunks, _vectors(doc), strict=True)
             ]
@@ -140,12 +146,14 @@ class DocumentStore:
             await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, str(version))
         return WriteResult(version, len(rows) - len(replaced), len(replaced), len(records))
 
-    async def delete_documents(self, *, source: str | None = None, external_ids: Sequence[str] = ()) -> int:
-        """Delete by source, by external ids (optionally within a source), or both."""
+    async def delete_documents(
+        self, *, source: str | None = None, external_ids: Sequence[str] = (), collection: str = "default"
+    ) -> int:
+        """Delete by source, by external ids (optionally within a source), or both; always within one collection."""
         if source is None and not external_ids:
             raise ValueError("give a source or ids")
-        conditions: list[str] = []
-        args: list[Any] = []
+        conditions: list[str] = ["collection = $1"]
+        args: list[Any] = [collection]
         if source is not None:
             args.append(source)
             conditions.append(f"source = ${len(args)}")
@@ -212,6 +220,18 @@ async def corpus_status(pool: asyncpg.Pool | asyncpg.Connection) -> CorpusStatus
         """SELECT source, count(*) AS documents, sum(chunk_count) AS chunks, sum(token_count) AS tokens
            FROM documents GROUP BY source ORDER BY source"""
     )
+    has_collections = await pool.fetchval(
+        """SELECT EXISTS (SELECT 1 FROM information_schema.columns
+                          WHERE table_name = 'documents' AND column_name = 'collection')"""
+    )
+    per_collection = (
+        await pool.fetch(
+            """SELECT collection, count(*) AS documents, sum(chunk_count) AS chunks, sum(token_count) AS tokens
+               FROM documents GROUP BY collection ORDER BY collection"""
+        )
+        if has_collections
+        else []
+    )
     indexes = {r["indexname"] for r in await pool.fetch("SELECT indexname FROM pg_indexes WHERE tablename = 'chunks'")}
     sources = {
         r["source"]: {"documents": r["documents"], "chunks": int(r["chunks"]), "tokens": int(r["tokens"])}
@@ -228,4 +248,8 @@ async def corpus_status(pool: asyncpg.Pool | asyncpg.Connection) -> CorpusStatus
         hnsw_index="chunks_embedding_hnsw" in indexes,
         fulltext_index="chunks_tsv_gin" in indexes,
         sources=sources,
+        collections={
+            r["collection"]: {"documents": r["documents"], "chunks": int(r["chunks"]), "tokens": int(r["tokens"])}
+            for r in per_collection
+        },
     )

@@ -1,8 +1,9 @@
 """Hybrid retrieval: pgvector HNSW (cosine) and Postgres full-text, fused with RRF.
 
 Both candidate lists come back in one round trip; fusion is pure Python (`rrf`).
-`hnsw.ef_search` and iterative scans are set per connection (see `db.create_pool`), so a
-filtered vector search still returns enough rows instead of an emptied top-k.
+`hnsw.ef_search`, iterative scans and `hnsw.max_scan_tuples` are set per connection (see
+`db.create_pool`), so a search filtered to a small collection or source still returns a full
+top-k instead of the few rows that survive a post-filter (pgvector issue #259).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Literal, TypeVar
 import asyncpg
 import numpy as np
 import numpy.typing as npt
+
+from service.policy.collections import valid_name
 
 SNIPPET_CHARS = 240
 RRF_K = 60  # the constant from Cormack et al. (2009); damps the weight of top ranks
@@ -35,6 +38,7 @@ class Source:
     uri: str
     text: str
     score: float
+    collection: str = "default"
 
     def snippet(self) -> str:
         text = " ".join(self.text.split())
@@ -66,23 +70,33 @@ def _storable(text: str) -> bool:
 
 @dataclass(frozen=True)
 class Filters:
+    """What a request narrows retrieval to: sources (free tags) and collections (checked against the key)."""
+
     sources: tuple[str, ...] = ()
+    collections: tuple[str, ...] = ()
 
     @classmethod
     def parse(cls, raw: Mapping[str, object] | None) -> Filters:
-        """Accepts {"source": "x"} or {"source": ["x", "y"]}; anything else is a ValueError."""
+        """Accepts {"source": "x"}, {"collection": ["a", "b"]}, both, or nothing; else a ValueError."""
         raw = dict(raw or {})
-        if set(raw) - {"source"}:  # the unknown keys are not named: they are the caller's text
-            raise ValueError("unknown filter key; the only supported filter is source")
-        value = raw.get("source")
-        if value is None:
-            return cls()
-        values = [value] if isinstance(value, str) else value
-        if not isinstance(values, list) or not values or not all(isinstance(v, str) and v for v in values):
-            raise ValueError("filters.source must be a non-empty string or list of strings")
-        if not all(_storable(v) for v in values):  # a client error, not a 503 from Postgres or a 500
-            raise ValueError("filters.source must be valid UTF-8 text without NUL characters")
-        return cls(tuple(sorted(set(values))))
+        if set(raw) - {"source", "collection"}:  # the unknown keys are not named: they are the caller's text
+            raise ValueError("unknown filter key; the supported filters are source and collection")
+        collections = _values(raw, "collection")
+        if not all(valid_name(c) for c in collections):
+            raise ValueError("filters.collection must name collections: letters, digits, '.', '_' or '-'")
+        return cls(_values(raw, "source"), collections)
+
+
+def _values(raw: Mapping[str, object], name: str) -> tuple[str, ...]:
+    value = raw.get(name)
+    if value is None:
+        return ()
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list) or not values or not all(isinstance(v, str) and v for v in values):
+        raise ValueError(f"filters.{name} must be a non-empty string or list of strings")
+    if not all(_storable(v) for v in values):  # a client error, not a 503 from Postgres or a 500
+        raise ValueError(f"filters.{name} must be valid UTF-8 text without NUL characters")
+    return tuple(sorted(set(values)))
 
 
 _SEARCH_SQL = """
@@ -92,22 +106,27 @@ WITH q AS (
     SELECT CASE WHEN position('!' IN t) > 0 THEN t ELSE replace(t, ' & ', ' | ') END AS text
     FROM (SELECT websearch_to_tsquery('english', $2)::text AS t) AS w
 ), dense AS (
-    SELECT c.id, row_number() OVER () AS rank
-    FROM (SELECT id FROM chunks
-          WHERE cardinality($3::text[]) = 0 OR source = ANY($3::text[])
+    -- With a filter, pgvector's iterative scan (hnsw.iterative_scan = relaxed_order, set per
+    -- connection in db.create_pool) keeps walking the index until $4 rows pass it, up to
+    -- hnsw.max_scan_tuples; relaxed order means the rows are re-sorted by distance here.
+    SELECT c.id, row_number() OVER (ORDER BY c.distance, c.id) AS rank
+    FROM (SELECT id, embedding <=> $1 AS distance FROM chunks
+          WHERE (cardinality($3::text[]) = 0 OR source = ANY($3::text[]))
+            AND ($5::text[] IS NULL OR collection = ANY($5::text[]))
           ORDER BY embedding <=> $1 LIMIT $4) AS c
 ), sparse AS (
     SELECT c.id, row_number() OVER (ORDER BY ts_rank_cd(c.tsv, q.text::tsquery) DESC, c.id) AS rank
     FROM chunks c, q
     WHERE q.text <> '' AND c.tsv @@ q.text::tsquery
       AND (cardinality($3::text[]) = 0 OR c.source = ANY($3::text[]))
+      AND ($5::text[] IS NULL OR c.collection = ANY($5::text[]))
     ORDER BY rank LIMIT $4
 ), hits AS (
     SELECT id, rank, 'dense' AS kind FROM dense
     UNION ALL
     SELECT id, rank, 'sparse' AS kind FROM sparse
 )
-SELECT h.kind, h.rank, c.id AS chunk_id, c.document_id, c.text, c.source,
+SELECT h.kind, h.rank, c.id AS chunk_id, c.document_id, c.text, c.source, c.collection,
        coalesce(nullif(d.title, ''), d.external_id) AS document, d.uri
 FROM hits h JOIN chunks c ON c.id = h.id JOIN documents d ON d.id = c.document_id
 """
@@ -125,11 +144,17 @@ class Retriever:
         *,
         top_k: int,
         filters: Filters = Filters(),
+        collections: Sequence[str] | None = None,
         mode: Mode = "hybrid",
     ) -> list[Source]:
-        """Top-k fused chunks; `mode` isolates one ranking (for evaluation, see bench/retrieval.py)."""
+        """Top-k fused chunks from `collections` (None: all); `mode` isolates one ranking (bench/retrieval.py).
+
+        `collections` is the request's permission set (service/policy/collections.py), already
+        narrowed by `filters.collections`.
+        """
         limit = max(self.candidates, top_k * 4)
-        rows = await self.pool.fetch(_SEARCH_SQL, query_vector, question, list(filters.sources), limit)
+        names = None if collections is None else list(collections)
+        rows = await self.pool.fetch(_SEARCH_SQL, query_vector, question, list(filters.sources), limit, names)
         by_kind: dict[str, list[tuple[int, int]]] = {"dense": [], "sparse": []}
         details: dict[int, asyncpg.Record] = {}
         for row in rows:
@@ -145,6 +170,7 @@ class Retriever:
                 document_id=details[chunk_id]["document_id"],
                 document=details[chunk_id]["document"],
                 source=details[chunk_id]["source"],
+                collection=details[chunk_id]["collection"],
                 uri=details[chunk_id]["uri"],
                 text=details[chunk_id]["text"],
                 score=round(score, 6),

@@ -37,6 +37,9 @@ class KeyParts:
     max_tokens: int
     temperature: float
     prompt_version: str
+    # The hashed permission set (service/policy/collections.py): keys that may read the same
+    # collections share answers and generations; keys that may not, never do.
+    permissions: str
     instructions: str = ""  # the client's system messages: answers under other instructions are not shared
 
 
@@ -53,11 +56,12 @@ def scope_key(parts: KeyParts) -> str:
 def _scope(parts: KeyParts) -> dict[str, object]:
     return {
         "k": parts.top_k,
-        "f": {"source": list(parts.filters.sources)},
+        "f": {"source": list(parts.filters.sources)},  # collection filters are inside `p`
         "m": parts.model,
         "mt": parts.max_tokens,
         "t": round(parts.temperature, 3),
         "v": parts.prompt_version,
+        "p": parts.permissions,
         **({"i": parts.instructions} if parts.instructions else {}),  # keys without instructions are unchanged
     }
 

@@ -42,7 +42,7 @@ async def test_miss_then_hit_with_the_extractive_generator(settings: Settings, l
         assert meta["route"]["provider"] == "extractive" and meta["route"]["tier"] in ("small", "large")
         assert meta["route"]["reason"]
         assert meta["sources"][0]["document"] == "Caching" and meta["sources"][0]["n"] == 1
-        assert set(meta["sources"][0]) == {"n", "chunk_id", "document", "source", "score", "snippet"}
+        assert set(meta["sources"][0]) == {"n", "chunk_id", "document", "source", "collection", "score", "snippet"}
         assert "rag-admin cache flush" in first.text and first.text.startswith("Extractive answer")
         cited = {int(n) for n in re.findall(r"\[(\d+)\]", first.text)}
         assert cited and cited <= {s["n"] for s in meta["sources"]}
@@ -106,7 +106,9 @@ async def test_bypass_neither_reads_nor_writes_and_refresh_writes(
         assert calls == 3
         provider.default = Behavior(text="A refreshed answer [1].")
         # refresh replaces the answer every key is served: an admin operation (issue 12)
-        refreshed = await ask(http, cache="refresh", headers=bearer(await make_key(settings, "admin")))
+        # an admin key that reads what the query key reads (same permission set) replaces the shared answer
+        admin = await make_key(settings, "admin", collections=["default"])
+        refreshed = await ask(http, cache="refresh", headers=bearer(admin))
         assert refreshed.meta["cache"] == "miss" and refreshed.text == "A refreshed answer [1]."
         hit = await ask(http)
         assert hit.meta["cache"] == "hit" and hit.text == "A refreshed answer [1]."

@@ -86,6 +86,9 @@ async def test_keys_and_scopes_over_http(settings: Settings, local_embedder: Loc
         forbidden = await http.get("/dashboard/api/summary")
         assert forbidden.status_code == 403 and forbidden.json()["error"]["code"] == "forbidden"
         assert (await http.get("/dashboard/api/summary", headers=bearer(admin_key))).status_code == 200
+        # An admin key reads every collection (`*`), a query key only `default`: different permission
+        # sets never share an answer (issue 13), so the admin's first ask is its own miss, then a hit.
+        assert (await ask(http, headers=bearer(admin_key))).meta["cache"] == "miss"
         assert (await ask(http, headers=bearer(admin_key))).meta["cache"] == "hit"
         # liveness and readiness stay open for orchestrators
         assert (await http.get("/health", headers={"Authorization": ""})).status_code == 200

@@ -8,7 +8,7 @@ import socket
 import sys
 import tempfile
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,11 +124,21 @@ async def wait_until(predicate: object, within: float = 10.0, interval: float = 
 
 
 async def make_key(
-    settings: Settings, scope: Scope = "admin", *, rpm: int | None = None, tokens_per_day: int | None = None
+    settings: Settings,
+    scope: Scope = "admin",
+    *,
+    rpm: int | None = None,
+    tokens_per_day: int | None = None,
+    collections: Sequence[str] | None = None,
 ) -> str:
-    """A real API key in the test database (migrating it first, as the app would)."""
+    """A real API key in the test database (migrating it first, as the app would).
+
+    `collections`: what it may read (default: `default` for a query key, `*` for an admin key).
+    """
     async with open_corpus(settings) as corpus:
-        token, _ = await KeyStore(corpus.pool).create(f"test-{scope}", scope, rpm=rpm, tokens_per_day=tokens_per_day)
+        token, _ = await KeyStore(corpus.pool).create(
+            f"test-{scope}", scope, rpm=rpm, tokens_per_day=tokens_per_day, collections=collections
+        )
     return token
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from service.postgres.retrieval import RRF_K, Filters, Source, rrf
-from service.redis.answer_cache import KeyParts, cache_key, question_hash
+from service.redis.answer_cache import KeyParts, cache_key, question_hash, scope_key
 
 
 def test_rrf_sums_reciprocal_ranks_across_lists() -> None:
@@ -56,13 +56,25 @@ def test_filters_reject_what_they_cannot_apply(raw: dict[str, object]) -> None:
         Filters.parse(raw)
 
 
+def test_filters_parse_collections_like_sources() -> None:
+    assert Filters.parse({"collection": "hr"}).collections == ("hr",)
+    both = Filters.parse({"collection": ["b", "a", "b"], "source": "x"})
+    assert (both.collections, both.sources) == (("a", "b"), ("x",))
+
+
+@pytest.mark.parametrize("raw", [{"collection": []}, {"collection": "*"}, {"collection": "a b"}, {"collection": 3}])
+def test_filters_reject_what_is_not_a_collection_name(raw: dict[str, object]) -> None:
+    with pytest.raises(ValueError, match="collection"):
+        Filters.parse(raw)
+
+
 def test_snippet_is_whitespace_folded_and_cut_at_a_word() -> None:
     long = Source(1, 1, 1, "d", "s", "u", "word\n\n" * 200, 0.1)
     assert len(long.snippet()) <= 240 and long.snippet().endswith("…") and "\n" not in long.snippet()
     assert Source(1, 1, 1, "d", "s", "u", "  short   text ", 0.1).snippet() == "short text"
 
 
-BASE = KeyParts("How do I flush the cache?", 5, Filters(), "auto", 512, 0.2, "1")
+BASE = KeyParts("How do I flush the cache?", 5, Filters(), "auto", 512, 0.2, "1", "p")
 
 
 def with_(**changes: object) -> KeyParts:
@@ -86,10 +98,16 @@ def test_cache_key_ignores_case_spacing_and_unicode_form() -> None:
         {"max_tokens": 256},
         {"temperature": 0.7},
         {"prompt_version": "2"},
+        {"permissions": "another permission set"},
     ],
 )
 def test_everything_that_changes_the_answer_changes_the_key(change: dict[str, object]) -> None:
     assert cache_key(with_(**change)) != cache_key(BASE)
+
+
+def test_the_permission_set_is_part_of_the_semantic_scope() -> None:
+    assert scope_key(with_(permissions="another permission set")) != scope_key(BASE)
+    assert scope_key(with_(question="something else")) == scope_key(BASE)
 
 
 def test_filter_order_does_not_matter_and_question_hash_hides_text() -> None:

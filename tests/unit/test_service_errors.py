@@ -8,6 +8,7 @@ from service.answer.observe import failure_stage
 from service.errors import (
     BudgetExceeded,
     DependencyUnavailable,
+    Forbidden,
     GuardrailViolation,
     InvalidRequest,
     LeaderFailed,
@@ -25,6 +26,7 @@ CASES: list[tuple[ServiceError, int, str, str | None, str]] = [
     (GuardrailViolation("prompt_injection", "no"), 400, "prompt_injection", None, "guardrail"),
     (InvalidRequest("invalid_filters", "bad filter"), 422, "invalid_filters", None, "schema"),
     (UnknownModel("model must be one of: auto"), 422, "unknown_model", None, "schema"),
+    (Forbidden("collection_forbidden", "not yours"), 403, "collection_forbidden", None, "permission"),
     (RateLimited("rate_limited", "slow down", 7), 429, "rate_limited", "7", "provider"),
     (BudgetExceeded("spent", 3600), 429, "token_budget_exceeded", "3600", "provider"),
     (DependencyUnavailable("database", "database_unavailable", "down"), 503, "database_unavailable", "5", "database"),
