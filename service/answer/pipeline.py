@@ -1,9 +1,11 @@
 """The answer pipeline: the request path's seven steps, in order: 1. guardrails, 2. exact cache,
 3. semantic cache, 4. retrieval, 5. routing and prompt, 6. streaming generation, 7. cache write.
 
-Identical misses in flight share one generation (service/answer/coalescing.py); the access log,
-metrics and token budget watch the events from outside (service/answer/observe.py). Before the
-first event a failure is a domain error (service/errors.py); after it, a `Failed` event.
+Identical misses in flight share one generation (service/answer/coalescing.py); the access log
+and metrics watch the events from outside (service/answer/observe.py). A miss holds one of its
+key's in-flight slots until it ends; a generation reserves its key's tokens before calling a
+model and settles them in its own `finally` (`_generate`). Before the first event a failure is
+a domain error (service/errors.py); after it, a `Failed` event.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from service.postgres.semantic_index import SemanticCache, SemanticMatch
 from service.postgres.watcher import CorpusWatcher
 from service.providers.base import Provider, ProviderError, Usage
 from service.redis.answer_cache import AnswerCache, CachedAnswer, KeyParts, cache_key, question_hash, scope_key
-from service.redis.limits import TokenBudget
+from service.redis.limits import Reservation, TokenBudget
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -85,9 +87,9 @@ class AnswerService:
 
     # -- the path: which steps run, in which order -------------------------------------------
     def answer(self, request: RagRequest, request_id: str, budget: TokenBudget | None = None) -> AsyncIterator[Event]:
-        """The answer's events, observed (access log, metrics, budget charges) as they pass."""
+        """The answer's events, observed (access log, metrics) as they pass."""
         steps = self._steps(request, request_id, budget)
-        return observed(steps, request, metrics=self.metrics, budget=budget, detach=self._background.run)
+        return observed(steps, request, metrics=self.metrics, detach=self._background.run)
 
     async def _steps(
         self, request: RagRequest, request_id: str, budget: TokenBudget | None
@@ -97,13 +99,17 @@ class AnswerService:
         with span("rag.guardrails"):
             question = self.guard(request)
         yield Admitted(question.hash)
-        produce = partial(self._cached_or_generated, question, request_id, clock)
+        produce = partial(self._cached_or_generated, question, request_id, clock, budget)
         key: str | None = question.key
         free: Free = partial(self._free, question, request_id, clock, budget)
         if request.cache != "use":  # bypass or refresh: never read the caches, never share the generation
-            key, free = None, partial(_checked, budget)
-        async for event in self.coalescing.run(key, produce, free=free, request_id=request_id, clock=clock):
-            yield event
+            key, free = None, partial(_missed, budget)
+        try:
+            async for event in self.coalescing.run(key, produce, free=free, request_id=request_id, clock=clock):
+                yield event
+        finally:
+            if budget is not None:  # detached: a cancelled request may not await here
+                self._background.run(budget.vacate())
 
     async def _free(
         self, question: Question, request_id: str, clock: Clock, budget: TokenBudget | None
@@ -118,10 +124,11 @@ class AnswerService:
             if similar is None:
                 raise
             return similar
+        await _missed(budget)
         return None
 
     async def _cached_or_generated(
-        self, question: Question, request_id: str, clock: Clock, look_again: bool
+        self, question: Question, request_id: str, clock: Clock, budget: TokenBudget | None, look_again: bool
     ) -> AsyncIterator[Event]:
         """The answer this request produces (for its followers too): steps 2-3 once more, else 4-7."""
         if question.request.cache == "use":
@@ -130,7 +137,7 @@ class AnswerService:
                 for event in cached:
                     yield event
                 return
-        async for event in self._generate(question, request_id, clock):
+        async for event in self._generate(question, request_id, clock, budget):
             yield event
 
     async def _cached(
@@ -153,8 +160,15 @@ class AnswerService:
         if self.watcher.corpus_version == corpus_version >= 0:  # not while an invalidation may be running
             await self.cache.put(question.key, replace(answer, question_hash=question.hash))
 
-    async def _generate(self, question: Question, request_id: str, clock: Clock) -> AsyncIterator[Event]:
-        """Steps 4-7: retrieve, route, stream from the model, cache the complete answer."""
+    async def _generate(
+        self, question: Question, request_id: str, clock: Clock, budget: TokenBudget | None
+    ) -> AsyncIterator[Event]:
+        """Steps 4-7: retrieve, route, reserve the key's tokens, stream from the model, cache the answer.
+
+        This runs in the coalescing producer, which outlives a leader whose client left while
+        others follow; the reservation is settled in its `finally`, so an answer that ends early
+        (disconnect, cancellation, error) is charged what was generated, and never more than reserved.
+        """
         corpus_version = self.watcher.corpus_version
         with span("rag.retrieve") as traced:
             sources = await self.retrieve(question)
@@ -166,33 +180,45 @@ class AnswerService:
         pieces: list[str] = []
         usage: Usage | None = None
         answering: Answering | None = None
-        try:  # 6. streaming generation
-            async for item in generate(
-                route.candidates, self.providers, RequestFactory(question, prompt), self.timeouts, self._on_attempt
-            ):
-                if isinstance(item, Answering):
-                    answering = item
-                    shown = [source_info(s) for s in prompt.sources]
-                    yield Meta(request_id, outcome, route_info(route, item, self.policy), shown)
-                elif isinstance(item, str):
-                    clock.token()
-                    pieces.append(item)
-                    yield Token(item)
-                else:
-                    usage = item
-        except AllProvidersFailedError as exc:  # nothing was sent yet: refuse before the stream
-            raise NoProviderAvailable(str(exc)) from exc
-        except (ProviderError, TimeoutError) as exc:
-            message = exc.message if isinstance(exc, ProviderError) else "the answer took too long"
-            yield Failed("generation_failed", f"generation stopped: {message}")
-            return
-        assert answering is not None and usage is not None
-        spent = usage_info(answering, usage, self.settings.pricing)
-        if question.request.cache != "bypass":  # 7. cache write
-            with span("rag.cache.write"):
-                entry = cache_entry(question, "".join(pieces), route_info(route, answering, self.policy), prompt, spent)
-                await self.store(question, corpus_version, entry)
-        yield Done(spent, clock.ms(), clock.ttft_ms(), cached=False)
+        reservation = await _reserved(budget, prompt.prompt_tokens + question.request.max_tokens)
+        try:
+            try:  # 6. streaming generation
+                async for item in generate(
+                    route.candidates, self.providers, RequestFactory(question, prompt), self.timeouts, self._on_attempt
+                ):
+                    if isinstance(item, Answering):
+                        answering = item
+                        shown = [source_info(s) for s in prompt.sources]
+                        yield Meta(request_id, outcome, route_info(route, item, self.policy), shown)
+                    elif isinstance(item, str):
+                        clock.token()
+                        pieces.append(item)
+                        yield Token(item)
+                    else:
+                        usage = item
+            except AllProvidersFailedError as exc:  # nothing was sent yet: refuse before the stream
+                raise NoProviderAvailable(str(exc)) from exc
+            except (ProviderError, TimeoutError) as exc:
+                message = exc.message if isinstance(exc, ProviderError) else "the answer took too long"
+                yield Failed("generation_failed", f"generation stopped: {message}")
+                return
+            assert answering is not None and usage is not None
+            spent = usage_info(answering, usage, self.settings.pricing)
+            if reservation is not None:  # settled before `done`, so a client that sees it sees the charge
+                await asyncio.shield(reservation.settle(spent.input_tokens + spent.output_tokens))
+            if question.request.cache != "bypass":  # 7. cache write
+                with span("rag.cache.write"):
+                    info = route_info(route, answering, self.policy)
+                    entry = cache_entry(question, "".join(pieces), info, prompt, spent)
+                    await self.store(question, corpus_version, entry)
+            yield Done(spent, clock.ms(), clock.ttft_ms(), cached=False)
+        finally:
+            if reservation is not None and not reservation.settled:
+                # Ended early: the prompt and the tokens streamed so far (nothing if no token came).
+                used = prompt.prompt_tokens + count_tokens("".join(pieces)) if pieces else 0
+                if usage is not None:
+                    used = usage.input_tokens + usage.output_tokens
+                await asyncio.shield(reservation.settle(used))
 
     # -- 1. guardrails (no I/O) ----------------------------------------------------------
     def guard(self, request: RagRequest) -> Question:
@@ -300,3 +326,16 @@ async def _checked(budget: TokenBudget | None) -> None:
     """Raises `BudgetExceeded` when the caller's tokens for today are spent (a generation would cost)."""
     if budget is not None:
         await budget.check()
+
+
+async def _missed(budget: TokenBudget | None) -> None:
+    """A miss: the budget is not spent, and the request takes one of its key's in-flight slots
+    (`RateLimited` `too_many_inflight` when all are taken); the slot is vacated when the request ends."""
+    await _checked(budget)
+    if budget is not None:
+        await budget.occupy()
+
+
+async def _reserved(budget: TokenBudget | None, tokens: int) -> Reservation | None:
+    """Today's tokens for this generation, reserved at once (`BudgetExceeded` if they are not all left)."""
+    return await budget.reserve(tokens) if budget is not None else None

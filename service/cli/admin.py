@@ -148,6 +148,7 @@ def _key_json(key: ApiKey) -> dict[str, Any]:
         "scopes": list(key.scopes),
         "rpm": key.rpm,
         "tokens_per_day": key.tokens_per_day,
+        "max_inflight": key.max_inflight,
         "created_at": key.created_at.isoformat() if key.created_at else None,
         "revoked_at": key.revoked_at.isoformat() if key.revoked_at else None,
     }
@@ -163,6 +164,10 @@ def keys_create(
     tokens_per_day: Annotated[
         int | None, typer.Option("--tokens-per-day", min=1, help="Provider tokens per UTC day (default: unlimited).")
     ] = None,
+    max_inflight: Annotated[
+        int | None,
+        typer.Option("--max-inflight", min=1, help="Answers in flight at once (default: RAG_DEFAULT_MAX_INFLIGHT)."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Create a key and print it once: only its hash is stored."""
@@ -173,7 +178,10 @@ def keys_create(
         err.print("[red]error:[/] --name must not be empty")
         raise typer.Exit(2)
     chosen: Scope = "admin" if scope == "admin" else "query"
-    token, key = _with_keys(lambda keys: keys.create(name.strip(), chosen, rpm=rpm, tokens_per_day=tokens_per_day))
+    inflight = max_inflight if max_inflight is not None else Settings().default_max_inflight
+    token, key = _with_keys(
+        lambda keys: keys.create(name.strip(), chosen, rpm=rpm, tokens_per_day=tokens_per_day, max_inflight=inflight)
+    )
     if as_json:
         typer.echo(json.dumps({**_key_json(key), "key": token}))
         return
@@ -191,7 +199,7 @@ def keys_list(
     if as_json:
         typer.echo(json.dumps([_key_json(k) for k in keys]))
         return
-    table = Table("id", "name", "scopes", "rpm", "tokens/day", "created", "revoked")
+    table = Table("id", "name", "scopes", "rpm", "tokens/day", "in flight", "created", "revoked")
     for k in keys:
         table.add_row(
             k.id,
@@ -199,10 +207,38 @@ def keys_list(
             ",".join(k.scopes),
             str(k.rpm or "-"),
             str(k.tokens_per_day or "-"),
+            str(k.max_inflight or "-"),
             k.created_at.strftime("%Y-%m-%d %H:%M") if k.created_at else "-",
             k.revoked_at.strftime("%Y-%m-%d %H:%M") if k.revoked_at else "-",
         )
     Console().print(table)
+
+
+@keys_app.command("update")
+def keys_update(
+    key_id: Annotated[str, typer.Argument(help="The key's id (or the whole key).")],
+    max_inflight: Annotated[
+        int | None, typer.Option("--max-inflight", min=0, help="Answers in flight at once; 0 removes the cap.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Change an active key's limits; running servers apply the change at once."""
+    parsed = parse_key(key_id)
+    wanted = parsed[0] if parsed else key_id
+    changes: dict[str, object] = {}
+    if max_inflight is not None:
+        changes["max_inflight"] = max_inflight or None
+    if not changes:
+        err.print("[red]error:[/] nothing to change: give --max-inflight")
+        raise typer.Exit(2)
+    key = _with_keys(lambda keys: keys.update(wanted, changes))
+    if key is None:
+        err.print(f"[red]error:[/] no active key with id {wanted!r}")
+        raise typer.Exit(1)
+    if as_json:
+        typer.echo(json.dumps(_key_json(key)))
+        return
+    typer.echo(f"updated {key.id}: max in flight {key.max_inflight or 'unlimited'}")
 
 
 @keys_app.command("revoke")

@@ -20,6 +20,7 @@ from service import __version__
 from service.answer.coalescing import Coalescer
 from service.answer.pipeline import AnswerService
 from service.embeddings.encoders import AnyEmbedder, create_embedder
+from service.errors import PoolExhausted
 from service.hashing import hash_key
 from service.http.auth import KEYS_CHANNEL, Authenticator, KeyStore
 from service.http.dashboard import router as dashboard_router
@@ -46,7 +47,7 @@ from service.providers.base import Provider
 from service.providers.extractive import ExtractiveProvider
 from service.providers.openai import OpenAIProvider
 from service.redis.answer_cache import AnswerCache
-from service.redis.client import redis_url, worker_client
+from service.redis.client import WorkerRedis, redis_url
 from service.redis.limits import Limiter
 from service.settings import Settings
 
@@ -79,6 +80,7 @@ class Resources:
     metrics: Metrics
     auth: Authenticator
     limiter: Limiter
+    pools: WorkerRedis  # `redis` is `pools.requests`
 
 
 def build_providers(settings: Settings) -> dict[str, Provider]:
@@ -127,7 +129,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     pool = await create_pool(
         dsn, min_size=settings.db_pool_min, max_size=settings.db_pool_max, ef_search=settings.hnsw_ef_search
     )
-    client = worker_client(rurl, max_connections=settings.redis_max_connections)
+    pools = WorkerRedis.open(rurl, settings)
+    client = pools.requests
     await embedder.warm_up()
     cache = AnswerCache(client, ttl_s=settings.cache_ttl_s)
     metrics = Metrics(client, prometheus=app.state.prometheus, retention_s=settings.metrics_retention_s)
@@ -148,7 +151,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         semantic=SemanticCache(pool, threshold=settings.semantic_cache_threshold, ttl_s=settings.cache_ttl_s)
         if settings.semantic_cache
         else None,
-        coalescer=Coalescer(client, lease_ms=settings.coalesce_lease_ms),
+        coalescer=Coalescer(client, followers=pools.followers, lease_ms=settings.coalesce_lease_ms),
         watcher=watcher,
         providers=providers,
         policy=routing_policy(settings),
@@ -170,7 +173,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         answers,
         metrics,
         auth,
-        Limiter(client, auth_failures_per_minute=settings.auth_failures_per_minute),
+        Limiter(
+            pools.limits,
+            auth_failures_per_minute=settings.auth_failures_per_minute,
+            inflight_lapse_s=settings.total_timeout_s + 30,
+        ),
+        pools,
     )
     try:
         yield
@@ -183,7 +191,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                 await close()
         await metrics.aclose()
         await asyncio.to_thread(tracing.shutdown)  # flushes the spans still batched
-        await client.aclose()
+        await pools.aclose()
         await pool.close()
         if valkey is not None:
             valkey.stop()
@@ -208,8 +216,12 @@ async def _postgres_probe(pool: asyncpg.Pool) -> dict[str, Any]:
     return {"documents": documents}
 
 
-async def _redis_probe(client: aioredis.Redis) -> None:
-    await client.ping()
+async def _redis_probe(client: aioredis.Redis) -> dict[str, Any] | None:
+    try:
+        await client.ping()
+    except PoolExhausted:  # this worker is busy, Redis itself answers: not degraded
+        return {"busy": True}
+    return None
 
 
 def create_app(
@@ -254,12 +266,16 @@ def create_app(
 
     @app.get("/ready", tags=["ops"], responses=NOT_READY)
     async def ready(request: Request) -> JSONResponse:
-        """Postgres is required (no retrieval without it); Redis only degrades (no cache)."""
+        """Postgres is required (no retrieval without it); Redis only degrades (no cache).
+
+        Redis is probed through the limits pool, the one a busy request pool cannot starve, so a
+        worker under load does not call itself degraded.
+        """
         res: Resources = request.app.state.resources
         checks = dict(
             await asyncio.gather(
                 _check("postgres", _postgres_probe(res.pool)),
-                _check("redis", _redis_probe(res.redis)),
+                _check("redis", _redis_probe(res.pools.limits)),
             )
         )
         checks["embedder"] = {"ok": True, "model": res.embedder.model, "dim": res.embedder.dim}

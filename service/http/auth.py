@@ -19,7 +19,7 @@ import re
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -31,6 +31,7 @@ from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 
+from service.errors import AuthUnavailable, InvalidRequest
 from service.http.errors import APIError
 from service.http.proxies import throttle_address
 
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 
 Scope = Literal["query", "admin"]
 SCOPES: dict[Scope, tuple[str, ...]] = {"query": ("query",), "admin": ("query", "admin")}
-KEYS_CHANNEL = "ragcache_keys"  # NOTIFY payload: the id of a revoked key
+KEYS_CHANNEL = "ragcache_keys"  # NOTIFY payload: the id of a revoked or updated key
 PREFIX = "rck"
 _KEY = re.compile(rf"{PREFIX}_([a-z0-9]{{12}})_([A-Za-z0-9_-]{{43}})")
 _ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
@@ -54,6 +55,7 @@ class ApiKey:
     tokens_per_day: int | None
     created_at: datetime | None = None
     revoked_at: datetime | None = None
+    max_inflight: int | None = None  # misses in flight at once; None: no cap
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ class Principal:
     scopes: tuple[str, ...]
     rpm: int | None
     tokens_per_day: int | None
+    max_inflight: int | None = None
 
 
 # --- pure ---------------------------------------------------------------------------------
@@ -106,7 +109,14 @@ def _row(row: asyncpg.Record) -> ApiKey:
         tokens_per_day=row["tokens_per_day"],
         created_at=row["created_at"],
         revoked_at=row["revoked_at"],
+        max_inflight=row["max_inflight"],
     )
+
+
+# What `KeyStore.update` may change, and how each value is checked (None clears a limit).
+UPDATABLE: dict[str, Callable[[object], bool]] = {
+    "max_inflight": lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v > 0),
+}
 
 
 class KeyStore:
@@ -114,19 +124,26 @@ class KeyStore:
         self.pool = pool
 
     async def create(
-        self, name: str, scope: Scope = "query", *, rpm: int | None = None, tokens_per_day: int | None = None
+        self,
+        name: str,
+        scope: Scope = "query",
+        *,
+        rpm: int | None = None,
+        tokens_per_day: int | None = None,
+        max_inflight: int | None = None,
     ) -> tuple[str, ApiKey]:
         """Store a new key; returns the full key, which exists nowhere else afterwards."""
         token, key_id, secret_hash = new_key()
         row = await self.pool.fetchrow(
-            """INSERT INTO api_keys (id, name, secret_sha256, scopes, rpm, tokens_per_day)
-               VALUES ($1, $2, $3, $4, $5, $6) RETURNING *""",
+            """INSERT INTO api_keys (id, name, secret_sha256, scopes, rpm, tokens_per_day, max_inflight)
+               VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING *""",
             key_id,
             name,
             secret_hash,
             list(SCOPES[scope]),
             rpm,
             tokens_per_day,
+            max_inflight,
         )
         assert row is not None
         return token, _row(row)
@@ -141,6 +158,29 @@ class KeyStore:
         )
         return [_row(r) for r in rows]
 
+    async def update(self, key_id: str, changes: Mapping[str, object]) -> ApiKey | None:
+        """Change an active key's fields named in `changes` (see `UPDATABLE`); the updated key, or
+        None if there is no such active key. Running servers re-read it at once via NOTIFY."""
+        unknown = sorted(set(changes) - set(UPDATABLE))
+        if unknown:
+            raise InvalidRequest("invalid_key_field", f"cannot update: {', '.join(unknown)}")
+        bad = sorted(name for name, value in changes.items() if not UPDATABLE[name](value))
+        if bad:
+            raise InvalidRequest("invalid_key_field", f"invalid value for: {', '.join(bad)}")
+        if not changes:
+            return await self.get(key_id)
+        names = list(changes)  # only names from UPDATABLE reach the SQL text
+        assignments = ", ".join(f"{name} = ${i}" for i, name in enumerate(names, start=2))
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                f"UPDATE api_keys SET {assignments} WHERE id = $1 AND revoked_at IS NULL RETURNING *",  # noqa: S608
+                key_id,
+                *(changes[name] for name in names),
+            )
+            if row is not None:
+                await conn.execute("SELECT pg_notify($1, $2)", KEYS_CHANNEL, key_id)
+        return _row(row) if row is not None else None
+
     async def revoke(self, key_id: str) -> bool:
         """True if the key existed and was active; running servers forget it via NOTIFY."""
         async with self.pool.acquire() as conn, conn.transaction():
@@ -153,10 +193,6 @@ class KeyStore:
 
 
 # --- the in-process view ------------------------------------------------------------------
-
-
-class AuthUnavailableError(Exception):
-    """The key is not known here and Postgres cannot be asked."""
 
 
 class Authenticator:
@@ -186,7 +222,7 @@ class Authenticator:
         if not verify(key, secret):
             return None
         assert key is not None
-        return Principal(key.id, key.name, key.scopes, key.rpm, key.tokens_per_day)
+        return Principal(key.id, key.name, key.scopes, key.rpm, key.tokens_per_day, key.max_inflight)
 
     def forget(self, key_id: str) -> None:
         self._entries.pop(key_id, None)
@@ -201,7 +237,7 @@ class Authenticator:
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
             if cached is not None:  # stale beats unavailable: cached answers keep flowing
                 return cached[1]
-            raise AuthUnavailableError(type(exc).__name__) from exc
+            raise AuthUnavailable(type(exc).__name__) from exc
         self._entries[key_id] = (now, key)
         self._entries.move_to_end(key_id)
         while len(self._entries) > self.max_entries:
@@ -238,12 +274,7 @@ def requires(scope: Scope) -> Callable[[Request, HTTPAuthorizationCredentials | 
         address = throttle_address(request.client.host if request.client else None)
         principal: Principal | None = None
         if credentials is not None:
-            try:
-                principal = await auth.authenticate(credentials.credentials)
-            except AuthUnavailableError:
-                raise APIError(
-                    503, "auth_unavailable", "cannot verify the API key right now", {"Retry-After": "5"}
-                ) from None
+            principal = await auth.authenticate(credentials.credentials)  # AuthUnavailable: 503
         if principal is None:
             await limiter.record_auth_failure(address)  # 429 instead, once over the limit
             if credentials is None:

@@ -124,11 +124,18 @@ async def wait_until(predicate: object, within: float = 10.0, interval: float = 
 
 
 async def make_key(
-    settings: Settings, scope: Scope = "admin", *, rpm: int | None = None, tokens_per_day: int | None = None
+    settings: Settings,
+    scope: Scope = "admin",
+    *,
+    rpm: int | None = None,
+    tokens_per_day: int | None = None,
+    max_inflight: int | None = None,
 ) -> str:
     """A real API key in the test database (migrating it first, as the app would)."""
     async with open_corpus(settings) as corpus:
-        token, _ = await KeyStore(corpus.pool).create(f"test-{scope}", scope, rpm=rpm, tokens_per_day=tokens_per_day)
+        token, _ = await KeyStore(corpus.pool).create(
+            f"test-{scope}", scope, rpm=rpm, tokens_per_day=tokens_per_day, max_inflight=max_inflight
+        )
     return token
 
 
