@@ -20,7 +20,6 @@ from service import __version__
 from service.answer.coalescing import Coalescer
 from service.answer.pipeline import AnswerService
 from service.embeddings.encoders import AnyEmbedder, create_embedder
-from service.errors import PoolExhausted
 from service.hashing import hash_key
 from service.http.auth import KEYS_CHANNEL, Authenticator, KeyStore
 from service.http.dashboard import router as dashboard_router
@@ -216,11 +215,13 @@ async def _postgres_probe(pool: asyncpg.Pool) -> dict[str, Any]:
     return {"documents": documents}
 
 
-async def _redis_probe(client: aioredis.Redis) -> dict[str, Any] | None:
-    try:
-        await client.ping()
-    except PoolExhausted:  # this worker is busy, Redis itself answers: not degraded
+async def _redis_probe(pools: WorkerRedis) -> dict[str, Any] | None:
+    """PING through the limits pool; when all its connections are taken (a busy worker, not a
+    degraded one), through the followers' pool instead, and say the limits pool is busy."""
+    if pools.limits_busy:
+        await pools.followers.ping()
         return {"busy": True}
+    await pools.limits.ping()
     return None
 
 
@@ -275,7 +276,7 @@ def create_app(
         checks = dict(
             await asyncio.gather(
                 _check("postgres", _postgres_probe(res.pool)),
-                _check("redis", _redis_probe(res.pools.limits)),
+                _check("redis", _redis_probe(res.pools)),
             )
         )
         checks["embedder"] = {"ok": True, "model": res.embedder.model, "dim": res.embedder.dim}

@@ -92,6 +92,11 @@ class WorkerRedis:
             followers=worker_client(url, max_connections=settings.redis_follower_connections, name="followers"),
         )
 
+    @property
+    def limits_busy(self) -> bool:
+        """Every connection of the limits pool is in use right now (a check would have to wait)."""
+        return not self.limits.connection_pool.can_get_connection()
+
     async def aclose(self) -> None:
         for client in (self.requests, self.limits, self.followers):
             await client.aclose()
