@@ -336,7 +336,8 @@ async def ensure_corpus(servers: Servers, limit: int | None, data_dir: Path = DA
         await fetchval(servers.admin_dsn, f'CREATE DATABASE "{name}"')
     dsn = servers.database(name)
     if limit is not None:
-        subset = data_dir / f"corpus-{limit}" / "corpus.jsonl"
+        # Beside the data directory, not in it: rag-ingest never ingests from RAG_DATA_DIR.
+        subset = data_dir.parent / f"corpus-{limit}" / "corpus.jsonl"
         subset.parent.mkdir(parents=True, exist_ok=True)
         head = b"".join(line + b"\n" for line in corpus.read_bytes().split(b"\n")[:limit])
         if not subset.exists() or subset.read_bytes() != head:
