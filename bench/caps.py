@@ -96,7 +96,8 @@ async def run(args: Any) -> None:
     with tempfile.TemporaryDirectory(prefix="ragcache-base-") as base_dir:
         export_service(args.base, Path(base_dir))
         async with replay_stack(args) as stack:
-            for variant, db, env in ((args.base, 10, {"PYTHONPATH": base_dir}), ("this branch", 11, {})):
+            info = {"RAG_LOG_LEVEL": "info"}  # "not caching" is an info line
+            for variant, db, env in ((args.base, 10, {"PYTHONPATH": base_dir, **info}), ("this branch", 11, info)):
                 say(f"{variant} …")
                 results.append(await scenario(stack, variant, db, env, out))
             setup = model_line(args, stack.documents)
@@ -126,6 +127,7 @@ async def run(args: Any) -> None:
                     "the 70's outcomes",
                 ],
                 rows,
+                align="lrrrrl",
             ),
         ]
     )
