@@ -407,15 +407,14 @@ def rag_serve(
 ) -> contextlib.AbstractAsyncContextManager[Served]:
     """`rag-serve --port P --workers N` as its own process, answering through the provider server."""
     port = free_port()
+    defaults = {"RAG_PROVIDER_MAX_RETRIES": "0", "RAG_LOG_LEVEL": "warning"}  # `env` may override these
     environment = clean_env(
         DATABASE_URL=dsn,
         REDIS_URL=redis_url,
         RAG_DATA_DIR=str(DATA_DIR),
         ANTHROPIC_API_KEY="sk-ant-bench",
         ANTHROPIC_BASE_URL=provider_url,
-        RAG_PROVIDER_MAX_RETRIES="0",
-        RAG_LOG_LEVEL="warning",
-        **(env or {}),
+        **(defaults | dict(env or {})),
     )
     return serve_process(f"{BIN / 'rag-serve'} --port {port} --workers {workers}", port, environment, log, DATA_DIR)
 
