@@ -62,7 +62,7 @@ async def scenario(stack: ReplayStack, variant: str, redis_db: int, env: dict[st
     redis_url = stack.servers.redis_url(redis_db)
     await fresh_caches(stack.dsn, redis_url)
     limited = await make_key(make_settings(stack.dsn, redis_url, out), "query", rpm=10)
-    log = out / f"{variant}.log"
+    log = out / f"{variant.replace(' ', '-')}.log"
     provider_url = stack.provider.base_url
     async with rag_serve(dsn=stack.dsn, redis_url=redis_url, provider_url=provider_url, log=log, env=env) as srv:
         await ask(srv.url, stack.token, {"question": CACHED})  # the limited key's answer, cached

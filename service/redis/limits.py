@@ -228,6 +228,13 @@ class Limiter:
         )
 
 
+def settled_charge(spent: int, reserved: int) -> int:
+    """What a generation is charged: what it spent, capped at its reservation (0: nothing could be
+    reserved because Redis was away, so the spend is charged as it is)."""
+    spent = max(0, spent)
+    return min(spent, reserved) if reserved > 0 else spent
+
+
 def _used_up(budget: int, now: float, *, wanted: int | None = None) -> BudgetExceeded:
     need = f" ({wanted} would be reserved for this answer: its prompt plus max_tokens)" if wanted else ""
     return BudgetExceeded(
@@ -252,7 +259,7 @@ class Reservation:
         if self.settled or not self.metered:
             return
         self.settled = True
-        charged = min(max(0, spent), self.reserved) if self.reserved else max(0, spent)
+        charged = settled_charge(spent, self.reserved)
         if charged == self.reserved:
             return
         try:
