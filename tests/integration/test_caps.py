@@ -12,8 +12,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import httpx
+import pytest
 import redis.asyncio as aioredis
+from typer.testing import CliRunner
 
+from service.cli.admin import app as admin_app
 from service.embeddings.encoders import LocalEmbedder
 from service.http.app import Resources, create_app
 from service.http.auth import KeyStore, parse_key
@@ -24,7 +27,7 @@ from service.settings import Settings
 from tests.support.answers import FLUSH, Reply, ask, followers_joined, running, seed, with_providers
 from tests.support.log_capture import capturing
 from tests.support.provider_server import Behavior, CallRecord, ProviderServer
-from tests.support.servers import bearer, make_key, serve_app, wait_until
+from tests.support.servers import bearer, cli_env, make_key, serve_app, wait_until
 from tests.support.sse import aiter_sse
 
 PDF = "Which library parses PDF files?"
@@ -255,3 +258,34 @@ async def test_a_busy_limits_pool_is_back_pressure_and_an_unreachable_redis_fail
             assert (await ask(http)).status == 200
             assert (await http.get("/ready")).json()["status"] == "degraded"
     assert [line for line in lines if FAIL_OPEN in line]
+
+
+# -- rag-admin ---------------------------------------------------------------------------------------
+
+
+def test_rag_admin_sets_and_updates_a_keys_max_inflight(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in cli_env(settings, RAG_DEFAULT_MAX_INFLIGHT="3").items():
+        monkeypatch.setenv(name, value)
+    cli = CliRunner()
+    default = json.loads(cli.invoke(admin_app, ["keys", "create", "--name", "bot", "--json"]).stdout)
+    assert default["max_inflight"] == 3  # RAG_DEFAULT_MAX_INFLIGHT for new keys
+    chosen = json.loads(
+        cli.invoke(admin_app, ["keys", "create", "--name", "etl", "--max-inflight", "9", "--json"]).stdout
+    )
+    assert chosen["max_inflight"] == 9
+
+    raised = cli.invoke(admin_app, ["keys", "update", default["id"], "--max-inflight", "12", "--json"])
+    assert raised.exit_code == 0, raised.output
+    assert json.loads(raised.stdout)["max_inflight"] == 12
+    lifted = cli.invoke(admin_app, ["keys", "update", chosen["key"], "--max-inflight", "0"])  # the whole key works too
+    assert lifted.exit_code == 0 and "unlimited" in lifted.stdout
+    listed = {
+        r["name"]: r["max_inflight"] for r in json.loads(cli.invoke(admin_app, ["keys", "list", "--json"]).stdout)
+    }
+    assert listed == {"bot": 12, "etl": None}
+    assert "in flight" in cli.invoke(admin_app, ["keys", "list"]).stdout
+
+    nothing = cli.invoke(admin_app, ["keys", "update", default["id"]])
+    assert nothing.exit_code == 2 and "nothing to change" in nothing.output
+    unknown = cli.invoke(admin_app, ["keys", "update", "abcdefghijkl", "--max-inflight", "2"])
+    assert unknown.exit_code == 1 and "no active key" in unknown.output
