@@ -13,7 +13,8 @@ reservation to what was really generated (never more), whatever way the answer e
 tokens charged to a key in a UTC day never exceed its budget, under any concurrency.
 
 Every check fails open: with Redis down nobody is limited (and /ready says "degraded"),
-because refusing all traffic would turn a cache outage into a full outage. A busy pool is not
+because refusing all traffic would turn a cache outage into a full outage; after a failure the
+checks are skipped for the cool-down (`keyspace.CoolDown`), so a hung Redis costs no waits. A busy pool is not
 Redis down: the limiter has its own pool (service/redis/client.py), and when even that one has
 no connection free in time, `PoolExhausted` goes up as a 503 `overloaded` (never fail open).
 """
@@ -31,7 +32,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from service.errors import BudgetExceeded, RateLimited, ServiceError
-from service.redis.keyspace import KEYS
+from service.redis.keyspace import KEYS, CoolDown
 
 log = logging.getLogger(__name__)
 
@@ -119,17 +120,28 @@ class Limiter:
         self._failure = client.register_script(_COUNT_FAILURE)
         self._reserve = client.register_script(_RESERVE)
         self._occupy = client.register_script(_OCCUPY)
+        # After Redis failed (not a busy pool: see keyspace), checks fail open at once for a short
+        # while instead of each waiting for a timeout on a hung server and piling up on the pool.
+        self._cool_down = CoolDown("limits fail open", log)
+
+    @property
+    def enforcing(self) -> bool:
+        return self._cool_down.available
+
+    def _fail_open(self, what: str, exc: BaseException) -> None:
+        log.warning("%s not checked (fail open): %s", what, type(exc).__name__)
+        self._cool_down.failed(what, exc)
 
     # -- requests per minute ---------------------------------------------------------------
     async def check_request(self, principal: Principal) -> None:
         """`RateLimited` (`rate_limited`) when the key is over its requests per minute."""
-        if principal.rpm is None:
+        if principal.rpm is None or not self.enforcing:
             return
         try:
             key = KEYS.requests_per_minute(principal.key_id)
             wait_ms = int(await self._gcra(keys=[key], args=[60_000 / principal.rpm, 60_000]))
         except (RedisError, OSError) as exc:
-            log.warning("rate limit not checked (fail open): %s", type(exc).__name__)
+            self._fail_open("rate limit", exc)
             return
         if wait_ms > 0:
             raise RateLimited(
@@ -142,13 +154,13 @@ class Limiter:
 
     async def check_tokens(self, principal: Principal) -> None:
         """`BudgetExceeded` once today's (UTC) provider tokens reached the key's budget (a cheap early look)."""
-        if principal.tokens_per_day is None:
+        if principal.tokens_per_day is None or not self.enforcing:
             return
         now = time.time()
         try:
             used = int(await self.client.get(self._budget_key(principal, now)) or 0)
         except (RedisError, OSError) as exc:
-            log.warning("token budget not checked (fail open): %s", type(exc).__name__)
+            self._fail_open("token budget", exc)
             return
         if used >= principal.tokens_per_day:
             raise _used_up(principal.tokens_per_day, now)
@@ -159,11 +171,13 @@ class Limiter:
         key = self._budget_key(principal, now)
         if principal.tokens_per_day is None:
             return Reservation(self, principal.key_id, key, 0, metered=False)
+        if not self.enforcing:
+            return Reservation(self, principal.key_id, key, 0)  # settles to what is spent, uncapped
         try:
             reserved = await self._reserve(keys=[key], args=[tokens, principal.tokens_per_day, 2 * 86_400])
         except (RedisError, OSError) as exc:
-            log.warning("token budget not checked (fail open): %s", type(exc).__name__)
-            return Reservation(self, principal.key_id, key, 0)  # settles to what is spent, uncapped
+            self._fail_open("token budget", exc)
+            return Reservation(self, principal.key_id, key, 0)
         if not int(reserved):
             raise _used_up(principal.tokens_per_day, now, wanted=tokens)
         return Reservation(self, principal.key_id, key, tokens)
@@ -181,13 +195,13 @@ class Limiter:
 
         False when nothing was taken: no cap on this key, or Redis is away (fail open).
         """
-        if principal.max_inflight is None:
+        if principal.max_inflight is None or not self.enforcing:
             return False
         try:
             key = KEYS.inflight_slots(principal.key_id)
             taken = await self._occupy(keys=[key], args=[slot, principal.max_inflight, self.inflight_lapse_ms])
         except (RedisError, OSError) as exc:
-            log.warning("in-flight cap not checked (fail open): %s", type(exc).__name__)
+            self._fail_open("in-flight cap", exc)
             return False
         if not int(taken):
             raise RateLimited(
