@@ -166,8 +166,9 @@ class AnswerService:
         """Steps 4-7: retrieve, route, reserve the key's tokens, stream from the model, cache the answer.
 
         This runs in the coalescing producer, which outlives a leader whose client left while
-        others follow; the reservation is settled in its `finally`, so an answer that ends early
-        (disconnect, cancellation, error) is charged what was generated, and never more than reserved.
+        others follow; the reservation is settled as the answer ends (`_settling`), so one that
+        ends early (disconnect, cancellation, error) is charged what was generated, never more
+        than was reserved.
         """
         corpus_version = self.watcher.corpus_version
         with span("rag.retrieve") as traced:
@@ -176,49 +177,46 @@ class AnswerService:
         with span("rag.route") as traced:
             route, prompt = self.plan(question, sources)
             traced.set(tier=route.tier, prompt_tokens=prompt.prompt_tokens)
+        reservation = await _reserved(budget, prompt.prompt_tokens + question.request.max_tokens)
+        answer = self._answer(question, request_id, clock, route, prompt, corpus_version)
+        async for event in _settling(answer, reservation, prompt.prompt_tokens):
+            yield event
+
+    async def _answer(
+        self, question: Question, request_id: str, clock: Clock, route: Route, prompt: Prompt, corpus_version: int
+    ) -> AsyncIterator[Event]:
+        """Steps 6-7: stream from the model, cache the complete answer."""
         outcome: CacheOutcome = "bypass" if question.request.cache == "bypass" else "miss"
         pieces: list[str] = []
         usage: Usage | None = None
         answering: Answering | None = None
-        reservation = await _reserved(budget, prompt.prompt_tokens + question.request.max_tokens)
-        try:
-            try:  # 6. streaming generation
-                async for item in generate(
-                    route.candidates, self.providers, RequestFactory(question, prompt), self.timeouts, self._on_attempt
-                ):
-                    if isinstance(item, Answering):
-                        answering = item
-                        shown = [source_info(s) for s in prompt.sources]
-                        yield Meta(request_id, outcome, route_info(route, item, self.policy), shown)
-                    elif isinstance(item, str):
-                        clock.token()
-                        pieces.append(item)
-                        yield Token(item)
-                    else:
-                        usage = item
-            except AllProvidersFailedError as exc:  # nothing was sent yet: refuse before the stream
-                raise NoProviderAvailable(str(exc)) from exc
-            except (ProviderError, TimeoutError) as exc:
-                message = exc.message if isinstance(exc, ProviderError) else "the answer took too long"
-                yield Failed("generation_failed", f"generation stopped: {message}")
-                return
-            assert answering is not None and usage is not None
-            spent = usage_info(answering, usage, self.settings.pricing)
-            if reservation is not None:  # settled before `done`, so a client that sees it sees the charge
-                await asyncio.shield(reservation.settle(spent.input_tokens + spent.output_tokens))
-            if question.request.cache != "bypass":  # 7. cache write
-                with span("rag.cache.write"):
-                    info = route_info(route, answering, self.policy)
-                    entry = cache_entry(question, "".join(pieces), info, prompt, spent)
-                    await self.store(question, corpus_version, entry)
-            yield Done(spent, clock.ms(), clock.ttft_ms(), cached=False)
-        finally:
-            if reservation is not None and not reservation.settled:
-                # Ended early: the prompt and the tokens streamed so far (nothing if no token came).
-                used = prompt.prompt_tokens + count_tokens("".join(pieces)) if pieces else 0
-                if usage is not None:
-                    used = usage.input_tokens + usage.output_tokens
-                await asyncio.shield(reservation.settle(used))
+        try:  # 6. streaming generation
+            async for item in generate(
+                route.candidates, self.providers, RequestFactory(question, prompt), self.timeouts, self._on_attempt
+            ):
+                if isinstance(item, Answering):
+                    answering = item
+                    shown = [source_info(s) for s in prompt.sources]
+                    yield Meta(request_id, outcome, route_info(route, item, self.policy), shown)
+                elif isinstance(item, str):
+                    clock.token()
+                    pieces.append(item)
+                    yield Token(item)
+                else:
+                    usage = item
+        except AllProvidersFailedError as exc:  # nothing was sent yet: refuse before the stream
+            raise NoProviderAvailable(str(exc)) from exc
+        except (ProviderError, TimeoutError) as exc:
+            message = exc.message if isinstance(exc, ProviderError) else "the answer took too long"
+            yield Failed("generation_failed", f"generation stopped: {message}")
+            return
+        assert answering is not None and usage is not None
+        spent = usage_info(answering, usage, self.settings.pricing)
+        if question.request.cache != "bypass":  # 7. cache write
+            with span("rag.cache.write"):
+                entry = cache_entry(question, "".join(pieces), route_info(route, answering, self.policy), prompt, spent)
+                await self.store(question, corpus_version, entry)
+        yield Done(spent, clock.ms(), clock.ttft_ms(), cached=False)
 
     # -- 1. guardrails (no I/O) ----------------------------------------------------------
     def guard(self, request: RagRequest) -> Question:
@@ -339,3 +337,27 @@ async def _missed(budget: TokenBudget | None) -> None:
 async def _reserved(budget: TokenBudget | None, tokens: int) -> Reservation | None:
     """Today's tokens for this generation, reserved at once (`BudgetExceeded` if they are not all left)."""
     return await budget.reserve(tokens) if budget is not None else None
+
+
+async def _settling(
+    events: AsyncIterator[Event], reservation: Reservation | None, prompt_tokens: int
+) -> AsyncIterator[Event]:
+    """`events`, settling `reservation` on the way: to the usage `done` reports (before passing it
+    on, so a client that sees `done` sees the charge); or, when the answer ends early (an error
+    event, a disconnect, a cancellation), to the prompt plus the tokens streamed (nothing if none was)."""
+    if reservation is None:
+        async for event in events:
+            yield event
+        return
+    streamed: list[str] = []
+    try:
+        async for event in events:
+            if isinstance(event, Token):
+                streamed.append(event.text)
+            elif isinstance(event, Done):
+                await asyncio.shield(reservation.settle(event.usage.input_tokens + event.usage.output_tokens))
+            yield event
+    finally:
+        if not reservation.settled:
+            used = prompt_tokens + count_tokens("".join(streamed)) if streamed else 0
+            await asyncio.shield(reservation.settle(used))
