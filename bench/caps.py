@@ -116,7 +116,8 @@ async def run(args: Any) -> None:
         [
             f"## {SECTION}",
             run_line(f"python -m bench.caps --base {args.base}"),
-            setup + " One worker, default pools (`RAG_REDIS_MAX_CONNECTIONS=64`).",
+            setup
+            + f" One worker, default pools (`RAG_REDIS_MAX_CONNECTIONS=64`). Base `{args.base}` is {args.base_rev}.",
             table(
                 [
                     "code",
@@ -141,6 +142,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse(parser, argv, limit_corpus=200)
     if args.limit_corpus is None:
         args.limit_corpus = 500
+    args.base_rev = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", args.base], capture_output=True, text=True, check=True
+    ).stdout.strip()
     asyncio.run(run(args))
 
 
