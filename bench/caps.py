@@ -114,7 +114,6 @@ async def run(args: Any) -> None:
     ]
     body = "\n\n".join(
         [
-            f"## {SECTION}",
             run_line(f"python -m bench.caps --base {args.base}"),
             setup
             + f" One worker, default pools (`RAG_REDIS_MAX_CONNECTIONS=64`). Base `{args.base}` is {args.base_rev}.",
