@@ -336,7 +336,8 @@ async def ensure_corpus(servers: Servers, limit: int | None, data_dir: Path = DA
         await fetchval(servers.admin_dsn, f'CREATE DATABASE "{name}"')
     dsn = servers.database(name)
     if limit is not None:
-        subset = data_dir / f"corpus-{limit}" / "corpus.jsonl"
+        # Beside the data directory, not in it: rag-ingest never ingests from RAG_DATA_DIR.
+        subset = data_dir.parent / f"corpus-{limit}" / "corpus.jsonl"
         subset.parent.mkdir(parents=True, exist_ok=True)
         head = b"".join(line + b"\n" for line in corpus.read_bytes().split(b"\n")[:limit])
         if not subset.exists() or subset.read_bytes() != head:
@@ -406,15 +407,14 @@ def rag_serve(
 ) -> contextlib.AbstractAsyncContextManager[Served]:
     """`rag-serve --port P --workers N` as its own process, answering through the provider server."""
     port = free_port()
+    defaults = {"RAG_PROVIDER_MAX_RETRIES": "0", "RAG_LOG_LEVEL": "warning"}  # `env` may override these
     environment = clean_env(
         DATABASE_URL=dsn,
         REDIS_URL=redis_url,
         RAG_DATA_DIR=str(DATA_DIR),
         ANTHROPIC_API_KEY="sk-ant-bench",
         ANTHROPIC_BASE_URL=provider_url,
-        RAG_PROVIDER_MAX_RETRIES="0",
-        RAG_LOG_LEVEL="warning",
-        **(env or {}),
+        **(defaults | dict(env or {})),
     )
     return serve_process(f"{BIN / 'rag-serve'} --port {port} --workers {workers}", port, environment, log, DATA_DIR)
 

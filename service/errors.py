@@ -85,7 +85,7 @@ class LeaderFailed(DependencyUnavailable):
 
 
 class Overloaded(ServiceError):
-    """The service cannot take this request on now (e.g. no generation could be joined or started)."""
+    """The service cannot take this request on now (no generation could be joined or started, a busy pool)."""
 
     def __init__(self, code: str, message: str, retry_after: int = 1) -> None:
         super().__init__(code, message, retry_after=retry_after)
@@ -100,3 +100,23 @@ class HistoryViolation(ServiceError):
 
 class HistoryTooLarge(HistoryViolation):
     """A conversation history over its bounds (`history_too_long`, `history_too_many_tokens`)."""
+
+
+class PoolExhausted(Overloaded):
+    """No connection of a worker's own Redis pool came free in time: back-pressure, not "Redis is down".
+
+    Raised by the pool itself (service/redis/client.py); it is never a reason to fail open or to
+    switch the cache off (service/redis/keyspace.py), so on the request path it is a 503 to retry.
+    """
+
+    def __init__(self, pool: str) -> None:
+        super().__init__("overloaded", "the service is busy right now; retry shortly", retry_after=1)
+        self.pool = pool
+
+
+class AuthUnavailable(DependencyUnavailable):
+    """The API key is not known to this worker and Postgres cannot be asked right now."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__("database", "auth_unavailable", "cannot verify the API key right now", retry_after=5)
+        self.reason = reason

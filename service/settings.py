@@ -82,6 +82,10 @@ class Settings(BaseSettings):
     # --- cache ------------------------------------------------------------------
     cache_ttl_s: int = Field(default=7 * 24 * 3600, alias="RAG_CACHE_TTL_S", ge=1)
     redis_max_connections: int = Field(default=64, alias="RAG_REDIS_MAX_CONNECTIONS", ge=2)
+    # Each worker's own pools for rate limits, budgets and in-flight slots, and for coalescing
+    # followers' blocking reads, apart from the request pool above (service/redis/client.py).
+    redis_limit_connections: int = Field(default=8, alias="RAG_REDIS_LIMIT_CONNECTIONS", ge=1)
+    redis_follower_connections: int = Field(default=256, alias="RAG_REDIS_FOLLOWER_CONNECTIONS", ge=1)
     metrics_retention_s: int = Field(default=7 * 24 * 3600, alias="RAG_METRICS_RETENTION_S", ge=3600)
     coalesce_lease_ms: int = Field(default=5000, alias="RAG_COALESCE_LEASE_MS", ge=100)
     semantic_cache: bool = Field(default=True, alias="RAG_SEMANTIC_CACHE")
@@ -147,6 +151,8 @@ class Settings(BaseSettings):
     # How long a worker trusts its cached copy of a key (revocations also arrive at once by NOTIFY).
     auth_cache_ttl_s: float = Field(default=10.0, alias="RAG_AUTH_CACHE_TTL_S", ge=0)
     auth_failures_per_minute: int = Field(default=20, alias="RAG_AUTH_FAILURES_PER_MINUTE", ge=1)
+    # Misses in flight per key given to keys made by `rag-admin keys create` without --max-inflight.
+    default_max_inflight: int = Field(default=4, alias="RAG_DEFAULT_MAX_INFLIGHT", ge=1)
     # Comma list of addresses or networks (e.g. "10.0.0.5,172.18.0.0/16") whose X-Forwarded-For
     # and X-Forwarded-Proto are believed; default none: the peer address is the client.
     trusted_proxies: str = Field(default="", alias="RAG_TRUSTED_PROXIES")

@@ -2,7 +2,8 @@
 
 The first request for a key takes a lease (`SET NX PX`) and becomes the leader; it
 publishes every event of its answer to a Redis Stream. Requests that find the lease
-taken follow the stream live (`XREAD BLOCK`), from any worker process. The leader
+taken follow the stream live (`XREAD BLOCK`, on a pool of their own so that waiting never
+holds the request pool's connections), from any worker process. The leader
 renews its lease while generating; if it dies, the lease expires and a follower that has
 not yet shown anything takes over, while one that has gets a clean error event.
 Redis being down turns coalescing off (every request answers on its own).
@@ -28,8 +29,8 @@ from redis.exceptions import RedisError
 
 from service.answer.events import Clock, Done, Event, Failed, Meta, Token, decode, encode
 from service.answer.schemas import UsageInfo
-from service.errors import LeaderFailed, Overloaded, ServiceError
-from service.redis.keyspace import KEYS, Keyspace
+from service.errors import LeaderFailed, Overloaded, PoolExhausted, ServiceError
+from service.redis.keyspace import BEST_EFFORT_ERRORS, KEYS, Keyspace
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ class Lease:
         c = self.coalescer
         while True:
             await asyncio.sleep(c.lease_ms / 3000)
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(*BEST_EFFORT_ERRORS):
                 await c.client.eval(_RENEW, 1, c.lease_key(self.key), self.token, c.lease_ms)
 
     def publish(self, event: Event) -> None:
@@ -110,7 +111,7 @@ class Lease:
                 args += [fields["e"], fields["d"]]
             try:
                 await c.publish_events(keys=[c.lease_key(self.key), c.stream_key(self.key)], args=args)
-            except (RedisError, OSError) as exc:
+            except BEST_EFFORT_ERRORS as exc:
                 log.warning("cannot publish to followers: %s", type(exc).__name__)
 
     async def abandon(self) -> bool:
@@ -120,7 +121,7 @@ class Lease:
         keys = (c.followers_key(self.key), c.lease_key(self.key), c.stream_key(self.key))
         try:
             alone = await c.client.eval(_ABANDON, 3, *keys, self.token, fields["e"], fields["d"], STREAM_RETENTION_S)
-        except (RedisError, OSError):
+        except BEST_EFFORT_ERRORS:
             return True  # cannot tell: stop paying for an answer nobody may read
         return bool(alone)
 
@@ -131,7 +132,7 @@ class Lease:
         if self._flusher is not None:
             await asyncio.shield(self._flusher)
         c = self.coalescer
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(*BEST_EFFORT_ERRORS):
             async with c.client.pipeline(transaction=False) as pipe:
                 pipe.expire(c.stream_key(self.key), STREAM_RETENTION_S)
                 pipe.eval(_RELEASE, 1, c.lease_key(self.key), self.token)
@@ -139,8 +140,17 @@ class Lease:
 
 
 class Coalescer:
-    def __init__(self, client: aioredis.Redis, *, lease_ms: int = 5000, keys: Keyspace = KEYS) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        followers: aioredis.Redis | None = None,
+        lease_ms: int = 5000,
+        keys: Keyspace = KEYS,
+    ) -> None:
         self.client = client
+        # Followers block in XREAD for up to `block_ms` at a time: on a pool apart from the requests'.
+        self.followers = followers if followers is not None else client
         self.lease_ms = lease_ms
         self.keys = keys
         self.publish_events = client.register_script(_PUBLISH)  # EVALSHA: the script is sent once
@@ -157,7 +167,8 @@ class Coalescer:
     async def lead(self, key: str) -> Lease | None:
         """The lease if this request leads; None if another request is already generating.
 
-        Raises RedisError/OSError when Redis is unreachable (the caller then goes solo).
+        Raises RedisError/OSError when Redis is unreachable (the caller then goes solo), and
+        `PoolExhausted` when this worker's pool is busy (a 503: going solo would cost a generation).
         """
         lease = Lease(self, key)
         if not await self.client.set(self.lease_key(key), lease.token, nx=True, px=self.lease_ms):
@@ -169,14 +180,15 @@ class Coalescer:
     async def follow(self, key: str, *, block_ms: int = 500) -> AsyncIterator[Event]:
         """The leader's events from the first one on, live; raises LeaderLostError if it dies."""
         stream, lease = self.stream_key(key), self.lease_key(key)
-        if not await self.client.eval(_JOIN, 2, self.followers_key(key), lease, STREAM_RETENTION_S):
-            await self.client.decr(self.followers_key(key))
+        client = self.followers
+        if not await client.eval(_JOIN, 2, self.followers_key(key), lease, STREAM_RETENTION_S):
+            await client.decr(self.followers_key(key))
             raise LeaderLostError(key)  # finished or abandoned just now: look again
         last = "0-0"
         quiet_since = time.monotonic()
         try:
             while True:
-                batch: Any = await self.client.xread({stream: last}, count=256, block=block_ms)
+                batch: Any = await client.xread({stream: last}, count=256, block=block_ms)
                 if batch:  # RESP2 reply: [[stream, [(id, fields), ...]]]
                     quiet_since = time.monotonic()
                     for entry_id, fields in batch[0][1]:
@@ -187,11 +199,11 @@ class Coalescer:
                         yield event
                         if isinstance(event, Done | Failed):
                             return
-                elif not await self.client.exists(lease) and time.monotonic() - quiet_since > block_ms / 1000:
+                elif not await client.exists(lease) and time.monotonic() - quiet_since > block_ms / 1000:
                     raise LeaderLostError(key)
         finally:
-            with contextlib.suppress(RedisError, OSError):
-                await self.client.decr(self.followers_key(key))
+            with contextlib.suppress(*BEST_EFFORT_ERRORS):
+                await client.decr(self.followers_key(key))
 
 
 # -- the choreography ------------------------------------------------------------------------
@@ -199,6 +211,10 @@ class Coalescer:
 TAKEOVER_ATTEMPTS = 3
 Produce = Callable[[bool], AsyncIterator[Event]]  # the answer, told whether to look in the exact cache again
 Free = Callable[[], Awaitable[list[Event] | None]]  # an answer that costs nothing now (a cache hit), or None
+
+
+# Refusals that concern the leader's API key alone (its token budget), not the answer.
+_LEADERS_OWN = frozenset({"token_budget_exceeded"})
 
 
 class _TakeOverError(Exception):
@@ -304,6 +320,8 @@ class Coalescing:
         try:
             async for event in self.coalescer.follow(key):
                 if isinstance(event, Failed) and not shown:
+                    if event.code in _LEADERS_OWN:
+                        raise _TakeOverError  # the leader's key was refused, not the answer: try ourselves
                     raise LeaderFailed(event.code, event.message)
                 if isinstance(event, Meta):
                     event = replace(event, request_id=request_id, cache="coalesced")
@@ -315,6 +333,10 @@ class Coalescing:
                     event = Done(free, clock.ms(), clock.ttft_ms(), cached=False, saved=saved)
                 shown = True
                 yield event
+        except PoolExhausted as exc:  # back-pressure, not a lost leader: 503 before the stream, else an error event
+            if not shown:
+                raise
+            yield Failed(exc.code, exc.message)
         except (LeaderLostError, RedisError, OSError) as exc:
             if not shown:
                 raise _TakeOverError from exc

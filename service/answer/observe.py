@@ -1,9 +1,10 @@
 """What an answer's events tell the rest of the service, watched from outside the pipeline.
 
 `observed` wraps the pipeline's event stream and passes every event on unchanged, while it
-notes the access log's fields, counts the outcome for /metrics and the dashboard, charges
-generated tokens to the caller's daily budget, and counts failures by stage. Whatever needs
-I/O runs detached, off the request's path. The pipeline's steps know none of this.
+notes the access log's fields, counts the outcome for /metrics and the dashboard, and counts
+failures by stage. Whatever needs I/O runs detached, off the request's path. The pipeline's
+steps know none of this. (Token budgets are not charged here: the generation reserves and
+settles them itself, so a client that leaves early cannot skip the charge.)
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from service.errors import DependencyUnavailable, Forbidden, GuardrailViolation,
 from service.observability.logs import note
 from service.observability.metrics import Metrics
 from service.policy.routing import ModelChoice
-from service.redis.limits import TokenBudget
 
 Detach = Callable[[Coroutine[Any, Any, None]], None]
 
@@ -27,13 +27,9 @@ async def observed(
     request: RagRequest,
     *,
     metrics: Metrics | None,
-    budget: TokenBudget | None,
     detach: Detach,
 ) -> AsyncIterator[Event]:
-    """`events` as they come, minus `Admitted`; each one noted, counted and charged on the way.
-
-    Only answers generated for this request (`miss`, `bypass`) are charged to the budget.
-    """
+    """`events` as they come, minus `Admitted`; each one noted and counted on the way."""
     note(question_chars=len(request.question))  # for the request's access log line (service.observability.logs)
     question_hash = ""
     collections: tuple[str, ...] = ()
@@ -47,11 +43,8 @@ async def observed(
             note(**access_fields(event))
             if isinstance(event, Meta):
                 meta = event
-            elif isinstance(event, Done) and meta is not None:
-                if budget is not None and meta.cache in ("miss", "bypass"):
-                    detach(budget.charge(event.usage.input_tokens + event.usage.output_tokens))
-                if metrics is not None:
-                    detach(metrics.record(meta, event, question_hash, collections))
+            elif isinstance(event, Done) and meta is not None and metrics is not None:
+                detach(metrics.record(meta, event, question_hash, collections))
             elif isinstance(event, Failed) and metrics is not None:
                 detach(metrics.failed(code=event.code, stage="stream"))
             yield event

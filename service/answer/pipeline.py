@@ -2,9 +2,11 @@
 follow-up, its standalone question), 2. exact cache, 3. semantic cache, 4. retrieval, 5. routing
 and prompt, 6. streaming generation, 7. cache write.
 
-Identical misses in flight share one generation (service/answer/coalescing.py); the access log,
-metrics and token budget watch the events from outside (service/answer/observe.py). Before the
-first event a failure is a domain error (service/errors.py); after it, a `Failed` event.
+Identical misses in flight share one generation (service/answer/coalescing.py); the access log
+and metrics watch the events from outside (service/answer/observe.py). A miss holds one of its
+key's in-flight slots until it ends; a generation reserves its key's tokens before calling a
+model and settles them in its own `finally` (`_generate`). Before the first event a failure is
+a domain error (service/errors.py); after it, a `Failed` event.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ from service.postgres.semantic_index import SemanticCache, SemanticMatch
 from service.postgres.watcher import CorpusWatcher
 from service.providers.base import Provider, ProviderError, Usage
 from service.redis.answer_cache import AnswerCache, CachedAnswer, KeyParts, cache_key, question_hash, scope_key
-from service.redis.limits import TokenBudget
+from service.redis.limits import Reservation, TokenBudget
 from service.redis.rewrites import RewriteCache
 from service.settings import Settings
 
@@ -117,12 +119,12 @@ class AnswerService:
         budget: TokenBudget | None = None,
         granted: Sequence[str] = (DEFAULT,),
     ) -> AsyncIterator[Event]:
-        """The answer's events, observed (access log, metrics, budget charges) as they pass.
+        """The answer's events, observed (access log, metrics) as they pass.
 
         `granted` is what the caller's key may read (its collections, or `*`).
         """
         steps = self._steps(request, request_id, budget, granted)
-        return observed(steps, request, metrics=self.metrics, budget=budget, detach=self._background.run)
+        return observed(steps, request, metrics=self.metrics, detach=self._background.run)
 
     async def _steps(
         self, request: RagRequest, request_id: str, budget: TokenBudget | None, granted: Sequence[str]
@@ -133,15 +135,19 @@ class AnswerService:
             question = self.guard(request, granted)
         question = await self.understand(question)
         yield Admitted(question.hash, question.permissions.collections)
-        produce = partial(self._cached_or_generated, question, request_id, clock)
+        produce = partial(self._cached_or_generated, question, request_id, clock, budget)
         key: str | None = question.key
         free: Free = partial(self._free, question, request_id, clock, budget)
         if request.cache != "use":  # bypass or refresh: never read the caches, never share the generation
-            key, free = None, partial(_checked, budget)
-        async for event in self.coalescing.run(key, produce, free=free, request_id=request_id, clock=clock):
-            if isinstance(event, Meta):  # this request's rewrite, whoever produced the answer
-                event = replace(event, standalone_question=question.standalone_question)
-            yield event
+            key, free = None, partial(_missed, budget)
+        try:
+            async for event in self.coalescing.run(key, produce, free=free, request_id=request_id, clock=clock):
+                if isinstance(event, Meta):  # this request's rewrite, whoever produced the answer
+                    event = replace(event, standalone_question=question.standalone_question)
+                yield event
+        finally:
+            if budget is not None:  # detached: a cancelled request may not await here
+                self._background.run(budget.vacate())
 
     async def _free(
         self, question: Question, request_id: str, clock: Clock, budget: TokenBudget | None
@@ -156,10 +162,11 @@ class AnswerService:
             if similar is None:
                 raise
             return similar
+        await _missed(budget)
         return None
 
     async def _cached_or_generated(
-        self, question: Question, request_id: str, clock: Clock, look_again: bool
+        self, question: Question, request_id: str, clock: Clock, budget: TokenBudget | None, look_again: bool
     ) -> AsyncIterator[Event]:
         """The answer this request produces (for its followers too): steps 2-3 once more, else 4-7."""
         if question.request.cache == "use":
@@ -168,7 +175,7 @@ class AnswerService:
                 for event in cached:
                     yield event
                 return
-        async for event in self._generate(question, request_id, clock):
+        async for event in self._generate(question, request_id, clock, budget):
             yield event
 
     async def _cached(
@@ -191,8 +198,16 @@ class AnswerService:
         if self.watcher.corpus_version == corpus_version >= 0:  # not while an invalidation may be running
             await self.cache.put(question.key, replace(answer, question_hash=question.hash))
 
-    async def _generate(self, question: Question, request_id: str, clock: Clock) -> AsyncIterator[Event]:
-        """Steps 4-7: retrieve, route, stream from the model, cache the complete answer."""
+    async def _generate(
+        self, question: Question, request_id: str, clock: Clock, budget: TokenBudget | None
+    ) -> AsyncIterator[Event]:
+        """Steps 4-7: retrieve, route, reserve the key's tokens, stream from the model, cache the answer.
+
+        This runs in the coalescing producer, which outlives a leader whose client left while
+        others follow; the reservation is settled as the answer ends (`_settling`), so one that
+        ends early (disconnect, cancellation, error) is charged what was generated, never more
+        than was reserved.
+        """
         corpus_version = self.watcher.corpus_version
         with span("rag.retrieve") as traced:
             sources = await self.retrieve(question)
@@ -200,6 +215,15 @@ class AnswerService:
         with span("rag.route") as traced:
             route, prompt = self.plan(question, sources)
             traced.set(tier=route.tier, prompt_tokens=prompt.prompt_tokens)
+        reservation = await _reserved(budget, prompt.prompt_tokens + question.request.max_tokens)
+        answer = self._answer(question, request_id, clock, route, prompt, corpus_version)
+        async for event in _settling(answer, reservation, prompt.prompt_tokens):
+            yield event
+
+    async def _answer(
+        self, question: Question, request_id: str, clock: Clock, route: Route, prompt: Prompt, corpus_version: int
+    ) -> AsyncIterator[Event]:
+        """Steps 6-7: stream from the model, cache the complete answer."""
         outcome: CacheOutcome = "bypass" if question.request.cache == "bypass" else "miss"
         pieces: list[str] = []
         usage: Usage | None = None
@@ -410,3 +434,40 @@ async def _checked(budget: TokenBudget | None) -> None:
     """Raises `BudgetExceeded` when the caller's tokens for today are spent (a generation would cost)."""
     if budget is not None:
         await budget.check()
+
+
+async def _missed(budget: TokenBudget | None) -> None:
+    """A miss: the budget is not spent, and the request takes one of its key's in-flight slots
+    (`RateLimited` `too_many_inflight` when all are taken); the slot is vacated when the request ends."""
+    await _checked(budget)
+    if budget is not None:
+        await budget.occupy()
+
+
+async def _reserved(budget: TokenBudget | None, tokens: int) -> Reservation | None:
+    """Today's tokens for this generation, reserved at once (`BudgetExceeded` if they are not all left)."""
+    return await budget.reserve(tokens) if budget is not None else None
+
+
+async def _settling(
+    events: AsyncIterator[Event], reservation: Reservation | None, prompt_tokens: int
+) -> AsyncIterator[Event]:
+    """`events`, settling `reservation` on the way: to the usage `done` reports (before passing it
+    on, so a client that sees `done` sees the charge); or, when the answer ends early (an error
+    event, a disconnect, a cancellation), to the prompt plus the tokens streamed (nothing if none was)."""
+    if reservation is None:
+        async for event in events:
+            yield event
+        return
+    streamed: list[str] = []
+    try:
+        async for event in events:
+            if isinstance(event, Token):
+                streamed.append(event.text)
+            elif isinstance(event, Done):
+                await asyncio.shield(reservation.settle(event.usage.input_tokens + event.usage.output_tokens))
+            yield event
+    finally:
+        if not reservation.settled:
+            used = prompt_tokens + count_tokens("".join(streamed)) if streamed else 0
+            await asyncio.shield(reservation.settle(used))

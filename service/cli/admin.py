@@ -150,6 +150,7 @@ def _key_json(key: ApiKey) -> dict[str, Any]:
         "rpm": key.rpm,
         "tokens_per_day": key.tokens_per_day,
         "collections": list(key.collections),
+        "max_inflight": key.max_inflight,
         "created_at": key.created_at.isoformat() if key.created_at else None,
         "revoked_at": key.revoked_at.isoformat() if key.revoked_at else None,
     }
@@ -173,6 +174,10 @@ def keys_create(
             "(default: 'default' for a query key, '*' for an admin key).",
         ),
     ] = None,
+    max_inflight: Annotated[
+        int | None,
+        typer.Option("--max-inflight", min=1, help="Answers in flight at once (default: RAG_DEFAULT_MAX_INFLIGHT)."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Create a key and print it once: only its hash is stored."""
@@ -184,8 +189,16 @@ def keys_create(
         raise typer.Exit(2)
     chosen: Scope = "admin" if scope == "admin" else "query"
     readable = _collections(collections) if collections is not None else None
+    inflight = max_inflight if max_inflight is not None else Settings().default_max_inflight
     token, key = _with_keys(
-        lambda keys: keys.create(name.strip(), chosen, rpm=rpm, tokens_per_day=tokens_per_day, collections=readable)
+        lambda keys: keys.create(
+            name.strip(),
+            chosen,
+            rpm=rpm,
+            tokens_per_day=tokens_per_day,
+            collections=readable,
+            max_inflight=inflight,
+        )
     )
     if as_json:
         typer.echo(json.dumps({**_key_json(key), "key": token}))
@@ -212,14 +225,19 @@ def keys_update(
         str | None,
         typer.Option("--collections", help="Collections the key may read, comma-separated; '*' for all."),
     ] = None,
+    max_inflight: Annotated[
+        int | None, typer.Option("--max-inflight", min=0, help="Answers in flight at once; 0 removes the cap.")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Change an active key's settings; every running server applies it within a second (NOTIFY)."""
     fields: dict[str, object] = {}
     if collections is not None:
         fields["collections"] = list(_collections(collections))
+    if max_inflight is not None:
+        fields["max_inflight"] = max_inflight or None
     if not fields:
-        err.print("[red]error:[/] nothing to update: give --collections")
+        err.print("[red]error:[/] nothing to update: give --collections or --max-inflight")
         raise typer.Exit(2)
     parsed = parse_key(key_id)
     wanted = parsed[0] if parsed else key_id
@@ -230,7 +248,8 @@ def keys_update(
     if as_json:
         typer.echo(json.dumps(_key_json(key)))
         return
-    typer.echo(f"updated {key.id}: collections {','.join(key.collections)}")
+    inflight = key.max_inflight or "unlimited"
+    typer.echo(f"updated {key.id}: collections {','.join(key.collections)}; max in flight {inflight}")
 
 
 @keys_app.command("list")
@@ -243,7 +262,7 @@ def keys_list(
     if as_json:
         typer.echo(json.dumps([_key_json(k) for k in keys]))
         return
-    table = Table("id", "name", "scopes", "collections", "rpm", "tokens/day", "created", "revoked")
+    table = Table("id", "name", "scopes", "collections", "rpm", "tokens/day", "in flight", "created", "revoked")
     for k in keys:
         table.add_row(
             k.id,
@@ -252,6 +271,7 @@ def keys_list(
             ",".join(k.collections),
             str(k.rpm or "-"),
             str(k.tokens_per_day or "-"),
+            str(k.max_inflight or "-"),
             k.created_at.strftime("%Y-%m-%d %H:%M") if k.created_at else "-",
             k.revoked_at.strftime("%Y-%m-%d %H:%M") if k.revoked_at else "-",
         )

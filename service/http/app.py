@@ -46,7 +46,7 @@ from service.providers.base import Provider
 from service.providers.extractive import ExtractiveProvider
 from service.providers.openai import OpenAIProvider
 from service.redis.answer_cache import AnswerCache
-from service.redis.client import redis_url, worker_client
+from service.redis.client import WorkerRedis, redis_url
 from service.redis.limits import Limiter
 from service.redis.rewrites import RewriteCache
 from service.settings import Settings
@@ -80,6 +80,7 @@ class Resources:
     metrics: Metrics
     auth: Authenticator
     limiter: Limiter
+    pools: WorkerRedis  # `redis` is `pools.requests`
 
 
 def build_providers(settings: Settings) -> dict[str, Provider]:
@@ -132,7 +133,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         ef_search=settings.hnsw_ef_search,
         max_scan_tuples=settings.hnsw_max_scan_tuples,
     )
-    client = worker_client(rurl, max_connections=settings.redis_max_connections)
+    pools = WorkerRedis.open(rurl, settings)
+    client = pools.requests
     await embedder.warm_up()
     cache = AnswerCache(client, ttl_s=settings.cache_ttl_s)
     metrics = Metrics(
@@ -158,7 +160,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         semantic=SemanticCache(pool, threshold=settings.semantic_cache_threshold, ttl_s=settings.cache_ttl_s)
         if settings.semantic_cache
         else None,
-        coalescer=Coalescer(client, lease_ms=settings.coalesce_lease_ms),
+        coalescer=Coalescer(client, followers=pools.followers, lease_ms=settings.coalesce_lease_ms),
         watcher=watcher,
         providers=providers,
         policy=routing_policy(settings),
@@ -181,7 +183,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         answers,
         metrics,
         auth,
-        Limiter(client, auth_failures_per_minute=settings.auth_failures_per_minute),
+        Limiter(
+            pools.limits,
+            auth_failures_per_minute=settings.auth_failures_per_minute,
+            inflight_lapse_s=settings.total_timeout_s + 30,
+        ),
+        pools,
     )
     try:
         yield
@@ -194,7 +201,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                 await close()
         await metrics.aclose()
         await asyncio.to_thread(tracing.shutdown)  # flushes the spans still batched
-        await client.aclose()
+        await pools.aclose()
         await pool.close()
         if valkey is not None:
             valkey.stop()
@@ -219,8 +226,14 @@ async def _postgres_probe(pool: asyncpg.Pool) -> dict[str, Any]:
     return {"documents": documents}
 
 
-async def _redis_probe(client: aioredis.Redis) -> None:
-    await client.ping()
+async def _redis_probe(pools: WorkerRedis) -> dict[str, Any] | None:
+    """PING through the limits pool; when all its connections are taken (a busy worker, not a
+    degraded one), through the followers' pool instead, and say the limits pool is busy."""
+    if pools.limits_busy:
+        await pools.followers.ping()
+        return {"busy": True}
+    await pools.limits.ping()
+    return None
 
 
 def create_app(
@@ -265,12 +278,16 @@ def create_app(
 
     @app.get("/ready", tags=["ops"], responses=NOT_READY)
     async def ready(request: Request) -> JSONResponse:
-        """Postgres is required (no retrieval without it); Redis only degrades (no cache)."""
+        """Postgres is required (no retrieval without it); Redis only degrades (no cache).
+
+        Redis is probed through the limits pool, the one a busy request pool cannot starve, so a
+        worker under load does not call itself degraded.
+        """
         res: Resources = request.app.state.resources
         checks = dict(
             await asyncio.gather(
                 _check("postgres", _postgres_probe(res.pool)),
-                _check("redis", _redis_probe(res.redis)),
+                _check("redis", _redis_probe(res.pools)),
             )
         )
         checks["embedder"] = {"ok": True, "model": res.embedder.model, "dim": res.embedder.dim}

@@ -31,6 +31,7 @@ from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 
+from service.errors import AuthUnavailable
 from service.http.errors import APIError
 from service.http.proxies import throttle_address
 from service.policy.collections import ALL, DEFAULT, parse_grant
@@ -56,6 +57,7 @@ class ApiKey:
     created_at: datetime | None = None
     revoked_at: datetime | None = None
     collections: tuple[str, ...] = (DEFAULT,)  # what it may read; ("*",) for every collection
+    max_inflight: int | None = None  # misses in flight at once; None: no cap
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,7 @@ class Principal:
     rpm: int | None
     tokens_per_day: int | None
     collections: tuple[str, ...] = (DEFAULT,)
+    max_inflight: int | None = None
 
 
 # --- pure ---------------------------------------------------------------------------------
@@ -105,8 +108,17 @@ def _collections_value(value: object) -> list[str]:
     return list(parse_grant(value if isinstance(value, str) else [str(v) for v in value]))
 
 
+def _max_inflight_value(value: object) -> int | None:
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        return value
+    raise ValueError("max_inflight must be a positive number, or None for no cap")
+
+
 # The columns `KeyStore.update` may set, each with the check that turns a value into a column value.
-_UPDATABLE: dict[str, Callable[[object], object]] = {"collections": _collections_value}
+_UPDATABLE: dict[str, Callable[[object], object]] = {
+    "collections": _collections_value,
+    "max_inflight": _max_inflight_value,
+}
 
 
 def _row(row: asyncpg.Record) -> ApiKey:
@@ -120,6 +132,7 @@ def _row(row: asyncpg.Record) -> ApiKey:
         created_at=row["created_at"],
         revoked_at=row["revoked_at"],
         collections=tuple(row["collections"]),
+        max_inflight=row["max_inflight"],
     )
 
 
@@ -135,6 +148,7 @@ class KeyStore:
         rpm: int | None = None,
         tokens_per_day: int | None = None,
         collections: Sequence[str] | None = None,
+        max_inflight: int | None = None,
     ) -> tuple[str, ApiKey]:
         """Store a new key; returns the full key, which exists nowhere else afterwards.
 
@@ -143,8 +157,8 @@ class KeyStore:
         token, key_id, secret_hash = new_key()
         readable = parse_grant(collections if collections is not None else (ALL if scope == "admin" else DEFAULT))
         row = await self.pool.fetchrow(
-            """INSERT INTO api_keys (id, name, secret_sha256, scopes, rpm, tokens_per_day, collections)
-               VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING *""",
+            """INSERT INTO api_keys (id, name, secret_sha256, scopes, rpm, tokens_per_day, collections, max_inflight)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING *""",
             key_id,
             name,
             secret_hash,
@@ -152,6 +166,7 @@ class KeyStore:
             rpm,
             tokens_per_day,
             list(readable),
+            max_inflight,
         )
         assert row is not None
         return token, _row(row)
@@ -203,10 +218,6 @@ class KeyStore:
 # --- the in-process view ------------------------------------------------------------------
 
 
-class AuthUnavailableError(Exception):
-    """The key is not known here and Postgres cannot be asked."""
-
-
 class Authenticator:
     """Key look-up with a short in-process cache, so authenticated cache hits cost no SQL."""
 
@@ -234,7 +245,7 @@ class Authenticator:
         if not verify(key, secret):
             return None
         assert key is not None
-        return Principal(key.id, key.name, key.scopes, key.rpm, key.tokens_per_day, key.collections)
+        return Principal(key.id, key.name, key.scopes, key.rpm, key.tokens_per_day, key.collections, key.max_inflight)
 
     def forget(self, key_id: str) -> None:
         self._entries.pop(key_id, None)
@@ -249,7 +260,7 @@ class Authenticator:
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
             if cached is not None:  # stale beats unavailable: cached answers keep flowing
                 return cached[1]
-            raise AuthUnavailableError(type(exc).__name__) from exc
+            raise AuthUnavailable(type(exc).__name__) from exc
         self._entries[key_id] = (now, key)
         self._entries.move_to_end(key_id)
         while len(self._entries) > self.max_entries:
@@ -286,12 +297,7 @@ def requires(scope: Scope) -> Callable[[Request, HTTPAuthorizationCredentials | 
         address = throttle_address(request.client.host if request.client else None)
         principal: Principal | None = None
         if credentials is not None:
-            try:
-                principal = await auth.authenticate(credentials.credentials)
-            except AuthUnavailableError:
-                raise APIError(
-                    503, "auth_unavailable", "cannot verify the API key right now", {"Retry-After": "5"}
-                ) from None
+            principal = await auth.authenticate(credentials.credentials)  # AuthUnavailable: 503
         if principal is None:
             await limiter.record_auth_failure(address)  # 429 instead, once over the limit
             if credentials is None:

@@ -60,9 +60,9 @@ _STATUS: tuple[tuple[type[ServiceError], int], ...] = (
     (HistoryViolation, 400),
     (InvalidRequest, 422),
     (Forbidden, 403),
-    (RateLimited, 429),  # and BudgetExceeded
-    (DependencyUnavailable, 503),  # database, embedding, providers, a followed generation that failed
-    (Overloaded, 503),
+    (RateLimited, 429),  # and BudgetExceeded; too_many_inflight
+    (DependencyUnavailable, 503),  # database, embedding, providers, key look-ups (AuthUnavailable), a leader
+    (Overloaded, 503),  # and PoolExhausted: a worker's Redis pool had no free connection in time
 )
 
 

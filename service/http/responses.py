@@ -47,9 +47,9 @@ _WHEN: dict[int, str] = {
     404: "No such resource.",
     413: "The request body exceeds RAG_MAX_BODY_BYTES, or the history RAG_HISTORY_MAX_TURNS / _MAX_TOKENS.",
     422: "The request does not match the schema.",
-    429: "Rate limit, token budget or failed-authentication limit reached.",
+    429: "Rate limit, token budget, answers in flight or failed-authentication limit reached.",
     502: "The model provider failed before the answer was complete.",
-    503: "A dependency is unavailable.",
+    503: "A dependency is unavailable, or the service is overloaded.",
 }
 
 AUTH = (401, 403, 429, 503)  # what any endpoint behind `requires(...)` can answer

@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 
 import redis.asyncio as aioredis
 
-from service.redis.keyspace import KEYS, REDIS_ERRORS, CoolDown, Keyspace
+from service.redis.keyspace import BEST_EFFORT_ERRORS, KEYS, CoolDown, Keyspace
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ class SeriesWriter:
                 for key, at in expire_at.items():
                     pipe.expireat(key, at)
                 await pipe.execute()
-        except REDIS_ERRORS as exc:
+        except BEST_EFFORT_ERRORS as exc:
             # The batch may or may not have been applied; dropping it can only under-count.
             self._on_dropped()
             self._cool_down.failed("write", exc)

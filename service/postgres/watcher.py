@@ -17,6 +17,7 @@ import logging
 import asyncpg
 from redis.exceptions import RedisError
 
+from service.errors import PoolExhausted
 from service.postgres.db import NOTIFY_CHANNEL
 from service.postgres.documents import changes_since
 from service.postgres.notifications import NotificationRelay
@@ -75,6 +76,10 @@ class CorpusWatcher:
     async def reconcile_quietly(self) -> None:
         try:
             await self.reconcile()
+        except PoolExhausted:
+            # This worker's Redis pool is busy, Redis is fine: keep the version we know and retry
+            # on the next tick (a change missed meanwhile is applied then, as with a late NOTIFY).
+            log.info("cache invalidation check deferred: the Redis pool is busy")
         except (RedisError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             # Retried on the next tick; until then the cache may serve answers of the previous
             # corpus version, so writes are held back by the moving version check.

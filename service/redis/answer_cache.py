@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -23,9 +24,12 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from service.errors import PoolExhausted
 from service.policy.guardrails import normalize_for_key
 from service.postgres.retrieval import Filters
 from service.redis.keyspace import KEYS, CoolDown, Keyspace
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -143,12 +147,15 @@ class AnswerCache:
         except (RedisError, OSError) as exc:
             self._failed("put", exc)
             return False
+        except PoolExhausted:  # this worker's pool is busy: the answer goes uncached, the cache stays on
+            log.warning("answer not cached: the Redis pool is busy")
+            return False
         return True
 
     async def delete(self, key: str) -> None:
         try:
             await self.client.delete(self.keys.answer(key))
-        except (RedisError, OSError) as exc:
+        except (RedisError, OSError, PoolExhausted) as exc:
             self._failed("delete", exc)
 
     async def invalidate(self, document_ids: Iterable[int | None]) -> int:

@@ -14,6 +14,13 @@ flush must not hand out fresh budgets) and the metrics history (`KEPT_FAMILIES`)
 
 Redis is optional at run time: after a failure, the callers that can do without it skip it for
 `COOL_DOWN_S` (see `CoolDown`), so a dead Redis costs nothing per request.
+
+A worker's own pool being busy is not Redis being down. Its pools raise the domain error
+`PoolExhausted` (service/redis/client.py), which is deliberately not among `REDIS_ERRORS`: on the
+request path nobody catches it, so the request ends in 503 `overloaded` with `Retry-After: 1`
+instead of failing open (limits), skipping the cache or answering alone (coalescing); work off
+the request path (metrics, lease renewals) catches `BEST_EFFORT_ERRORS` and retries later; and
+`CoolDown` ignores it, so a busy pool never switches the cache off for everyone.
 """
 
 from __future__ import annotations
@@ -24,11 +31,15 @@ from dataclasses import dataclass, field
 
 from redis.exceptions import RedisError
 
+from service.errors import PoolExhausted
+
 PREFIX = "ragcache"
 COOL_DOWN_S = 2.0
 # What a Redis call raises when the server is away: redis-py's own errors, a refused or reset
 # socket, and a timed-out read.
 REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
+# What work off the request path gives up on for now: Redis away, or this worker's pool busy.
+BEST_EFFORT_ERRORS: tuple[type[BaseException], ...] = (*REDIS_ERRORS, PoolExhausted)
 
 CACHE_FAMILIES = ("answer", "deps", "corpus", "rewrite", "inflight", "stream", "followers")
 KEPT_FAMILIES = ("limit", "metrics")
@@ -84,6 +95,10 @@ class Keyspace:
     def token_budget(self, key_id: str, day: str) -> str:
         return f"{self.prefix}:limit:tokens:{key_id}:{day}"
 
+    def inflight_slots(self, key_id: str) -> str:
+        """A sorted set of the key's misses in flight (member: a request's slot, score: when it lapses)."""
+        return f"{self.prefix}:limit:inflight:{key_id}"
+
     def auth_failures(self, address: str) -> str:
         return f"{self.prefix}:limit:authfail:{address}"
 
@@ -123,6 +138,8 @@ class CoolDown:
         return time.monotonic() >= self._down_until
 
     def failed(self, op: str, exc: BaseException) -> None:
+        if isinstance(exc, PoolExhausted):  # this worker is busy; Redis is fine
+            return
         cool_down_s = COOL_DOWN_S  # read at failure time so a test can shorten it
         if self.available:
             self.logger.warning(

@@ -1,4 +1,5 @@
-"""Per-key request rates and daily token budgets, and per-address failed-auth limits, in Redis.
+"""Per-key request rates, daily token budgets and misses in flight, and per-address failed-auth
+limits, in Redis.
 
 Shared by every worker and replica because the counters live in Redis. Requests per minute
 use GCRA (a token bucket kept as one timestamp) in a Lua script: one round trip, exact
@@ -6,8 +7,16 @@ use GCRA (a token bucket kept as one timestamp) in a Lua script: one round trip,
 already has, where the `limits` library would bring its own connection handling and still
 not give the fail-open behaviour wanted here.
 
+Token budgets are reserved, not charged after the fact: before generating, one Lua script
+checks and reserves the prompt's tokens plus `max_tokens`; the answer's producer then settles the
+reservation to what was really generated (never more), whatever way the answer ends. So the
+tokens charged to a key in a UTC day never exceed its budget, under any concurrency.
+
 Every check fails open: with Redis down nobody is limited (and /ready says "degraded"),
-because refusing all traffic would turn a cache outage into a full outage.
+because refusing all traffic would turn a cache outage into a full outage; after a failure the
+checks are skipped for the cool-down (`keyspace.CoolDown`), so a hung Redis costs no waits. A busy pool is not
+Redis down: the limiter has its own pool (service/redis/client.py), and when even that one has
+no connection free in time, `PoolExhausted` goes up as a 503 `overloaded` (never fail open).
 """
 
 from __future__ import annotations
@@ -15,14 +24,15 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from service.errors import BudgetExceeded, RateLimited
-from service.redis.keyspace import KEYS
+from service.errors import BudgetExceeded, RateLimited, ServiceError
+from service.redis.keyspace import KEYS, CoolDown
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +49,29 @@ local allow_at = new_tat - period
 if now < allow_at then return allow_at - now end
 redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil(new_tat - now))
 return 0
+"""
+
+# KEYS[1]: the key's tokens used today. ARGV: tokens to reserve, the budget, TTL (s).
+# Reserves all or nothing; returns 1 if reserved, else 0.
+_RESERVE = """
+local used = tonumber(redis.call('GET', KEYS[1]) or '0')
+local want = tonumber(ARGV[1])
+if used + want > tonumber(ARGV[2]) then return 0 end
+redis.call('INCRBY', KEYS[1], want)
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+# KEYS[1]: the key's slots in flight (sorted set, score: when a slot lapses, ms).
+# ARGV: this request's slot, the cap, the lapse (ms). Returns 1 if the slot is taken, else 0.
+_OCCUPY = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
 """
 
 # KEYS[1]: failures from one address in the current window. ARGV: window (s).
@@ -58,6 +91,8 @@ class Principal(Protocol):
     def rpm(self) -> int | None: ...
     @property
     def tokens_per_day(self) -> int | None: ...
+    @property
+    def max_inflight(self) -> int | None: ...
 
 
 def seconds_to_utc_midnight(now: float) -> int:
@@ -74,22 +109,39 @@ def retry_after(ms: float) -> int:
 
 
 class Limiter:
-    def __init__(self, client: aioredis.Redis, *, auth_failures_per_minute: int = 20) -> None:
-        self.client = client
+    def __init__(
+        self, client: aioredis.Redis, *, auth_failures_per_minute: int = 20, inflight_lapse_s: float = 150.0
+    ) -> None:
+        self.client = client  # the worker's limits pool, apart from the request pool
         self.auth_failures_per_minute = auth_failures_per_minute
+        # A slot left by a crashed worker lapses after this long (the longest answer, plus margin).
+        self.inflight_lapse_ms = int(inflight_lapse_s * 1000)
         self._gcra = client.register_script(_GCRA)
         self._failure = client.register_script(_COUNT_FAILURE)
+        self._reserve = client.register_script(_RESERVE)
+        self._occupy = client.register_script(_OCCUPY)
+        # After Redis failed (not a busy pool: see keyspace), checks fail open at once for a short
+        # while instead of each waiting for a timeout on a hung server and piling up on the pool.
+        self._cool_down = CoolDown("limits fail open", log)
+
+    @property
+    def enforcing(self) -> bool:
+        return self._cool_down.available
+
+    def _fail_open(self, what: str, exc: BaseException) -> None:
+        log.warning("%s not checked (fail open): %s", what, type(exc).__name__)
+        self._cool_down.failed(what, exc)
 
     # -- requests per minute ---------------------------------------------------------------
     async def check_request(self, principal: Principal) -> None:
         """`RateLimited` (`rate_limited`) when the key is over its requests per minute."""
-        if principal.rpm is None:
+        if principal.rpm is None or not self.enforcing:
             return
         try:
             key = KEYS.requests_per_minute(principal.key_id)
             wait_ms = int(await self._gcra(keys=[key], args=[60_000 / principal.rpm, 60_000]))
         except (RedisError, OSError) as exc:
-            log.warning("rate limit not checked (fail open): %s", type(exc).__name__)
+            self._fail_open("rate limit", exc)
             return
         if wait_ms > 0:
             raise RateLimited(
@@ -101,33 +153,69 @@ class Limiter:
         return KEYS.token_budget(principal.key_id, utc_day(now))
 
     async def check_tokens(self, principal: Principal) -> None:
-        """`BudgetExceeded` once today's (UTC) provider tokens reached the key's budget."""
-        if principal.tokens_per_day is None:
+        """`BudgetExceeded` once today's (UTC) provider tokens reached the key's budget (a cheap early look)."""
+        if principal.tokens_per_day is None or not self.enforcing:
             return
         now = time.time()
         try:
             used = int(await self.client.get(self._budget_key(principal, now)) or 0)
         except (RedisError, OSError) as exc:
-            log.warning("token budget not checked (fail open): %s", type(exc).__name__)
+            self._fail_open("token budget", exc)
             return
         if used >= principal.tokens_per_day:
-            raise BudgetExceeded(
-                f"this API key's budget of {principal.tokens_per_day} tokens per day (UTC) is used up; "
-                "cached answers are still served",
-                seconds_to_utc_midnight(now),
-            )
+            raise _used_up(principal.tokens_per_day, now)
 
-    async def charge_tokens(self, principal: Principal, tokens: int) -> None:
-        if principal.tokens_per_day is None or tokens <= 0:
-            return
-        key = self._budget_key(principal, time.time())
+    async def reserve_tokens(self, principal: Principal, tokens: int) -> Reservation:
+        """Reserve `tokens` of today's budget at once, or `BudgetExceeded` if they are not all left."""
+        now = time.time()
+        key = self._budget_key(principal, now)
+        if principal.tokens_per_day is None:
+            return Reservation(self, principal.key_id, key, 0, metered=False)
+        if not self.enforcing:
+            return Reservation(self, principal.key_id, key, 0)  # settles to what is spent, uncapped
         try:
-            async with self.client.pipeline(transaction=True) as pipe:
-                pipe.incrby(key, tokens)
-                pipe.expire(key, 2 * 86_400)
-                await pipe.execute()
+            reserved = await self._reserve(keys=[key], args=[tokens, principal.tokens_per_day, 2 * 86_400])
         except (RedisError, OSError) as exc:
-            log.warning("%d tokens not charged to key %s: %s", tokens, principal.key_id, type(exc).__name__)
+            self._fail_open("token budget", exc)
+            return Reservation(self, principal.key_id, key, 0)
+        if not int(reserved):
+            raise _used_up(principal.tokens_per_day, now, wanted=tokens)
+        return Reservation(self, principal.key_id, key, tokens)
+
+    async def adjust_tokens(self, key: str, delta: int) -> None:
+        """Move a day's counter by `delta` (a settled reservation gives back what it did not use)."""
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.incrby(key, delta)
+            pipe.expire(key, 2 * 86_400)
+            await pipe.execute()
+
+    # -- misses in flight ------------------------------------------------------------------
+    async def occupy_slot(self, principal: Principal, slot: str) -> bool:
+        """Take one of the key's in-flight slots; `RateLimited` (`too_many_inflight`) if all are taken.
+
+        False when nothing was taken: no cap on this key, or Redis is away (fail open).
+        """
+        if principal.max_inflight is None or not self.enforcing:
+            return False
+        try:
+            key = KEYS.inflight_slots(principal.key_id)
+            taken = await self._occupy(keys=[key], args=[slot, principal.max_inflight, self.inflight_lapse_ms])
+        except (RedisError, OSError) as exc:
+            self._fail_open("in-flight cap", exc)
+            return False
+        if not int(taken):
+            raise RateLimited(
+                "too_many_inflight",
+                f"this API key allows {principal.max_inflight} answers in flight at once; retry when one has finished",
+                1,
+            )
+        return True
+
+    async def release_slot(self, principal: Principal, slot: str) -> None:
+        try:
+            await self.client.zrem(KEYS.inflight_slots(principal.key_id), slot)
+        except (RedisError, OSError, ServiceError) as exc:  # it lapses on its own
+            log.warning("in-flight slot not released: %s", type(exc).__name__)
 
     # -- failed authentication per client address -----------------------------------------------
     def _failures_key(self, address: str) -> str:
@@ -154,16 +242,69 @@ class Limiter:
         )
 
 
-@dataclass(frozen=True)
+def settled_charge(spent: int, reserved: int) -> int:
+    """What a generation is charged: what it spent, capped at its reservation (0: nothing could be
+    reserved because Redis was away, so the spend is charged as it is)."""
+    spent = max(0, spent)
+    return min(spent, reserved) if reserved > 0 else spent
+
+
+def _used_up(budget: int, now: float, *, wanted: int | None = None) -> BudgetExceeded:
+    need = f" ({wanted} would be reserved for this answer: its prompt plus max_tokens)" if wanted else ""
+    return BudgetExceeded(
+        f"this API key's budget of {budget} tokens per day (UTC) is used up{need}; cached answers are still served",
+        seconds_to_utc_midnight(now),
+    )
+
+
+@dataclass
+class Reservation:
+    """Tokens held from a key's daily budget for one generation, until `settle` says what it cost."""
+
+    limiter: Limiter
+    key_id: str
+    budget_key: str  # the day's counter it was reserved on (an answer may cross midnight)
+    reserved: int
+    metered: bool = True  # False: the key has no budget, nothing to settle
+    settled: bool = False
+
+    async def settle(self, spent: int) -> None:
+        """Charge what was spent, never more than was reserved (unless nothing could be); once."""
+        if self.settled or not self.metered:
+            return
+        self.settled = True
+        charged = settled_charge(spent, self.reserved)
+        if charged == self.reserved:
+            return
+        try:
+            await self.limiter.adjust_tokens(self.budget_key, charged - self.reserved)
+        except (RedisError, OSError, ServiceError) as exc:
+            log.warning("token reservation of key %s not settled: %s", self.key_id, type(exc).__name__)
+
+
+@dataclass
 class TokenBudget:
-    """A request's view of its key's daily budget, handed to the pipeline (which alone knows
-    whether an answer is generated or served from cache)."""
+    """A request's view of its key's daily token budget and in-flight cap, handed to the pipeline
+    (which alone knows whether an answer is generated or served from cache)."""
 
     limiter: Limiter
     principal: Principal
+    _slot: str | None = field(default=None, init=False)
 
     async def check(self) -> None:
         await self.limiter.check_tokens(self.principal)
 
-    async def charge(self, tokens: int) -> None:
-        await self.limiter.charge_tokens(self.principal, tokens)
+    async def reserve(self, tokens: int) -> Reservation:
+        return await self.limiter.reserve_tokens(self.principal, tokens)
+
+    async def occupy(self) -> None:
+        """Count this request among its key's misses in flight (once); `RateLimited` over the cap."""
+        if self._slot is None:
+            slot = uuid.uuid4().hex
+            if await self.limiter.occupy_slot(self.principal, slot):
+                self._slot = slot
+
+    async def vacate(self) -> None:
+        if self._slot is not None:
+            slot, self._slot = self._slot, None
+            await self.limiter.release_slot(self.principal, slot)

@@ -13,8 +13,9 @@ from typer.testing import CliRunner
 
 from service.cli.admin import app as admin_app
 from service.embeddings.encoders import LocalEmbedder
+from service.errors import AuthUnavailable
 from service.http.app import create_app
-from service.http.auth import ApiKey, Authenticator, AuthUnavailableError, KeyStore, parse_key
+from service.http.auth import ApiKey, Authenticator, KeyStore, parse_key
 from service.postgres.corpus import open_corpus
 from service.settings import Settings
 from tests.support.answers import ask, running, seed
@@ -61,7 +62,7 @@ async def test_authenticator_caches_look_ups_and_keeps_stale_entries_when_postgr
         broken = True
         clock.now = 30
         assert await auth.authenticate(token) == principal  # stale beats unavailable
-        with pytest.raises(AuthUnavailableError):
+        with pytest.raises(AuthUnavailable):
             await auth.authenticate(known_token)  # never seen: cannot tell
         assert await auth.authenticate("not a key") is None  # malformed keys never reach Postgres
 

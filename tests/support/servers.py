@@ -130,6 +130,7 @@ async def make_key(
     rpm: int | None = None,
     tokens_per_day: int | None = None,
     collections: Sequence[str] | None = None,
+    max_inflight: int | None = None,
 ) -> str:
     """A real API key in the test database (migrating it first, as the app would).
 
@@ -137,7 +138,12 @@ async def make_key(
     """
     async with open_corpus(settings) as corpus:
         token, _ = await KeyStore(corpus.pool).create(
-            f"test-{scope}", scope, rpm=rpm, tokens_per_day=tokens_per_day, collections=collections
+            f"test-{scope}",
+            scope,
+            rpm=rpm,
+            tokens_per_day=tokens_per_day,
+            collections=collections,
+            max_inflight=max_inflight,
         )
     return token
 

@@ -8,7 +8,8 @@ from fnmatch import fnmatchcase
 import pytest
 
 import service.redis.keyspace as keyspace
-from service.redis.keyspace import KEYS, CoolDown, Keyspace
+from service.errors import PoolExhausted
+from service.redis.keyspace import BEST_EFFORT_ERRORS, KEYS, REDIS_ERRORS, CoolDown, Keyspace
 
 
 def every_key(keys: Keyspace) -> dict[str, str]:
@@ -24,6 +25,7 @@ def every_key(keys: Keyspace) -> dict[str, str]:
         "rpm": keys.requests_per_minute("id"),
         "budget": keys.token_budget("id", "20261202"),
         "authfail": keys.auth_failures("10.0.0.1"),
+        "inflight": keys.inflight_slots("id"),
         "minute": keys.metrics_minute(1),
         "hour": keys.metrics_hour(1),
         "top": keys.metrics_top(1),
@@ -52,7 +54,7 @@ def test_stored_key_names_are_unchanged() -> None:
 
 def test_an_answer_cache_flush_covers_cache_and_coalescing_keys_only() -> None:
     keys = every_key(KEYS)
-    kept = {"rpm", "budget", "authfail", "minute", "hour", "top", "scratch"}
+    kept = {"rpm", "budget", "authfail", "inflight", "minute", "hour", "top", "scratch"}
     assert {name for name, key in keys.items() if not flushed(KEYS, key)} == kept
     assert not flushed(KEYS, "someone-else:answer:k")
 
@@ -71,3 +73,14 @@ def test_cool_down_switches_off_for_a_while_and_warns_once(
     monkeypatch.setattr(keyspace, "COOL_DOWN_S", 0.0)
     cool.failed("get", ConnectionError())
     assert cool.available
+
+
+def test_a_busy_pool_is_not_redis_down(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """PoolExhausted never switches a caller off, and fail-soft `except REDIS_ERRORS` clauses let it through."""
+    monkeypatch.setattr(keyspace, "COOL_DOWN_S", 3600.0)
+    cool = CoolDown("cache off")
+    with caplog.at_level(logging.WARNING, logger="service.redis.keyspace"):
+        cool.failed("get", PoolExhausted("requests"))
+    assert cool.available and not caplog.records
+    assert not isinstance(PoolExhausted("requests"), REDIS_ERRORS)  # the request path answers 503 instead
+    assert isinstance(PoolExhausted("requests"), BEST_EFFORT_ERRORS)  # background work retries later

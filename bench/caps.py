@@ -1,0 +1,151 @@
+"""Caps under load (issue 11, scenario 1): does a busy worker still enforce a key's rate limit and
+coalesce identical misses? The same run against a base revision (default: main) and this checkout.
+
+    python -m bench.caps [--base main] [--limit-corpus 500] [--quick] [--no-write]
+
+Per variant, one `rag-serve` process (one worker, default pools) over the msmarco subset and the
+loopback model stand-in (first token after 2 s). An unlimited key sends 15 distinct slow misses and
+70 copies of one question at once; while they are in flight, a key limited to 10 requests/min
+sends 25 requests at once (for an answer already cached). Reported: the limited key's answered
+requests (goal: 10), generations for the 70 identical questions (goal: 1), and the server's
+"fail open" and "not caching" log lines (goal: 0). The base revision runs from a `git archive` of
+its `service/` on PYTHONPATH; the client, servers and keys are this checkout's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import tarfile
+import tempfile
+from collections import Counter
+from collections.abc import Sequence
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+from bench._kit import (
+    ROOT,
+    ReplayStack,
+    arguments,
+    ask,
+    fresh_caches,
+    make_settings,
+    model_line,
+    parse,
+    publish,
+    rag_serve,
+    replay_arguments,
+    replay_stack,
+    run_dir,
+    run_line,
+    say,
+    table,
+)
+from tests.support.servers import make_key, wait_until
+
+SECTION = "Caps under load"
+SAME = "what is the boiling point of water at high altitude"
+CACHED = "how do vaccines train the immune system"
+
+
+def export_service(revision: str, into: Path) -> None:
+    """`service/` of `revision`, unpacked under `into` (to put first on a server's PYTHONPATH)."""
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", "--format=tar", revision, "service"], capture_output=True, check=True
+    )
+    with tarfile.open(fileobj=BytesIO(archive.stdout)) as tar:
+        tar.extractall(into, filter="data")
+
+
+async def scenario(stack: ReplayStack, variant: str, redis_db: int, env: dict[str, str], out: Path) -> dict[str, Any]:
+    redis_url = stack.servers.redis_url(redis_db)
+    await fresh_caches(stack.dsn, redis_url)
+    limited = await make_key(make_settings(stack.dsn, redis_url, out), "query", rpm=10)
+    log = out / f"{variant.replace(' ', '-')}.log"
+    provider_url = stack.provider.base_url
+    async with rag_serve(dsn=stack.dsn, redis_url=redis_url, provider_url=provider_url, log=log, env=env) as srv:
+        await ask(srv.url, stack.token, {"question": CACHED})  # the limited key's answer, cached
+        await stack.provider.reset()
+        token = stack.token
+        slow = [asyncio.create_task(ask(srv.url, token, {"question": f"tell me about topic {i}"})) for i in range(15)]
+        same = [asyncio.create_task(ask(srv.url, token, {"question": SAME})) for _ in range(70)]
+
+        async def generating() -> bool:  # the slow misses and the first of the 70
+            return len(await stack.provider.calls()) >= 16
+
+        await wait_until(generating, within=120, interval=0.1)
+        limited_replies = await asyncio.gather(*(ask(srv.url, limited, {"question": CACHED}) for _ in range(25)))
+        same_replies = await asyncio.gather(*same)
+        await asyncio.gather(*slow)
+    lines = log.read_text(errors="replace").splitlines()
+    return {
+        "variant": variant,
+        "limited_answered": sum(r.status == 200 for r in limited_replies),
+        "limited_outcomes": dict(Counter(r.outcome for r in limited_replies)),
+        "same_generations": sum(r.outcome in ("miss", "bypass") for r in same_replies),
+        "same_outcomes": dict(Counter(r.outcome for r in same_replies)),
+        "fail_open_lines": sum("fail open" in line for line in lines),
+        "not_caching_lines": sum("not caching" in line for line in lines),
+    }
+
+
+async def run(args: Any) -> None:
+    out = run_dir("caps")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="ragcache-base-") as base_dir:
+        export_service(args.base, Path(base_dir))
+        async with replay_stack(args) as stack:
+            info = {"RAG_LOG_LEVEL": "info"}  # "not caching" is an info line
+            for variant, db, env in ((args.base, 10, {"PYTHONPATH": base_dir, **info}), ("this branch", 11, info)):
+                say(f"{variant} …")
+                results.append(await scenario(stack, variant, db, env, out))
+            setup = model_line(args, stack.documents)
+    rows = [
+        [
+            r["variant"],
+            f"{r['limited_answered']}/25",
+            r["same_generations"],
+            r["fail_open_lines"],
+            r["not_caching_lines"],
+            ", ".join(f"{k} {v}" for k, v in sorted(r["same_outcomes"].items())),
+        ]
+        for r in results
+    ]
+    body = "\n\n".join(
+        [
+            run_line(f"python -m bench.caps --base {args.base}"),
+            setup
+            + f" One worker, default pools (`RAG_REDIS_MAX_CONNECTIONS=64`). Base `{args.base}` is {args.base_rev}.",
+            table(
+                [
+                    "code",
+                    "limited key (10/min) answered",
+                    "generations for 70 identical",
+                    '"fail open" lines',
+                    '"not caching" lines',
+                    "the 70's outcomes",
+                ],
+                rows,
+                align="lrrrrl",
+            ),
+        ]
+    )
+    publish(SECTION, body, args, results, out)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = arguments("caps", __doc__)
+    replay_arguments(parser, first_token_delay=2.0, token_interval=0.02, answer_tokens=40)
+    parser.add_argument("--base", default="main", help="the revision to compare with (default: main)")
+    args = parse(parser, argv, limit_corpus=200)
+    if args.limit_corpus is None:
+        args.limit_corpus = 500
+    args.base_rev = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", args.base], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    main()
