@@ -277,7 +277,9 @@ def test_rag_admin_sets_and_updates_a_keys_max_inflight(settings: Settings, monk
         r["name"]: r["max_inflight"] for r in json.loads(cli.invoke(admin_app, ["keys", "list", "--json"]).stdout)
     }
     assert listed == {"bot": 12, "etl": None}
-    assert "in flight" in cli.invoke(admin_app, ["keys", "list"]).stdout
+    assert (
+        "in flight" in cli.invoke(admin_app, ["keys", "list"], env={"COLUMNS": "200"}).stdout
+    )  # a table as wide as a terminal
 
     nothing = cli.invoke(admin_app, ["keys", "update", default["id"]])
     assert nothing.exit_code == 2 and "nothing to update" in nothing.output
