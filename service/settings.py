@@ -74,6 +74,13 @@ class Settings(BaseSettings):
     # 40 gives HNSW recall@10 >= 0.988 against exact search on msmarco-5k (docs/benchmarks.md);
     # much higher values make the planner prefer a sequential scan on small corpora.
     hnsw_ef_search: int = Field(default=40, alias="RAG_HNSW_EF_SEARCH", ge=1, le=1000)
+    # dense (default) or hybrid (dense + full-text, fused). No fusion beat dense on both shared sets
+    # (docs/benchmarks.md, measured with `rag-eval`), so hybrid is opt-in; measure it on your data.
+    retrieval_mode: Literal["dense", "hybrid"] = Field(default="dense", alias="RAG_RETRIEVAL_MODE")
+    hybrid_fusion: Literal["convex", "rrf"] = Field(default="convex", alias="RAG_HYBRID_FUSION")
+    # The dense list's share of the fused score (convex) or of the RRF weights; full-text gets the rest.
+    hybrid_dense_weight: float = Field(default=0.7, alias="RAG_HYBRID_DENSE_WEIGHT", ge=0, le=1)
+    fulltext_rank: Literal["ts_rank", "ts_rank_cd"] = Field(default="ts_rank", alias="RAG_FULLTEXT_RANK")
 
     # --- cache ------------------------------------------------------------------
     cache_ttl_s: int = Field(default=7 * 24 * 3600, alias="RAG_CACHE_TTL_S", ge=1)
