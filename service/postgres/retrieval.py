@@ -57,7 +57,9 @@ class RetrievalConfig:
 
     @classmethod
     def of(cls, settings: Settings) -> RetrievalConfig:
-        return cls(settings.retrieval_mode, settings.hybrid_fusion, settings.hybrid_dense_weight, settings.fulltext_rank)
+        return cls(
+            settings.retrieval_mode, settings.hybrid_fusion, settings.hybrid_dense_weight, settings.fulltext_rank
+        )
 
 
 def _storable(text: str) -> bool:
@@ -122,12 +124,14 @@ def search_sql(mode: Mode, rank: FullTextRank) -> str:
     kinds = ("dense", "sparse") if mode == "hybrid" else (mode,)
     parts["typed"] = "SELECT $1::vector, $2::text"  # never read: gives the unused parameter a type
     ctes = ", ".join(f"{kind} AS ({parts[kind]})" for kind in (*kinds, "typed"))
-    hits = " UNION ALL ".join(f"SELECT id, rank, score, '{kind}' AS kind FROM {kind}" for kind in kinds)
+    hits = " UNION ALL ".join(f"SELECT id, rank, score, '{kind}' AS kind FROM {kind}" for kind in kinds)  # noqa: S608 (literal kinds)
     return f"WITH {ctes}, hits AS ({hits}){_SELECT}"
 
 
 class Retriever:
-    def __init__(self, pool: asyncpg.Pool, *, candidates: int = 40, config: RetrievalConfig = RetrievalConfig()) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, *, candidates: int = 40, config: RetrievalConfig = RetrievalConfig()
+    ) -> None:
         self.pool = pool
         self.candidates = candidates
         self.config = config
