@@ -77,9 +77,10 @@ class Report:
     documents: int
     missing: int  # judged documents the corpus does not hold
     scores: dict[str, Scores]
+    baseline: str | None  # the first dense method: the others are compared with it
 
     def summary(self) -> dict[str, Any]:
-        baseline = self.scores.get("dense")
+        baseline = self.scores[self.baseline] if self.baseline else None
         return {
             "data": str(self.dataset.path),
             "queries": len(self.dataset.queries),
@@ -140,7 +141,8 @@ async def measure(settings: Settings, dataset: Dataset, methods: Sequence[Method
                     got.rr.append(metrics.reciprocal_rank(ranked, query.judgments, k))
         finally:
             await pool.close()
-    return Report(dataset, k, len(names), missing, scores)
+    baseline = next((m.name for m in methods if m.mode == "dense"), None)
+    return Report(dataset, k, len(names), missing, scores, baseline)
 
 
 async def _documents(

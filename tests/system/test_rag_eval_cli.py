@@ -38,7 +38,7 @@ def test_live_corpus_every_mode_and_a_json_summary(settings: Settings, tmp_path:
     env = cli_env(settings)
     missing = rag_eval(env, str(data))  # nothing ingested yet: a clear refusal
     assert missing.returncode == 2 and "corpus.jsonl: none of the judged documents" in missing.stderr
-    ingest = [BIN / "rag-ingest", "add", str(data / "corpus.jsonl"), "--format", "beir"]
+    ingest = [str(BIN / "rag-ingest"), "add", str(data / "corpus.jsonl"), "--format", "beir"]
     subprocess.run(ingest, env=env, check=True, capture_output=True, timeout=300)
 
     run = rag_eval(env, str(data), "--json")
