@@ -41,7 +41,6 @@ bench: install
 	$(BIN)/python -m bench.retrieval ../shared/data/msmarco-5k
 	$(BIN)/python -m bench.hit_path
 	$(BIN)/python -m bench.miss_overhead
-	$(BIN)/python -m bench.semantic
 	$(BIN)/python -m bench.workload
 	$(BIN)/python -m bench.stampede
 	$(BIN)/python -m bench.load

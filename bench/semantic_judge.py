@@ -30,14 +30,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bench._kit import RESULTS, SHARED_DATA, percentile, run_line, say, update_section
+from bench._kit import RESULTS, ROOT, SHARED_DATA, jsonl, percentile, run_line, say, update_section
 from bench._kit import table as markdown_table
-from bench.semantic import PAIRS, load_pairs
 from service.policy import semantic_judge, semantic_match
 from service.policy.guardrails import normalize_for_key
 
 SECTION = "Semantic cache judge"
 QUORA = SHARED_DATA / "quora-pairs-dev" / "pairs.jsonl"
+PAIRS = ROOT / "bench" / "semantic_pairs.jsonl"
 VECTORS = RESULTS / "semantic_judge_vectors.npz"
 TARGET = 0.99
 SWEEP = tuple(round(0.50 + 0.01 * i, 2) for i in range(49))
@@ -262,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="do not update docs/benchmarks.md")
     args = parser.parse_args(argv)
     quora_raw = load_quora()
-    semantic_raw = [(str(r["a"]), str(r["b"]), bool(r["match"])) for r in load_pairs(PAIRS)]
+    semantic_raw = [(str(r["a"]), str(r["b"]), bool(r["match"])) for r in jsonl(PAIRS)]
     texts = [normalize_for_key(t) for a, b, _ in [*quora_raw, *semantic_raw] for t in (a, b)]
     vectors = embed(texts)
     quora, semantic = prepare(quora_raw, vectors), prepare(semantic_raw, vectors)
