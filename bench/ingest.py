@@ -11,12 +11,10 @@ ingest again, every document unchanged (`--diagnose`: also the raw encoder on th
 from __future__ import annotations
 
 import argparse
-import asyncio
 import itertools
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -253,11 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = kit.parse(parser, argv, limit=100)
     if args.repeat < 1 or args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         parser.error("--repeat, --batch-size and --limit must be positive")
-    if not args.corpus.is_file():
-        print(f"benchmark data not found: {args.corpus} (a BEIR corpus.jsonl; pass its path)", file=sys.stderr)
-        return 2
-    kit.publish(SECTION, asyncio.run(bench(args)), args)
-    return 0
+    return kit.publish_run(SECTION, bench(args), args, args.corpus)
 
 
 if __name__ == "__main__":

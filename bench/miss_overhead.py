@@ -18,7 +18,6 @@ import asyncio
 import itertools
 import shutil
 import statistics
-import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -353,11 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         DB_DIR = kit.RESULTS / "miss_overhead_quick"
     if args.passes < 1:
         parser.error("--passes must be positive")
-    if not (args.data / "corpus.jsonl").is_file() or not (args.data / "queries.jsonl").is_file():
-        print(f"benchmark data not found under {args.data} (need corpus.jsonl and queries.jsonl)", file=sys.stderr)
-        return 2
-    kit.publish(SECTION, asyncio.run(run(args)), args)
-    return 0
+    return kit.publish_run(SECTION, run(args), args, args.data / "corpus.jsonl", args.data / "queries.jsonl")
 
 
 if __name__ == "__main__":

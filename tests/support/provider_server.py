@@ -525,6 +525,22 @@ class _Exchange:
         await self.send_json(status, payload, extra)
 
 
+class _Locked:
+    """A Behavior attribute of ProviderServer read and written under its lock (kept in `_<name>`)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.attribute = f"_{name}"
+
+    def __get__(self, server: ProviderServer, owner: type | None = None) -> Behavior:
+        with server._cond:
+            behavior: Behavior = getattr(server, self.attribute)
+            return behavior
+
+    def __set__(self, server: ProviderServer, behavior: Behavior) -> None:
+        with server._cond:
+            setattr(server, self.attribute, behavior)
+
+
 class ProviderServer:
     """Fake Anthropic + OpenAI endpoint on 127.0.0.1, served from a background thread.
 
@@ -640,27 +656,8 @@ class ProviderServer:
         return self.base_url + "/v1"
 
     # ------------------------------------------------------------------ scripting
-    @property
-    def default(self) -> Behavior:
-        """Behaviour for generation requests when no queued entry matches."""
-        with self._cond:
-            return self._default
-
-    @default.setter
-    def default(self, behavior: Behavior) -> None:
-        with self._cond:
-            self._default = behavior
-
-    @property
-    def service_default(self) -> Behavior:
-        """Behaviour for embeddings/models requests when no queued entry matches."""
-        with self._cond:
-            return self._service_default
-
-    @service_default.setter
-    def service_default(self, behavior: Behavior) -> None:
-        with self._cond:
-            self._service_default = behavior
+    default = _Locked()  # for generation requests when no queued entry matches
+    service_default = _Locked()  # for embeddings/models requests when no queued entry matches
 
     def enqueue(self, *behaviors: Behavior, route: Route | None = None) -> None:
         """Queue behaviours for upcoming requests, consumed in order (see class doc)."""
