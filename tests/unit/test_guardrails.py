@@ -206,9 +206,7 @@ NOT_PII = [
 
 @pytest.mark.parametrize("question", NOT_PII)
 def test_numbers_that_are_not_pii_are_left_alone(question: str) -> None:
-    result = check(question)
-    assert result.text == question
-    assert dict(result.redactions) == {}
+    test_normal_questions_pass_unchanged(question)  # no redaction, no flag
 
 
 @pytest.mark.parametrize(
