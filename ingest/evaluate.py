@@ -30,7 +30,7 @@ from pydantic import ValidationError
 from ingest import metrics
 from ingest.beir import BeirError, Dataset, corpus_ids, load
 from ingest.scratch import scratch_corpus
-from service.postgres.corpus import open_corpus
+from service.postgres.corpus import database_url, open_corpus
 from service.postgres.db import CorpusMismatchError, create_pool
 from service.postgres.retrieval import Mode, RetrievalConfig, Retriever
 from service.settings import Settings
@@ -113,7 +113,8 @@ def table(report: Report) -> str:
 
 async def measure(settings: Settings, dataset: Dataset, methods: Sequence[Method], k: int = 10) -> Report:
     """Every method over every judged query of `dataset`, against the corpus `settings` points at."""
-    async with open_corpus(settings, with_embedder=True) as corpus:
+    dsn, _server = database_url(settings)  # DATABASE_URL, or the embedded server under RAG_DATA_DIR
+    async with open_corpus(settings.model_copy(update={"database_url": dsn}), with_embedder=True) as corpus:
         assert corpus.embedder is not None
         rows = await corpus.pool.fetch("SELECT id, external_id FROM documents")
         names = {r["id"]: r["external_id"] for r in rows}
@@ -124,7 +125,7 @@ async def measure(settings: Settings, dataset: Dataset, methods: Sequence[Method
                 f"{dataset.path / 'corpus.jsonl'}: none of the judged documents is in this corpus; ingest it "
                 "with `rag-ingest add DATA_DIR/corpus.jsonl --format beir`, or pass --scratch"
             )
-        pool = await create_pool(str(settings.database_url), min_size=1, max_size=1, ef_search=settings.hnsw_ef_search)
+        pool = await create_pool(dsn, min_size=1, max_size=1, ef_search=settings.hnsw_ef_search)
         try:
             retrievers = {m.name: Retriever(pool, config=m.config) for m in methods}
             scores = {m.name: Scores() for m in methods}
