@@ -93,7 +93,8 @@ class Filters:
 
 
 _DENSE = """
-    SELECT c.id, row_number() OVER () AS rank, 1 - c.distance AS score
+    -- Iterative scans in relaxed order may return rows slightly out of order: rank by distance again.
+    SELECT c.id, row_number() OVER (ORDER BY c.distance, c.id) AS rank, 1 - c.distance AS score
     FROM (SELECT id, embedding <=> $1 AS distance FROM chunks
           WHERE cardinality($3::text[]) = 0 OR source = ANY($3::text[])
           ORDER BY distance LIMIT $4) AS c
