@@ -37,7 +37,7 @@ def read_qrels(path: Path) -> tuple[dict[str, dict[str, int]], bool]:
     """`query-id TAB corpus-id TAB grade` (or TREC's 4 columns); a first line that is not one is a header."""
     qrels: dict[str, dict[str, int]] = {}
     header = False
-    for number, line in enumerate(_text(path).splitlines(), start=1):
+    for number, line in enumerate(_text(path).split("\n"), start=1):  # not splitlines: text may hold U+2028
         if not line.strip():
             continue
         parts = line.rstrip("\r").split("\t")
@@ -62,7 +62,7 @@ def read_qrels(path: Path) -> tuple[dict[str, dict[str, int]], bool]:
 def read_jsonl(path: Path, fields: tuple[str, ...]) -> list[dict[str, str]]:
     """The records of a JSON Lines file, each with the `fields` given as strings."""
     rows = []
-    for number, line in enumerate(_text(path).splitlines(), start=1):
+    for number, line in enumerate(_text(path).split("\n"), start=1):  # not splitlines: text may hold U+2028
         if not line.strip():
             continue
         try:

@@ -18,7 +18,7 @@ def beir(folder: Path, qrels: str, queries: list[dict[str, str]] | None = None) 
     (folder / "qrels").mkdir(parents=True)
     (folder / "corpus.jsonl").write_text(json.dumps({"_id": "d1", "title": "", "text": "t"}) + "\n")
     rows = queries or [{"_id": "q1", "text": "one"}, {"_id": "q2", "text": "two"}, {"_id": "q3", "text": "three"}]
-    (folder / "queries.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "queries.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     (folder / "qrels" / "test.tsv").write_text(qrels)
     return folder
 
@@ -98,3 +98,14 @@ def test_missing_files_and_broken_json_are_named(tmp_path: Path) -> None:
     (folder / "qrels" / "test.tsv").unlink()
     with pytest.raises(BeirError, match=r"qrels: no .tsv file"):
         load(folder)
+
+
+def test_a_line_separator_inside_a_text_does_not_split_the_record(tmp_path: Path) -> None:
+    """msmarco-5k's corpus holds U+2028 inside passages; str.splitlines() cut those records in two."""
+    folder = beir(tmp_path, "q1\td1\t1\nq2\td1\t1\r\n")
+    rows = [{"_id": "q1", "text": "first\u2028second"}, {"_id": "q2", "text": "x\x85y"}]
+    (folder / "queries.jsonl").write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
+    )
+    dataset = load(folder)
+    assert [q.text for q in dataset.queries] == ["first\u2028second", "x\x85y"]
