@@ -195,7 +195,11 @@ async def run(args: argparse.Namespace, settings: Settings) -> Report:
         scratch,
         ingested,
     ):
-        print(f"scratch corpus: {ingested.added} added, {ingested.chunks} chunks", file=sys.stderr)
+        print(
+            f"scratch corpus: {ingested.added} added, {ingested.updated} updated, {ingested.unchanged} unchanged, "
+            f"{ingested.chunks} chunks written",
+            file=sys.stderr,
+        )
         return await measure(scratch, dataset, methods, args.top_k)
 
 
