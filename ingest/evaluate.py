@@ -208,6 +208,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.top_k < 1 or (args.dense_weight is not None and not 0 <= args.dense_weight <= 1):
         print("rag-eval: --top-k must be positive and --dense-weight within [0, 1]", file=sys.stderr)
         return 2
+    if not args.scratch and (args.keep or args.limit_corpus is not None):
+        print("rag-eval: --keep and --limit-corpus go with --scratch", file=sys.stderr)
+        return 2
     try:
         settings = Settings()
         report = asyncio.run(run(args, settings))

@@ -70,5 +70,7 @@ def test_bad_input_is_one_line_naming_the_file_and_exit_2(settings: Settings, tm
     assert run.stderr.strip().splitlines() == [
         f"rag-eval: {data / 'qrels' / 'test.tsv'}:2: grade 'yes' is not an integer"
     ]
+    keep = rag_eval(cli_env(settings), str(data), "--keep", str(tmp_path / "db"))
+    assert keep.returncode == 2 and keep.stderr == "rag-eval: --keep and --limit-corpus go with --scratch\n"
     gone = rag_eval(cli_env(settings), str(tmp_path / "nowhere"))
     assert gone.returncode == 2 and "not a folder" in gone.stderr and "Traceback" not in gone.stderr
