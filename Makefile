@@ -38,10 +38,10 @@ lint: install
 bench: install
 	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python -m bench.ingest
-	$(BIN)/python -m bench.retrieval ../shared/data/msmarco-5k
+	$(BIN)/python -m bench.retrieval
 	$(BIN)/python -m bench.hit_path
 	$(BIN)/python -m bench.miss_overhead
-	$(BIN)/python -m bench.semantic
+	$(BIN)/python -m bench.semantic_judge
 	$(BIN)/python -m bench.conversations
 	$(BIN)/python -m bench.workload
 	$(BIN)/python -m bench.stampede

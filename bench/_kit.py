@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,6 +203,16 @@ def publish(
     if not args.no_write:
         update_section(section, body)
         say(f"wrote section “{section}” of {DOCS}")
+
+
+def publish_run(section: str, run: Coroutine[Any, Any, str], args: argparse.Namespace, *needed: Path) -> int:
+    """`main`'s last step: publish what `run` returns, or exit 2 naming the data files that are missing."""
+    if missing := [str(path) for path in needed if not path.is_file()]:
+        run.close()
+        print(f"benchmark data not found: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    publish(section, asyncio.run(run), args)
+    return 0
 
 
 def run_dir(name: str) -> Path:

@@ -25,31 +25,18 @@ from typing import Any
 
 import numpy as np
 
-from bench._kit import (
-    RESULTS,
-    ROOT,
-    SHARED_DATA,
-    arguments,
-    load_text,
-    machine_line,
-    parse,
-    percentile,
-    publish,
-    revision,
-    say,
-)
-from bench._kit import table as markdown_table
+from bench import _kit as kit
 from service.embeddings.encoders import LocalEmbedder, OnnxEmbedder
 from service.embeddings.model_cache import ensure_exported
 from service.settings import LOCAL_EMBEDDING_MODEL
 
 THREADS = 2
-MODEL_DIR = RESULTS / "models"
+MODEL_DIR = kit.RESULTS / "models"
 
 
 def questions(n: int) -> list[str]:
-    out = [json.loads(line)["text"] for line in (SHARED_DATA / "msmarco-5k" / "queries.jsonl").open()]
-    for line in (SHARED_DATA / "quora-pairs-dev" / "pairs.jsonl").open():
+    out = [json.loads(line)["text"] for line in (kit.SHARED_DATA / "msmarco-5k" / "queries.jsonl").open()]
+    for line in (kit.SHARED_DATA / "quora-pairs-dev" / "pairs.jsonl").open():
         if len(out) >= n:
             break
         pair = json.loads(line)
@@ -58,7 +45,7 @@ def questions(n: int) -> list[str]:
 
 
 def passages(n: int) -> list[str]:
-    with (SHARED_DATA / "msmarco-5k" / "corpus.jsonl").open() as f:
+    with (kit.SHARED_DATA / "msmarco-5k" / "corpus.jsonl").open() as f:
         return [json.loads(line)["text"] for line, _ in zip(f, range(n), strict=False)]
 
 
@@ -99,8 +86,8 @@ def result(texts: list[str], cpu: float, wall: float, latencies: list[float]) ->
         "cpu_ms_per_query": cpu / len(texts) * 1000,
         "wall_s": wall,
         "per_s": len(texts) / wall,
-        "p50_ms": percentile(latencies, 50) * 1000,
-        "p99_ms": percentile(latencies, 99) * 1000,
+        "p50_ms": kit.percentile(latencies, 50) * 1000,
+        "p99_ms": kit.percentile(latencies, 99) * 1000,
     }
 
 
@@ -138,7 +125,7 @@ print(json.dumps({
 def rss(runtime: str, model_dir: Path) -> dict[str, Any]:
     done = subprocess.run(
         [sys.executable, "-c", RSS_PROBE, runtime, str(model_dir)],
-        cwd=ROOT,
+        cwd=kit.ROOT,
         capture_output=True,
         text=True,
         check=True,
@@ -149,16 +136,16 @@ def rss(runtime: str, model_dir: Path) -> dict[str, Any]:
 
 
 async def main() -> None:
-    parser = arguments("encoder", __doc__)
+    parser = kit.arguments("encoder", __doc__)
     parser.add_argument("--queries", type=int, default=300)
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--passages", type=int, default=320)
     parser.add_argument("--model-dir", type=Path, default=MODEL_DIR, help="where the ONNX export is cached")
-    args = parse(parser, None, queries=20, concurrency=8, passages=32)
+    args = kit.parse(parser, None, queries=20, concurrency=8, passages=32)
 
-    loads_before = load_text()
+    loads_before = kit.load_text()
     texts = questions(args.queries)
-    say(f"exporting (once) / loading the models; {len(texts)} questions")
+    kit.say(f"exporting (once) / loading the models; {len(texts)} questions")
     ensure_exported(args.model_dir)
     onnx = OnnxEmbedder(LOCAL_EMBEDDING_MODEL, model_dir=args.model_dir, threads=THREADS)
     onnx.encode(["warm"])
@@ -167,16 +154,16 @@ async def main() -> None:
     agreement = float(np.min(np.sum(onnx.encode(texts[:50]) * torch.encode(texts[:50]), axis=1)))
 
     rows: list[tuple[str, dict[str, float], str]] = []
-    say("torch, one question per encode")
+    kit.say("torch, one question per encode")
     rows.append(("torch, one question per encode", one_at_a_time(torch.encode, texts), "1"))
-    say("ONNX, one question per encode")
+    kit.say("ONNX, one question per encode")
     rows.append(("ONNX fp32, one question per encode", one_at_a_time(onnx.encode, texts), "1"))
-    say(f"ONNX, micro-batched, {args.concurrency} in flight")
+    kit.say(f"ONNX, micro-batched, {args.concurrency} in flight")
     before = (onnx.batcher.encodes, onnx.batcher.encoded)
     batched = await concurrent(onnx.embed, texts, args.concurrency)
     encodes, encoded = onnx.batcher.encodes - before[0], onnx.batcher.encoded - before[1]
     rows.append((f"ONNX fp32, micro-batched, {args.concurrency} in flight", batched, f"{encoded / encodes:.1f}"))
-    say(f"torch behind its lock, {args.concurrency} in flight (the encoder before)")
+    kit.say(f"torch behind its lock, {args.concurrency} in flight (the encoder before)")
     rows.append(
         (
             f"torch behind a lock, {args.concurrency} in flight (before)",
@@ -186,23 +173,23 @@ async def main() -> None:
     )
 
     docs = passages(args.passages)
-    say(f"ingest: {len(docs)} passages at batch 64")
+    kit.say(f"ingest: {len(docs)} passages at batch 64")
     ingest = {"ONNX fp32": ingest_rate(onnx.encode, docs), "torch": ingest_rate(torch.encode, docs)}
-    say("resident memory of an API-like process")
+    kit.say("resident memory of an API-like process")
     memory = {"ONNX fp32 (no torch)": rss("onnx", args.model_dir), "torch": rss("torch", args.model_dir)}
 
-    table = markdown_table(
+    table = kit.table(
         ["encoder", "CPU ms / query", "queries/s", "p50 ms", "p99 ms", "texts / encode"],
         [
             (name, f"{r['cpu_ms_per_query']:.1f}", f"{r['per_s']:.0f}", f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}", b)
             for name, r, b in rows
         ],
     )
-    ingest_table = markdown_table(
+    ingest_table = kit.table(
         ["runtime", "passages/s", "CPU ms / passage"],
         [(name, f"{r['per_s']:.1f}", f"{r['cpu_ms_per_passage']:.1f}") for name, r in ingest.items()],
     )
-    memory_table = markdown_table(
+    memory_table = kit.table(
         ["API-like process", "RSS MB", "peak RSS MB", "torch imported"],
         [
             (name, f"{m['rss_mb']:.0f}", f"{m['peak_mb']:.0f}", "yes" if m["torch"] else "no")
@@ -212,8 +199,8 @@ async def main() -> None:
     command = f"python -m bench.encoder --queries {args.queries} --concurrency {args.concurrency}"
     command += f" --passages {args.passages}"
     body = f"""`{command}`
-({dt.date.today()}, {revision()}; {machine_line()}; {THREADS} model threads; load average before {loads_before},
-after {load_text()}). {len(texts)} questions (msmarco-5k queries, then Quora questions). Worst cosine
+({dt.date.today()}, {kit.revision()}; {kit.machine_line()}; {THREADS} model threads; load average before {loads_before},
+after {kit.load_text()}). {len(texts)} questions (msmarco-5k queries, then Quora questions). Worst cosine
 ONNX vs torch on the first 50: {agreement:.7f}.
 
 {table}
@@ -226,7 +213,7 @@ Memory (the app imported and built, the encoder loaded, one encode; each in a fr
 
 {memory_table}
 """
-    publish("Query encoder", body, args)
+    kit.publish("Query encoder", body, args)
 
 
 if __name__ == "__main__":

@@ -25,33 +25,12 @@ from typing import Any
 
 import redis
 
-from bench._kit import (
-    RESULTS,
-    ROOT,
-    ProviderProcess,
-    Reply,
-    Servers,
-    arguments,
-    ask,
-    create_key,
-    ensure_corpus,
-    fetch,
-    fmt_ms,
-    parse,
-    passage_questions,
-    percentile,
-    publish,
-    rag_serve,
-    run_dir,
-    run_line,
-    say,
-    table,
-)
+from bench import _kit as kit
 from bench.load import warnings_in
 
 SECTION = "Fault timeline"
-DATA = RESULTS / "fault"
-PLOT = ROOT / "docs" / "fault_timeline.png"
+DATA = kit.RESULTS / "fault"
+PLOT = kit.ROOT / "docs" / "fault_timeline.png"
 HIT_POOL = 40
 PHASES = ("normal", "redis down", "redis back", "postgres down", "postgres back")
 
@@ -60,7 +39,7 @@ PHASES = ("normal", "redis down", "redis back", "postgres down", "postgres back"
 class Sent:
     second: int
     kind: str  # "cached" (asked before the run) | "fresh" (never asked)
-    reply: Reply
+    reply: kit.Reply
 
 
 class OwnServers:
@@ -107,11 +86,11 @@ async def timeline(
     fresh_iter = iter(fresh)
 
     async def one(second: int, kind: str, question: str) -> None:
-        sent.append(Sent(second, kind, await ask(url, token, {"question": question}, limit_s=30)))
+        sent.append(Sent(second, kind, await kit.ask(url, token, {"question": question}, limit_s=30)))
 
     async def poll_ready() -> None:
         while (at := time.monotonic() - t0) < total:
-            ready.append((at, _status(await fetch(url, "GET", "/ready", limit_s=3))))
+            ready.append((at, _status(await kit.fetch(url, "GET", "/ready", limit_s=3))))
             await asyncio.sleep(max(0.0, 1 - (time.monotonic() - t0 - at)))
 
     async def fault(at: float, name: str, action: Callable[[], None]) -> None:
@@ -119,7 +98,7 @@ async def timeline(
         began = time.monotonic() - t0
         await asyncio.to_thread(action)
         events[name] = (began, time.monotonic() - t0)
-        say(f"   t={began:6.1f}s {name} (took {events[name][1] - began:.1f} s)")
+        kit.say(f"   t={began:6.1f}s {name} (took {events[name][1] - began:.1f} s)")
 
     p = args.phase
     tasks = [
@@ -140,19 +119,19 @@ async def timeline(
     return {"sent": sent, "ready": ready, "events": events, "t0": t0}
 
 
-def _status(reply: Reply) -> str:
+def _status(reply: kit.Reply) -> str:
     try:
         return str(json.loads(reply.body)["status"])
     except (ValueError, KeyError, TypeError):
         return reply.outcome
 
 
-def classify(reply: Reply) -> str:
+def classify(reply: kit.Reply) -> str:
     """hit | semantic_hit | miss | coalesced | 503 | error."""
     return reply.outcome if reply.ok else "503" if reply.status == 503 else "error"
 
 
-def counts(replies: list[Reply]) -> str:
+def counts(replies: list[kit.Reply]) -> str:
     c = Counter(classify(r) for r in replies)
     order = ["hit", "semantic_hit", "coalesced", "miss", "503", "error"]
     return f"{', '.join(f'{k} {c[k]}' for k in order if c[k]) or '–'} (of {len(replies)})"
@@ -164,7 +143,7 @@ def checks(run: dict[str, Any], end: float) -> list[tuple[str, bool, str]]:
     if len(ev) < 4:
         return []
 
-    def window(lo: float, hi: float, kind: str | None = None) -> list[Reply]:
+    def window(lo: float, hi: float, kind: str | None = None) -> list[kit.Reply]:
         return [x.reply for x in run["sent"] if lo <= x.reply.started - t0 < hi and kind in (None, x.kind)]
 
     redis_down = (ev["stop redis"][1], ev["start redis"][0])
@@ -220,8 +199,8 @@ def per_second(run: dict[str, Any], seconds: int) -> list[dict[str, Any]]:
                 "second": s,
                 "requests": len(mine),
                 "errors": len(mine) - len(ok),
-                "ttft_hit_ms": percentile([r.ttft_s * 1000 for r in ok if r.outcome == "hit"], 50),
-                "ttft_gen_ms": percentile([r.ttft_s * 1000 for r in ok if r.outcome != "hit"], 50),
+                "ttft_hit_ms": kit.percentile([r.ttft_s * 1000 for r in ok if r.outcome == "hit"], 50),
+                "ttft_gen_ms": kit.percentile([r.ttft_s * 1000 for r in ok if r.outcome != "hit"], 50),
                 "outcomes": dict(Counter(classify(r) for r in mine)),
                 "ready": status.most_common(1)[0][0] if status else "",
             }
@@ -239,14 +218,14 @@ def report(run: dict[str, Any], seconds: list[dict[str, Any]], args: Any, plotte
         errors = Counter(x.reply.outcome for x in mine if not x.reply.ok)
         phase_rows.append(
             f"{name} | {len(mine) / args.phase:.1f} | {sum(errors.values())} | {counts(cached)} | "
-            f"{counts(fresh)} | {fmt_ms(percentile([r.ttft_s * 1000 for r in cached if r.ok], 50))} | "
-            f"{fmt_ms(percentile([r.ttft_s * 1000 for r in fresh if r.ok], 50))} | "
+            f"{counts(fresh)} | {kit.fmt_ms(kit.percentile([r.ttft_s * 1000 for r in cached if r.ok], 50))} | "
+            f"{kit.fmt_ms(kit.percentile([r.ttft_s * 1000 for r in fresh if r.ok], 50))} | "
             f"{', '.join(f'{k} ×{v}' for k, v in errors.items()) or '–'}"
         )
     sec_rows = [
         (
-            f"{s['second']} | {s['requests']} | {s['errors']} | {fmt_ms(s['ttft_hit_ms'])} | "
-            f"{fmt_ms(s['ttft_gen_ms'])} | "
+            f"{s['second']} | {s['requests']} | {s['errors']} | {kit.fmt_ms(s['ttft_hit_ms'])} | "
+            f"{kit.fmt_ms(s['ttft_gen_ms'])} | "
             f"{', '.join(f'{k} {v}' for k, v in sorted(s['outcomes'].items()))} | {s['ready']}"
         )
         for s in seconds
@@ -258,7 +237,7 @@ def report(run: dict[str, Any], seconds: list[dict[str, Any]], args: Any, plotte
                 f"- {'✅' if ok else '❌'} {name}: {detail}."
                 for name, ok, detail in checks(run, args.phase * len(PHASES))
             ),
-            table(
+            kit.table(
                 "phase | req/s sent | errors | cached → outcome | fresh → outcome | TTFT p50 cached ms | "
                 "TTFT p50 fresh ms | errors by kind",
                 phase_rows,
@@ -266,7 +245,7 @@ def report(run: dict[str, Any], seconds: list[dict[str, Any]], args: Any, plotte
             ),
             "![requests, errors and latency per second](fault_timeline.png)" if plotted else "(no plot)",
             "<details><summary>Per second</summary>\n\n"
-            + table(
+            + kit.table(
                 "s | sent | errors | TTFT p50 hits | TTFT p50 generated | outcomes | /ready",
                 sec_rows,
                 "rrrrrll",
@@ -280,7 +259,7 @@ def plot(seconds: list[dict[str, Any]], events: dict[str, tuple[float, float]], 
     try:
         import matplotlib
     except ImportError:
-        say("matplotlib is not installed (pip install -e '.[bench]'): no plot")
+        kit.say("matplotlib is not installed (pip install -e '.[bench]'): no plot")
         return False
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -319,28 +298,32 @@ def plot(seconds: list[dict[str, Any]], events: dict[str, tuple[float, float]], 
 
 
 async def main_async(args: Any) -> None:
-    out = run_dir("fault_timeline")
-    cached = passage_questions(HIT_POOL, prefix="what does the corpus say about", skip=3)
-    fresh = passage_questions(
+    out = kit.run_dir("fault_timeline")
+    cached = kit.passage_questions(HIT_POOL, prefix="what does the corpus say about", skip=3)
+    fresh = kit.passage_questions(
         int(args.rate * args.phase * len(PHASES)) + 10, prefix="what do the passages tell us about", skip=5
     )
     own = OwnServers(DATA)
     try:
-        dsn, documents = await ensure_corpus(Servers(own.pg.url, own.valkey.url), args.limit_corpus, data_dir=DATA)
-        token = await create_key(dsn)
+        dsn, documents = await kit.ensure_corpus(
+            kit.Servers(own.pg.url, own.valkey.url), args.limit_corpus, data_dir=DATA
+        )
+        token = await kit.create_key(dsn)
         with redis.Redis.from_url(own.valkey.url) as client:
             client.flushdb()  # a run starts cold
-        async with ProviderProcess(args.first_token_delay, args.token_interval, args.answer_tokens) as provider:
+        async with kit.ProviderProcess(args.first_token_delay, args.token_interval, args.answer_tokens) as provider:
             log = out / "rag-serve.log"
-            async with rag_serve(dsn=dsn, redis_url=own.valkey.url, provider_url=provider.base_url, log=log) as server:
-                say(f"warming the cache with {HIT_POOL} questions")
+            async with kit.rag_serve(
+                dsn=dsn, redis_url=own.valkey.url, provider_url=provider.base_url, log=log
+            ) as server:
+                kit.say(f"warming the cache with {HIT_POOL} questions")
                 for q in cached:
-                    if not (await ask(server.url, token, {"question": q})).ok:
+                    if not (await kit.ask(server.url, token, {"question": q})).ok:
                         raise SystemExit(f"warming the cache failed on {q!r}")
                 await asyncio.sleep(
                     1.5
                 )  # Valkey's append-only file is fsynced every second: the pool survives a restart
-                say(f"== {args.rate:g} req/s for {args.phase * len(PHASES):.0f} s; faults every {args.phase:g} s")
+                kit.say(f"== {args.rate:g} req/s for {args.phase * len(PHASES):.0f} s; faults every {args.phase:g} s")
                 run = await timeline(server.url, token, own, args, cached, fresh)
     finally:
         own.close()
@@ -354,13 +337,13 @@ async def main_async(args: Any) -> None:
         f"{args.token_interval * 1000:.0f} ms apart. Open loop, {args.rate:g} req/s, {args.hit_share:.0%} for "
         f"{HIT_POOL} cached questions, the rest fresh; an error = non-200, an SSE `error`, or no complete answer."
     )
-    body = "\n\n".join([run_line(args.command), setup, report(run, seconds, args, plotted)])
+    body = "\n\n".join([kit.run_line(args.command), setup, report(run, seconds, args, plotted)])
     body += f"\n\nServer log warnings: {'; '.join(f'{k} ×{v}' for k, v in warnings_in(log).items()) or 'none'}."
-    publish(SECTION, body, args, {"events": run["events"], "seconds": seconds}, out)
+    kit.publish(SECTION, body, args, {"events": run["events"], "seconds": seconds}, out)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = arguments("fault_timeline", __doc__)
+    parser = kit.arguments("fault_timeline", __doc__)
     parser.add_argument("--rate", type=float, default=20, help="requests per second (open loop)")
     parser.add_argument("--hit-share", type=float, default=0.7, help="share of requests for cached questions")
     parser.add_argument("--phase", type=float, default=30, help="seconds between faults")
@@ -370,7 +353,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--answer-tokens", type=int, default=40)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--no-plot", action="store_true")
-    args = parse(parser, argv, rate=4.0, phase=8.0, limit_corpus=200)
+    args = kit.parse(parser, argv, rate=4.0, phase=8.0, limit_corpus=200)
     asyncio.run(main_async(args))
 
 

@@ -34,36 +34,14 @@ from typing import Any
 
 from fastapi import FastAPI, Request, Response
 
-from bench._kit import (
-    RESULTS,
-    ROOT,
-    Client,
-    Served,
-    arguments,
-    bearer,
-    clean_env,
-    create_key,
-    fetch,
-    free_port,
-    ingest_path,
-    load_text,
-    make_settings,
-    ms,
-    parse,
-    percentile,
-    publish,
-    run_line,
-    say,
-    serve_process,
-    table,
-)
+from bench import _kit as kit
 from tests.support.sse import first_event
 
 QUESTION = "How do I flush the cache?"
 FLOOR_KEY = "bench:floor:hit"
 GOAL_RPS_RATIO, GOAL_P99_RATIO = 0.8, 2.0
 SECTION = "Hit path"
-LOGS = RESULTS / "hit_path"
+LOGS = kit.RESULTS / "hit_path"
 UVICORN_FLAGS = "--host 127.0.0.1 --workers 1 --log-level warning --no-access-log --loop uvloop --http httptools"
 
 
@@ -108,12 +86,12 @@ def is_hit(body: bytes) -> bool:
 Send = Callable[[], Awaitable[tuple[int, bytes]]]
 
 
-def senders(base: str, token: str, n: int) -> tuple[list[Send], list[Client]]:
+def senders(base: str, token: str, n: int) -> tuple[list[Send], list[kit.Client]]:
     """`n` independent senders, one keep-alive connection each, sending one pre-built request."""
-    clients = [Client(base, bearer(token)) for _ in range(n)]
+    clients = [kit.Client(base, kit.bearer(token)) for _ in range(n)]
     raw = clients[0].encode("POST", "/rag/stream", json.dumps({"question": QUESTION}).encode(), close=False)
 
-    def sender(client: Client) -> Send:
+    def sender(client: kit.Client) -> Send:
         async def send() -> tuple[int, bytes]:
             reply = await client.request("POST", "/rag/stream", raw=raw, limit_s=30)
             if reply.client_error:
@@ -172,7 +150,7 @@ async def drive(sends: Sequence[Send], seconds: float, run: Run | None) -> None:
     await asyncio.gather(*(worker(s) for s in sends))
 
 
-async def measure(name: str, server: Served, args: Any, token: str, c: int, rnd: int) -> Run:
+async def measure(name: str, server: kit.Served, args: Any, token: str, c: int, rnd: int) -> Run:
     run = Run(name, c, rnd)
     sends, clients = senders(server.url, token, c)
     await drive(sends, args.warmup, None)
@@ -193,7 +171,7 @@ class Stack:
     valkey: Any
     embedder: Any
     token: str
-    servers: dict[str, Served]
+    servers: dict[str, kit.Served]
     hit_bytes: int = 0
 
 
@@ -210,25 +188,25 @@ async def stack() -> AsyncIterator[Stack]:
     try:
         async with contextlib.AsyncExitStack() as servers:
             embedder = LocalEmbedder()
-            await ingest_path(
-                make_settings(pg.url, valkey.url, data_dir), embedder, ROOT / "examples", source="handbook"
+            await kit.ingest_path(
+                kit.make_settings(pg.url, valkey.url, data_dir), embedder, kit.ROOT / "examples", source="handbook"
             )
-            s = Stack(data_dir, pg, valkey, embedder, await create_key(pg.url), {})
+            s = Stack(data_dir, pg, valkey, embedder, await kit.create_key(pg.url), {})
             project_env = {"DATABASE_URL": pg.url, "REDIS_URL": valkey.url, "RAG_DATA_DIR": str(data_dir)}
             apps = {
-                "project": ("service.http.app:app_factory", clean_env(RAG_LOG_LEVEL="warning", **project_env)),
-                "floor": ("bench.hit_path:floor_app", clean_env(BENCH_FLOOR_REDIS_URL=valkey.url)),
+                "project": ("service.http.app:app_factory", kit.clean_env(RAG_LOG_LEVEL="warning", **project_env)),
+                "floor": ("bench.hit_path:floor_app", kit.clean_env(BENCH_FLOOR_REDIS_URL=valkey.url)),
             }
-            say("starting both servers (the project loads the embedding model first)")
+            kit.say("starting both servers (the project loads the embedding model first)")
             for name, (target, env) in apps.items():
-                port = free_port()
+                port = kit.free_port()
                 command = f"{sys.executable} -m uvicorn {target} --factory --port {port} {UVICORN_FLAGS}"
                 s.servers[name] = await servers.enter_async_context(
-                    serve_process(command, port, env, LOGS / f"{name}.log", ROOT)
+                    kit.serve_process(command, port, env, LOGS / f"{name}.log", kit.ROOT)
                 )
             for _ in range(2):
-                reply = await fetch(
-                    s.servers["project"].url, "POST", "/rag/stream", {"question": QUESTION}, headers=bearer(s.token)
+                reply = await kit.fetch(
+                    s.servers["project"].url, "POST", "/rag/stream", {"question": QUESTION}, headers=kit.bearer(s.token)
                 )
             if not is_hit(reply.body):
                 raise SystemExit(f"the second request was not a cache hit: {reply.status} {reply.body[:300]!r}")
@@ -252,15 +230,15 @@ def report(runs: list[Run], args: Any) -> str:
             secs = sum(r.seconds for r in rs)
             agg[name] = {
                 "rps": len(lat) / secs,
-                "p50": percentile(lat, 50),
-                "p99": percentile(lat, 99),
+                "p50": kit.percentile(lat, 50),
+                "p99": kit.percentile(lat, 99),
                 "cpu_us": sum(r.server_cpu for r in rs) / max(len(lat), 1) * 1e6,
             }
             rows.append(
                 f"{c} | {name} | {len(lat):,} | {sum(len(r.errors) for r in rs)} | {agg[name]['rps']:,.0f} | "
-                f"{ms(agg[name]['p50'])} | {ms(agg[name]['p99'])} | {agg[name]['cpu_us']:,.0f} | "
+                f"{kit.ms(agg[name]['p50'])} | {kit.ms(agg[name]['p99'])} | {agg[name]['cpu_us']:,.0f} | "
                 f"{sum(r.server_cpu for r in rs) / secs:.0%} | {sum(r.client_cpu for r in rs) / secs:.0%} | "
-                f"{ms(max(r.longest_stall for r in rs))}"
+                f"{kit.ms(max(r.longest_stall for r in rs))}"
             )
         p, f = agg["project"], agg["floor"]
         rps, p99 = p["rps"] / f["rps"], p["p99"] / f["p99"]
@@ -273,13 +251,13 @@ def report(runs: list[Run], args: Any) -> str:
     samples = list({e[:40]: e for r in runs for e in r.errors}.values())[:5]
     return "\n\n".join(
         [
-            table(
+            kit.table(
                 "concurrency | server | requests | errors | req/s | p50 ms | p99 ms | server CPU µs/req | "
                 "server CPU | client CPU | longest stall ms",
                 rows,
                 "rlrrrrrrrrr",
             ),
-            table(
+            kit.table(
                 [
                     "concurrency",
                     "req/s project/floor",
@@ -386,7 +364,7 @@ async def profile_in_process(s: Stack, n: int) -> str:
     from service.http.app import create_app
 
     apps = {
-        "project": create_app(make_settings(s.postgres.url, s.valkey.url, s.data_dir), embedder=s.embedder),
+        "project": create_app(kit.make_settings(s.postgres.url, s.valkey.url, s.data_dir), embedder=s.embedder),
         "floor": floor_app(s.valkey.url, FLOOR_KEY),
     }
     payload = json.dumps({"question": QUESTION}).encode()
@@ -430,8 +408,8 @@ async def profile_in_process(s: Stack, n: int) -> str:
         [
             f"In-process, through ASGI, {n} sequential hits per app: CPU µs per hit (best of 2), and cProfile "
             f"scaled to it. Profiles: `bench/results/hit_path/{{project,floor}}_hit.prof`.",
-            table("self time by package | project µs/hit | floor µs/hit", package_rows),
-            table("project function (cumulative) | µs/hit", steps),
+            kit.table("self time by package | project µs/hit | floor µs/hit", package_rows),
+            kit.table("project function (cumulative) | µs/hit", steps),
             gc_line,
         ]
     )
@@ -470,14 +448,14 @@ async def gc_pauses(app: Any, payload: bytes, token: str, hits: int = 4096, conc
 
 
 async def bench(args: Any) -> str:
-    first = run_line(args.command)
+    first = kit.run_line(args.command)
     async with stack() as s:
         runs: list[Run] = []
         for c in args.concurrency:
             for rnd in range(1, args.rounds + 1):
                 for name in ["project", "floor"][:: 1 if rnd % 2 else -1]:
                     runs.append(run := await measure(name, s.servers[name], args, s.token, c, rnd))
-                    say(f"c={c:<3} round {rnd} {name:8} {run.rps:8,.0f} req/s  errors {len(run.errors)}")
+                    kit.say(f"c={c:<3} round {rnd} {name:8} {run.rps:8,.0f} req/s  errors {len(run.errors)}")
         setup = (
             "Both servers `uvicorn --workers 1 --loop uvloop --http httptools --no-access-log`; "
             f"tests.support.load client, "
@@ -487,22 +465,22 @@ async def bench(args: Any) -> str:
         )
         profile = await profile_in_process(s, args.profile_requests) if args.profile else ""
     return "\n\n".join(
-        x for x in [f"{first} Load average after: {load_text()}.", setup, report(runs, args), profile] if x
+        x for x in [f"{first} Load average after: {kit.load_text()}.", setup, report(runs, args), profile] if x
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = arguments("hit_path", __doc__)
+    parser = kit.arguments("hit_path", __doc__)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=3.0, help="measured seconds per side per round")
     parser.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds before each measurement")
     parser.add_argument("--no-profile", dest="profile", action="store_false")
     parser.add_argument("--profile-requests", type=int, default=2000)
-    args = parse(parser, argv, concurrency=[4], rounds=1, duration=0.5, warmup=0.2, profile_requests=100)
+    args = kit.parse(parser, argv, concurrency=[4], rounds=1, duration=0.5, warmup=0.2, profile_requests=100)
     import uvloop
 
-    publish(SECTION, uvloop.run(bench(args)), args)
+    kit.publish(SECTION, uvloop.run(bench(args)), args)
     return 0
 
 

@@ -11,12 +11,10 @@ ingest again, every document unchanged (`--diagnose`: also the raw encoder on th
 from __future__ import annotations
 
 import argparse
-import asyncio
 import itertools
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -24,19 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench._kit import (
-    SHARED_DATA,
-    arguments,
-    fetchval,
-    load_text,
-    make_settings,
-    parse,
-    publish,
-    run_line,
-    say,
-    table,
-    with_database,
-)
+from bench import _kit as kit
 from ingest.loaders import LoadFailure, SourceDocument, discover, load
 from ingest.pipeline import IngestOptions, IngestReport, ingest_documents, prepare
 from service.embedded import start_postgres
@@ -44,7 +30,7 @@ from service.embeddings.encoders import LocalEmbedder, Vectors
 from service.postgres.corpus import open_corpus
 from service.postgres.documents import DocumentStore, PreparedDocument, WriteResult
 
-DEFAULT_CORPUS = SHARED_DATA / "msmarco-5k" / "corpus.jsonl"
+DEFAULT_CORPUS = kit.SHARED_DATA / "msmarco-5k" / "corpus.jsonl"
 SECTION = "Ingest"
 FULL_CORPUS_DOCUMENTS = 5_000
 GOAL_RATIO = 0.9
@@ -147,8 +133,8 @@ async def run_round(
     if raw_first:
         raw_side()
     # Creating and migrating the fresh database is setup, not ingest.
-    settings = make_settings(with_database(pg.url, name), "redis://127.0.0.1:1", data_dir)
-    await fetchval(pg.url, f'CREATE DATABASE "{name}"')
+    settings = kit.make_settings(kit.with_database(pg.url, name), "redis://127.0.0.1:1", data_dir)
+    await kit.fetchval(pg.url, f'CREATE DATABASE "{name}"')
     try:
         async with open_corpus(settings) as corpus:
             store = TimedStore(corpus.pool)
@@ -158,11 +144,13 @@ async def run_round(
                 int(await corpus.pool.fetchval(f"SELECT count(*) FROM {t}")) for t in ("documents", "chunks")
             ]
     finally:
-        await fetchval(pg.url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await kit.fetchval(pg.url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     if not raw_first:
         raw_side()
-    result["load_average"] = load_text()
-    say(f"  raw {result['raw']:.1f} s, ingest {result['ingest'].seconds:.1f} s, re-run {result['rerun'].seconds:.2f} s")
+    result["load_average"] = kit.load_text()
+    kit.say(
+        f"  raw {result['raw']:.1f} s, ingest {result['ingest'].seconds:.1f} s, re-run {result['rerun'].seconds:.2f} s"
+    )
     return result
 
 
@@ -213,11 +201,13 @@ def render(rounds: list[dict[str, Any]], documents: int, n: int, args: Any) -> s
     summary = [[f"{documents:,}", f"{n:,}", args.batch_size, f"{n / raw:.1f}", f"{n / ing:.1f}", f"**{ratio:.2f}**"]]
     return "\n\n".join(
         [
-            run_line(args.command, **versions),
-            table("documents | chunks | batch size | raw encoder chunks/s | ingest chunks/s | ingest / raw", summary),
+            kit.run_line(args.command, **versions),
+            kit.table(
+                "documents | chunks | batch size | raw encoder chunks/s | ingest chunks/s | ingest / raw", summary
+            ),
             f"Goal ingest / raw ≥ {GOAL_RATIO}: **{'met' if ratio >= GOAL_RATIO else 'not met'}** "
             f"(medians of {len(rounds)} rounds; ingest = load + hash + chunk + embed + COPY + index maintenance).",
-            table(
+            kit.table(
                 "round | order | raw s | raw, pipeline batches s | ingest s | load / awaiting model / other s "
                 "| DB writes (overlapped) | ratio | re-run s | load avg after",
                 per_round,
@@ -233,7 +223,7 @@ async def bench(args: argparse.Namespace) -> str:
         raise SystemExit(f"{len(failures)} load failures, first: {failures[0]}")
     documents = len({(i.source, i.external_id) for i in items if isinstance(i, SourceDocument)})
     texts = chunk_texts(items, IngestOptions(window=args.window))
-    say(f"{args.corpus}: {documents} documents, {len(texts)} chunks")
+    kit.say(f"{args.corpus}: {documents} documents, {len(texts)} chunks")
     embedder = LocalEmbedder(batch_size=args.batch_size)
     embedder.encode(texts[: args.batch_size])  # model load and first-call allocations: excluded from both sides
     data_dir = Path(tempfile.mkdtemp(prefix="ragbench-"))
@@ -251,21 +241,17 @@ async def bench(args: argparse.Namespace) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = arguments("ingest", __doc__)
+    parser = kit.arguments("ingest", __doc__)
     parser.add_argument("corpus", nargs="?", type=Path, default=DEFAULT_CORPUS, help="BEIR corpus.jsonl")
     parser.add_argument("--limit", type=int, default=None, help="only the first N documents")
     parser.add_argument("--batch-size", type=int, default=64, help="encoder batch size, both sides")
     parser.add_argument("--window", type=int, default=1024, help="texts per embedder call (RAG_EMBED_WINDOW)")
     parser.add_argument("--repeat", type=int, default=1, help="rounds, alternating the order")
     parser.add_argument("--diagnose", action="store_true", help="also time the raw encoder on the pipeline's batches")
-    args = parse(parser, argv, limit=100)
+    args = kit.parse(parser, argv, limit=100)
     if args.repeat < 1 or args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         parser.error("--repeat, --batch-size and --limit must be positive")
-    if not args.corpus.is_file():
-        print(f"benchmark data not found: {args.corpus} (a BEIR corpus.jsonl; pass its path)", file=sys.stderr)
-        return 2
-    publish(SECTION, asyncio.run(bench(args)), args)
-    return 0
+    return kit.publish_run(SECTION, bench(args), args, args.corpus)
 
 
 if __name__ == "__main__":

@@ -29,29 +29,7 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 
-from bench._kit import (
-    Client,
-    ReplayStack,
-    Reply,
-    arguments,
-    ask,
-    bearer,
-    load_text,
-    model_line,
-    ms,
-    parse,
-    passage_questions,
-    publish,
-    rag_serve,
-    replay_arguments,
-    replay_stack,
-    run_dir,
-    run_line,
-    say,
-    stats,
-    table,
-    warm_up,
-)
+from bench import _kit as kit
 
 SECTION = "Load"
 REDIS_DB = 8  # bench.workload uses 1-3, bench.stampede 4-6
@@ -90,7 +68,7 @@ async def wait_for_workers(root: int, workers: int, min_kb: int = 250_000, withi
             return
         last = total
         await asyncio.sleep(1)
-    say(f"warning: {workers} loaded workers not seen within {within:.0f} s")
+    kit.say(f"warning: {workers} loaded workers not seen within {within:.0f} s")
 
 
 class Sampler:
@@ -125,7 +103,7 @@ def _probe_main(url: str, interval: float, control: Any) -> None:
     """In a process of its own: GET /health every `interval` s on one keep-alive connection until told to stop."""
 
     async def probe() -> list[tuple[float, float]]:
-        client, samples = Client(url), []
+        client, samples = kit.Client(url), []
         next_at = time.monotonic()
         control.send("ready")  # importing this module in a spawned process takes seconds on a busy machine
         while not control.poll(0):
@@ -182,7 +160,7 @@ async def miss_burst(url: str, token: str, server_pid: int, questions: list[str]
     rss_before = sum(process_tree_rss(server_pid).values())
     with Sampler(server_pid) as sampler:
         started = time.monotonic()
-        results = await asyncio.gather(*(ask(url, token, {"question": q}) for q in questions))
+        results = await asyncio.gather(*(kit.ask(url, token, {"question": q}) for q in questions))
         ended = time.monotonic()
     await asyncio.sleep(2)
     rss_after = sum(process_tree_rss(server_pid).values())
@@ -193,14 +171,14 @@ async def miss_burst(url: str, token: str, server_pid: int, questions: list[str]
         "failed": len(results) - len(ok),
         "outcomes": dict(Counter(r.outcome for r in results)),
         "failures": [f"{r.outcome}: {r.error}" for r in results if not r.ok][:10],
-        "ttft": stats([r.ttft_s for r in ok]),
-        "server_ttft_ms": stats([r.server_ttft_ms for r in ok]),
+        "ttft": kit.stats([r.ttft_s for r in ok]),
+        "server_ttft_ms": kit.stats([r.server_ttft_ms for r in ok]),
         "duration_s": ended - started,
         "rps": len(ok) / (ended - started),
         "rss_kb": [rss_before, max(sampler.peak_kb, rss_before, rss_after), rss_after],
-        "health_idle": stats([lat for at, lat in samples if at < started - 0.2]),
-        "health": stats([lat for at, lat in samples if started <= at <= ended]),
-        "client_lag": stats(sampler.lags),
+        "health_idle": kit.stats([lat for at, lat in samples if at < started - 0.2]),
+        "health": kit.stats([lat for at, lat in samples if started <= at <= ended]),
+        "client_lag": kit.stats(sampler.lags),
     }
 
 
@@ -208,11 +186,11 @@ async def hit_load(url: str, token: str, questions: list[str], concurrency: int,
     """Closed loop: `concurrency` keep-alive clients asking cached questions round-robin (after 2 s of warm-up)."""
     warm_until = time.monotonic() + 2
     stop_at = warm_until + seconds
-    results: list[Reply] = []
+    results: list[kit.Reply] = []
     counter = iter(range(10**9))
 
     async def client() -> None:
-        conn = Client(url, bearer(token))
+        conn = kit.Client(url, kit.bearer(token))
         while (now := time.monotonic()) < stop_at:
             reply = await conn.request("POST", "/rag/stream", {"question": questions[next(counter) % len(questions)]})
             if now >= warm_until:
@@ -225,12 +203,12 @@ async def hit_load(url: str, token: str, questions: list[str], concurrency: int,
         "ok": len(ok),
         "rps": len(ok) / seconds,
         "outcomes": dict(Counter(r.outcome for r in results)),
-        "latency": stats([r.total_s for r in ok]),
+        "latency": kit.stats([r.total_s for r in ok]),
     }
 
 
 async def one_run(
-    args: Any, stack: ReplayStack, workers: int, rnd: int, questions: list[str], out: Path
+    args: Any, stack: kit.ReplayStack, workers: int, rnd: int, questions: list[str], out: Path
 ) -> dict[str, Any]:
     redis_url = stack.servers.redis_url(REDIS_DB)
     client = aioredis.from_url(redis_url)
@@ -242,28 +220,29 @@ async def one_run(
         (out / f"prom-w{workers}-r{rnd}").mkdir()
         env["PROMETHEUS_MULTIPROC_DIR"] = str(out / f"prom-w{workers}-r{rnd}")
     provider_url = stack.provider.base_url
-    async with rag_serve(
+    async with kit.rag_serve(
         dsn=stack.dsn, redis_url=redis_url, provider_url=provider_url, log=log, env=env, workers=workers
     ) as server:
         await wait_for_workers(server.pid, workers)
-        await warm_up(server.url, stack.token, 2 * workers)
+        await kit.warm_up(server.url, stack.token, 2 * workers)
         await stack.provider.reset()
-        say(f"== round {rnd}, {workers} worker(s): {len(questions)} concurrent streams")
+        kit.say(f"== round {rnd}, {workers} worker(s): {len(questions)} concurrent streams")
         burst = await miss_burst(server.url, stack.token, server.pid, questions)
         calls = await stack.provider.calls()
         cached = len([k async for k in client.scan_iter(match="ragcache:answer:*", count=1000)])
-        say(
-            f"   complete {burst['complete']}/{len(questions)}, TTFT p99 {ms(burst['ttft']['p99'])} ms; {cached} cached"
+        kit.say(
+            f"   complete {burst['complete']}/{len(questions)}, "
+            f"TTFT p99 {kit.ms(burst['ttft']['p99'])} ms; {cached} cached"
         )
         sem = asyncio.Semaphore(16)
 
         async def again(question: str) -> str:
             async with sem:
-                return (await ask(server.url, stack.token, {"question": question})).outcome
+                return (await kit.ask(server.url, stack.token, {"question": question})).outcome
 
         primed = Counter(await asyncio.gather(*(again(q) for q in questions)))
         hits = await hit_load(server.url, stack.token, questions, args.hit_concurrency, args.hit_seconds)
-        say(f"   prime pass {dict(primed)}; hit load {hits['rps']:.0f} req/s")
+        kit.say(f"   prime pass {dict(primed)}; hit load {hits['rps']:.0f} req/s")
     await client.aclose()
     first = [c["first_token_s"] for c in calls if c["first_token_s"] is not None]
     return {
@@ -271,7 +250,7 @@ async def one_run(
         "round": rnd,
         "burst": burst,
         "provider_calls": len(calls),
-        "provider_first_token": stats(first),
+        "provider_first_token": kit.stats(first),
         "primed_hits": primed.get("hit", 0),
         "hits": hits,
         "warnings": warnings_in(log),
@@ -284,15 +263,15 @@ def report(runs: list[dict[str, Any]], streams: int) -> str:
         b, h = r["burst"], r["hits"]
         rows.append(
             f"{r['workers']} | {r['round']} | **{b['complete']}** / {b['failed']} | "
-            f"{ms(b['ttft']['p50'])} / {ms(b['ttft']['p95'])} / **{ms(b['ttft']['p99'])}** | "
+            f"{kit.ms(b['ttft']['p50'])} / {kit.ms(b['ttft']['p95'])} / **{kit.ms(b['ttft']['p99'])}** | "
             f"{b['duration_s']:.1f} s, {b['rps']:.1f}/s | "
             f"{' / '.join(f'{kb / 1024:,.0f}' for kb in b['rss_kb'])} | "
-            f"{ms(b['health_idle']['p50'])} → {ms(b['health']['p50'])} / {ms(b['health']['max'])} | "
-            f"{ms(b['client_lag']['p95'])} / {ms(b['client_lag']['max'])} | {r['primed_hits']} / {streams} | "
-            f"**{h['rps']:.0f}** | {ms(h['latency']['p50'])} / {ms(h['latency']['p99'])}"
+            f"{kit.ms(b['health_idle']['p50'])} → {kit.ms(b['health']['p50'])} / {kit.ms(b['health']['max'])} | "
+            f"{kit.ms(b['client_lag']['p95'])} / {kit.ms(b['client_lag']['max'])} | {r['primed_hits']} / {streams} | "
+            f"**{h['rps']:.0f}** | {kit.ms(h['latency']['p50'])} / {kit.ms(h['latency']['p99'])}"
         )
     lines = [
-        table(
+        kit.table(
             "workers | round | complete / failed | TTFT p50 / p95 / p99 ms | burst | RSS before / peak / "
             "after MB | /health idle p50 → during p50 / max ms | client lag p95 / max ms | cached by the burst "
             "| hits/s | hit latency p50 / p99 ms",
@@ -326,12 +305,12 @@ def report(runs: list[dict[str, Any]], streams: int) -> str:
 
 
 async def main_async(args: Any) -> None:
-    out = run_dir("load")
-    load_start = load_text()
+    out = kit.run_dir("load")
+    load_start = kit.load_text()
     plan = [(rnd, w) for rnd in range(1, args.rounds + 1) for w in (args.workers if rnd % 2 else args.workers[::-1])]
-    questions = passage_questions(args.streams * len(plan), prefix=QUESTION_PREFIX)
+    questions = kit.passage_questions(args.streams * len(plan), prefix=QUESTION_PREFIX)
     runs: list[dict[str, Any]] = []
-    async with replay_stack(args) as stack:
+    async with kit.replay_stack(args) as stack:
         try:
             for i, (rnd, workers) in enumerate(plan):
                 runs.append(
@@ -343,25 +322,25 @@ async def main_async(args: Any) -> None:
             await conn.close()
         documents = stack.documents
     setup = (
-        f"{model_line(args, documents)} Load average at start {load_start}. Miss burst: {args.streams} distinct "
+        f"{kit.model_line(args, documents)} Load average at start {load_start}. Miss burst: {args.streams} distinct "
         "questions at once, each on a new connection; TTFT = request sent → first `token` event at the client; RSS "
         "= VmRSS summed over `rag-serve` and its descendants; /health probed every 100 ms from a separate process. "
         f"Hit load: {args.hit_concurrency} keep-alive clients for {args.hit_seconds:g} s."
     )
-    body = "\n\n".join([run_line(args.command), setup, report(runs, args.streams)])
-    publish(SECTION, body, args, {"runs": runs}, out)
+    body = "\n\n".join([kit.run_line(args.command), setup, report(runs, args.streams)])
+    kit.publish(SECTION, body, args, {"runs": runs}, out)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = arguments("load", __doc__)
+    parser = kit.arguments("load", __doc__)
     parser.add_argument("--streams", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--hit-seconds", type=float, default=15)
     parser.add_argument("--hit-concurrency", type=int, default=32)
-    replay_arguments(parser, first_token_delay=0.5, token_interval=0.025)
+    kit.replay_arguments(parser, first_token_delay=0.5, token_interval=0.025)
     quick = {"streams": 10, "rounds": 1, "workers": [1], "hit_seconds": 1.0, "hit_concurrency": 4}
-    args = parse(parser, argv, **quick, limit_corpus=200, answer_tokens=20)
+    args = kit.parse(parser, argv, **quick, limit_corpus=200, answer_tokens=20)
     asyncio.run(main_async(args))
 
 

@@ -18,35 +18,18 @@ import asyncio
 import itertools
 import shutil
 import statistics
-import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench._kit import (
-    RESULTS,
-    Client,
-    arguments,
-    bearer,
-    create_key,
-    ingest_path,
-    jsonl,
-    make_settings,
-    ms,
-    parse,
-    percentile,
-    publish,
-    run_line,
-    say,
-    table,
-)
+from bench import _kit as kit
 from tests.support.load import Reply
 from tests.support.servers import SHARED_DATA, serve_app
 
 DEFAULT_DATA = SHARED_DATA / "msmarco-5k"
-DB_DIR = RESULTS / "miss_overhead"
+DB_DIR = kit.RESULTS / "miss_overhead"
 EXPECTED_DOCUMENTS = 5_000
 GOAL_P50_S = 0.015
 SECTION = "Miss-path overhead"
@@ -159,7 +142,7 @@ async def ensure_corpus(settings: Any, embedder: Any, corpus: Path, limit: int |
         head = b"".join(line + b"\n" for line in corpus.read_bytes().split(b"\n")[:limit])  # noqa: ASYNC240 - setup
         subset.write_bytes(head)
         corpus = subset
-    report = await ingest_path(settings, embedder, corpus, fmt="beir")
+    report = await kit.ingest_path(settings, embedder, corpus, fmt="beir")
     async with open_corpus(settings) as opened:
         documents = int(await opened.pool.fetchval("SELECT count(*) FROM documents"))
         chunks = int(await opened.pool.fetchval("SELECT count(*) FROM chunks"))
@@ -186,23 +169,23 @@ async def run(args: argparse.Namespace) -> str:
     from service.postgres.corpus import open_corpus
     from tests.support.provider_server import ProviderServer
 
-    queries = [(str(r["_id"]), str(r["text"])) for r in jsonl(args.data / "queries.jsonl")][: args.queries]
+    queries = [(str(r["_id"]), str(r["text"])) for r in kit.jsonl(args.data / "queries.jsonl")][: args.queries]
     if args.fresh:
         shutil.rmtree(DB_DIR, ignore_errors=True)
     DB_DIR.mkdir(parents=True, exist_ok=True)
-    say(f"embedded Postgres + Valkey under {DB_DIR}")
+    kit.say(f"embedded Postgres + Valkey under {DB_DIR}")
     pg = start_postgres(DB_DIR)
     valkey = start_valkey(DB_DIR)
     provider = ProviderServer().start()
     try:
         api_key = SecretStr("sk-ant-bench")
-        settings = make_settings(
+        settings = kit.make_settings(
             pg.url, valkey.url, DB_DIR, anthropic_api_key=api_key, anthropic_base_url=provider.base_url
         )
         embedder = LocalEmbedder()
         embedder.encode(["warm up"])
         corpus_line = await ensure_corpus(settings, embedder, args.data / "corpus.jsonl", args.limit_corpus)
-        token = await create_key(pg.url)
+        token = await kit.create_key(pg.url)
 
         redis = aioredis.from_url(valkey.url)
         await redis.flushdb()  # a clean slate: no answers, no semantic-index rows from earlier runs
@@ -212,7 +195,7 @@ async def run(args: argparse.Namespace) -> str:
         samples = Samples()
         app = create_app(settings, embedder=embedder)
         async with serve_app(app) as base:
-            client = Client(base, bearer(token))
+            client = kit.Client(base, kit.bearer(token))
             service: AnswerService = app.state.resources.answers
             probe = Probe()
             service.embedder = _EmbedderView(service.embedder)
@@ -221,7 +204,7 @@ async def run(args: argparse.Namespace) -> str:
                 for path, name, label in PROBES
                 if probe.wrap(getattr(service, path, None) if path else service, name, label)
             ]
-            say(f"probing {', '.join(probed)}")
+            kit.say(f"probing {', '.join(probed)}")
             timeline: list[tuple[str, float]] = []
 
             async def forget(question: str) -> None:
@@ -294,7 +277,7 @@ async def run(args: argparse.Namespace) -> str:
             kinds = list(measures)
             for number in range(args.passes + 1):
                 record = number > 0
-                say(f"pass {number}/{args.passes}" + ("" if record else " (warm-up, not recorded)"))
+                kit.say(f"pass {number}/{args.passes}" + ("" if record else " (warm-up, not recorded)"))
                 for index, (_qid, question) in enumerate(queries):
                     shift = (index + number) % len(kinds)  # rotate the order: drift hits every measure
                     for kind in kinds[shift:] + kinds[:shift]:
@@ -324,53 +307,52 @@ def render(samples: Samples, args: argparse.Namespace, corpus: str, queries: int
     import torch
 
     values = samples.values
-    embed50 = percentile(values["embed"], 50)
+    embed50 = kit.percentile(values["embed"], 50)
     rows = []
     for key, label in ROWS:
-        p50, p99 = percentile(values[key], 50), percentile(values[key], 99)
-        rows.append([label, len(values[key]), ms(p50), ms(p99), f"{p50 / embed50:.1f}×" if values[key] else "–"])
+        p50, p99 = kit.percentile(values[key], 50), kit.percentile(values[key], 99)
+        rows.append(
+            [label, len(values[key]), kit.ms(p50), kit.ms(p99), f"{p50 / embed50:.1f}×" if values[key] else "–"]
+        )
     order = sorted(samples.timeline, key=lambda label: statistics.median(samples.timeline_order[label]))
     # the glue between two calls (e.g. "guard ↑ → cache.get ↓", p99 < 0.1 ms) is left out
     segments = [
-        [label, len(d), ms(percentile(d, 50)), ms(percentile(d, 99))]
+        [label, len(d), kit.ms(kit.percentile(d, 50)), kit.ms(kit.percentile(d, 99))]
         for label in order
-        if percentile(d := samples.timeline[label], 99) >= 0.0001
+        if kit.percentile(d := samples.timeline[label], 99) >= 0.0001
     ]
-    e2e = percentile(values["e2e_use"], 50)
+    e2e = kit.percentile(values["e2e_use"], 50)
     errors = "".join(f"; `{e[:160]}`" for e in samples.errors[:3])
     return "\n\n".join(
         [
-            run_line(args.command, torch=f"{torch.__version__} ({torch.get_num_threads()} threads)"),
+            kit.run_line(args.command, torch=f"{torch.__version__} ({torch.get_num_threads()} threads)"),
             f"Corpus: {corpus}; {queries} queries × {args.passes} passes after a warm-up pass; app, uvicorn, "
             "client and provider server in one process and one clock.",
-            table("measure | n | p50 ms | p99 ms | p50 / bare embed", rows),
+            kit.table("measure | n | p50 ms | p99 ms | p50 / bare embed", rows),
             "Timeline of the cache-`use` requests (↓ start, ↑ end of the running service's calls; intervals "
             "between consecutive marks add up to the total, those with p99 < 0.1 ms left out):",
-            table("interval | n | p50 ms | p99 ms", segments),
-            f"Goal p50 ≤ {GOAL_P50_S * 1000:.0f} ms: **{ms(e2e)} ms, {'met' if e2e <= GOAL_P50_S else 'not met'}**; "
-            f"the bare embedding is {ms(embed50)} ms of it. Errors: {len(samples.errors)}{errors}.",
+            kit.table("interval | n | p50 ms | p99 ms", segments),
+            f"Goal p50 ≤ {GOAL_P50_S * 1000:.0f} ms: "
+            f"**{kit.ms(e2e)} ms, {'met' if e2e <= GOAL_P50_S else 'not met'}**; "
+            f"the bare embedding is {kit.ms(embed50)} ms of it. Errors: {len(samples.errors)}{errors}.",
         ]
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = arguments("miss_overhead", __doc__)
+    parser = kit.arguments("miss_overhead", __doc__)
     parser.add_argument("data", nargs="?", type=Path, default=DEFAULT_DATA, help="BEIR folder (corpus + queries)")
     parser.add_argument("--passes", type=int, default=5, help="measured passes over the queries")
     parser.add_argument("--queries", type=int, default=None, help="only the first N queries")
     parser.add_argument("--limit-corpus", type=int, default=None, help="only the first N passages")
     parser.add_argument("--fresh", action="store_true", help="drop the cached database and ingest again")
-    args = parse(parser, argv, passes=1, queries=3, limit_corpus=200)
+    args = kit.parse(parser, argv, passes=1, queries=3, limit_corpus=200)
     if args.quick:
         global DB_DIR
-        DB_DIR = RESULTS / "miss_overhead_quick"
+        DB_DIR = kit.RESULTS / "miss_overhead_quick"
     if args.passes < 1:
         parser.error("--passes must be positive")
-    if not (args.data / "corpus.jsonl").is_file() or not (args.data / "queries.jsonl").is_file():
-        print(f"benchmark data not found under {args.data} (need corpus.jsonl and queries.jsonl)", file=sys.stderr)
-        return 2
-    publish(SECTION, asyncio.run(run(args)), args)
-    return 0
+    return kit.publish_run(SECTION, run(args), args, args.data / "corpus.jsonl", args.data / "queries.jsonl")
 
 
 if __name__ == "__main__":

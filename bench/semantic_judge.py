@@ -30,15 +30,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bench._kit import RESULTS, SHARED_DATA, percentile, run_line, say, update_section
-from bench._kit import table as markdown_table
-from bench.semantic import PAIRS, load_pairs
+from bench import _kit as kit
 from service.policy import semantic_judge, semantic_match
 from service.policy.guardrails import normalize_for_key
 
 SECTION = "Semantic cache judge"
-QUORA = SHARED_DATA / "quora-pairs-dev" / "pairs.jsonl"
-VECTORS = RESULTS / "semantic_judge_vectors.npz"
+QUORA = kit.SHARED_DATA / "quora-pairs-dev" / "pairs.jsonl"
+PAIRS = kit.ROOT / "bench" / "semantic_pairs.jsonl"
+VECTORS = kit.RESULTS / "semantic_judge_vectors.npz"
 TARGET = 0.99
 SWEEP = tuple(round(0.50 + 0.01 * i, 2) for i in range(49))
 SEMANTIC_WEIGHT = 5.0  # semantic_pairs holds the near-misses a cache must refuse; Quora has few of them
@@ -68,10 +67,10 @@ def embed(texts: Sequence[str]) -> dict[str, np.ndarray]:
     if missing:
         from service.embeddings.encoders import LocalEmbedder
 
-        say(f"embedding {len(missing)} questions with all-MiniLM-L6-v2 (kept in {VECTORS}) …")
+        kit.say(f"embedding {len(missing)} questions with all-MiniLM-L6-v2 (kept in {VECTORS}) …")
         for text, vector in zip(missing, LocalEmbedder(threads=1).encode(missing), strict=True):
             known[text] = vector
-        RESULTS.mkdir(parents=True, exist_ok=True)
+        kit.RESULTS.mkdir(parents=True, exist_ok=True)
         names = sorted(known)
         np.savez(VECTORS, texts=np.array(names), vectors=np.stack([known[t] for t in names]))
     return known
@@ -178,7 +177,7 @@ def latency(pairs: Sequence[Pair], threshold: float) -> tuple[float, float, floa
     cut = semantic_match.DEFAULT_THRESHOLD
     new = [timed(functools.partial(semantic_judge.judge, p.similarity, p.a, p.b, threshold=threshold)) for p in above]
     old = [timed(functools.partial(semantic_match.judge_match, p.similarity, p.a, p.b, threshold=cut)) for p in above]
-    return percentile(new, 50), percentile(new, 99), percentile(old, 50), percentile(old, 99)
+    return kit.percentile(new, 50), kit.percentile(new, 99), kit.percentile(old, 50), kit.percentile(old, 99)
 
 
 def fmt(s: Score) -> list[str]:
@@ -216,7 +215,7 @@ def report(quora: Sequence[Pair], semantic: Sequence[Pair], threshold: float, co
     false_hits = [p for p in held["Quora (held-out half)"] if judge_at(threshold)(p) and not p.duplicate]
     return "\n".join(
         [
-            run_line(command),
+            kit.run_line(command),
             "",
             f"Sets: `quora-pairs-dev` ({len(quora)} public Quora Question Pairs, half duplicates) and "
             f"`bench/semantic_pairs.jsonl` ({len(semantic)} pairs), each split in two by a hash of the "
@@ -224,15 +223,15 @@ def report(quora: Sequence[Pair], semantic: Sequence[Pair], threshold: float, co
             "The judge's weights were fitted and its threshold chosen on the dev halves; every figure below is from "
             "the other halves. Precision = true hits / hits; reach = duplicates served / duplicates.",
             "",
-            markdown_table(["held-out set", "policy", "precision", "reach", "false hits"], rows, "llrrr"),
+            kit.table(["held-out set", "policy", "precision", "reach", "false hits"], rows, "llrrr"),
             "",
             "What each hard constraint is worth at the chosen threshold (held-out halves; what dropping it would add):",
             "",
-            markdown_table(["rule dropped", "set", "true hits", "false hits"], ablation, "llrr"),
+            kit.table(["rule dropped", "set", "true hits", "false hits"], ablation, "llrr"),
             "",
             "Other thresholds (held-out halves): Quora precision / reach / false hits, then semantic_pairs.",
             "",
-            markdown_table(
+            kit.table(
                 ["threshold", "Q precision", "Q reach", "Q false", "S precision", "S reach", "S false"],
                 sweep,
                 "lrrrrrr",
@@ -246,7 +245,7 @@ def report(quora: Sequence[Pair], semantic: Sequence[Pair], threshold: float, co
             "<details><summary>Quora held-out pairs labelled “not duplicate” that the judge serves "
             f"({len(false_hits)})</summary>",
             "",
-            markdown_table(
+            kit.table(
                 ["cosine", "question", "cached question"],
                 [[f"{p.similarity:.3f}", p.a, p.b] for p in false_hits],
                 "rll",
@@ -262,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="do not update docs/benchmarks.md")
     args = parser.parse_args(argv)
     quora_raw = load_quora()
-    semantic_raw = [(str(r["a"]), str(r["b"]), bool(r["match"])) for r in load_pairs(PAIRS)]
+    semantic_raw = [(str(r["a"]), str(r["b"]), bool(r["match"])) for r in kit.jsonl(PAIRS)]
     texts = [normalize_for_key(t) for a, b, _ in [*quora_raw, *semantic_raw] for t in (a, b)]
     vectors = embed(texts)
     quora, semantic = prepare(quora_raw, vectors), prepare(semantic_raw, vectors)
@@ -272,11 +271,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     chosen = choose(quora_dev, semantic_dev)
     threshold = chosen if chosen is not None else SWEEP[-1]
-    say(f"threshold chosen on the dev halves: {chosen} (DEFAULT_THRESHOLD {semantic_judge.DEFAULT_THRESHOLD})")
+    kit.say(f"threshold chosen on the dev halves: {chosen} (DEFAULT_THRESHOLD {semantic_judge.DEFAULT_THRESHOLD})")
     text = report(quora, semantic, threshold, "python -m bench.semantic_judge")
     print(text)
     if not args.no_write:
-        update_section(SECTION, text)
+        kit.update_section(SECTION, text)
     return 0 if chosen is not None and math.isclose(chosen, semantic_judge.DEFAULT_THRESHOLD) else 1
 
 

@@ -21,27 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from bench._kit import (
-    ReplayStack,
-    Reply,
-    arguments,
-    ask,
-    fmt_ms,
-    fresh_caches,
-    load_queries,
-    model_line,
-    parse,
-    percentile,
-    publish,
-    rag_serve,
-    replay_arguments,
-    replay_stack,
-    run_dir,
-    run_line,
-    say,
-    table,
-    warm_up,
-)
+from bench import _kit as kit
 
 SECTION = "Stampede"
 
@@ -60,14 +40,14 @@ VARIANTS = {
 }
 
 
-async def run_round(question: str, urls: list[str], n: int, stack: ReplayStack) -> dict[str, Any]:
+async def run_round(question: str, urls: list[str], n: int, stack: kit.ReplayStack) -> dict[str, Any]:
     await stack.provider.reset()
     targets = [i % len(urls) for i in range(n)]
-    replies = await asyncio.gather(*(ask(urls[t], stack.token, {"question": question}) for t in targets))
+    replies = await asyncio.gather(*(kit.ask(urls[t], stack.token, {"question": question}) for t in targets))
     return analyse(replies, targets, await stack.provider.calls())
 
 
-def analyse(replies: Sequence[Reply], targets: list[int], calls: list[dict[str, Any]]) -> dict[str, Any]:
+def analyse(replies: Sequence[kit.Reply], targets: list[int], calls: list[dict[str, Any]]) -> dict[str, Any]:
     leaders = [r for r in replies if r.outcome == "miss"]
     leader = leaders[0] if len(leaders) == 1 else None
     followers = [r for r in replies if r.outcome in ("coalesced", "hit")]
@@ -87,11 +67,11 @@ def analyse(replies: Sequence[Reply], targets: list[int], calls: list[dict[str, 
         "followers": len(followers),
         "leader_ttft": leader_ttft,
         "leader_server_ttft": leader.server_ttft_ms if leader else math.nan,
-        "follower_ttft_p50": percentile(follower_ttft, 50),
-        "follower_ttft_p95": percentile(follower_ttft, 95),
-        "follower_server_ttft_p95": percentile([r.server_ttft_ms for r in followers], 95),
-        "ratio_p50": percentile(follower_ttft, 50) / leader_ttft if leader_ttft else math.nan,
-        "ratio_p95": percentile(follower_ttft, 95) / leader_ttft if leader_ttft else math.nan,
+        "follower_ttft_p50": kit.percentile(follower_ttft, 50),
+        "follower_ttft_p95": kit.percentile(follower_ttft, 95),
+        "follower_server_ttft_p95": kit.percentile([r.server_ttft_ms for r in followers], 95),
+        "ratio_p50": kit.percentile(follower_ttft, 50) / leader_ttft if leader_ttft else math.nan,
+        "ratio_p95": kit.percentile(follower_ttft, 95) / leader_ttft if leader_ttft else math.nan,
     }
 
 
@@ -104,8 +84,8 @@ def report(rounds: list[dict[str, Any]], variants: list[str]) -> str:
             f"{r['variant']} | {r['round']} | **{r['provider_calls']}** | "
             f"{split(r['outcomes'])} / "
             f"{sum(v for k, v in r['outcomes'].items() if k not in ('miss', 'coalesced', 'hit'))} | "
-            f"{split(r['by_server'][0])}; {split(r['by_server'][1])} | {fmt_ms(r['leader_ttft'])} | "
-            f"{fmt_ms(r['follower_ttft_p50'])} / {fmt_ms(r['follower_ttft_p95'])} | "
+            f"{split(r['by_server'][0])}; {split(r['by_server'][1])} | {kit.fmt_ms(r['leader_ttft'])} | "
+            f"{kit.fmt_ms(r['follower_ttft_p50'])} / {kit.fmt_ms(r['follower_ttft_p95'])} | "
             f"{r['ratio_p50']:.2f} / {r['ratio_p95']:.2f} | "
             f"{'yes' if r['identical'] else 'NO'} ({r['distinct_answers']} distinct)"
         )
@@ -124,17 +104,17 @@ def report(rounds: list[dict[str, Any]], variants: list[str]) -> str:
         summary.append(
             f"{v} | {good} / {len(mine)} | {sum(r['provider_calls'] for r in mine)} | {coalesced:.0%} | "
             f"**{med('ratio_p50'):.2f} / {med('ratio_p95'):.2f}** | "
-            f"{fmt_ms(med('leader_server_ttft'))} / {fmt_ms(med('follower_server_ttft_p95'))}"
+            f"{kit.fmt_ms(med('leader_server_ttft'))} / {kit.fmt_ms(med('follower_server_ttft_p95'))}"
         )
     errors = [f"{r['variant']} round {r['round']}: {e}" for r in rounds for e in r["errors"]]
     return "\n\n".join(
         [
-            table(
+            kit.table(
                 "variant | round | provider calls | miss / coalesced / hit / other | per process A; B | "
                 "leader TTFT ms | followers TTFT p50 / p95 ms | ratio p50 / p95 | identical answers",
                 rows,
             ),
-            table(
+            kit.table(
                 "variant | rounds with 1 call, identical, complete | provider calls | followers coalesced | "
                 "follower/leader TTFT p50 / p95 (median) | server TTFT leader / followers p95 ms",
                 summary,
@@ -145,18 +125,18 @@ def report(rounds: list[dict[str, Any]], variants: list[str]) -> str:
 
 
 async def main_async(args: Any) -> None:
-    queries = load_queries()
-    out = run_dir("stampede")
+    queries = kit.load_queries()
+    out = kit.run_dir("stampede")
     variants = [VARIANTS[v] for v in args.variants]
     rounds = []
-    async with replay_stack(args) as stack, contextlib.AsyncExitStack() as servers:
+    async with kit.replay_stack(args) as stack, contextlib.AsyncExitStack() as servers:
         urls: dict[str, list[str]] = {}
         for v in variants:
             redis_url = stack.servers.redis_url(v.redis_db)
-            await fresh_caches(stack.dsn, redis_url)
+            await kit.fresh_caches(stack.dsn, redis_url)
             pair = [
                 await servers.enter_async_context(
-                    rag_serve(
+                    kit.rag_serve(
                         dsn=stack.dsn,
                         redis_url=redis_url,
                         provider_url=stack.provider.base_url,
@@ -168,18 +148,18 @@ async def main_async(args: Any) -> None:
             ]
             urls[v.name] = [p.url for p in pair]
             for url in urls[v.name]:
-                await warm_up(url, stack.token)
+                await kit.warm_up(url, stack.token)
         for i in range(args.rounds):
             question = queries[i % len(queries)].text
             for v in variants:
-                await fresh_caches(stack.dsn, stack.servers.redis_url(v.redis_db))
+                await kit.fresh_caches(stack.dsn, stack.servers.redis_url(v.redis_db))
                 await asyncio.sleep(1)  # let the previous round's sockets and streams settle
-                say(f"== round {i + 1}, {v.name}: {args.requests} × “{question}”")
+                kit.say(f"== round {i + 1}, {v.name}: {args.requests} × “{question}”")
                 result = await run_round(question, urls[v.name], args.requests, stack) | {
                     "variant": v.name,
                     "round": i + 1,
                 }
-                say(
+                kit.say(
                     f"   {result['provider_calls']} provider calls, {result['outcomes']}, identical "
                     f"{result['identical']}"
                 )
@@ -187,23 +167,23 @@ async def main_async(args: Any) -> None:
         documents = stack.documents
     body = "\n\n".join(
         [
-            run_line(args.command),
-            model_line(args, documents) + f" Per round and variant: caches flushed, {args.requests} identical "
+            kit.run_line(args.command),
+            kit.model_line(args, documents) + f" Per round and variant: caches flushed, {args.requests} identical "
             "requests started at once (new connection each) over two `rag-serve` processes. TTFT is measured "
             "by the client; ratio = follower TTFT ÷ leader TTFT.",
             report(rounds, args.variants),
         ]
     )
-    publish(SECTION, body, args, {"rounds": rounds}, out)
+    kit.publish(SECTION, body, args, {"rounds": rounds}, out)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = arguments("stampede", __doc__)
+    parser = kit.arguments("stampede", __doc__)
     parser.add_argument("--requests", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    replay_arguments(parser)
-    args = parse(parser, argv, requests=10, rounds=1, variants=["default"], limit_corpus=200, answer_tokens=20)
+    kit.replay_arguments(parser)
+    args = kit.parse(parser, argv, requests=10, rounds=1, variants=["default"], limit_corpus=200, answer_tokens=20)
     asyncio.run(main_async(args))
 
 

@@ -22,28 +22,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from bench._kit import (
-    Query,
-    ReplayStack,
-    Reply,
-    arguments,
-    ask,
-    fmt_ms,
-    fresh_caches,
-    load_queries,
-    model_line,
-    parse,
-    percentile,
-    publish,
-    rag_serve,
-    replay_arguments,
-    replay_stack,
-    run_dir,
-    run_line,
-    say,
-    table,
-    warm_up,
-)
+from bench import _kit as kit
 
 SECTION = "Cached workload"
 HASH_SECRET = "ragcache-bench-workload-hash-secret"
@@ -72,7 +51,7 @@ class Draw:
     paraphrase: bool
 
 
-def draw_workload(queries: list[Query], n: int, s: float, share: float, seed: int) -> list[Draw]:
+def draw_workload(queries: list[kit.Query], n: int, s: float, share: float, seed: int) -> list[Draw]:
     rng = random.Random(seed)
     ranked = list(queries)
     rng.shuffle(ranked)  # popularity rank; not the file's order
@@ -100,23 +79,23 @@ def opportunities(draws: list[Draw]) -> dict[str, int]:
     return dict(counts)
 
 
-async def run_config(config: Config, draws: list[Draw], stack: ReplayStack, args: Any, out: Any) -> dict[str, Any]:
+async def run_config(config: Config, draws: list[Draw], stack: kit.ReplayStack, args: Any, out: Any) -> dict[str, Any]:
     redis_url = stack.servers.redis_url(config.redis_db)
-    await fresh_caches(stack.dsn, redis_url)
+    await kit.fresh_caches(stack.dsn, redis_url)
     # A known secret, so that the bench can map matched-question hashes back to the queries it sent.
     env = {"RAG_HASH_SECRET": HASH_SECRET, **config.env, **dict(kv.split("=", 1) for kv in args.server_env)}
     log = out / f"rag-serve-{config.name}.log"
-    async with rag_serve(
+    async with kit.rag_serve(
         dsn=stack.dsn, redis_url=redis_url, provider_url=stack.provider.base_url, log=log, env=env
     ) as server:
-        await warm_up(server.url, stack.token)
+        await kit.warm_up(server.url, stack.token)
         await stack.provider.reset()
-        replies: list[Reply | None] = [None] * len(draws)
+        replies: list[kit.Reply | None] = [None] * len(draws)
         cursor = itertools.count()
 
         async def client() -> None:
             while (i := next(cursor)) < len(draws):
-                replies[i] = await ask(server.url, stack.token, {"question": draws[i].text, "cache": config.cache})
+                replies[i] = await kit.ask(server.url, stack.token, {"question": draws[i].text, "cache": config.cache})
 
         started = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(args.concurrency)))
@@ -126,7 +105,7 @@ async def run_config(config: Config, draws: list[Draw], stack: ReplayStack, args
 
 
 def summarize(run: dict[str, Any], draws: list[Draw], hash_to_query: dict[str, str]) -> dict[str, Any]:
-    replies: list[Reply] = run.pop("replies")
+    replies: list[kit.Reply] = run.pop("replies")
     n = len(replies)
     outcomes = Counter(r.outcome for r in replies)
     ok = [r for r in replies if r.ok]
@@ -155,9 +134,9 @@ def summarize(run: dict[str, Any], draws: list[Draw], hash_to_query: dict[str, s
         "error_samples": [r.error for r in replies if not r.ok][:5],
         "outcomes": dict(outcomes),
         **{f"ratio_{k}": outcomes[k] / n for k in ("hit", "semantic_hit", "coalesced")},
-        "ttft_p50": percentile([r.ttft_s * 1000 for r in ok], 50),
-        "ttft_p95": percentile([r.ttft_s * 1000 for r in ok], 95),
-        "server_ttft": {o: percentile([r.server_ttft_ms for r in ok if r.outcome == o], 50) for o in outcomes},
+        "ttft_p50": kit.percentile([r.ttft_s * 1000 for r in ok], 50),
+        "ttft_p95": kit.percentile([r.ttft_s * 1000 for r in ok], 95),
+        "server_ttft": {o: kit.percentile([r.server_ttft_ms for r in ok if r.outcome == o], 50) for o in outcomes},
         "tokens_saved": total("saved", "input_tokens") + total("saved", "output_tokens"),
         "usd_saved": total("saved", "cost_usd", float),
         "usd_spent": total("usage", "cost_usd", float),
@@ -167,7 +146,7 @@ def summarize(run: dict[str, Any], draws: list[Draw], hash_to_query: dict[str, s
     }
 
 
-def pair_analysis(queries: list[Query]) -> dict[str, Any]:
+def pair_analysis(queries: list[kit.Query]) -> dict[str, Any]:
     """The service's semantic policy offline, over every pair of texts (same query and across queries)."""
     from service.embeddings.encoders import LocalEmbedder
     from service.policy.guardrails import normalize_for_key
@@ -200,8 +179,8 @@ def report(summaries: list[dict[str, Any]], pairs: dict[str, Any], draws: list[D
         (
             f"{s['config']} | {s['provider_calls']} / {s['requests']} | {s['ratio_hit']:.1%} | "
             f"{s['ratio_semantic_hit']:.1%} | {s['ratio_coalesced']:.1%} | "
-            f"{fmt_ms(s['ttft_p50'])} / {fmt_ms(s['ttft_p95'])} | "
-            f"{', '.join(f'{o} {fmt_ms(v)}' for o, v in sorted(s['server_ttft'].items()))} | "
+            f"{kit.fmt_ms(s['ttft_p50'])} / {kit.fmt_ms(s['ttft_p95'])} | "
+            f"{', '.join(f'{o} {kit.fmt_ms(v)}' for o, v in sorted(s['server_ttft'].items()))} | "
             f"{s['tokens_saved']:,} | ${s['usd_saved']:.4f} | ${s['usd_spent']:.4f} | "
             f"{s['errors']} {'; '.join(s['error_samples'])}"
         )
@@ -211,7 +190,7 @@ def report(summaries: list[dict[str, Any]], pairs: dict[str, Any], draws: list[D
         f"{len(draws)} requests, {len({d.text for d in draws})} distinct texts: at best "
         f"{opp.get('repeat_text', 0)} repeat "
         f"an earlier text and {opp.get('new_wording', 0)} more are a new wording of an earlier query.",
-        table(
+        kit.table(
             "configuration | provider calls | exact hits | semantic hits | coalesced | client TTFT p50 / "
             "p95 ms | server TTFT p50 by outcome ms | tokens saved | $ saved | $ spent | errors",
             rows,
@@ -237,32 +216,32 @@ def report(summaries: list[dict[str, Any]], pairs: dict[str, Any], draws: list[D
 async def main_async(args: Any) -> None:
     from service.redis.answer_cache import question_hash
 
-    queries = load_queries()
+    queries = kit.load_queries()
     draws = draw_workload(queries, args.requests, args.zipf, args.paraphrase_share, args.seed)
     key = HASH_SECRET.encode()
     hash_to_query = {question_hash(t, key): q.query_id for q in queries for t in (q.text, *q.paraphrases)}
-    out = run_dir("workload")
+    out = kit.run_dir("workload")
     summaries = []
-    async with replay_stack(args) as stack:
+    async with kit.replay_stack(args) as stack:
         for config in [c for c in CONFIGS if c.name in args.configs]:
-            say(f"== {config.name}: {len(draws)} requests")
+            kit.say(f"== {config.name}: {len(draws)} requests")
             summary = summarize(await run_config(config, draws, stack, args, out), draws, hash_to_query)
-            say(f"   {summary['provider_calls']} provider calls, {summary['outcomes']}, {summary['errors']} errors")
+            kit.say(f"   {summary['provider_calls']} provider calls, {summary['outcomes']}, {summary['errors']} errors")
             summaries.append(summary)
         documents = stack.documents
     pairs = pair_analysis(queries)
     setup = (
-        f"{model_line(args, documents)} Zipf s = {args.zipf} over the 50 queries (seed {args.seed}), "
+        f"{kit.model_line(args, documents)} Zipf s = {args.zipf} over the 50 queries (seed {args.seed}), "
         f"{args.paraphrase_share:.0%} paraphrase share, {args.concurrency} concurrent clients; one fresh "
         "`rag-serve` and fresh caches per configuration; TTFT measured by the client."
     )
     env = f" Extra server environment: `{' '.join(args.server_env)}`." if args.server_env else ""
-    body = "\n\n".join([run_line(args.command), setup + env, report(summaries, pairs, draws)])
-    publish(SECTION, body, args, {"draws": [asdict(d) for d in draws], "summaries": summaries, "pairs": pairs}, out)
+    body = "\n\n".join([kit.run_line(args.command), setup + env, report(summaries, pairs, draws)])
+    kit.publish(SECTION, body, args, {"draws": [asdict(d) for d in draws], "summaries": summaries, "pairs": pairs}, out)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = arguments("workload", __doc__)
+    parser = kit.arguments("workload", __doc__)
     parser.add_argument("--requests", type=int, default=600)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--zipf", type=float, default=1.1)
@@ -270,8 +249,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--paraphrase-share", type=float, default=0.5)
     parser.add_argument("--configs", nargs="+", default=[c.name for c in CONFIGS], choices=[c.name for c in CONFIGS])
     parser.add_argument("--server-env", nargs="*", default=[], metavar="KEY=VALUE", help="extra rag-serve environment")
-    replay_arguments(parser)
-    args = parse(parser, argv, requests=24, limit_corpus=200, answer_tokens=20, first_token_delay=0.1)
+    kit.replay_arguments(parser)
+    args = kit.parse(parser, argv, requests=24, limit_corpus=200, answer_tokens=20, first_token_delay=0.1)
     asyncio.run(main_async(args))
 
 

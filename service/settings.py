@@ -78,6 +78,13 @@ class Settings(BaseSettings):
     # How far a filtered vector search (a small collection) may walk the HNSW index before it
     # gives up; pgvector's default. Above the chunk count, a filter never shortens a top-k.
     hnsw_max_scan_tuples: int = Field(default=20_000, alias="RAG_HNSW_MAX_SCAN_TUPLES", ge=1)
+    # dense (default) or hybrid (dense + full-text, fused). No fusion beat dense on both shared sets
+    # (docs/benchmarks.md, measured with `rag-eval`), so hybrid is opt-in; measure it on your data.
+    retrieval_mode: Literal["dense", "hybrid"] = Field(default="dense", alias="RAG_RETRIEVAL_MODE")
+    hybrid_fusion: Literal["convex", "rrf"] = Field(default="convex", alias="RAG_HYBRID_FUSION")
+    # The dense list's share of the fused score (convex) or of the RRF weights; full-text gets the rest.
+    hybrid_dense_weight: float = Field(default=0.7, alias="RAG_HYBRID_DENSE_WEIGHT", ge=0, le=1)
+    fulltext_rank: Literal["ts_rank", "ts_rank_cd"] = Field(default="ts_rank", alias="RAG_FULLTEXT_RANK")
 
     # --- cache ------------------------------------------------------------------
     cache_ttl_s: int = Field(default=7 * 24 * 3600, alias="RAG_CACHE_TTL_S", ge=1)

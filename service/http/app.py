@@ -38,7 +38,7 @@ from service.postgres.corpus import database_url, schema_params
 from service.postgres.db import create_pool, migrate
 from service.postgres.documents import DocumentStore
 from service.postgres.notifications import NotificationRelay
-from service.postgres.retrieval import Retriever
+from service.postgres.retrieval import RetrievalConfig, Retriever
 from service.postgres.semantic_index import SemanticCache
 from service.postgres.watcher import CorpusWatcher
 from service.providers.anthropic import AnthropicProvider
@@ -155,7 +155,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     answers = AnswerService(
         settings=settings,
         embedder=embedder,
-        retriever=Retriever(pool),
+        retriever=Retriever(pool, config=RetrievalConfig.of(settings)),
         cache=cache,
         semantic=SemanticCache(pool, threshold=settings.semantic_cache_threshold, ttl_s=settings.cache_ttl_s)
         if settings.semantic_cache

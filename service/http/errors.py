@@ -96,18 +96,12 @@ def openai_error(status: int, code: str, message: str, param: str | None = None)
     return {"error": {"message": message, "type": openai_error_type(status), "param": param, "code": code}}
 
 
-def _respond(
-    request: Request,
-    status: int,
-    code: str,
-    message: str,
-    headers: dict[str, str] | None = None,
-    param: str | None = None,
-) -> JSONResponse:
-    note(error=code)  # for the access line
+def _respond(request: Request, error: APIError) -> JSONResponse:
+    note(error=error.code)  # for the access line
     if request.url.path.startswith(OPENAI_PREFIX):
-        return JSONResponse(openai_error(status, code, message, param), status_code=status, headers=headers)
-    return error_response(status, code, message, headers)
+        body = openai_error(error.status, error.code, error.message, error.param)
+        return JSONResponse(body, status_code=error.status, headers=error.headers)
+    return error_response(error.status, error.code, error.message, error.headers)
 
 
 # A location's parts are field names, list indexes and union tags (`list[str]`), or a key the
@@ -132,12 +126,11 @@ _HTTP_CODES = {
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return _respond(request, exc.status, exc.code, exc.message, exc.headers, exc.param)
+        return _respond(request, exc)
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        error = api_error(exc)
-        return _respond(request, error.status, error.code, error.message, error.headers)
+        return _respond(request, api_error(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -147,14 +140,15 @@ def install_error_handlers(app: FastAPI) -> None:
         resources = getattr(request.app.state, "resources", None)
         if resources is not None:  # counted like every other rejection (stage "schema")
             await resources.metrics.failed(code="invalid_request", stage="schema")
-        return _respond(request, 422, "invalid_request", "; ".join(problems[:5]), param=fields[0] if fields else None)
+        error = APIError(422, "invalid_request", "; ".join(problems[:5]), param=fields[0] if fields else None)
+        return _respond(request, error)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error: %s", type(exc).__name__)
-        return _respond(request, 500, "internal_error", "an unexpected error occurred; it has been logged")
+        return _respond(request, APIError(500, "internal_error", "an unexpected error occurred; it has been logged"))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, "http_error")
-        return _respond(request, exc.status_code, code, str(exc.detail), dict(exc.headers or {}))
+        return _respond(request, APIError(exc.status_code, code, str(exc.detail), dict(exc.headers or {})))

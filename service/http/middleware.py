@@ -21,8 +21,8 @@ _RECORD_ATTRIBUTES = {*vars(logging.makeLogRecord({})), "message", "asctime"}  #
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
-class RequestID:
-    """Accept a sane X-Request-ID or make one; expose it as `request.state.request_id` and echo it."""
+class _HTTPMiddleware:
+    """Passes anything but HTTP (lifespan, websockets) straight through; `http` handles the rest."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -31,6 +31,16 @@ class RequestID:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        await self.http(scope, receive, send)
+
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raise NotImplementedError
+
+
+class RequestID(_HTTPMiddleware):
+    """Accept a sane X-Request-ID or make one; expose it as `request.state.request_id` and echo it."""
+
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
@@ -45,20 +55,14 @@ class RequestID:
             await self.app(scope, receive, send_with_id)
 
 
-class AccessLog:
+class AccessLog(_HTTPMiddleware):
     """One `service.access` line per request, written when the response has ended (an SSE stream too).
 
     The line carries what `service.observability.logs.note()` collected on the way (cache outcome, route, usage,
     question hash and length, error code) and the caller's key id; never a key, a header or user text.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         status: int | None = None
         finished = False
@@ -103,17 +107,14 @@ class AccessLog:
                 access_log.info("request", extra=fields)
 
 
-class BodySizeLimit:
+class BodySizeLimit(_HTTPMiddleware):
     """413 for bodies over the limit, by Content-Length or by counting a streamed body."""
 
     def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
-        self.app = app
+        super().__init__(app)
         self.max_bytes = max_bytes
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await self._reject(scope, send)

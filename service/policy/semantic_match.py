@@ -42,7 +42,7 @@ How the guard reads a question (`question_analysis.py`; no vocabulary of entitie
 
 The guard is deliberately conservative: paraphrases that use genuinely different words ("how do I
 get a refund" / "how can I get my money back") are lost -- that is the price of precision,
-measured by ``python -m bench.semantic`` (docs/benchmarks.md).  Its blind spots are by design:
+measured by ``python -m bench.semantic_judge`` (docs/benchmarks.md, "today's guard").  Its blind spots are by design:
 modal verbs (can/should/how do I), tense, pronouns, and prepositions other than the direction
 markers are ignored.  Non-English text has no stopwords here, so the guard is stricter there.
 
@@ -61,7 +61,7 @@ from typing import Final
 
 from service.policy.question_analysis import MAX_ORDER_CHECK, SYMMETRIC, Analysis, analyse, canon
 
-# Chosen by `python -m bench.semantic` on bench/semantic_pairs.jsonl: the lowest swept threshold
+# Chosen by the former `bench.semantic` (in git history) on bench/semantic_pairs.jsonl: the lowest swept threshold
 # (0.70..0.99) at which cosine + guard reaches precision >= 0.99 on the dev half of the set.  The
 # target holds at every swept value, so this is the floor of the sweep: precision comes from the
 # guard, and the cosine only has to say "these are about the same thing" (docs/benchmarks.md).

@@ -18,6 +18,14 @@ import asyncpg
 log = logging.getLogger(__name__)
 
 
+async def cancel_and_wait(task: asyncio.Task[None] | None) -> None:
+    """Stop a background loop and wait until it has stopped (no-op for None)."""
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 class NotificationRelay:
     def __init__(self, dsn: str, *, retry_s: float = 5.0) -> None:
         self.dsn = dsn
@@ -35,10 +43,7 @@ class NotificationRelay:
         self._task = asyncio.create_task(self._run(), name="notification-relay")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         if self._connection is not None:
             with contextlib.suppress(Exception):
                 await self._connection.close()

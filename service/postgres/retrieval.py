@@ -1,6 +1,7 @@
-"""Hybrid retrieval: pgvector HNSW (cosine) and Postgres full-text, fused with RRF.
+"""Retrieval: pgvector HNSW (cosine), Postgres full-text, or both fused (service/policy/fusion.py).
 
-Both candidate lists come back in one round trip; fusion is pure Python (`rrf`).
+The default is dense: on the shared sets no fusion beat it on both (docs/benchmarks.md); hybrid is
+opt-in. Both candidate lists come back in one round trip; fusion is pure Python.
 `hnsw.ef_search`, iterative scans and `hnsw.max_scan_tuples` are set per connection (see
 `db.create_pool`), so a search filtered to a small collection or source still returns a full
 top-k instead of the few rows that survive a post-filter (pgvector issue #259).
@@ -8,27 +9,30 @@ top-k instead of the few rows that survive a post-filter (pgvector issue #259).
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import Literal
 
 import asyncpg
 import numpy as np
 import numpy.typing as npt
 
 from service.policy.collections import valid_name
+from service.policy.fusion import Fusion, fuse
+from service.settings import Settings
 
 SNIPPET_CHARS = 240
-RRF_K = 60  # the constant from Cormack et al. (2009); damps the weight of top ranks
 
-K = TypeVar("K", bound=Hashable)
 Mode = Literal["hybrid", "dense", "sparse"]
+FullTextRank = Literal["ts_rank", "ts_rank_cd"]
 
 
 @dataclass(frozen=True)
 class Source:
-    """A retrieved chunk as the prompt and the client see it; `n` is its citation number."""
+    """A retrieved chunk as the prompt and the client see it; `n` is its citation number.
+
+    `score`: cosine similarity in dense mode, the ts_rank in sparse mode, the fused score in hybrid.
+    """
 
     n: int
     chunk_id: int
@@ -45,18 +49,20 @@ class Source:
         return text if len(text) <= SNIPPET_CHARS else text[: SNIPPET_CHARS - 1].rsplit(" ", 1)[0] + "…"
 
 
-def rrf(rankings: Sequence[Sequence[K]], *, k: int = RRF_K) -> list[tuple[K, float]]:
-    """Reciprocal rank fusion: sum of 1/(k + rank) over the lists an item appears in.
+@dataclass(frozen=True)
+class RetrievalConfig:
+    """RAG_RETRIEVAL_MODE, RAG_HYBRID_FUSION, RAG_HYBRID_DENSE_WEIGHT, RAG_FULLTEXT_RANK."""
 
-    Ties break by first appearance across the lists, so the result is deterministic.
-    """
-    scores: dict[K, float] = defaultdict(float)
-    first_seen: dict[K, tuple[int, int]] = {}
-    for list_index, ranking in enumerate(rankings):
-        for rank, item in enumerate(ranking, start=1):
-            scores[item] += 1.0 / (k + rank)
-            first_seen.setdefault(item, (rank, list_index))
-    return sorted(scores.items(), key=lambda kv: (-kv[1], first_seen[kv[0]]))
+    mode: Mode = "dense"
+    fusion: Fusion = "convex"
+    dense_weight: float = 0.7
+    rank: FullTextRank = "ts_rank"
+
+    @classmethod
+    def of(cls, settings: Settings) -> RetrievalConfig:
+        return cls(
+            settings.retrieval_mode, settings.hybrid_fusion, settings.hybrid_dense_weight, settings.fulltext_rank
+        )
 
 
 def _storable(text: str) -> bool:
@@ -99,43 +105,54 @@ def _values(raw: Mapping[str, object], name: str) -> tuple[str, ...]:
     return tuple(sorted(set(values)))
 
 
-_SEARCH_SQL = """
-WITH q AS (
-    -- Questions are prose: any term may match (OR), ranked by how many do. A query with a
-    -- negation ("-word") keeps websearch's AND, or the negation would match almost everything.
-    SELECT CASE WHEN position('!' IN t) > 0 THEN t ELSE replace(t, ' & ', ' | ') END AS text
-    FROM (SELECT websearch_to_tsquery('english', $2)::text AS t) AS w
-), dense AS (
+_DENSE = """
     -- With a filter, pgvector's iterative scan (hnsw.iterative_scan = relaxed_order, set per
     -- connection in db.create_pool) keeps walking the index until $4 rows pass it, up to
     -- hnsw.max_scan_tuples; relaxed order means the rows are re-sorted by distance here.
-    SELECT c.id, row_number() OVER (ORDER BY c.distance, c.id) AS rank
+    SELECT c.id, row_number() OVER (ORDER BY c.distance, c.id) AS rank, 1 - c.distance AS score
     FROM (SELECT id, embedding <=> $1 AS distance FROM chunks
           WHERE (cardinality($3::text[]) = 0 OR source = ANY($3::text[]))
             AND ($5::text[] IS NULL OR collection = ANY($5::text[]))
           ORDER BY embedding <=> $1 LIMIT $4) AS c
-), sparse AS (
-    SELECT c.id, row_number() OVER (ORDER BY ts_rank_cd(c.tsv, q.text::tsquery) DESC, c.id) AS rank
-    FROM chunks c, q
+"""
+_SPARSE = """
+    -- Questions are prose: any term may match (OR), ranked by how many do. A query with a
+    -- negation ("-word") keeps websearch's AND, or the negation would match almost everything.
+    SELECT c.id, row_number() OVER (ORDER BY {rank}(c.tsv, q.text::tsquery) DESC, c.id) AS rank,
+           {rank}(c.tsv, q.text::tsquery) AS score
+    FROM chunks c, (
+        SELECT CASE WHEN position('!' IN t) > 0 THEN t ELSE replace(t, ' & ', ' | ') END AS text
+        FROM (SELECT websearch_to_tsquery('english', $2)::text AS t) AS w
+    ) AS q
     WHERE q.text <> '' AND c.tsv @@ q.text::tsquery
       AND (cardinality($3::text[]) = 0 OR c.source = ANY($3::text[]))
       AND ($5::text[] IS NULL OR c.collection = ANY($5::text[]))
     ORDER BY rank LIMIT $4
-), hits AS (
-    SELECT id, rank, 'dense' AS kind FROM dense
-    UNION ALL
-    SELECT id, rank, 'sparse' AS kind FROM sparse
-)
-SELECT h.kind, h.rank, c.id AS chunk_id, c.document_id, c.text, c.source, c.collection,
+"""
+_SELECT = """
+SELECT h.kind, h.rank, h.score::float8 AS score, c.id AS chunk_id, c.document_id, c.text, c.source, c.collection,
        coalesce(nullif(d.title, ''), d.external_id) AS document, d.uri
 FROM hits h JOIN chunks c ON c.id = h.id JOIN documents d ON d.id = c.document_id
 """
 
 
+def search_sql(mode: Mode, rank: FullTextRank) -> str:
+    """One round trip for the rankings `mode` needs: $1 vector, $2 question, $3 sources, $4 limit, $5 collections."""
+    parts = {"dense": _DENSE, "sparse": _SPARSE.format(rank=rank)}
+    kinds = ("dense", "sparse") if mode == "hybrid" else (mode,)
+    parts["typed"] = "SELECT $1::vector, $2::text"  # never read: gives the unused parameter a type
+    ctes = ", ".join(f"{kind} AS ({parts[kind]})" for kind in (*kinds, "typed"))
+    hits = " UNION ALL ".join(f"SELECT id, rank, score, '{kind}' AS kind FROM {kind}" for kind in kinds)  # noqa: S608 (literal kinds)
+    return f"WITH {ctes}, hits AS ({hits}){_SELECT}"
+
+
 class Retriever:
-    def __init__(self, pool: asyncpg.Pool, *, candidates: int = 40) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, *, candidates: int = 40, config: RetrievalConfig = RetrievalConfig()
+    ) -> None:
         self.pool = pool
         self.candidates = candidates
+        self.config = config
 
     async def search(
         self,
@@ -145,24 +162,28 @@ class Retriever:
         top_k: int,
         filters: Filters = Filters(),
         collections: Sequence[str] | None = None,
-        mode: Mode = "hybrid",
+        mode: Mode | None = None,
     ) -> list[Source]:
-        """Top-k fused chunks from `collections` (None: all); `mode` isolates one ranking (bench/retrieval.py).
+        """Top-k chunks from `collections` (None: all) in the configured mode, or `mode` (rag-eval measures each one).
 
         `collections` is the request's permission set (service/policy/collections.py), already
         narrowed by `filters.collections`.
         """
+        mode = mode or self.config.mode
         limit = max(self.candidates, top_k * 4)
         names = None if collections is None else list(collections)
-        rows = await self.pool.fetch(_SEARCH_SQL, query_vector, question, list(filters.sources), limit, names)
-        by_kind: dict[str, list[tuple[int, int]]] = {"dense": [], "sparse": []}
+        sql = search_sql(mode, self.config.rank)
+        rows = await self.pool.fetch(sql, query_vector, question, list(filters.sources), limit, names)
+        by_kind: dict[str, list[tuple[int, int, float]]] = {"dense": [], "sparse": []}
         details: dict[int, asyncpg.Record] = {}
         for row in rows:
-            by_kind[row["kind"]].append((row["rank"], row["chunk_id"]))
+            by_kind[row["kind"]].append((row["rank"], row["chunk_id"], row["score"]))
             details[row["chunk_id"]] = row
-        kinds = ("dense", "sparse") if mode == "hybrid" else (mode,)
-        rankings = [[chunk for _, chunk in sorted(by_kind[kind])] for kind in kinds]
-        fused = rrf(rankings)[:top_k]
+        dense, sparse = ([(chunk, score) for _, chunk, score in sorted(by_kind[kind])] for kind in ("dense", "sparse"))
+        if mode == "hybrid":
+            ranked = fuse(dense, sparse, fusion=self.config.fusion, dense_weight=self.config.dense_weight)
+        else:
+            ranked = dense if mode == "dense" else sparse
         return [
             Source(
                 n=n,
@@ -175,5 +196,5 @@ class Retriever:
                 text=details[chunk_id]["text"],
                 score=round(score, 6),
             )
-            for n, (chunk_id, score) in enumerate(fused, start=1)
+            for n, (chunk_id, score) in enumerate(ranked[:top_k], start=1)
         ]

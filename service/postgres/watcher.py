@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 from service.errors import PoolExhausted
 from service.postgres.db import NOTIFY_CHANNEL
 from service.postgres.documents import changes_since
-from service.postgres.notifications import NotificationRelay
+from service.postgres.notifications import NotificationRelay, cancel_and_wait
 from service.redis.answer_cache import AnswerCache
 
 log = logging.getLogger(__name__)
@@ -50,10 +50,7 @@ class CorpusWatcher:
         self._task = asyncio.create_task(self._run(), name="corpus-watcher")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
 
     async def reconcile(self) -> int:
         """Apply corpus changes the cache has not seen; returns the number of answers dropped."""

@@ -37,10 +37,16 @@ async def _left(url: str) -> tuple[bool, bytes | str | None, bytes | str | None]
         await client.aclose()
 
 
-def test_cache_stats_and_flush(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def admin_env(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """rag-admin reads its settings from the environment: point it at the test servers."""
     for key, value in cli_env(settings).items():
         monkeypatch.setenv(key, value)
-    asyncio.run(_fill(str(settings.redis_url)))
+    return settings
+
+
+def test_cache_stats_and_flush(admin_env: Settings) -> None:
+    asyncio.run(_fill(str(admin_env.redis_url)))
     runner = CliRunner()
 
     stats = runner.invoke(admin_app, ["cache", "stats", "--json"])
@@ -51,7 +57,7 @@ def test_cache_stats_and_flush(settings: Settings, monkeypatch: pytest.MonkeyPat
 
     flushed = runner.invoke(admin_app, ["cache", "flush"])
     assert flushed.exit_code == 0 and flushed.stdout.startswith("3 keys deleted")  # 2 answers + 1 deps set
-    assert asyncio.run(_left(str(settings.redis_url))) == (True, b"keep me", b"123")
+    assert asyncio.run(_left(str(admin_env.redis_url))) == (True, b"keep me", b"123")
 
 
 def test_unreachable_redis_is_one_line_and_exit_2(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -93,10 +99,8 @@ async def _traffic(url: str) -> None:
     await client.aclose()
 
 
-def test_cache_stats_shows_the_metrics(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
-    for key, value in cli_env(settings).items():
-        monkeypatch.setenv(key, value)
-    asyncio.run(_traffic(str(settings.redis_url)))
+def test_cache_stats_shows_the_metrics(admin_env: Settings) -> None:
+    asyncio.run(_traffic(str(admin_env.redis_url)))
     runner = CliRunner()
 
     as_json = runner.invoke(admin_app, ["cache", "stats", "--json", "--range", "1h"])

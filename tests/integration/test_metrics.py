@@ -85,64 +85,21 @@ async def answer(metrics: Metrics, outcome: str, **overrides: Any) -> None:
 
 async def traffic(m: Metrics) -> None:
     """A known mix: 3 hits, 1 semantic hit, 1 coalesced, 2 misses, 1 bypass, 3 failures, 7 provider calls."""
+    saved = {"saved_input_tokens": 100, "saved_output_tokens": 20, "saved_cost_usd": 0.0005}
     for _ in range(3):
-        await answer(
-            m,
-            "hit",
-            ttft_ms=1.0,
-            latency_ms=1.2,
-            saved_input_tokens=100,
-            saved_output_tokens=20,
-            saved_cost_usd=0.0005,
-            question_hash="aaaa",
-        )
-    await answer(
-        m,
-        "semantic_hit",
-        ttft_ms=3.0,
-        latency_ms=3.5,
-        saved_input_tokens=50,
-        saved_output_tokens=10,
-        saved_cost_usd=0.0002,
-        question_hash="bbbb",
-        tier="small",  # a hit's stored route is not a routing decision: not in the route mix
-    )
-    await answer(
-        m,
-        "coalesced",
-        ttft_ms=200.0,
-        latency_ms=900.0,
-        saved_input_tokens=100,
-        saved_output_tokens=20,
-        saved_cost_usd=0.0005,
-        question_hash="cccc",
-    )
+        await answer(m, "hit", ttft_ms=1.0, latency_ms=1.2, question_hash="aaaa", **saved)
+    semantic = {"saved_input_tokens": 50, "saved_output_tokens": 10, "saved_cost_usd": 0.0002, "question_hash": "bbbb"}
+    # A hit's stored route (tier) is not a routing decision: not in the route mix.
+    await answer(m, "semantic_hit", ttft_ms=3.0, latency_ms=3.5, tier="small", **semantic)
+    await answer(m, "coalesced", ttft_ms=200.0, latency_ms=900.0, question_hash="cccc", **saved)
+    haiku = {"tier": "small", "provider": "anthropic", "model": "claude-haiku-4-5", "question_hash": "dddd"}
+    spent = {"input_tokens": 1000, "output_tokens": 200, "cost_usd": 0.002}
     for ttft in (800.0, 1200.0):
-        await answer(
-            m,
-            "miss",
-            tier="small",
-            provider="anthropic",
-            model="claude-haiku-4-5",
-            ttft_ms=ttft,
-            latency_ms=ttft + 500,
-            input_tokens=1000,
-            output_tokens=200,
-            cost_usd=0.002,
-            question_hash="dddd",
-        )
+        await answer(m, "miss", ttft_ms=ttft, latency_ms=ttft + 500, **spent, **haiku)
+    # '/' and ':' in a model name survive the field encoding
+    llama = {"tier": "large", "provider": "openai", "model": "meta-llama/Llama-3.1-8B:q4", "question_hash": "eeee"}
     await answer(
-        m,
-        "bypass",
-        tier="large",
-        provider="openai",
-        model="meta-llama/Llama-3.1-8B:q4",  # '/' and ':' in a model name survive the field encoding
-        ttft_ms=900.0,
-        latency_ms=1500.0,
-        input_tokens=500,
-        output_tokens=100,
-        cost_usd=0.001,
-        question_hash="eeee",
+        m, "bypass", ttft_ms=900.0, latency_ms=1500.0, input_tokens=500, output_tokens=100, cost_usd=0.001, **llama
     )
     await m.failed(code="prompt_injection", stage="guardrail")
     await m.failed(code="prompt_injection", stage="guardrail")

@@ -325,14 +325,20 @@ async def test_models_lists_auto_tiers_and_configured_models(
         assert missing.value.code == "model_not_found"
 
 
+async def seeded(settings: Settings, embedder: LocalEmbedder, provider: ProviderServer) -> Settings:
+    """Settings that route to the loopback provider, with the demo documents ingested."""
+    settings = with_providers(settings, provider)
+    await seed(settings, embedder)
+    return settings
+
+
 # --- a real model route -------------------------------------------------------------------------
 
 
 async def test_provider_backed_answers_stream_and_non_stream(
     settings: Settings, local_embedder: LocalEmbedder, provider: ProviderServer
 ) -> None:
-    settings = with_providers(settings, provider)
-    await seed(settings, local_embedder)
+    settings = await seeded(settings, local_embedder, provider)
     provider.default = Behavior(text="Run rag-admin cache flush [1].", input_tokens=1000, output_tokens=200)
     async with serving(settings, local_embedder) as served:
         chat = served.client().chat.completions
@@ -374,8 +380,7 @@ async def test_provider_backed_answers_stream_and_non_stream(
 async def test_client_hanging_up_mid_stream_closes_the_upstream(
     settings: Settings, local_embedder: LocalEmbedder, provider: ProviderServer
 ) -> None:
-    settings = with_providers(settings, provider)
-    await seed(settings, local_embedder)
+    settings = await seeded(settings, local_embedder, provider)
     provider.enqueue(Behavior(text=" ".join(["word"] * 50), token_interval=0.2))
     async with serving(settings, local_embedder) as served:
         stream = await served.client().chat.completions.create(model="small", messages=USER, stream=True)

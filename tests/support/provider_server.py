@@ -37,7 +37,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from types import TracebackType
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 __all__ = [
     "Behavior",
@@ -525,6 +525,31 @@ class _Exchange:
         await self.send_json(status, payload, extra)
 
 
+class _Reply(NamedTuple):
+    """A streamed generation: its id, the model it names, the text pieces, the stop reason."""
+
+    ident: str
+    model: str
+    pieces: Sequence[str]
+    stop: str
+
+
+class _Locked:
+    """A Behavior attribute of ProviderServer read and written under its lock (kept in `_<name>`)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.attribute = f"_{name}"
+
+    def __get__(self, server: ProviderServer, owner: type | None = None) -> Behavior:
+        with server._cond:
+            behavior: Behavior = getattr(server, self.attribute)
+            return behavior
+
+    def __set__(self, server: ProviderServer, behavior: Behavior) -> None:
+        with server._cond:
+            setattr(server, self.attribute, behavior)
+
+
 class ProviderServer:
     """Fake Anthropic + OpenAI endpoint on 127.0.0.1, served from a background thread.
 
@@ -640,27 +665,8 @@ class ProviderServer:
         return self.base_url + "/v1"
 
     # ------------------------------------------------------------------ scripting
-    @property
-    def default(self) -> Behavior:
-        """Behaviour for generation requests when no queued entry matches."""
-        with self._cond:
-            return self._default
-
-    @default.setter
-    def default(self, behavior: Behavior) -> None:
-        with self._cond:
-            self._default = behavior
-
-    @property
-    def service_default(self) -> Behavior:
-        """Behaviour for embeddings/models requests when no queued entry matches."""
-        with self._cond:
-            return self._service_default
-
-    @service_default.setter
-    def service_default(self, behavior: Behavior) -> None:
-        with self._cond:
-            self._service_default = behavior
+    default = _Locked()  # for generation requests when no queued entry matches
+    service_default = _Locked()  # for embeddings/models requests when no queued entry matches
 
     def enqueue(self, *behaviors: Behavior, route: Route | None = None) -> None:
         """Queue behaviours for upcoming requests, consumed in order (see class doc)."""
@@ -967,10 +973,10 @@ class ProviderServer:
 
         await ex.start_stream()
         if anthropic:
-            await self._stream_anthropic(ex, ident, model, pieces, stop, input_tokens, output_tokens)
+            await self._stream_anthropic(ex, _Reply(ident, model, pieces, stop), input_tokens, output_tokens)
         else:
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            await self._stream_openai(ex, ident, model, pieces, stop, usage if include_usage else None)
+            await self._stream_openai(ex, _Reply(ident, model, pieces, stop), usage if include_usage else None)
         await ex.end_stream()
 
     async def _run_tokens(
@@ -996,16 +1002,9 @@ class ProviderServer:
             raise _Dropped  # all text sent, but the stream never finishes
         return True
 
-    async def _stream_anthropic(
-        self,
-        ex: _Exchange,
-        ident: str,
-        model: str,
-        pieces: Sequence[str],
-        stop: str,
-        input_tokens: int,
-        output_tokens: int,
-    ) -> None:
+    async def _stream_anthropic(self, ex: _Exchange, reply: _Reply, input_tokens: int, output_tokens: int) -> None:
+        ident, model, pieces, stop = reply
+
         async def event(name: str, data: Mapping[str, Any]) -> None:
             await ex.send_chunk(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode())
 
@@ -1051,15 +1050,8 @@ class ProviderServer:
         )
         await event("message_stop", {"type": "message_stop"})
 
-    async def _stream_openai(
-        self,
-        ex: _Exchange,
-        ident: str,
-        model: str,
-        pieces: Sequence[str],
-        stop: str,
-        usage: Mapping[str, Any] | None,
-    ) -> None:
+    async def _stream_openai(self, ex: _Exchange, reply: _Reply, usage: Mapping[str, Any] | None) -> None:
+        ident, model, pieces, stop = reply
         created = int(time.time())
 
         async def chunk(choices: list[dict[str, Any]], chunk_usage: Mapping[str, Any] | None = None) -> None:

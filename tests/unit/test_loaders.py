@@ -45,6 +45,13 @@ def only_failure(results: list[SourceDocument | LoadFailure]) -> LoadFailure:
     return results[0]
 
 
+def file_failure(path: Path) -> LoadFailure:
+    """The one failure loading `path` gives, which names that file."""
+    failure = only_failure(load_all(entry(path)))
+    assert failure.path == str(path)
+    return failure
+
+
 def make_pdf(text: str = "Hello ragcache PDF", *, title: str | None = None, extra_trailer: str = "") -> bytes:
     """A minimal valid one-page PDF (Helvetica, one text line) with a correct xref table."""
     content = f"BT /F1 12 Tf 72 712 Td ({text}) Tj ET".encode()
@@ -402,24 +409,21 @@ def test_jsonl_format_forced_on_other_suffix(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", ["bin.txt", "bin.md", "bin.html", "bin.jsonl"])
 def test_binary_file(tmp_path: Path, name: str) -> None:
     path = write(tmp_path / name, b"GIF89a\x00\x01\x02\x03 some bytes \x00\x00\xff")
-    failure = only_failure(load_all(entry(path)))
-    assert failure.path == str(path)
+    failure = file_failure(path)
     assert "binary" in failure.reason
 
 
 @pytest.mark.parametrize("name", ["latin1.txt", "latin1.html"])
 def test_invalid_utf8(tmp_path: Path, name: str) -> None:
     path = write(tmp_path / name, "Caf\u00e9 cr\u00e8me".encode("latin-1"))
-    failure = only_failure(load_all(entry(path)))
-    assert failure.path == str(path)
+    failure = file_failure(path)
     assert "UTF-8" in failure.reason
 
 
 @pytest.mark.parametrize("name", ["empty.txt", "empty.md", "empty.html", "empty.jsonl", "empty.pdf"])
 def test_empty_file(tmp_path: Path, name: str) -> None:
     path = write(tmp_path / name, b"")
-    failure = only_failure(load_all(entry(path)))
-    assert failure.path == str(path)
+    failure = file_failure(path)
     assert "empty" in failure.reason.lower()
 
 
@@ -434,8 +438,7 @@ def test_empty_file(tmp_path: Path, name: str) -> None:
 )
 def test_whitespace_only_file(tmp_path: Path, name: str, content: str) -> None:
     path = write(tmp_path / name, content)
-    failure = only_failure(load_all(entry(path)))
-    assert failure.path == str(path)
+    failure = file_failure(path)
     assert failure.reason in ("no text in file", "empty file")
 
 
@@ -524,23 +527,20 @@ def test_same_id_in_two_files_is_not_a_duplicate(tmp_path: Path) -> None:
 )
 def test_broken_pdf(tmp_path: Path, content: bytes) -> None:
     path = write(tmp_path / "broken.pdf", content)
-    failure = only_failure(load_all(entry(path)))
-    assert failure.path == str(path)
+    failure = file_failure(path)
     assert "PDF" in failure.reason
 
 
 def test_pdf_without_text(tmp_path: Path) -> None:
     path = write(tmp_path / "blank.pdf", make_pdf().replace(b"/Contents 5 0 R", b""))
-    failure = only_failure(load_all(entry(path)))
-    assert failure.path == str(path)
+    failure = file_failure(path)
     assert "no extractable text" in failure.reason
 
 
 def test_encrypted_pdf_with_standard_handler(tmp_path: Path) -> None:
     encrypt = " /Encrypt << /Filter /Standard /V 1 /R 2 /O <00> /U <00> /P -1 >>"
     path = write(tmp_path / "locked.pdf", make_pdf(extra_trailer=encrypt))
-    failure = only_failure(load_all(entry(path)))
-    assert failure.path == str(path)
+    failure = file_failure(path)
     assert "encrypted" in failure.reason
 
 
@@ -548,8 +548,7 @@ def test_encrypted_pdf_with_public_key_handler_is_reported_not_raised(tmp_path: 
     # certificate-encrypted PDFs (Adobe.PubSec) exist in the wild; pypdf cannot open them
     encrypt = " /Encrypt << /Filter /Adobe.PubSec /SubFilter /adbe.pkcs7.s5 /V 4 /R 4 >>"
     path = write(tmp_path / "pubsec.pdf", make_pdf(extra_trailer=encrypt))
-    failure = only_failure(load_all(entry(path)))
-    assert failure.path == str(path)
+    failure = file_failure(path)
     assert "encrypt" in failure.reason.lower()
 
 

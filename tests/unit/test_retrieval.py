@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from service.postgres.retrieval import RRF_K, Filters, Source, rrf
+from service.policy.fusion import RRF_K, rrf
+from service.postgres.retrieval import Filters, Source
 from service.redis.answer_cache import KeyParts, cache_key, question_hash, scope_key
 
 
