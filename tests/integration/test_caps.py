@@ -24,11 +24,21 @@ from service.postgres.corpus import open_corpus
 from service.redis.keyspace import KEYS
 from service.redis.limits import utc_day
 from service.settings import Settings
-from tests.support.answers import FLUSH, Reply, ask, followers_joined, running, seed, with_providers
+from tests.support.answers import (
+    FLUSH,
+    SLOW_ANSWER,
+    Reply,
+    ask,
+    followers_joined,
+    hang_up_after_first_token,
+    running,
+    seed,
+    seeded_slow,
+    with_providers,
+)
 from tests.support.log_capture import capturing
 from tests.support.provider_server import Behavior, CallRecord, ProviderServer
 from tests.support.servers import bearer, cli_env, make_key, serve_app, wait_until
-from tests.support.sse import aiter_sse
 
 PDF = "Which library parses PDF files?"
 FAIL_OPEN = "fail open"
@@ -56,14 +66,6 @@ def logs() -> Iterator[list[str]]:
     with capturing() as stream:
         yield lines
     lines.extend(stream.getvalue().splitlines())
-
-
-async def hang_up_after_first_token(http: httpx.AsyncClient, question: str) -> None:
-    async with http.stream("POST", "/rag/stream", json={"question": question}) as response:
-        assert response.status_code == 200
-        async for name, _ in aiter_sse(response.aiter_lines()):
-            if name == "token":
-                return
 
 
 # -- (1) pool pressure -------------------------------------------------------------------------
@@ -155,10 +157,7 @@ async def test_a_client_that_leaves_after_the_first_token_is_charged(
 async def test_a_leader_that_leaves_with_a_follower_attached_is_still_charged(
     settings: Settings, local_embedder: LocalEmbedder, provider: ProviderServer
 ) -> None:
-    settings = with_providers(settings, provider)
-    await seed(settings, local_embedder)
-    answer = " ".join(f"t{i}" for i in range(30)) + " [1]"
-    provider.default = Behavior(text=answer, first_token_delay=0.5, token_interval=0.05)
+    settings = await seeded_slow(settings, local_embedder, provider)
     leader_key = await make_key(settings, "query", tokens_per_day=100_000)
     follower_key = await make_key(settings, "query")
     async with running(settings, local_embedder, key=leader_key) as http:
@@ -170,7 +169,7 @@ async def test_a_leader_that_leaves_with_a_follower_attached_is_still_charged(
         await leader
         reply: Reply = await follower
         await client.aclose()
-        assert reply.meta["cache"] == "coalesced" and reply.text == answer
+        assert reply.meta["cache"] == "coalesced" and reply.text == SLOW_ANSWER
         saved = reply.of("done")[0]["saved"]  # what the leader's generation cost
         full = int(saved["input_tokens"]) + int(saved["output_tokens"])
 

@@ -17,9 +17,9 @@ from service.embeddings.encoders import LocalEmbedder
 from service.http.app import create_app
 from service.postgres.corpus import open_corpus
 from service.settings import Settings
-from tests.support.provider_server import ProviderServer
+from tests.support.provider_server import Behavior, ProviderServer
 from tests.support.servers import bearer, make_key, serve_app
-from tests.support.sse import parse_sse
+from tests.support.sse import aiter_sse, parse_sse
 
 DOCS = [
     SourceDocument(
@@ -47,6 +47,7 @@ DOCS = [
 ]
 OPTIONS = IngestOptions(chunk_tokens=200, chunk_overlap=20, window=16)
 FLUSH = "How do I flush the cache?"
+SLOW_ANSWER = " ".join(f"t{i}" for i in range(30)) + " [1]"
 
 
 @dataclass
@@ -115,3 +116,20 @@ async def followers_joined(client: aioredis.Redis, n: int) -> bool:
     """True once `n` followers wait on the one in-flight answer (the coalescer counts them in Redis)."""
     keys = [k async for k in client.scan_iter(match="ragcache:followers:*")]
     return bool(keys) and int(await client.get(keys[0]) or 0) >= n
+
+
+async def seeded_slow(settings: Settings, embedder: LocalEmbedder, provider: ProviderServer) -> Settings:
+    """`settings` through `provider`, DOCS seeded, and SLOW_ANSWER streamed over ~2 s: time for followers to join."""
+    settings = with_providers(settings, provider)
+    await seed(settings, embedder)
+    provider.default = Behavior(text=SLOW_ANSWER, first_token_delay=0.5, token_interval=0.05)
+    return settings
+
+
+async def hang_up_after_first_token(http: httpx.AsyncClient, question: str = FLUSH) -> None:
+    """Ask `question` and close the connection as soon as the first token arrives."""
+    async with http.stream("POST", "/rag/stream", json={"question": question}) as response:
+        assert response.status_code == 200
+        async for name, _ in aiter_sse(response.aiter_lines()):
+            if name == "token":
+                return

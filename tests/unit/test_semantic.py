@@ -19,6 +19,7 @@ from service.policy.semantic_match import (
     incompatibility,
     judge_match,
 )
+from tests.support.near_misses import GUARD_VETOES
 from tests.support.servers import ROOT
 
 PAIRS_PATH = ROOT / "bench" / "semantic_pairs.jsonl"
@@ -212,15 +213,7 @@ def test_below_threshold_wins_over_the_guard() -> None:
     assert decision.reason == "below_threshold"
 
 
-@pytest.mark.parametrize(
-    ("a", "b", "reason"),
-    [
-        ("why is the api on port 8000", "why is the api on port 8080", "guard:number"),
-        ("can i use ragcache with docker", "can i use ragcache without docker", "guard:negation"),
-        ("how do i connect ragcache to postgres", "how do i connect ragcache to mysql", "guard:content"),
-        ("convert celsius to fahrenheit", "convert fahrenheit to celsius", "guard:direction"),
-    ],
-)
+@pytest.mark.parametrize(("a", "b", "reason"), GUARD_VETOES)
 def test_guard_vetoes_high_similarity(a: str, b: str, reason: str) -> None:
     decision = judge_match(0.99, a, b, threshold=DEFAULT_THRESHOLD)
     assert decision == MatchJudgement(hit=False, similarity=0.99, reason=reason)
