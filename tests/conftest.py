@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 from service.embedded import start_postgres, start_valkey
 from service.embeddings.encoders import LocalEmbedder, OnnxEmbedder
@@ -27,7 +28,14 @@ from service.embeddings.model_cache import ensure_exported
 from service.postgres.corpus import Corpus, open_corpus
 from service.settings import LOCAL_EMBEDDING_MODEL, Settings
 from tests.support.provider_server import ProviderServer
-from tests.support.servers import TEST_MODEL_DIR, Servers, empty_redis_database, fresh_database, make_settings
+from tests.support.servers import (
+    TEST_MODEL_DIR,
+    Servers,
+    cli_env,
+    empty_redis_database,
+    fresh_database,
+    make_settings,
+)
 
 
 @pytest.fixture(scope="session")
@@ -71,6 +79,14 @@ def settings(database_url: str, redis_url: str, tmp_path: Path) -> Settings:
     # A data directory of its own: rag-ingest never reads anything under it, and the tests'
     # documents live elsewhere in tmp_path.
     return make_settings(database_url, redis_url, tmp_path / "data")
+
+
+@pytest.fixture
+def cli(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> CliRunner:
+    """A runner for the console scripts, whose settings (read from the environment) point at the test servers."""
+    for key, value in cli_env(settings).items():
+        monkeypatch.setenv(key, value)
+    return CliRunner()
 
 
 @pytest.fixture(scope="session")

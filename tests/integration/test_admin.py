@@ -38,10 +38,8 @@ async def _left(url: str) -> tuple[bool, bytes | str | None, bytes | str | None]
 
 
 @pytest.fixture
-def admin_env(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Settings:
-    """rag-admin reads its settings from the environment: point it at the test servers."""
-    for key, value in cli_env(settings).items():
-        monkeypatch.setenv(key, value)
+def admin_env(settings: Settings, cli: CliRunner) -> Settings:
+    """rag-admin reads its settings from the environment: `cli` points it at the test servers."""
     return settings
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 
 import asyncpg
 import httpx
@@ -19,7 +18,7 @@ from service.http.auth import ApiKey, Authenticator, KeyStore, parse_key
 from service.postgres.corpus import open_corpus
 from service.settings import Settings
 from tests.support.answers import ask, running, seed
-from tests.support.servers import bearer, cli_env, make_key, serve_app, wait_until
+from tests.support.servers import bearer, make_key, serve_app, wait_until
 
 # --- the look-up cache, on the real key table -------------------------------------------------------
 
@@ -120,10 +119,8 @@ async def test_revocation_reaches_a_running_server_at_once(settings: Settings, l
 
 
 @pytest.fixture
-def admin_env(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[CliRunner]:
-    for key, value in cli_env(settings).items():
-        monkeypatch.setenv(key, value)
-    yield CliRunner()
+def admin_env(cli: CliRunner) -> CliRunner:
+    return cli
 
 
 def test_rag_admin_keys_create_list_revoke(admin_env: CliRunner, settings: Settings) -> None:

@@ -19,7 +19,7 @@ from service.http.auth import KEYS_CHANNEL, KeyStore
 from service.postgres.corpus import Corpus, open_corpus
 from service.postgres.db import SchemaParams, load_migrations, migrate, render
 from service.settings import Settings
-from tests.support.servers import cli_env
+from tests.support.documents import write_pages
 
 OPTIONS = IngestOptions(chunk_tokens=120, chunk_overlap=20, window=16)
 PARAMS = SchemaParams("sentence-transformers/all-MiniLM-L6-v2", 384)
@@ -119,9 +119,7 @@ async def test_keys_are_created_and_updated_with_their_collections(settings: Set
         assert await store.update(query.id, {"collections": ["hr"]}) is None  # a revoked key stays revoked
 
 
-def test_ingest_delete_migrates_a_corpus_from_before_collections(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_ingest_delete_migrates_a_corpus_from_before_collections(settings: Settings, cli: CliRunner) -> None:
     async def old() -> None:
         conn = await asyncpg.connect(str(settings.database_url))
         try:
@@ -130,57 +128,47 @@ def test_ingest_delete_migrates_a_corpus_from_before_collections(
             await conn.close()
 
     asyncio.run(old())
-    for key, value in cli_env(settings).items():
-        monkeypatch.setenv(key, value)
-    deleted = CliRunner().invoke(ingest_app, ["delete", "--source", "kb", "--json"])
+    deleted = cli.invoke(ingest_app, ["delete", "--source", "kb", "--json"])
     assert deleted.exit_code == 0, deleted.output
     assert json.loads(deleted.stdout) == {"deleted": 1}  # the old document, now in `default`
 
 
-def test_admin_cli_creates_updates_and_lists_collections(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
-    for key, value in cli_env(settings).items():
-        monkeypatch.setenv(key, value)
-    runner = CliRunner()
-    created = runner.invoke(admin_app, ["keys", "create", "--name", "hr", "--collections", "hr,handbook", "--json"])
+def test_admin_cli_creates_updates_and_lists_collections(cli: CliRunner, monkeypatch: pytest.MonkeyPatch) -> None:
+    created = cli.invoke(admin_app, ["keys", "create", "--name", "hr", "--collections", "hr,handbook", "--json"])
     assert created.exit_code == 0, created.output
     key = json.loads(created.stdout)
     assert key["collections"] == ["handbook", "hr"]
-    plain = json.loads(runner.invoke(admin_app, ["keys", "create", "--name", "q", "--json"]).stdout)
+    plain = json.loads(cli.invoke(admin_app, ["keys", "create", "--name", "q", "--json"]).stdout)
     assert plain["collections"] == ["default"]
 
-    updated = runner.invoke(admin_app, ["keys", "update", key["id"], "--collections", "*", "--json"])
+    updated = cli.invoke(admin_app, ["keys", "update", key["id"], "--collections", "*", "--json"])
     assert updated.exit_code == 0, updated.output
     assert json.loads(updated.stdout)["collections"] == ["*"]
-    keys = json.loads(runner.invoke(admin_app, ["keys", "list", "--json"]).stdout)
+    keys = json.loads(cli.invoke(admin_app, ["keys", "list", "--json"]).stdout)
     assert {k["id"]: k["collections"] for k in keys} == {key["id"]: ["*"], plain["id"]: ["default"]}
     monkeypatch.setenv("COLUMNS", "200")  # the whole table, not one cut to a terminal's width
-    table = runner.invoke(admin_app, ["keys", "list"]).stdout
+    table = cli.invoke(admin_app, ["keys", "list"]).stdout
     assert "collections" in table and "default" in table
 
-    assert runner.invoke(admin_app, ["keys", "create", "--name", "x", "--collections", "a b"]).exit_code == 2
-    assert runner.invoke(admin_app, ["keys", "update", key["id"]]).exit_code == 2  # nothing to update
-    assert runner.invoke(admin_app, ["keys", "update", "nosuchkey000", "--collections", "hr"]).exit_code == 1
+    assert cli.invoke(admin_app, ["keys", "create", "--name", "x", "--collections", "a b"]).exit_code == 2
+    assert cli.invoke(admin_app, ["keys", "update", key["id"]]).exit_code == 2  # nothing to update
+    assert cli.invoke(admin_app, ["keys", "update", "nosuchkey000", "--collections", "hr"]).exit_code == 1
 
 
-def test_ingest_cli_takes_a_collection(settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for key, value in cli_env(settings).items():
-        monkeypatch.setenv(key, value)
-    folder = tmp_path / "kb"
-    folder.mkdir()
-    (folder / "one.md").write_text("# One\n\nThe first page.")
-    runner = CliRunner()
+def test_ingest_cli_takes_a_collection(cli: CliRunner, tmp_path: Path) -> None:
+    folder = write_pages(tmp_path / "kb", {"one.md": "# One\n\nThe first page."})
     for collection in ("hr", "finance"):
-        synced = runner.invoke(ingest_app, ["sync", str(folder), "--collection", collection, "--json"])
+        synced = cli.invoke(ingest_app, ["sync", str(folder), "--collection", collection, "--json"])
         assert synced.exit_code == 0, synced.output
         assert json.loads(synced.stdout)["added"] == 1
     # a sync of an emptied folder deletes only within its own collection
     (folder / "one.md").unlink()
-    emptied = runner.invoke(ingest_app, ["sync", str(folder), "--collection", "hr", "--json"])
+    emptied = cli.invoke(ingest_app, ["sync", str(folder), "--collection", "hr", "--json"])
     assert json.loads(emptied.stdout)["deleted"] == 1
-    status = json.loads(runner.invoke(ingest_app, ["status", "--json"]).stdout)
+    status = json.loads(cli.invoke(ingest_app, ["status", "--json"]).stdout)
     assert set(status["collections"]) == {"finance"}
-    assert "collection finance" in runner.invoke(ingest_app, ["status"]).stdout
+    assert "collection finance" in cli.invoke(ingest_app, ["status"]).stdout
 
-    deleted = runner.invoke(ingest_app, ["delete", "--source", "kb", "--collection", "finance", "--json"])
+    deleted = cli.invoke(ingest_app, ["delete", "--source", "kb", "--collection", "finance", "--json"])
     assert json.loads(deleted.stdout) == {"deleted": 1}
-    assert runner.invoke(ingest_app, ["delete", "--source", "kb", "--collection", "../x"]).exit_code == 2
+    assert cli.invoke(ingest_app, ["delete", "--source", "kb", "--collection", "../x"]).exit_code == 2

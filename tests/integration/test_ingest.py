@@ -17,8 +17,7 @@ from ingest.pipeline import IngestOptions, ingest_documents
 from service.postgres.corpus import Corpus, open_corpus
 from service.postgres.db import CorpusMismatchError, SchemaParams, load_migrations, migrate
 from service.settings import Settings
-from tests.support.documents import paragraphs
-from tests.support.servers import cli_env
+from tests.support.documents import paragraphs, write_pages
 
 OPTIONS = IngestOptions(chunk_tokens=120, chunk_overlap=20, window=16)
 
@@ -140,30 +139,24 @@ async def test_migrate_refuses_a_different_embedding_model(database_url: str) ->
         await migrate(database_url, SchemaParams("text-embedding-3-small", 1536))
 
 
-def test_cli_sync_adds_changes_and_deletes(settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for key, value in cli_env(settings).items():
-        monkeypatch.setenv(key, value)
-    folder = tmp_path / "kb"
-    folder.mkdir()
-    (folder / "one.md").write_text("# One\n\nThe first page.")
-    (folder / "two.md").write_text("# Two\n\nThe second page.")
-    runner = CliRunner()
-    first = runner.invoke(ingest_app, ["sync", str(folder), "--json"])
+def test_cli_sync_adds_changes_and_deletes(cli: CliRunner, tmp_path: Path) -> None:
+    folder = write_pages(tmp_path / "kb", {"one.md": "# One\n\nThe first page.", "two.md": "# Two\n\nThe second page."})
+    first = cli.invoke(ingest_app, ["sync", str(folder), "--json"])
     assert first.exit_code == 0, first.output
     assert json.loads(first.stdout)["added"] == 2
 
     (folder / "two.md").unlink()
     (folder / "three.md").write_text("# Three\n\nThe third page.")
-    second = runner.invoke(ingest_app, ["sync", str(folder), "--json"])
+    second = cli.invoke(ingest_app, ["sync", str(folder), "--json"])
     result = json.loads(second.stdout)
     assert (result["added"], result["unchanged"], result["deleted"]) == (1, 1, 1)
 
-    status = json.loads(runner.invoke(ingest_app, ["status", "--json"]).stdout)
+    status = json.loads(cli.invoke(ingest_app, ["status", "--json"]).stdout)
     assert status["documents"] == 2
 
-    deleted = runner.invoke(ingest_app, ["delete", "--source", "kb", "--id", "one.md", "--json"])
+    deleted = cli.invoke(ingest_app, ["delete", "--source", "kb", "--id", "one.md", "--json"])
     assert json.loads(deleted.stdout) == {"deleted": 1}
-    assert runner.invoke(ingest_app, ["delete"]).exit_code == 2
+    assert cli.invoke(ingest_app, ["delete"]).exit_code == 2
 
 
 async def test_open_corpus_with_embedder_uses_settings_model(settings: Settings) -> None:
