@@ -18,7 +18,6 @@ import os
 import platform
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,7 +33,7 @@ import redis.asyncio as aioredis
 
 from service.settings import Settings
 from tests.support.load import Client, ProviderProcess, Reply, fetch
-from tests.support.servers import SHARED_DATA, bearer, make_key, make_settings, with_database
+from tests.support.servers import SHARED_DATA, bearer, free_port, make_key, make_settings, with_database
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = Path(os.environ.get("BENCH_DOCS", ROOT / "docs" / "benchmarks.md"))
@@ -120,12 +119,6 @@ def revision() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head.stdout.strip() + (" + uncommitted changes" if dirty.stdout.strip() else "")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # --------------------------------------------------------------------------- options and reports
@@ -453,9 +446,10 @@ def replay_arguments(
     first_token_delay: float = 0.6,
     token_interval: float = 0.02,
     answer_tokens: int = 150,
+    limit_corpus: int | None = None,
 ) -> None:
     """Options of the replay benchmarks: corpus size and the model stand-in's pace."""
-    parser.add_argument("--limit-corpus", type=int, default=None, help="ingest only the first N passages")
+    parser.add_argument("--limit-corpus", type=int, default=limit_corpus, help="ingest only the first N passages")
     parser.add_argument("--first-token-delay", type=float, default=first_token_delay, help="seconds")
     parser.add_argument("--token-interval", type=float, default=token_interval, help="seconds")
     parser.add_argument("--answer-tokens", type=int, default=answer_tokens)
@@ -468,6 +462,18 @@ class ReplayStack:
     dsn: str
     documents: int
     token: str
+
+    async def fresh(self, redis_db: int) -> str:
+        """The URL of logical Redis db `redis_db`, emptied, with the semantic index emptied too."""
+        redis_url = self.servers.redis_url(redis_db)
+        await fresh_caches(self.dsn, redis_url)
+        return redis_url
+
+    def serve(
+        self, redis_url: str, log: Path, env: Mapping[str, str] | None = None
+    ) -> contextlib.AbstractAsyncContextManager[Served]:
+        """`rag-serve` over this stack's corpus and model stand-in, on `redis_url`."""
+        return rag_serve(dsn=self.dsn, redis_url=redis_url, provider_url=self.provider.base_url, log=log, env=env)
 
 
 @asynccontextmanager

@@ -24,24 +24,7 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-from bench._kit import (
-    ROOT,
-    ReplayStack,
-    arguments,
-    ask,
-    fresh_caches,
-    make_settings,
-    model_line,
-    parse,
-    publish,
-    rag_serve,
-    replay_arguments,
-    replay_stack,
-    run_dir,
-    run_line,
-    say,
-    table,
-)
+from bench import _kit as kit
 from tests.support.servers import make_key, wait_until
 
 SECTION = "Caps under load"
@@ -52,32 +35,28 @@ CACHED = "how do vaccines train the immune system"
 def export_service(revision: str, into: Path) -> None:
     """`service/` of `revision`, unpacked under `into` (to put first on a server's PYTHONPATH)."""
     archive = subprocess.run(
-        ["git", "-C", str(ROOT), "archive", "--format=tar", revision, "service"], capture_output=True, check=True
+        ["git", "-C", str(kit.ROOT), "archive", "--format=tar", revision, "service"], capture_output=True, check=True
     )
     with tarfile.open(fileobj=BytesIO(archive.stdout)) as tar:
         tar.extractall(into, filter="data")
 
 
-async def scenario(stack: ReplayStack, variant: str, redis_db: int, env: dict[str, str], out: Path) -> dict[str, Any]:
-    redis_url = stack.servers.redis_url(redis_db)
-    await fresh_caches(stack.dsn, redis_url)
-    limited = await make_key(make_settings(stack.dsn, redis_url, out), "query", rpm=10)
+async def scenario(stack: kit.ReplayStack, variant: str, db: int, env: dict[str, str], out: Path) -> dict[str, Any]:
+    redis_url = await stack.fresh(db)
+    limited = await make_key(kit.make_settings(stack.dsn, redis_url, out), "query", rpm=10)
     log = out / f"{variant.replace(' ', '-')}.log"
-    provider_url = stack.provider.base_url
-    async with rag_serve(dsn=stack.dsn, redis_url=redis_url, provider_url=provider_url, log=log, env=env) as srv:
-        await ask(srv.url, stack.token, {"question": CACHED})  # the limited key's answer, cached
+    async with stack.serve(redis_url, log, env) as srv:
+        await kit.ask(srv.url, stack.token, {"question": CACHED})  # the limited key's answer, cached
         await stack.provider.reset()
-        token = stack.token
-        slow = [asyncio.create_task(ask(srv.url, token, {"question": f"tell me about topic {i}"})) for i in range(15)]
-        same = [asyncio.create_task(ask(srv.url, token, {"question": SAME})) for _ in range(70)]
+        questions = [f"tell me about topic {i}" for i in range(15)] + [SAME] * 70
+        asked = [asyncio.create_task(kit.ask(srv.url, stack.token, {"question": q})) for q in questions]
 
         async def generating() -> bool:  # the slow misses and the first of the 70
             return len(await stack.provider.calls()) >= 16
 
         await wait_until(generating, within=120, interval=0.1)
-        limited_replies = await asyncio.gather(*(ask(srv.url, limited, {"question": CACHED}) for _ in range(25)))
-        same_replies = await asyncio.gather(*same)
-        await asyncio.gather(*slow)
+        limited_replies = await asyncio.gather(*(kit.ask(srv.url, limited, {"question": CACHED}) for _ in range(25)))
+        same_replies = (await asyncio.gather(*asked))[15:]
     lines = log.read_text(errors="replace").splitlines()
     return {
         "variant": variant,
@@ -91,58 +70,41 @@ async def scenario(stack: ReplayStack, variant: str, redis_db: int, env: dict[st
 
 
 async def run(args: Any) -> None:
-    out = run_dir("caps")
+    out = kit.run_dir("caps")
     results = []
     with tempfile.TemporaryDirectory(prefix="ragcache-base-") as base_dir:
         export_service(args.base, Path(base_dir))
-        async with replay_stack(args) as stack:
+        async with kit.replay_stack(args) as stack:
             info = {"RAG_LOG_LEVEL": "info"}  # "not caching" is an info line
             for variant, db, env in ((args.base, 10, {"PYTHONPATH": base_dir, **info}), ("this branch", 11, info)):
-                say(f"{variant} …")
+                kit.say(f"{variant} …")
                 results.append(await scenario(stack, variant, db, env, out))
-            setup = model_line(args, stack.documents)
+            setup = kit.model_line(args, stack.documents)
     rows = [
-        [
-            r["variant"],
-            f"{r['limited_answered']}/25",
-            r["same_generations"],
-            r["fail_open_lines"],
-            r["not_caching_lines"],
-            ", ".join(f"{k} {v}" for k, v in sorted(r["same_outcomes"].items())),
-        ]
+        f"{r['variant']} | {r['limited_answered']}/25 | {r['same_generations']} | {r['fail_open_lines']} | "
+        f"{r['not_caching_lines']} | {', '.join(f'{k} {v}' for k, v in sorted(r['same_outcomes'].items()))}"
         for r in results
     ]
+    header = (
+        'code | limited key (10/min) answered | generations for 70 identical | "fail open" lines | "not caching" lines'
+    )
     body = "\n\n".join(
         [
-            run_line(f"python -m bench.caps --base {args.base}"),
-            setup
-            + f" One worker, default pools (`RAG_REDIS_MAX_CONNECTIONS=64`). Base `{args.base}` is {args.base_rev}.",
-            table(
-                [
-                    "code",
-                    "limited key (10/min) answered",
-                    "generations for 70 identical",
-                    '"fail open" lines',
-                    '"not caching" lines',
-                    "the 70's outcomes",
-                ],
-                rows,
-                align="lrrrrl",
-            ),
+            kit.run_line(f"python -m bench.caps --base {args.base}"),
+            f"{setup} One worker, default pools (`RAG_REDIS_MAX_CONNECTIONS=64`). Base `{args.base}`: {args.base_rev}.",
+            kit.table(f"{header} | the 70's outcomes", rows, align="lrrrrl"),
         ]
     )
-    publish(SECTION, body, args, results, out)
+    kit.publish(SECTION, body, args, results, out)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = arguments("caps", __doc__)
-    replay_arguments(parser, first_token_delay=2.0, token_interval=0.02, answer_tokens=40)
+    parser = kit.arguments("caps", __doc__)
+    kit.replay_arguments(parser, first_token_delay=2.0, answer_tokens=40, limit_corpus=500)
     parser.add_argument("--base", default="main", help="the revision to compare with (default: main)")
-    args = parse(parser, argv, limit_corpus=200)
-    if args.limit_corpus is None:
-        args.limit_corpus = 500
+    args = kit.parse(parser, argv, limit_corpus=200)
     args.base_rev = subprocess.run(
-        ["git", "-C", str(ROOT), "rev-parse", "--short", args.base], capture_output=True, text=True, check=True
+        ["git", "-C", str(kit.ROOT), "rev-parse", "--short", args.base], capture_output=True, text=True, check=True
     ).stdout.strip()
     asyncio.run(run(args))
 

@@ -19,6 +19,7 @@ Latency is the rewrite step alone (`Rewriter.standalone`), per follow-up, in thi
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import tempfile
 import time
@@ -27,9 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench._kit import arguments, fmt_ms, parse, percentile, publish, run_line, say, table
+from bench._kit import arguments, embedded_servers, fmt_ms, parse, percentile, publish, run_line, say, table
 from service.answer.standalone import REWRITE_SYSTEM, Rewriter
-from service.embedded import start_postgres, start_valkey
 from service.embeddings.encoders import LocalEmbedder
 from service.http.app import build_providers, routing_policy
 from service.policy.followups import rewrite
@@ -102,10 +102,9 @@ async def measure(quick: bool) -> dict[str, Any]:
     if quick:
         items = items[:6]
     root = Path(tempfile.mkdtemp(prefix="ragcache-bench-conversations-"))
-    pg, valkey = start_postgres(root), start_valkey(root)
-    try:
-        async with fresh_database(pg.url) as dsn:
-            settings = make_settings(dsn, valkey.url, root / "data")
+    with embedded_servers(root) as servers:
+        async with fresh_database(servers.admin_dsn) as dsn:
+            settings = make_settings(dsn, servers.redis_base, root / "data")
             embedder = LocalEmbedder()
             say("ingesting examples/ …")
             await ingest_examples(settings, embedder)
@@ -127,26 +126,16 @@ async def measure(quick: bool) -> dict[str, Any]:
             with ProviderServer() as provider:
                 provider.default = Behavior(text=script)
                 model_settings = with_providers(settings, provider)
-                client = worker_client(valkey.url, max_connections=4)
+                client = worker_client(servers.redis_base, max_connections=4)
                 await client.flushdb()
-                rewriters = {
-                    "offline": Rewriter(
-                        mode="offline", providers={}, policy=routing_policy(settings), cache=None, timeout_s=3, turns=3
-                    ),
-                    "model": Rewriter(
-                        mode="auto",
-                        providers=build_providers(model_settings),
-                        policy=routing_policy(model_settings),
-                        cache=RewriteCache(client, ttl_s=3600),
-                        timeout_s=3,
-                        turns=3,
-                    ),
-                }
+                make = functools.partial(Rewriter, timeout_s=3, turns=3)
+                offline = make(mode="offline", providers={}, policy=routing_policy(settings), cache=None)
+                providers, policy = build_providers(model_settings), routing_policy(model_settings)
+                model = make(mode="auto", providers=providers, policy=policy, cache=RewriteCache(client, ttl_s=3600))
+                rewriters = {"offline": offline, "model": model}
                 questions: dict[str, list[str]] = {"none": [it.question for it in items], "ceiling": []}
                 warm = History((Turn("user", "What is a warm-up?"),))
-                for (
-                    rewriter
-                ) in rewriters.values():  # first-call costs (connections, compiled patterns) are not the rule
+                for rewriter in rewriters.values():  # first-call costs (connections, patterns) are not the rule
                     await rewriter.standalone("Is it ready?", warm)
                 script.calls = 0
                 for mode, rewriter in rewriters.items():
@@ -182,20 +171,12 @@ async def measure(quick: bool) -> dict[str, Any]:
                 results["missed"][mode] = [t for t, (hit, _) in zip(texts, hits, strict=True) if not hit]
                 results["rewritten"][mode] = sum(t != it.question for t, it in zip(texts, items, strict=True))
             await pool.close()
-    finally:
-        valkey.stop()
-        pg.stop()
     return results
 
 
 def report(results: dict[str, Any], command: str) -> str:
     n = results["n"]
     lat = results["latency_ms"]
-
-    def latency(mode: str) -> tuple[str, str]:
-        if mode not in lat:
-            return "0", "0"
-        return fmt_ms(percentile(lat[mode], 50)), fmt_ms(percentile(lat[mode], 99))
 
     rows = []
     for mode, label in (
@@ -204,26 +185,14 @@ def report(results: dict[str, Any], command: str) -> str:
         ("model", "model, small tier (loopback, hand-written replies)"),
         ("replay", "model, replayed conversation (rewrite cache)"),
     ):
-        hits = results["hits"].get("model" if mode == "replay" else mode)
-        any_hits = results["any"].get("model" if mode == "replay" else mode)
-        p50, p99 = latency(mode)
-        calls = results["calls"].get(mode, 0)
-        rewritten = results["rewritten"].get("model" if mode == "replay" else mode, 0)
-        rows.append([label, f"{hits}/{n}", f"{any_hits}/{n}", rewritten, calls, p50, p99])
+        got = "model" if mode == "replay" else mode
+        hits, any_hits, rewritten = results["hits"][got], results["any"][got], results["rewritten"].get(got, 0)
+        p50, p99 = (fmt_ms(percentile(lat[mode], p)) if mode in lat else "0" for p in (50, 99))
+        rows.append([label, f"{hits}/{n}", f"{any_hits}/{n}", rewritten, results["calls"].get(mode, 0), p50, p99])
     ceiling = [results["hits"]["ceiling"], results["any"]["ceiling"]]
     rows.append(["hand-written standalone questions (ceiling)", *(f"{c}/{n}" for c in ceiling), n, "–", "–", "–"])
-    body = table(
-        [
-            "rewrite",
-            f"subject's page in top {TOP_K}",
-            f"any answering document in top {TOP_K}",
-            "rewritten",
-            "model calls",
-            "added p50 ms",
-            "added p99 ms",
-        ],
-        rows,
-    )
+    header = f"rewrite | subject's page in top {TOP_K} | any answering document in top {TOP_K} | rewritten"
+    body = table(f"{header} | model calls | added p50 ms | added p99 ms", rows)
     return "\n\n".join(
         [
             run_line(command),

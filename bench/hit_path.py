@@ -35,6 +35,7 @@ from typing import Any
 from fastapi import FastAPI, Request, Response
 
 from bench import _kit as kit
+from tests.support.servers import free_port
 from tests.support.sse import first_event
 
 QUESTION = "How do I flush the cache?"
@@ -199,7 +200,7 @@ async def stack() -> AsyncIterator[Stack]:
             }
             kit.say("starting both servers (the project loads the embedding model first)")
             for name, (target, env) in apps.items():
-                port = kit.free_port()
+                port = free_port()
                 command = f"{sys.executable} -m uvicorn {target} --factory --port {port} {UVICORN_FLAGS}"
                 s.servers[name] = await servers.enter_async_context(
                     kit.serve_process(command, port, env, LOGS / f"{name}.log", kit.ROOT)

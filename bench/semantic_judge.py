@@ -18,10 +18,8 @@ the regression on the dev halves and prints the constants for service/policy/sem
 
 from __future__ import annotations
 
-import argparse
 import functools
 import hashlib
-import json
 import math
 import sys
 import time
@@ -54,8 +52,7 @@ class Pair:
 
 
 def load_quora() -> list[tuple[str, str, bool]]:
-    rows = [json.loads(line) for line in QUORA.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [(str(r["a"]), str(r["b"]), bool(r["duplicate"])) for r in rows]
+    return [(str(r["a"]), str(r["b"]), bool(r["duplicate"])) for r in kit.jsonl(QUORA)]
 
 
 def embed(texts: Sequence[str]) -> dict[str, np.ndarray]:
@@ -186,8 +183,10 @@ def fmt(s: Score) -> list[str]:
 
 
 def report(quora: Sequence[Pair], semantic: Sequence[Pair], threshold: float, command: str) -> str:
-    held = {"Quora (held-out half)": [p for p in quora if not p.dev], "semantic_pairs (held-out half)": []}
-    held["semantic_pairs (held-out half)"] = [p for p in semantic if not p.dev]
+    held = {
+        f"{name} (held-out half)": [p for p in s if not p.dev]
+        for name, s in (("Quora", quora), ("semantic_pairs", semantic))
+    }
     policies = {
         "today's guard (cosine ≥ 0.70 + lexical rules)": today_guard,
         f"judge ≥ {threshold:.2f}": judge_at(threshold),
@@ -206,60 +205,40 @@ def report(quora: Sequence[Pair], semantic: Sequence[Pair], threshold: float, co
             )
     sweep = []
     for t in (0.60, 0.70, 0.80, 0.90, 0.95):
-        q, s = (
-            evaluate(held["Quora (held-out half)"], judge_at(t)),
-            evaluate(held["semantic_pairs (held-out half)"], judge_at(t)),
-        )
-        sweep.append([f"{t:.2f}", *fmt(q), *fmt(s)])
+        sweep.append([f"{t:.2f}", *(cell for pairs in held.values() for cell in fmt(evaluate(pairs, judge_at(t))))])
     p50, p99, old50, old99 = latency([*quora, *semantic], threshold)
     false_hits = [p for p in held["Quora (held-out half)"] if judge_at(threshold)(p) and not p.duplicate]
-    return "\n".join(
+    return "\n\n".join(
         [
             kit.run_line(command),
-            "",
             f"Sets: `quora-pairs-dev` ({len(quora)} public Quora Question Pairs, half duplicates) and "
-            f"`bench/semantic_pairs.jsonl` ({len(semantic)} pairs), each split in two by a hash of the "
-            "normalised pair. "
-            "The judge's weights were fitted and its threshold chosen on the dev halves; every figure below is from "
-            "the other halves. Precision = true hits / hits; reach = duplicates served / duplicates.",
-            "",
-            kit.table(["held-out set", "policy", "precision", "reach", "false hits"], rows, "llrrr"),
-            "",
+            f"`bench/semantic_pairs.jsonl` ({len(semantic)} pairs), each split in two by a hash of the normalised "
+            "pair. The judge's weights were fitted and its threshold chosen on the dev halves; every figure below is "
+            "from the other halves. Precision = true hits / hits; reach = duplicates served / duplicates.",
+            kit.table("held-out set | policy | precision | reach | false hits", rows, "llrrr"),
             "What each hard constraint is worth at the chosen threshold (held-out halves; what dropping it would add):",
-            "",
-            kit.table(["rule dropped", "set", "true hits", "false hits"], ablation, "llrr"),
-            "",
+            kit.table("rule dropped | set | true hits | false hits", ablation, "llrr"),
             "Other thresholds (held-out halves): Quora precision / reach / false hits, then semantic_pairs.",
-            "",
             kit.table(
-                ["threshold", "Q precision", "Q reach", "Q false", "S precision", "S reach", "S false"],
-                sweep,
-                "lrrrrrr",
+                "threshold | Q precision | Q reach | Q false | S precision | S reach | S false", sweep, "lrrrrrr"
             ),
-            "",
-            "Cost per judgement (pure Python, median of 3 calls per pair above cosine "
-            f"{semantic_judge.MIN_COSINE}): judge p50 "
-            f"{1e3 * p50:.3f} ms, p99 {1e3 * p99:.3f} ms; "
+            f"Cost per judgement (pure Python, median of 3 calls per pair above cosine {semantic_judge.MIN_COSINE}): "
+            f"judge p50 {1e3 * p50:.3f} ms, p99 {1e3 * p99:.3f} ms; "
             f"today's guard p50 {1e3 * old50:.3f} ms, p99 {1e3 * old99:.3f} ms.",
-            "",
             "<details><summary>Quora held-out pairs labelled “not duplicate” that the judge serves "
-            f"({len(false_hits)})</summary>",
-            "",
-            kit.table(
-                ["cosine", "question", "cached question"],
-                [[f"{p.similarity:.3f}", p.a, p.b] for p in false_hits],
-                "rll",
-            ),
-            "</details>",
+            f"({len(false_hits)})</summary>\n\n"
+            + kit.table(
+                "cosine | question | cached question", [[f"{p.similarity:.3f}", p.a, p.b] for p in false_hits], "rll"
+            )
+            + "\n</details>",
         ]
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.semantic_judge", description=__doc__.split("\n\n")[0])
+    parser = kit.arguments("semantic_judge", __doc__)
     parser.add_argument("--fit", action="store_true", help="refit the regression on the dev halves and print it")
-    parser.add_argument("--no-write", action="store_true", help="do not update docs/benchmarks.md")
-    args = parser.parse_args(argv)
+    args = kit.parse(parser, argv)
     quora_raw = load_quora()
     semantic_raw = [(str(r["a"]), str(r["b"]), bool(r["match"])) for r in kit.jsonl(PAIRS)]
     texts = [normalize_for_key(t) for a, b, _ in [*quora_raw, *semantic_raw] for t in (a, b)]
@@ -272,10 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     chosen = choose(quora_dev, semantic_dev)
     threshold = chosen if chosen is not None else SWEEP[-1]
     kit.say(f"threshold chosen on the dev halves: {chosen} (DEFAULT_THRESHOLD {semantic_judge.DEFAULT_THRESHOLD})")
-    text = report(quora, semantic, threshold, "python -m bench.semantic_judge")
-    print(text)
-    if not args.no_write:
-        kit.update_section(SECTION, text)
+    kit.publish(SECTION, report(quora, semantic, threshold, args.command), args)
     return 0 if chosen is not None and math.isclose(chosen, semantic_judge.DEFAULT_THRESHOLD) else 1
 
 

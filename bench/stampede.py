@@ -54,6 +54,7 @@ def analyse(replies: Sequence[kit.Reply], targets: list[int], calls: list[dict[s
     texts = {r.text for r in replies if r.ok}
     follower_ttft = [r.ttft_s * 1000 for r in followers]
     leader_ttft = leader.ttft_s * 1000 if leader else math.nan
+    p50, p95 = kit.percentile(follower_ttft, 50), kit.percentile(follower_ttft, 95)
     return {
         "provider_calls": len(calls),
         "outcomes": dict(Counter(r.outcome for r in replies)),
@@ -67,11 +68,11 @@ def analyse(replies: Sequence[kit.Reply], targets: list[int], calls: list[dict[s
         "followers": len(followers),
         "leader_ttft": leader_ttft,
         "leader_server_ttft": leader.server_ttft_ms if leader else math.nan,
-        "follower_ttft_p50": kit.percentile(follower_ttft, 50),
-        "follower_ttft_p95": kit.percentile(follower_ttft, 95),
+        "follower_ttft_p50": p50,
+        "follower_ttft_p95": p95,
         "follower_server_ttft_p95": kit.percentile([r.server_ttft_ms for r in followers], 95),
-        "ratio_p50": kit.percentile(follower_ttft, 50) / leader_ttft if leader_ttft else math.nan,
-        "ratio_p95": kit.percentile(follower_ttft, 95) / leader_ttft if leader_ttft else math.nan,
+        "ratio_p50": p50 / leader_ttft if leader_ttft else math.nan,
+        "ratio_p95": p95 / leader_ttft if leader_ttft else math.nan,
     }
 
 
@@ -132,38 +133,22 @@ async def main_async(args: Any) -> None:
     async with kit.replay_stack(args) as stack, contextlib.AsyncExitStack() as servers:
         urls: dict[str, list[str]] = {}
         for v in variants:
-            redis_url = stack.servers.redis_url(v.redis_db)
-            await kit.fresh_caches(stack.dsn, redis_url)
-            pair = [
-                await servers.enter_async_context(
-                    kit.rag_serve(
-                        dsn=stack.dsn,
-                        redis_url=redis_url,
-                        provider_url=stack.provider.base_url,
-                        log=out / f"rag-serve-{v.name}-{x}.log",
-                        env=v.env,
-                    )
+            redis_url = await stack.fresh(v.redis_db)
+            for x in "ab":
+                server = await servers.enter_async_context(
+                    stack.serve(redis_url, out / f"rag-serve-{v.name}-{x}.log", v.env)
                 )
-                for x in "ab"
-            ]
-            urls[v.name] = [p.url for p in pair]
-            for url in urls[v.name]:
-                await kit.warm_up(url, stack.token)
+                await kit.warm_up(server.url, stack.token)
+                urls.setdefault(v.name, []).append(server.url)
         for i in range(args.rounds):
             question = queries[i % len(queries)].text
             for v in variants:
-                await kit.fresh_caches(stack.dsn, stack.servers.redis_url(v.redis_db))
+                await stack.fresh(v.redis_db)
                 await asyncio.sleep(1)  # let the previous round's sockets and streams settle
                 kit.say(f"== round {i + 1}, {v.name}: {args.requests} × “{question}”")
-                result = await run_round(question, urls[v.name], args.requests, stack) | {
-                    "variant": v.name,
-                    "round": i + 1,
-                }
-                kit.say(
-                    f"   {result['provider_calls']} provider calls, {result['outcomes']}, identical "
-                    f"{result['identical']}"
-                )
-                rounds.append(result)
+                result = await run_round(question, urls[v.name], args.requests, stack)
+                rounds.append(result | {"variant": v.name, "round": i + 1})
+                kit.say(f"   {result['provider_calls']} provider calls, {result['outcomes']}, {result['identical']=}")
         documents = stack.documents
     body = "\n\n".join(
         [

@@ -80,14 +80,10 @@ def opportunities(draws: list[Draw]) -> dict[str, int]:
 
 
 async def run_config(config: Config, draws: list[Draw], stack: kit.ReplayStack, args: Any, out: Any) -> dict[str, Any]:
-    redis_url = stack.servers.redis_url(config.redis_db)
-    await kit.fresh_caches(stack.dsn, redis_url)
+    redis_url = await stack.fresh(config.redis_db)
     # A known secret, so that the bench can map matched-question hashes back to the queries it sent.
     env = {"RAG_HASH_SECRET": HASH_SECRET, **config.env, **dict(kv.split("=", 1) for kv in args.server_env)}
-    log = out / f"rag-serve-{config.name}.log"
-    async with kit.rag_serve(
-        dsn=stack.dsn, redis_url=redis_url, provider_url=stack.provider.base_url, log=log, env=env
-    ) as server:
+    async with stack.serve(redis_url, out / f"rag-serve-{config.name}.log", env) as server:
         await kit.warm_up(server.url, stack.token)
         await stack.provider.reset()
         replies: list[kit.Reply | None] = [None] * len(draws)
