@@ -1,19 +1,11 @@
 """Follow-up questions over the examples/ handbook: does the right document come back, and at what cost?
 
-The set (bench/conversations.jsonl, 30 conversations, 45 follow-ups, each with the documents that
-answer it) was written before the rewrite rules. Every follow-up is retrieved (top 3, hybrid search,
-the service's own retriever and embedding model) as:
-
-- none: the follow-up as asked (what ragcache did before issue 14);
-- offline: the deterministic rules (service/policy/followups.py), RAG_REWRITE=offline;
-- model: RAG_REWRITE=auto with the loopback provider as the small tier, scripted to reply with the
-  set's hand-written standalone question. It is the ceiling of any rewrite (a perfect model), and it
-  measures the real path: the call, its timeout, the Redis rewrite cache;
-- replay: the same conversations again through the model path: rewrite calls made (0 = all cached).
-
-Latency is the rewrite step alone (`Rewriter.standalone`), per follow-up, in this process.
-
     python -m bench.conversations [--quick] [--no-write]
+
+bench/conversations.jsonl (30 conversations, 45 follow-ups, each with the documents that answer it,
+written before the rewrite rules), retrieved top 3 as asked, after the offline rules, after a
+(loopback, scripted) model rewrite, and replayed through the rewrite cache. Latency is
+`Rewriter.standalone` alone, in this process.
 """
 
 from __future__ import annotations

@@ -1,17 +1,10 @@
-"""Filtered retrieval: a request that may read 1 %, 10 % or 100 % of msmarco-5k, with and without iterative scans.
+"""Filtered retrieval: a key that may read 1 %, 10 %, 30 % or 100 % of msmarco-5k, with and without iterative scans.
 
-    python -m bench.filtered_retrieval [--queries 50] [--repeat 3] [--quick] [--no-write]
+    python -m bench.filtered_retrieval [--queries 50] [--repeat 3] [--ef-search 40] [--quick] [--no-write]
 
-msmarco-5k is ingested once with `rag-ingest` (bench/_kit.ensure_corpus) and copied to a database of
-its own whose chunks are split into four collections by a hash of the chunk id: `p1` (1 % of the
-chunks), `p9` (9 %), `p20` (20 %), `p70` (70 %). A key reading `p1` reads 1 % of the corpus, `p1,p9`
-10 %, `p1,p9,p20` 30 %, all four 100 %, through the same filtered SQL as any restricted key;
-"unfiltered" is a key reading `*`. For each msmarco query (embedded as the answer path does) the service's dense ranking
-(`Retriever.search`, its first 10) is compared with an exact cosine scan inside the same collections:
-recall@10. Latency is the whole `Retriever.search` round trip (dense and full-text halves), p50 over
-queries × repeats. Each case runs with the service's settings (the planner picks the plan), then with the HNSW index
-forced, with iterative scans on and off: off shows pgvector issue #259, the index's first
-`ef_search` candidates filtered afterwards, so a small collection comes back short.
+A copy of the msmarco database (bench/_kit.ensure_corpus) is split into collections p1/p9/p20/p70 by a
+hash of the chunk id. Per scope and plan (the service's, HNSW forced with iterative scans on and off):
+recall@10 of `Retriever.search` against an exact scan in the same collections, and its p50 latency.
 """
 
 from __future__ import annotations
@@ -32,22 +25,7 @@ import numpy as np
 import numpy.typing as npt
 from pgvector.asyncpg import register_vector
 
-from bench._kit import (
-    DATA_DIR,
-    MSMARCO,
-    arguments,
-    embedded_servers,
-    ensure_corpus,
-    fetchval,
-    fmt_ms,
-    jsonl,
-    parse,
-    publish,
-    run_line,
-    say,
-    table,
-    with_database,
-)
+from bench import _kit as kit
 from service.embeddings.encoders import LocalEmbedder
 from service.postgres.db import SchemaParams, create_pool, migrate
 from service.postgres.retrieval import Retriever
@@ -56,12 +34,12 @@ from service.settings import Settings
 SECTION = "Filtered retrieval (collections)"
 K = 10
 DATABASE = "msmarco_collections"
-# chunk id hash -> collection: 1 % p1, 9 % p9, 90 % p90
+# chunk id hash -> collection: 1 % p1, 9 % p9, 20 % p20, 70 % p70
 _SPLIT_SQL = """
-UPDATE {table} SET collection = CASE
-    WHEN mod(abs(hashtext({id}::text)), 100) = 0 THEN 'p1'
-    WHEN mod(abs(hashtext({id}::text)), 100) < 10 THEN 'p9'
-    WHEN mod(abs(hashtext({id}::text)), 100) < 30 THEN 'p20'
+UPDATE chunks SET collection = CASE
+    WHEN mod(abs(hashtext(id::text)), 100) = 0 THEN 'p1'
+    WHEN mod(abs(hashtext(id::text)), 100) < 10 THEN 'p9'
+    WHEN mod(abs(hashtext(id::text)), 100) < 30 THEN 'p20'
     ELSE 'p70' END
 """
 SCOPES: dict[str, tuple[str, ...] | None] = {
@@ -100,24 +78,24 @@ class Case:
 
     def row(self) -> list[str]:
         p50 = statistics.median(self.seconds) * 1000 if self.seconds else float("nan")
-        return [f"{statistics.mean(self.recalls):.3f}", str(self.short), fmt_ms(p50)]
+        return [f"{statistics.mean(self.recalls):.3f}", str(self.short), kit.fmt_ms(p50)]
 
 
 async def _collections_database(admin_dsn: str, source_dsn: str) -> str:
     """A copy of the msmarco database split into p1/p9/p90 (made once; the source stays as other benches use it)."""
-    dsn = with_database(admin_dsn, DATABASE)
-    if not await fetchval(admin_dsn, "SELECT 1 FROM pg_database WHERE datname = $1", DATABASE):
+    dsn = kit.with_database(admin_dsn, DATABASE)
+    if not await kit.fetchval(admin_dsn, "SELECT 1 FROM pg_database WHERE datname = $1", DATABASE):
         source = urlsplit(source_dsn).path.lstrip("/")
-        say(f"copying {source} to {DATABASE} …")
-        await fetchval(admin_dsn, f'CREATE DATABASE "{DATABASE}" TEMPLATE "{source}"')
+        kit.say(f"copying {source} to {DATABASE} …")
+        await kit.fetchval(admin_dsn, f'CREATE DATABASE "{DATABASE}" TEMPLATE "{source}"')
     # the copy may predate migration 0006: the pool below migrates nothing, so the service's schema is ensured here
     await migrate(dsn, SchemaParams("sentence-transformers/all-MiniLM-L6-v2", 384))
     conn = await asyncpg.connect(dsn)
     try:
         if await conn.fetchval("SELECT count(*) FROM chunks WHERE collection = 'p20'") == 0:
-            say("splitting the chunks into collections p1 / p9 / p20 / p70 …")
+            kit.say("splitting the chunks into collections p1 / p9 / p20 / p70 …")
             async with conn.transaction():
-                await conn.execute(_SPLIT_SQL.format(table="chunks", id="id"))
+                await conn.execute(_SPLIT_SQL)
                 # a document's collection follows its (single, for msmarco passages) chunk's
                 await conn.execute(
                     """UPDATE documents d SET collection = c.collection FROM chunks c
@@ -152,7 +130,7 @@ async def measure(
             exact[label] = [[r["id"] for r in await conn.fetch(_EXACT_SQL, v, arg, K)] for _, v in queries]
     finally:
         await conn.close()
-    say("  ".join(f"{label}: {n}" for label, n in share.items()))
+    kit.say("  ".join(f"{label}: {n}" for label, n in share.items()))
 
     results: dict[str, dict[str, Case]] = {}
     for mode, (iterative, extra) in MODES.items():
@@ -177,7 +155,7 @@ async def measure(
                     case.short += len(ids) < K
                     truth = exact[label][i]
                     case.recalls.append(len(set(ids) & set(truth)) / max(1, len(truth)))
-                say(f"{mode} {label}: {case.plan}, recall@{K} {statistics.mean(case.recalls):.3f}")
+                kit.say(f"{mode} {label}: {case.plan}, recall@{K} {statistics.mean(case.recalls):.3f}")
         finally:
             await pool.close()
     return share, results
@@ -205,7 +183,7 @@ def report(
             "corpus, where sorting a whole collection costs more than walking the index; *iterative off*: "
             "`hnsw.iterative_scan = off`, i.e. pgvector issue #259: the index's first `ef_search` candidates "
             "are filtered afterwards.",
-            table(header, rows),
+            kit.table(header, rows),
         ]
     )
 
@@ -221,28 +199,28 @@ def _scan(plan: dict[str, Any]) -> str:
 
 async def run(args: argparse.Namespace) -> str:
     queries_n: int = args.queries
-    with embedded_servers(DATA_DIR) as servers:
-        source_dsn, documents = await ensure_corpus(servers, None)
+    with kit.embedded_servers(kit.DATA_DIR) as servers:
+        source_dsn, documents = await kit.ensure_corpus(servers, None)
         dsn = await _collections_database(servers.admin_dsn, source_dsn)
         embedder = LocalEmbedder()
-        texts = [q["text"] for q in jsonl(MSMARCO / "queries.jsonl")][:queries_n]
+        texts = [q["text"] for q in kit.jsonl(kit.MSMARCO / "queries.jsonl")][:queries_n]
         queries = [(t, (await embedder.embed([t]))[0]) for t in texts]
-        say(f"{documents} documents, {len(queries)} queries")
+        kit.say(f"{documents} documents, {len(queries)} queries")
         share, results = await measure(dsn, queries, args.repeat, args.ef_search)
     return report(share, results, len(queries), args.repeat, args.ef_search)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = arguments("filtered_retrieval", __doc__)
+    parser = kit.arguments("filtered_retrieval", __doc__)
     parser.add_argument("--queries", type=int, default=50, help="msmarco queries to ask (at most 50)")
     parser.add_argument("--repeat", type=int, default=3, help="timed searches per query and case")
     parser.add_argument("--ef-search", type=int, default=40, help="hnsw.ef_search (the service's default: 40)")
-    args = parse(parser, argv, queries=10, repeat=1)
-    if not (MSMARCO / "corpus.jsonl").exists():
-        say(f"{MSMARCO} is absent: nothing to measure")
+    args = kit.parse(parser, argv, queries=10, repeat=1)
+    if not (kit.MSMARCO / "corpus.jsonl").exists():
+        kit.say(f"{kit.MSMARCO} is absent: nothing to measure")
         return 2
     body = asyncio.run(run(args))
-    publish(SECTION, run_line(args.command) + "\n\n" + body, args)
+    kit.publish(SECTION, kit.run_line(args.command) + "\n\n" + body, args)
     return 0
 
 

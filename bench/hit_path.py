@@ -35,6 +35,7 @@ from typing import Any
 from fastapi import FastAPI, Request, Response
 
 from bench import _kit as kit
+from tests.support.asgi import asgi_request
 from tests.support.servers import free_port
 from tests.support.sse import first_event
 
@@ -167,9 +168,7 @@ async def measure(name: str, server: kit.Served, args: Any, token: str, c: int, 
 
 @dataclass
 class Stack:
-    data_dir: Path
-    postgres: Any
-    valkey: Any
+    settings: Any  # the project's, over the embedded servers
     embedder: Any
     token: str
     servers: dict[str, kit.Served]
@@ -181,44 +180,35 @@ async def stack() -> AsyncIterator[Stack]:
     """Embedded Postgres + Valkey in a temp dir, `examples/` ingested, both servers up, one hit warmed."""
     import redis
 
-    from service.embedded import start_postgres, start_valkey
     from service.embeddings.encoders import LocalEmbedder
 
     data_dir = Path(tempfile.mkdtemp(prefix="ragbench-hit-"))
-    pg, valkey = start_postgres(data_dir), start_valkey(data_dir)
-    try:
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(shutil.rmtree, data_dir, ignore_errors=True)  # after the servers stop
+        db = cleanup.enter_context(kit.embedded_servers(data_dir))
+        settings, embedder = kit.make_settings(db.admin_dsn, db.redis_base, data_dir), LocalEmbedder()
+        await kit.ingest_path(settings, embedder, kit.ROOT / "examples", source="handbook")
+        s = Stack(settings, embedder, await kit.create_key(db.admin_dsn), {})
+        project_env = {"DATABASE_URL": db.admin_dsn, "REDIS_URL": db.redis_base, "RAG_DATA_DIR": str(data_dir)}
+        apps = {
+            "project": ("service.http.app:app_factory", kit.clean_env(RAG_LOG_LEVEL="warning", **project_env)),
+            "floor": ("bench.hit_path:floor_app", kit.clean_env(BENCH_FLOOR_REDIS_URL=db.redis_base)),
+        }
+        kit.say("starting both servers (the project loads the embedding model first)")
         async with contextlib.AsyncExitStack() as servers:
-            embedder = LocalEmbedder()
-            await kit.ingest_path(
-                kit.make_settings(pg.url, valkey.url, data_dir), embedder, kit.ROOT / "examples", source="handbook"
-            )
-            s = Stack(data_dir, pg, valkey, embedder, await kit.create_key(pg.url), {})
-            project_env = {"DATABASE_URL": pg.url, "REDIS_URL": valkey.url, "RAG_DATA_DIR": str(data_dir)}
-            apps = {
-                "project": ("service.http.app:app_factory", kit.clean_env(RAG_LOG_LEVEL="warning", **project_env)),
-                "floor": ("bench.hit_path:floor_app", kit.clean_env(BENCH_FLOOR_REDIS_URL=valkey.url)),
-            }
-            kit.say("starting both servers (the project loads the embedding model first)")
             for name, (target, env) in apps.items():
                 port = free_port()
                 command = f"{sys.executable} -m uvicorn {target} --factory --port {port} {UVICORN_FLAGS}"
-                s.servers[name] = await servers.enter_async_context(
-                    kit.serve_process(command, port, env, LOGS / f"{name}.log", kit.ROOT)
-                )
+                serve = kit.serve_process(command, port, env, LOGS / f"{name}.log", kit.ROOT)
+                s.servers[name] = await servers.enter_async_context(serve)
             for _ in range(2):
-                reply = await kit.fetch(
-                    s.servers["project"].url, "POST", "/rag/stream", {"question": QUESTION}, headers=kit.bearer(s.token)
-                )
+                reply = await kit.ask(s.servers["project"].url, s.token, {"question": QUESTION})
             if not is_hit(reply.body):
                 raise SystemExit(f"the second request was not a cache hit: {reply.status} {reply.body[:300]!r}")
             s.hit_bytes = len(reply.body)
-            with redis.Redis.from_url(valkey.url) as client:
+            with redis.Redis.from_url(db.redis_base) as client:
                 client.set(FLOOR_KEY, reply.body)
             yield s
-    finally:
-        valkey.stop()
-        pg.stop()
-        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def report(runs: list[Run], args: Any) -> str:
@@ -281,47 +271,8 @@ def report(runs: list[Run], args: Any) -> str:
 
 async def asgi_post(app: Any, payload: bytes, token: str) -> tuple[int, bytes]:
     """One POST /rag/stream straight through the ASGI interface: no sockets, no uvicorn."""
-    headers = [
-        (b"host", b"bench"),
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(payload)).encode()),
-        (b"authorization", f"Bearer {token}".encode()),
-    ]
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.4"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/rag/stream",
-        "raw_path": b"/rag/stream",
-        "query_string": b"",
-        "root_path": "",
-        "headers": headers,
-        "client": ("127.0.0.1", 50000),
-        "server": ("127.0.0.1", 80),
-        "state": {},
-    }
-    messages = [{"type": "http.request", "body": payload, "more_body": False}]
-    done = asyncio.Event()
-    status, parts = [0], list[bytes]()
-
-    async def receive() -> dict[str, Any]:
-        if messages:
-            return messages.pop()
-        await done.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        if message["type"] == "http.response.start":
-            status[0] = message["status"]
-        elif message["type"] == "http.response.body":
-            parts.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                done.set()
-
-    await app(scope, receive, send)
-    return status[0], b"".join(parts)
+    headers = {"content-type": "application/json", **kit.bearer(token)}
+    return await asgi_request(app, "POST", "/rag/stream", payload, headers)
 
 
 # Self time by package: a built-in's time (dict.get, isinstance …) goes to its callers' packages.
@@ -335,7 +286,7 @@ PACKAGES = {
     "json (stdlib)": ("/json/",),
     "tiktoken": ("tiktoken",),
     "asyncio event loop, tasks": ("/asyncio/", "uvloop"),
-    "benchmark's ASGI shim (same on both sides)": ("/bench/",),
+    "benchmark's ASGI shim (same on both sides)": ("/bench/", "/tests/support/"),
 }
 OTHER = "other (stdlib: re, unicodedata, email, hashlib, uuid, logging …)"
 
@@ -365,8 +316,8 @@ async def profile_in_process(s: Stack, n: int) -> str:
     from service.http.app import create_app
 
     apps = {
-        "project": create_app(kit.make_settings(s.postgres.url, s.valkey.url, s.data_dir), embedder=s.embedder),
-        "floor": floor_app(s.valkey.url, FLOOR_KEY),
+        "project": create_app(s.settings, embedder=s.embedder),
+        "floor": floor_app(str(s.settings.redis_url), FLOOR_KEY),
     }
     payload = json.dumps({"question": QUESTION}).encode()
     cpu: dict[str, float] = {}

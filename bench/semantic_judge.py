@@ -2,18 +2,11 @@
 
     python -m bench.semantic_judge [--fit] [--no-write]
 
-Both sets are split in two by a hash of each normalised pair (sha256, first byte even = dev).
-Questions are normalised as the cache key is and embedded with the local all-MiniLM-L6-v2 (vectors
-are kept in bench/results/ so a re-run does not embed again).  Policies, run side by side:
-
-- today's guard: `service.policy.semantic_match.judge_match` at its threshold (cosine >= 0.70 and no
-  number / negation / content-word / direction difference);
-- the judge: `service.policy.semantic_judge.judge` (hard vetoes + a logistic regression score).
-
-The judge's threshold is chosen on the dev halves only -- the lowest swept score at which the
-semantic_pairs dev half reaches precision >= 0.99 and the Quora dev half is at least as precise as
-today's guard there -- and every figure in the table is from the held-out halves.  `--fit` refits
-the regression on the dev halves and prints the constants for service/policy/semantic_judge.py.
+Each set is split in two by a hash of each normalised pair (dev / held out); vectors from the local
+all-MiniLM-L6-v2 are kept in bench/results/. The judge's threshold is the lowest swept score at which
+semantic_pairs' dev half reaches precision >= 0.99 and Quora's dev half is as precise as today's guard;
+every reported figure is from the held-out halves. `--fit` refits the regression on the dev halves
+and prints the constants for service/policy/semantic_judge.py.
 """
 
 from __future__ import annotations
