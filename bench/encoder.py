@@ -14,7 +14,6 @@ encode done) with each runtime, each in its own fresh process.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import json
 import subprocess
 import sys
@@ -35,18 +34,12 @@ MODEL_DIR = kit.RESULTS / "models"
 
 
 def questions(n: int) -> list[str]:
-    out = [json.loads(line)["text"] for line in (kit.SHARED_DATA / "msmarco-5k" / "queries.jsonl").open()]
-    for line in (kit.SHARED_DATA / "quora-pairs-dev" / "pairs.jsonl").open():
-        if len(out) >= n:
-            break
-        pair = json.loads(line)
-        out.extend([pair["a"], pair["b"]])
-    return out[:n]
+    quora = kit.jsonl(kit.SHARED_DATA / "quora-pairs-dev" / "pairs.jsonl")
+    return [*(q["text"] for q in kit.jsonl(kit.MSMARCO / "queries.jsonl")), *(p[k] for p in quora for k in "ab")][:n]
 
 
 def passages(n: int) -> list[str]:
-    with (kit.SHARED_DATA / "msmarco-5k" / "corpus.jsonl").open() as f:
-        return [json.loads(line)["text"] for line, _ in zip(f, range(n), strict=False)]
+    return [p["text"] for p in kit.jsonl(kit.MSMARCO / "corpus.jsonl")[:n]]
 
 
 def one_at_a_time(encode: Callable[[list[str]], Any], texts: list[str]) -> dict[str, float]:
@@ -154,23 +147,17 @@ async def main() -> None:
     agreement = float(np.min(np.sum(onnx.encode(texts[:50]) * torch.encode(texts[:50]), axis=1)))
 
     rows: list[tuple[str, dict[str, float], str]] = []
-    kit.say("torch, one question per encode")
-    rows.append(("torch, one question per encode", one_at_a_time(torch.encode, texts), "1"))
-    kit.say("ONNX, one question per encode")
-    rows.append(("ONNX fp32, one question per encode", one_at_a_time(onnx.encode, texts), "1"))
+    for name, encode in (("torch", torch.encode), ("ONNX fp32", onnx.encode)):
+        kit.say(f"{name}, one question per encode")
+        rows.append((f"{name}, one question per encode", one_at_a_time(encode, texts), "1"))
     kit.say(f"ONNX, micro-batched, {args.concurrency} in flight")
     before = (onnx.batcher.encodes, onnx.batcher.encoded)
     batched = await concurrent(onnx.embed, texts, args.concurrency)
     encodes, encoded = onnx.batcher.encodes - before[0], onnx.batcher.encoded - before[1]
     rows.append((f"ONNX fp32, micro-batched, {args.concurrency} in flight", batched, f"{encoded / encodes:.1f}"))
     kit.say(f"torch behind its lock, {args.concurrency} in flight (the encoder before)")
-    rows.append(
-        (
-            f"torch behind a lock, {args.concurrency} in flight (before)",
-            await concurrent(torch.embed, texts, args.concurrency),
-            "1",
-        )
-    )
+    locked = await concurrent(torch.embed, texts, args.concurrency)
+    rows.append((f"torch behind a lock, {args.concurrency} in flight (before)", locked, "1"))
 
     docs = passages(args.passages)
     kit.say(f"ingest: {len(docs)} passages at batch 64")
@@ -179,40 +166,28 @@ async def main() -> None:
     memory = {"ONNX fp32 (no torch)": rss("onnx", args.model_dir), "torch": rss("torch", args.model_dir)}
 
     table = kit.table(
-        ["encoder", "CPU ms / query", "queries/s", "p50 ms", "p99 ms", "texts / encode"],
+        "encoder | CPU ms / query | queries/s | p50 ms | p99 ms | texts / encode",
         [
-            (name, f"{r['cpu_ms_per_query']:.1f}", f"{r['per_s']:.0f}", f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}", b)
-            for name, r, b in rows
+            (n, f"{r['cpu_ms_per_query']:.1f}", f"{r['per_s']:.0f}", *(f"{r[p]:.1f}" for p in ("p50_ms", "p99_ms")), b)
+            for n, r, b in rows
         ],
     )
-    ingest_table = kit.table(
-        ["runtime", "passages/s", "CPU ms / passage"],
-        [(name, f"{r['per_s']:.1f}", f"{r['cpu_ms_per_passage']:.1f}") for name, r in ingest.items()],
-    )
-    memory_table = kit.table(
-        ["API-like process", "RSS MB", "peak RSS MB", "torch imported"],
+    ingest_rows = [(n, f"{r['per_s']:.1f}", f"{r['cpu_ms_per_passage']:.1f}") for n, r in ingest.items()]
+    memory_rows = [
+        (n, f"{m['rss_mb']:.0f}", f"{m['peak_mb']:.0f}", "yes" if m["torch"] else "no") for n, m in memory.items()
+    ]
+    body = "\n\n".join(
         [
-            (name, f"{m['rss_mb']:.0f}", f"{m['peak_mb']:.0f}", "yes" if m["torch"] else "no")
-            for name, m in memory.items()
-        ],
+            kit.run_line(args.command, model_threads=THREADS, load_average_before=loads_before),
+            f"{len(texts)} questions (msmarco-5k queries, then Quora questions). Worst cosine ONNX vs torch on the "
+            f"first 50: {agreement:.7f}.",
+            table,
+            f"Ingest, {len(docs)} msmarco-5k passages, batch 64:",
+            kit.table("runtime | passages/s | CPU ms / passage", ingest_rows),
+            "Memory (the app imported and built, the encoder loaded, one encode; each in a fresh process):",
+            kit.table("API-like process | RSS MB | peak RSS MB | torch imported", memory_rows),
+        ]
     )
-    command = f"python -m bench.encoder --queries {args.queries} --concurrency {args.concurrency}"
-    command += f" --passages {args.passages}"
-    body = f"""`{command}`
-({dt.date.today()}, {kit.revision()}; {kit.machine_line()}; {THREADS} model threads; load average before {loads_before},
-after {kit.load_text()}). {len(texts)} questions (msmarco-5k queries, then Quora questions). Worst cosine
-ONNX vs torch on the first 50: {agreement:.7f}.
-
-{table}
-
-Ingest, {len(docs)} msmarco-5k passages, batch 64:
-
-{ingest_table}
-
-Memory (the app imported and built, the encoder loaded, one encode; each in a fresh process):
-
-{memory_table}
-"""
     kit.publish("Query encoder", body, args)
 
 

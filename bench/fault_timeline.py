@@ -158,33 +158,21 @@ def checks(run: dict[str, Any], end: float) -> list[tuple[str, bool, str]]:
     after = window(*pg_back)
     fresh_ok = sum(1 for r in window(*pg_back, "fresh") if r.ok)
     errors_after = sum(1 for r in after if not r.ok)
+    misses_ok = all(r.ok for r in down_cached) and sum(r.outcome == "hit" for r in down_cached) <= 2
+    served = all(r.outcome == "hit" for r in pg_cached) and bool(pg_cached)
+    hits_back = (sum(back_hits) >= 0.9 * len(back_hits) > 0, f"{sum(back_hits)} of {len(back_hits)} hits")
+    back_ok = (errors_after == 0 and fresh_ok > 0, f"{errors_after} errors of {len(after)}; {fresh_ok} fresh answered")
     return [
         ("Valkey down: no errors", all(r.ok for r in down), f"{sum(not r.ok for r in down)} errors of {len(down)}"),
-        (
-            "Valkey down: cached questions answered as misses",
-            all(r.ok for r in down_cached) and sum(r.outcome == "hit" for r in down_cached) <= 2,
-            counts(down_cached),
-        ),
-        (
-            "Valkey back: hits again, no restart",
-            sum(back_hits) >= 0.9 * len(back_hits) > 0,
-            f"{sum(back_hits)} of {len(back_hits)} hits",
-        ),
-        (
-            "Postgres down: cached questions still served",
-            all(r.outcome == "hit" for r in pg_cached) and bool(pg_cached),
-            counts(pg_cached),
-        ),
+        ("Valkey down: cached questions answered as misses", misses_ok, counts(down_cached)),
+        ("Valkey back: hits again, no restart", *hits_back),
+        ("Postgres down: cached questions still served", served, counts(pg_cached)),
         (
             "Postgres down: fresh questions get 503 with Retry-After",
             refused == len(pg_fresh) > 0,
             f"{refused} of {len(pg_fresh)}",
         ),
-        (
-            "Postgres back: no errors, fresh questions answered",
-            errors_after == 0 and fresh_ok > 0,
-            f"{errors_after} errors of {len(after)}; {fresh_ok} fresh answered",
-        ),
+        ("Postgres back: no errors, fresh questions answered", *back_ok),
     ]
 
 
@@ -194,13 +182,14 @@ def per_second(run: dict[str, Any], seconds: int) -> list[dict[str, Any]]:
         mine = [x.reply for x in run["sent"] if x.second == s]
         ok = [r for r in mine if r.ok]
         status = Counter(st for at, st in run["ready"] if s <= at < s + 1)
+        hit, gen = ([r.ttft_s * 1000 for r in ok if (r.outcome == "hit") == h] for h in (True, False))
         rows.append(
             {
                 "second": s,
                 "requests": len(mine),
                 "errors": len(mine) - len(ok),
-                "ttft_hit_ms": kit.percentile([r.ttft_s * 1000 for r in ok if r.outcome == "hit"], 50),
-                "ttft_gen_ms": kit.percentile([r.ttft_s * 1000 for r in ok if r.outcome != "hit"], 50),
+                "ttft_hit_ms": kit.percentile(hit, 50),
+                "ttft_gen_ms": kit.percentile(gen, 50),
                 "outcomes": dict(Counter(classify(r) for r in mine)),
                 "ready": status.most_common(1)[0][0] if status else "",
             }
@@ -300,14 +289,11 @@ def plot(seconds: list[dict[str, Any]], events: dict[str, tuple[float, float]], 
 async def main_async(args: Any) -> None:
     out = kit.run_dir("fault_timeline")
     cached = kit.passage_questions(HIT_POOL, prefix="what does the corpus say about", skip=3)
-    fresh = kit.passage_questions(
-        int(args.rate * args.phase * len(PHASES)) + 10, prefix="what do the passages tell us about", skip=5
-    )
+    n = int(args.rate * args.phase * len(PHASES)) + 10
+    fresh = kit.passage_questions(n, prefix="what do the passages tell us about", skip=5)
     own = OwnServers(DATA)
     try:
-        dsn, documents = await kit.ensure_corpus(
-            kit.Servers(own.pg.url, own.valkey.url), args.limit_corpus, data_dir=DATA
-        )
+        dsn, documents = await kit.ensure_corpus(kit.Servers(own.pg.url, own.valkey.url), args.limit_corpus, DATA)
         token = await kit.create_key(dsn)
         with redis.Redis.from_url(own.valkey.url) as client:
             client.flushdb()  # a run starts cold
@@ -320,9 +306,7 @@ async def main_async(args: Any) -> None:
                 for q in cached:
                     if not (await kit.ask(server.url, token, {"question": q})).ok:
                         raise SystemExit(f"warming the cache failed on {q!r}")
-                await asyncio.sleep(
-                    1.5
-                )  # Valkey's append-only file is fsynced every second: the pool survives a restart
+                await asyncio.sleep(1.5)  # Valkey's append-only file is fsynced every second: it survives a restart
                 kit.say(f"== {args.rate:g} req/s for {args.phase * len(PHASES):.0f} s; faults every {args.phase:g} s")
                 run = await timeline(server.url, token, own, args, cached, fresh)
     finally:
@@ -332,10 +316,9 @@ async def main_async(args: Any) -> None:
     if plotted and not args.no_write:
         (out / "fault_timeline.png").replace(PLOT)
     setup = (
-        f"One `rag-serve` (one worker, never restarted) over msmarco-5k's first {documents:,} passages; model "
-        f"stand-in: first token after {args.first_token_delay * 1000:.0f} ms, {args.answer_tokens} tokens "
-        f"{args.token_interval * 1000:.0f} ms apart. Open loop, {args.rate:g} req/s, {args.hit_share:.0%} for "
-        f"{HIT_POOL} cached questions, the rest fresh; an error = non-200, an SSE `error`, or no complete answer."
+        f"{kit.model_line(args, documents)} One `rag-serve` worker, never restarted. Open loop, {args.rate:g} req/s, "
+        f"{args.hit_share:.0%} for {HIT_POOL} cached questions, the rest fresh; an error = non-200, an SSE `error`, "
+        "or no complete answer."
     )
     body = "\n\n".join([kit.run_line(args.command), setup, report(run, seconds, args, plotted)])
     body += f"\n\nServer log warnings: {'; '.join(f'{k} ×{v}' for k, v in warnings_in(log).items()) or 'none'}."
@@ -347,10 +330,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rate", type=float, default=20, help="requests per second (open loop)")
     parser.add_argument("--hit-share", type=float, default=0.7, help="share of requests for cached questions")
     parser.add_argument("--phase", type=float, default=30, help="seconds between faults")
-    parser.add_argument("--limit-corpus", type=int, default=1000, help="msmarco passages to ingest")
-    parser.add_argument("--first-token-delay", type=float, default=0.3, help="seconds")
-    parser.add_argument("--token-interval", type=float, default=0.02, help="seconds")
-    parser.add_argument("--answer-tokens", type=int, default=40)
+    kit.replay_arguments(parser, first_token_delay=0.3, answer_tokens=40, limit_corpus=1000)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--no-plot", action="store_true")
     args = kit.parse(parser, argv, rate=4.0, phase=8.0, limit_corpus=200)
