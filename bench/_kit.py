@@ -17,7 +17,6 @@ import math
 import os
 import platform
 import shlex
-import signal
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,9 @@ import redis.asyncio as aioredis
 
 from service.settings import Settings
 from tests.support.load import Client, ProviderProcess, Reply, fetch
+from tests.support.processes import Served as Served
+from tests.support.processes import clean_env as clean_env
+from tests.support.processes import serve_process as serve_process
 from tests.support.servers import SHARED_DATA, bearer, free_port, make_key, make_settings, with_database
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -281,15 +283,6 @@ async def create_key(dsn: str) -> str:
 # --------------------------------------------------------------------------- servers under test
 
 
-def clean_env(**extra: str) -> dict[str, str]:
-    """This process's environment minus every service setting, plus `extra`."""
-    prefixes = ("RAG_", "OPENAI_", "ANTHROPIC_", "DATABASE_URL", "REDIS_URL")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return env | {"PYTHONUNBUFFERED": "1"} | extra
-
-
 @dataclass
 class Servers:
     admin_dsn: str
@@ -331,6 +324,15 @@ async def _documents(dsn: str) -> int:
     return int(await fetchval(dsn, "SELECT count(*) FROM documents"))
 
 
+def corpus_subset(corpus: Path, limit: int, subset: Path) -> Path:
+    """`subset`, holding the first `limit` lines of `corpus` (rewritten only when they differ)."""
+    subset.parent.mkdir(parents=True, exist_ok=True)
+    head = b"".join(line + b"\n" for line in corpus.read_bytes().split(b"\n")[:limit])
+    if not subset.exists() or subset.read_bytes() != head:
+        subset.write_bytes(head)
+    return subset
+
+
 async def ensure_corpus(servers: Servers, limit: int | None, data_dir: Path = DATA_DIR) -> tuple[str, int]:
     """A database holding msmarco-5k (or its first `limit` passages), ingested once with `rag-ingest`, then reused."""
     corpus = MSMARCO / "corpus.jsonl"
@@ -338,14 +340,8 @@ async def ensure_corpus(servers: Servers, limit: int | None, data_dir: Path = DA
     if not await fetchval(servers.admin_dsn, "SELECT 1 FROM pg_database WHERE datname = $1", name):
         await fetchval(servers.admin_dsn, f'CREATE DATABASE "{name}"')
     dsn = servers.database(name)
-    if limit is not None:
-        # Beside the data directory, not in it: rag-ingest never ingests from RAG_DATA_DIR.
-        subset = data_dir.parent / f"corpus-{limit}" / "corpus.jsonl"
-        subset.parent.mkdir(parents=True, exist_ok=True)
-        head = b"".join(line + b"\n" for line in corpus.read_bytes().split(b"\n")[:limit])
-        if not subset.exists() or subset.read_bytes() != head:
-            subset.write_bytes(head)
-        corpus = subset
+    if limit is not None:  # beside the data directory, not in it: rag-ingest never ingests from RAG_DATA_DIR
+        corpus = corpus_subset(corpus, limit, data_dir.parent / f"corpus-{limit}" / "corpus.jsonl")
     expected = len(jsonl(corpus))
     have = await _documents(dsn)
     if have != expected:
@@ -369,40 +365,6 @@ async def fresh_caches(dsn: str, redis_url: str) -> None:
         await client.aclose()
     if await fetchval(dsn, "SELECT to_regclass('semantic_cache') IS NOT NULL"):
         await fetchval(dsn, "DELETE FROM semantic_cache")
-
-
-@dataclass
-class Served:
-    url: str
-    process: subprocess.Popen[bytes]
-    log: Path
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-
-@asynccontextmanager
-async def serve_process(command: str, port: int, env: dict[str, str], log: Path, cwd: Path) -> AsyncIterator[Served]:
-    """`command` (split on spaces) as a process of its own, until GET /health answers on `port`; stopped after."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("wb") as sink:
-        proc = subprocess.Popen(command.split(), env=env, cwd=cwd, stdout=sink, stderr=subprocess.STDOUT)  # noqa: ASYNC220
-    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 240
-    try:
-        while (await fetch(url, "GET", "/health", limit_s=2)).status != 200:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"{command.split()[0]} did not start (exit {proc.poll()}); see {log}")
-            await asyncio.sleep(0.2)
-        yield Served(url, proc, log)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def rag_serve(

@@ -138,10 +138,7 @@ async def ensure_corpus(settings: Any, embedder: Any, corpus: Path, limit: int |
     from service.postgres.corpus import open_corpus
 
     if limit is not None:
-        subset = DB_DIR / "corpus.jsonl"
-        head = b"".join(line + b"\n" for line in corpus.read_bytes().split(b"\n")[:limit])  # noqa: ASYNC240 - setup
-        subset.write_bytes(head)
-        corpus = subset
+        corpus = kit.corpus_subset(corpus, limit, DB_DIR / "corpus.jsonl")
     report = await kit.ingest_path(settings, embedder, corpus, fmt="beir")
     async with open_corpus(settings) as opened:
         documents = int(await opened.pool.fetchval("SELECT count(*) FROM documents"))
@@ -158,15 +155,12 @@ async def timed(call: Callable[[], Awaitable[Any]]) -> tuple[float, Any]:
 
 
 async def run(args: argparse.Namespace) -> str:
-    import redis.asyncio as aioredis
     from pydantic import SecretStr
 
     from service.answer.pipeline import AnswerService
     from service.answer.schemas import RagRequest
-    from service.embedded import start_postgres, start_valkey
     from service.embeddings.encoders import LocalEmbedder
     from service.http.app import create_app
-    from service.postgres.corpus import open_corpus
     from tests.support.provider_server import ProviderServer
 
     queries = [(str(r["_id"]), str(r["text"])) for r in kit.jsonl(args.data / "queries.jsonl")][: args.queries]
@@ -174,24 +168,16 @@ async def run(args: argparse.Namespace) -> str:
         shutil.rmtree(DB_DIR, ignore_errors=True)
     DB_DIR.mkdir(parents=True, exist_ok=True)
     kit.say(f"embedded Postgres + Valkey under {DB_DIR}")
-    pg = start_postgres(DB_DIR)
-    valkey = start_valkey(DB_DIR)
-    provider = ProviderServer().start()
-    try:
+    with kit.embedded_servers(DB_DIR) as db, ProviderServer() as provider:
         api_key = SecretStr("sk-ant-bench")
         settings = kit.make_settings(
-            pg.url, valkey.url, DB_DIR, anthropic_api_key=api_key, anthropic_base_url=provider.base_url
+            db.admin_dsn, db.redis_base, DB_DIR, anthropic_api_key=api_key, anthropic_base_url=provider.base_url
         )
         embedder = LocalEmbedder()
         embedder.encode(["warm up"])
         corpus_line = await ensure_corpus(settings, embedder, args.data / "corpus.jsonl", args.limit_corpus)
-        token = await kit.create_key(pg.url)
-
-        redis = aioredis.from_url(valkey.url)
-        await redis.flushdb()  # a clean slate: no answers, no semantic-index rows from earlier runs
-        async with open_corpus(settings) as opened:
-            if await opened.pool.fetchval("SELECT to_regclass('semantic_cache') IS NOT NULL"):
-                await opened.pool.execute("DELETE FROM semantic_cache")
+        token = await kit.create_key(db.admin_dsn)
+        await kit.fresh_caches(db.admin_dsn, db.redis_base)  # a clean slate: no answers, no semantic-index rows
         samples = Samples()
         app = create_app(settings, embedder=embedder)
         async with serve_app(app) as base:
@@ -294,13 +280,8 @@ async def run(args: argparse.Namespace) -> str:
                             samples.timeline.setdefault(label, []).append(seconds)
                             samples.timeline_order.setdefault(label, []).append(position)
             client.close()
-        await redis.flushdb()
-        await redis.aclose()
+        await kit.fresh_caches(db.admin_dsn, db.redis_base)
         return render(samples, args, corpus_line, len(queries))
-    finally:
-        provider.stop()
-        valkey.stop()
-        pg.stop()
 
 
 def render(samples: Samples, args: argparse.Namespace, corpus: str, queries: int) -> str:
