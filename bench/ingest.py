@@ -120,10 +120,8 @@ async def run_round(
 ) -> dict[str, Any]:
     options = IngestOptions(window=args.window)
     raw_first = number % 2 == 1
-    result: dict[str, Any] = {
-        "number": number,
-        "order": "raw → ingest → re-run" if raw_first else "ingest → re-run → raw",
-    }
+    order = "raw → ingest → re-run" if raw_first else "ingest → re-run → raw"
+    result: dict[str, Any] = {"number": number, "order": order}
     name = f"bench_ingest_{os.getpid()}_{number}"
 
     def raw_side() -> None:
@@ -140,9 +138,7 @@ async def run_round(
             store = TimedStore(corpus.pool)
             result["ingest"] = await timed_ingest(store, embedder, args, options)
             result["rerun"] = await timed_ingest(store, embedder, args, options)
-            result["db"] = [
-                int(await corpus.pool.fetchval(f"SELECT count(*) FROM {t}")) for t in ("documents", "chunks")
-            ]
+            result["db"] = [await corpus.pool.fetchval(f"SELECT count(*) FROM {t}") for t in ("documents", "chunks")]
     finally:
         await kit.fetchval(pg.url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     if not raw_first:
@@ -178,27 +174,21 @@ def render(rounds: list[dict[str, Any]], documents: int, n: int, args: Any) -> s
     raw = statistics.median(r["raw"] for r in rounds)
     ing = statistics.median(r["ingest"].seconds for r in rounds)
     ratio = raw / ing
-    per_round = [
-        [
-            r["number"],
-            r["order"],
-            f"{r['raw']:.1f}",
-            "–" if r["raw_batched"] is None else f"{r['raw_batched']:.1f}",
-            f"{r['ingest'].seconds:.1f}",
-            f"{r['ingest'].load_seconds:.2f} / {r['ingest'].embed_seconds:.1f} / "
-            f"{r['ingest'].seconds - r['ingest'].load_seconds - r['ingest'].embed_seconds:.2f}",
-            f"{r['ingest'].write_seconds:.2f} ({r['ingest'].writes} txns)",
-            f"{r['raw'] / r['ingest'].seconds:.2f}",
-            f"{r['rerun'].seconds:.2f}",
-            r["load_average"],
-        ]
-        for r in rounds
-    ]
+    per_round = []
+    for r in rounds:
+        ingest, batched = r["ingest"], "–" if r["raw_batched"] is None else f"{r['raw_batched']:.1f}"
+        other = ingest.seconds - ingest.load_seconds - ingest.embed_seconds
+        per_round.append(
+            f"{r['number']} | {r['order']} | {r['raw']:.1f} | {batched} | {ingest.seconds:.1f} | "
+            f"{ingest.load_seconds:.2f} / {ingest.embed_seconds:.1f} / {other:.2f} | "
+            f"{ingest.write_seconds:.2f} ({ingest.writes} txns) | {r['raw'] / ingest.seconds:.2f} | "
+            f"{r['rerun'].seconds:.2f} | {r['load_average']}"
+        )
     versions = {
         "torch": f"{torch.__version__} ({torch.get_num_threads()} threads)",
         "sentence_transformers": sentence_transformers.__version__,
     }
-    summary = [[f"{documents:,}", f"{n:,}", args.batch_size, f"{n / raw:.1f}", f"{n / ing:.1f}", f"**{ratio:.2f}**"]]
+    summary = [f"{documents:,}", f"{n:,}", args.batch_size, f"{n / raw:.1f}", f"{n / ing:.1f}", f"**{ratio:.2f}**"]
     return "\n\n".join(
         [
             kit.run_line(args.command, **versions),

@@ -110,15 +110,8 @@ def summarize(run: dict[str, Any], draws: list[Draw], hash_to_query: dict[str, s
         if reply.outcome == "semantic_hit":
             info = reply.data("meta").get("semantic") or {}
             matched = hash_to_query.get(str(info.get("matched_question_hash")), "?")
-            semantic.append(
-                {
-                    "sent": draw.text,
-                    "query_id": draw.query_id,
-                    "matched_query_id": matched,
-                    "similarity": info.get("similarity"),
-                    "first_time": draw.text not in asked,
-                }
-            )
+            hit = {"sent": draw.text, "query_id": draw.query_id, "matched_query_id": matched}
+            semantic.append(hit | {"similarity": info.get("similarity"), "first_time": draw.text not in asked})
         asked.add(draw.text)
 
     def total(event: str, key: str, pick: Any = int) -> Any:
@@ -161,12 +154,8 @@ def pair_analysis(queries: list[kit.Query]) -> dict[str, Any]:
             same[decision.reason] += 1
         elif decision.hit:
             cross.append(f"“{a}” / “{b}” ({similarity:.3f})")
-    return {
-        "threshold": threshold,
-        "same_query": dict(same),
-        "cross_pairs": math.comb(len(texts), 2) - same.total(),
-        "cross_hits": cross,
-    }
+    cross_pairs = math.comb(len(texts), 2) - same.total()
+    return {"threshold": threshold, "same_query": dict(same), "cross_pairs": cross_pairs, "cross_hits": cross}
 
 
 def report(summaries: list[dict[str, Any]], pairs: dict[str, Any], draws: list[Draw]) -> str:
@@ -183,9 +172,8 @@ def report(summaries: list[dict[str, Any]], pairs: dict[str, Any], draws: list[D
         for s in summaries
     ]
     lines = [
-        f"{len(draws)} requests, {len({d.text for d in draws})} distinct texts: at best "
-        f"{opp.get('repeat_text', 0)} repeat "
-        f"an earlier text and {opp.get('new_wording', 0)} more are a new wording of an earlier query.",
+        f"{len(draws)} requests, {len({d.text for d in draws})} distinct texts: at best {opp.get('repeat_text', 0)} "
+        f"repeat an earlier text and {opp.get('new_wording', 0)} more are a new wording of an earlier query.",
         kit.table(
             "configuration | provider calls | exact hits | semantic hits | coalesced | client TTFT p50 / "
             "p95 ms | server TTFT p50 by outcome ms | tokens saved | $ saved | $ spent | errors",
