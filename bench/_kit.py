@@ -149,10 +149,10 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None, **quick: 
 
 def table(header: str | Sequence[str], rows: Iterable[str | Sequence[object]], align: str = "") -> str:
     """A Markdown table; the header and each row are a list of cells or one string "a | b | c";
-    `align` has one 'l' or 'r' per column (default: first left, the rest right)."""
+    `align` has one 'l' or 'r' per column, the columns it does not reach are right-aligned (default: first left)."""
     header = header.split(" | ") if isinstance(header, str) else header
     rows = [row.split(" | ") if isinstance(row, str) else row for row in rows]
-    align = align or "l" + "r" * (len(header) - 1)
+    align = (align or "l").ljust(len(header), "r")
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if a == "l" else "---:" for a in align) + "|"]
     return "\n".join([*lines, *("| " + " | ".join(str(c) for c in row) + " |" for row in rows)])
 

@@ -211,6 +211,12 @@ async def stack() -> AsyncIterator[Stack]:
             yield s
 
 
+COLUMNS = "concurrency | server | requests | errors | req/s | p50 ms | p99 ms"
+CPU_COLUMNS = "server CPU µs/req | server CPU | client CPU | longest stall ms"
+RATIO_COLUMNS = "req/s project/floor | per round | p50 project/floor | p99 project/floor | CPU/req project/floor"
+GOAL = f"≥ {GOAL_RPS_RATIO} × req/s, p99 ≤ {GOAL_P99_RATIO:g} ×"
+
+
 def report(runs: list[Run], args: Any) -> str:
     rows, ratios = [], []
     for c in args.concurrency:
@@ -219,12 +225,9 @@ def report(runs: list[Run], args: Any) -> str:
         for name, rs in side.items():
             lat = [x for r in rs for x in r.latencies]
             secs = sum(r.seconds for r in rs)
-            agg[name] = {
-                "rps": len(lat) / secs,
-                "p50": kit.percentile(lat, 50),
-                "p99": kit.percentile(lat, 99),
-                "cpu_us": sum(r.server_cpu for r in rs) / max(len(lat), 1) * 1e6,
-            }
+            cpu_us = sum(r.server_cpu for r in rs) / max(len(lat), 1) * 1e6
+            agg[name] = {"rps": len(lat) / secs, "p50": kit.percentile(lat, 50), "p99": kit.percentile(lat, 99)}
+            agg[name]["cpu_us"] = cpu_us
             rows.append(
                 f"{c} | {name} | {len(lat):,} | {sum(len(r.errors) for r in rs)} | {agg[name]['rps']:,.0f} | "
                 f"{kit.ms(agg[name]['p50'])} | {kit.ms(agg[name]['p99'])} | {agg[name]['cpu_us']:,.0f} | "
@@ -243,24 +246,9 @@ def report(runs: list[Run], args: Any) -> str:
     return "\n\n".join(
         [
             kit.table(
-                "concurrency | server | requests | errors | req/s | p50 ms | p99 ms | server CPU µs/req | "
-                "server CPU | client CPU | longest stall ms",
-                rows,
-                "rlrrrrrrrrr",
+                f"concurrency | server | requests | errors | req/s | p50 ms | p99 ms | {CPU_COLUMNS}", rows, "rl"
             ),
-            kit.table(
-                [
-                    "concurrency",
-                    "req/s project/floor",
-                    "per round",
-                    "p50 project/floor",
-                    "p99 project/floor",
-                    "CPU/req project/floor",
-                    f"goal (≥ {GOAL_RPS_RATIO} × req/s, p99 ≤ {GOAL_P99_RATIO:g} ×)",
-                ],
-                ratios,
-                "rrrrrrl",
-            ),
+            kit.table(f"concurrency | {RATIO_COLUMNS} | goal ({GOAL})", ratios, "rrrrrrl"),
             f"Error samples: {'; '.join(f'`{s}`' for s in samples) or 'none'}.",
         ]
     )
