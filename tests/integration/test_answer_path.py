@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import redis.asyncio as aioredis
 
@@ -24,6 +26,18 @@ from tests.support.answers import FLUSH, ask, running, seed, with_providers
 from tests.support.provider_server import Behavior, ProviderServer
 from tests.support.servers import bearer, make_key, make_settings, wait_until
 from tests.support.sse import aiter_sse
+
+
+@pytest.fixture
+async def http(
+    settings: Settings, local_embedder: LocalEmbedder, provider: ProviderServer
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The app over the seeded handbook, answering through `provider`; a client with a fresh query key."""
+    settings = with_providers(settings, provider)
+    await seed(settings, local_embedder)
+    async with running(settings, local_embedder) as client:
+        yield client
+
 
 # --- the offline default -----------------------------------------------------------------
 
@@ -93,26 +107,23 @@ async def test_filters_restrict_sources(settings: Settings, local_embedder: Loca
 
 
 async def test_bypass_neither_reads_nor_writes_and_refresh_writes(
-    settings: Settings, local_embedder: LocalEmbedder, provider: ProviderServer
+    settings: Settings, http: httpx.AsyncClient, provider: ProviderServer
 ) -> None:
-    settings = with_providers(settings, provider)
-    await seed(settings, local_embedder)
-    async with running(settings, local_embedder) as http:
-        assert (await ask(http, cache="bypass")).meta["cache"] == "bypass"
-        assert (await ask(http)).meta["cache"] == "miss"  # bypass wrote nothing
-        assert (await ask(http, cache="bypass")).meta["cache"] == "bypass"  # and reads nothing
-        assert (await ask(http)).meta["cache"] == "hit"
-        calls = len(provider.calls_to("messages"))
-        assert calls == 3
-        provider.default = Behavior(text="A refreshed answer [1].")
-        # refresh replaces the answer every key is served: an admin operation (issue 12)
-        # an admin key that reads what the query key reads (same permission set) replaces the shared answer
-        admin = await make_key(settings, "admin", collections=["default"])
-        refreshed = await ask(http, cache="refresh", headers=bearer(admin))
-        assert refreshed.meta["cache"] == "miss" and refreshed.text == "A refreshed answer [1]."
-        hit = await ask(http)
-        assert hit.meta["cache"] == "hit" and hit.text == "A refreshed answer [1]."
-        assert len(provider.calls_to("messages")) == calls + 1
+    assert (await ask(http, cache="bypass")).meta["cache"] == "bypass"
+    assert (await ask(http)).meta["cache"] == "miss"  # bypass wrote nothing
+    assert (await ask(http, cache="bypass")).meta["cache"] == "bypass"  # and reads nothing
+    assert (await ask(http)).meta["cache"] == "hit"
+    calls = len(provider.calls_to("messages"))
+    assert calls == 3
+    provider.default = Behavior(text="A refreshed answer [1].")
+    # refresh replaces the answer every key is served: an admin operation (issue 12)
+    # an admin key that reads what the query key reads (same permission set) replaces the shared answer
+    admin = await make_key(settings, "admin", collections=["default"])
+    refreshed = await ask(http, cache="refresh", headers=bearer(admin))
+    assert refreshed.meta["cache"] == "miss" and refreshed.text == "A refreshed answer [1]."
+    hit = await ask(http)
+    assert hit.meta["cache"] == "hit" and hit.text == "A refreshed answer [1]."
+    assert len(provider.calls_to("messages")) == calls + 1
 
 
 # --- guardrails and schema, before any I/O ---------------------------------------------
@@ -151,74 +162,52 @@ async def test_oversized_body_is_413(settings: Settings, local_embedder: LocalEm
         assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
 
 
-async def test_pii_is_redacted_before_the_provider_sees_it(
-    settings: Settings, local_embedder: LocalEmbedder, provider: ProviderServer
-) -> None:
-    settings = with_providers(settings, provider)
-    await seed(settings, local_embedder)
-    async with running(settings, local_embedder) as http:
-        reply = await ask(
-            http, "My email is jane.doe@example.com and card 4111 1111 1111 1111: how do I flush the cache?"
-        )
-        assert reply.status == 200
-        sent = json.dumps(provider.calls_to("messages")[0].body)
-        assert "jane.doe@example.com" not in sent and "4111" not in sent
-        assert "[EMAIL]" in sent and "[CARD]" in sent
+async def test_pii_is_redacted_before_the_provider_sees_it(http: httpx.AsyncClient, provider: ProviderServer) -> None:
+    reply = await ask(http, "My email is jane.doe@example.com and card 4111 1111 1111 1111: how do I flush the cache?")
+    assert reply.status == 200
+    sent = json.dumps(provider.calls_to("messages")[0].body)
+    assert "jane.doe@example.com" not in sent and "4111" not in sent
+    assert "[EMAIL]" in sent and "[CARD]" in sent
 
 
 # --- routing by task size ---------------------------------------------------------------
 
 
-async def test_routing_small_large_and_explicit_models(
-    settings: Settings, local_embedder: LocalEmbedder, provider: ProviderServer
-) -> None:
-    settings = with_providers(settings, provider)
-    await seed(settings, local_embedder)
-    async with running(settings, local_embedder) as http:
-        small = await ask(http)
-        assert small.meta["route"] == {**small.meta["route"], "tier": "small", "provider": "anthropic"}
-        assert provider.calls_to("messages")[-1].body["model"] == small.meta["route"]["model"] == "claude-haiku-4-5"
+async def test_routing_small_large_and_explicit_models(http: httpx.AsyncClient, provider: ProviderServer) -> None:
+    small = await ask(http)
+    assert small.meta["route"] == {**small.meta["route"], "tier": "small", "provider": "anthropic"}
+    assert provider.calls_to("messages")[-1].body["model"] == small.meta["route"]["model"] == "claude-haiku-4-5"
 
-        compare = "Compare the cache TTL with key revocation, and why would I flush the cache? Explain the difference."
-        large = await ask(http, compare)
-        assert large.meta["route"]["tier"] == "large" and large.meta["route"]["model"] == "claude-sonnet-4-6"
-        assert "compare" in large.meta["route"]["reason"]
+    compare = "Compare the cache TTL with key revocation, and why would I flush the cache? Explain the difference."
+    large = await ask(http, compare)
+    assert large.meta["route"]["tier"] == "large" and large.meta["route"]["model"] == "claude-sonnet-4-6"
+    assert "compare" in large.meta["route"]["reason"]
 
-        long_answer = await ask(http, "What is the TTL setting?", max_tokens=2048)
-        assert long_answer.meta["route"]["tier"] == "large" and "max_tokens" in long_answer.meta["route"]["reason"]
+    long_answer = await ask(http, "What is the TTL setting?", max_tokens=2048)
+    assert long_answer.meta["route"]["tier"] == "large" and "max_tokens" in long_answer.meta["route"]["reason"]
 
-        forced = await ask(http, "What is the TTL setting?", model="gpt-4o-mini")
-        assert forced.meta["route"]["provider"] == "openai" and forced.meta["route"]["model"] == "gpt-4o-mini"
-        assert provider.calls_to("chat.completions")[-1].body["model"] == "gpt-4o-mini"
+    forced = await ask(http, "What is the TTL setting?", model="gpt-4o-mini")
+    assert forced.meta["route"]["provider"] == "openai" and forced.meta["route"]["model"] == "gpt-4o-mini"
+    assert provider.calls_to("chat.completions")[-1].body["model"] == "gpt-4o-mini"
 
 
 # --- provider faults --------------------------------------------------------------------
 
 
-async def test_usage_and_cost_come_from_the_provider(
-    settings: Settings, local_embedder: LocalEmbedder, provider: ProviderServer
-) -> None:
-    settings = with_providers(settings, provider)
-    await seed(settings, local_embedder)
+async def test_usage_and_cost_come_from_the_provider(http: httpx.AsyncClient, provider: ProviderServer) -> None:
     provider.default = Behavior(text="Run rag-admin cache flush [1].", input_tokens=1000, output_tokens=200)
-    async with running(settings, local_embedder) as http:
-        done = (await ask(http)).of("done")[0]
-        # claude-haiku-4-5 at $1 / $5 per million tokens
-        assert done["usage"] == {"input_tokens": 1000, "output_tokens": 200, "cost_usd": 0.002}
+    done = (await ask(http)).of("done")[0]
+    # claude-haiku-4-5 at $1 / $5 per million tokens
+    assert done["usage"] == {"input_tokens": 1000, "output_tokens": 200, "cost_usd": 0.002}
 
 
-async def test_429_is_retried_and_then_succeeds(
-    settings: Settings, local_embedder: LocalEmbedder, provider: ProviderServer
-) -> None:
-    settings = with_providers(settings, provider)
-    await seed(settings, local_embedder)
+async def test_429_is_retried_and_then_succeeds(http: httpx.AsyncClient, provider: ProviderServer) -> None:
     provider.enqueue(Behavior(status=429, retry_after=0.05))
-    async with running(settings, local_embedder) as http:
-        reply = await ask(http)
-        assert reply.status == 200 and reply.names[-1] == "done"
-        calls = provider.calls_to("messages")
-        assert [c.status for c in calls] == [429, 200]
-        assert reply.meta["route"]["provider"] == "anthropic" and "fell back" not in reply.meta["route"]["reason"]
+    reply = await ask(http)
+    assert reply.status == 200 and reply.names[-1] == "done"
+    calls = provider.calls_to("messages")
+    assert [c.status for c in calls] == [429, 200]
+    assert reply.meta["route"]["provider"] == "anthropic" and "fell back" not in reply.meta["route"]["reason"]
 
 
 async def test_provider_down_falls_back_to_the_other_provider(
@@ -265,39 +254,33 @@ async def test_slow_first_token_falls_back_within_the_timeout(
 
 
 async def test_drop_mid_stream_sends_an_error_event_and_caches_nothing(
-    settings: Settings, local_embedder: LocalEmbedder, provider: ProviderServer
+    http: httpx.AsyncClient, provider: ProviderServer
 ) -> None:
-    settings = with_providers(settings, provider)
-    await seed(settings, local_embedder)
     provider.enqueue(Behavior(text="one two three four five six", drop_after=3))
-    async with running(settings, local_embedder) as http:
-        broken = await ask(http)
-        assert broken.status == 200
-        assert broken.names[0] == "meta" and broken.names[-1] == "error" and "done" not in broken.names
-        assert broken.text == "one two three "
-        assert broken.of("error")[0]["code"] == "generation_failed"
-        again = await ask(http)
-        assert again.meta["cache"] == "miss" and again.names[-1] == "done"
+    broken = await ask(http)
+    assert broken.status == 200
+    assert broken.names[0] == "meta" and broken.names[-1] == "error" and "done" not in broken.names
+    assert broken.text == "one two three "
+    assert broken.of("error")[0]["code"] == "generation_failed"
+    again = await ask(http)
+    assert again.meta["cache"] == "miss" and again.names[-1] == "done"
 
 
 async def test_client_disconnect_closes_the_upstream_and_caches_nothing(
-    settings: Settings, local_embedder: LocalEmbedder, provider: ProviderServer
+    http: httpx.AsyncClient, provider: ProviderServer
 ) -> None:
-    settings = with_providers(settings, provider)
-    await seed(settings, local_embedder)
     provider.enqueue(Behavior(text=" ".join(["word"] * 50), token_interval=0.2))
-    async with running(settings, local_embedder) as http:
-        async with http.stream("POST", "/rag/stream", json={"question": FLUSH}) as response:
-            async for name, _ in aiter_sse(response.aiter_lines()):
-                if name == "token":
-                    break  # one token seen: hang up
-        call = provider.calls_to("messages")[0]
-        assert await provider.async_wait_for(lambda: call.disconnected, timeout=1.0), "upstream still open after 1 s"
-        assert call.disconnected_at is not None and not call.completed
-        provider.default = Behavior(text="Fresh answer [1].")
-        again = await ask(http)
-        assert again.status == 200, again.body
-        assert again.meta["cache"] == "miss"
+    async with http.stream("POST", "/rag/stream", json={"question": FLUSH}) as response:
+        async for name, _ in aiter_sse(response.aiter_lines()):
+            if name == "token":
+                break  # one token seen: hang up
+    call = provider.calls_to("messages")[0]
+    assert await provider.async_wait_for(lambda: call.disconnected, timeout=1.0), "upstream still open after 1 s"
+    assert call.disconnected_at is not None and not call.completed
+    provider.default = Behavior(text="Fresh answer [1].")
+    again = await ask(http)
+    assert again.status == 200, again.body
+    assert again.meta["cache"] == "miss"
 
 
 # --- cache consistency and dependencies ----------------------------------------------------
@@ -374,44 +357,39 @@ async def _answers_cached(settings: Settings) -> int:
 
 
 async def test_semantic_cache_serves_paraphrases_and_refuses_near_misses(
-    settings: Settings, local_embedder: LocalEmbedder, provider: ProviderServer
+    settings: Settings, http: httpx.AsyncClient, provider: ProviderServer, local_embedder: LocalEmbedder
 ) -> None:
-    settings = with_providers(settings, provider)
-    await seed(settings, local_embedder)
-    async with running(settings, local_embedder) as http:
-        first = await ask(http, "How do I flush the cache?")
-        assert first.meta["cache"] == "miss"
-        para = await ask(http, "how can i flush the cache")
-        assert para.meta["cache"] == "semantic_hit" and para.text == first.text
-        assert para.meta["semantic"]["matched_question_hash"] == question_hash(
-            "How do I flush the cache?", hash_key(settings)
-        )
-        assert settings.semantic_cache_threshold <= para.meta["semantic"]["similarity"] <= 1
-        assert para.of("done")[0]["cached"] is True and para.of("done")[0]["usage"]["cost_usd"] == 0
-        calls = len(provider.calls_to("messages"))
+    first = await ask(http, "How do I flush the cache?")
+    assert first.meta["cache"] == "miss"
+    para = await ask(http, "how can i flush the cache")
+    assert para.meta["cache"] == "semantic_hit" and para.text == first.text
+    assert para.meta["semantic"]["matched_question_hash"] == question_hash(
+        "How do I flush the cache?", hash_key(settings)
+    )
+    assert settings.semantic_cache_threshold <= para.meta["semantic"]["similarity"] <= 1
+    assert para.of("done")[0]["cached"] is True and para.of("done")[0]["usage"]["cost_usd"] == 0
+    calls = len(provider.calls_to("messages"))
 
-        # the paraphrase's answer was filed under its own key: asked again, it is an exact hit
-        async def filed() -> bool:
-            return await _answers_cached(settings) == 2
+    # the paraphrase's answer was filed under its own key: asked again, it is an exact hit
+    async def filed() -> bool:
+        return await _answers_cached(settings) == 2
 
-        await wait_until(filed, within=5)
-        again = await ask(http, "how can i flush the cache")
-        assert again.meta["cache"] == "hit" and again.text == first.text
+    await wait_until(filed, within=5)
+    again = await ask(http, "how can i flush the cache")
+    assert again.meta["cache"] == "hit" and again.text == first.text
 
-        # near-misses: a negation, and the same words with another scope of the request
-        assert (await ask(http, "How do I not flush the cache?")).meta["cache"] == "miss"
-        assert (await ask(http, "how can i flush the cache", top_k=3)).meta["cache"] == "miss"
-        assert len(provider.calls_to("messages")) == calls + 2
+    # near-misses: a negation, and the same words with another scope of the request
+    assert (await ask(http, "How do I not flush the cache?")).meta["cache"] == "miss"
+    assert (await ask(http, "how can i flush the cache", top_k=3)).meta["cache"] == "miss"
+    assert len(provider.calls_to("messages")) == calls + 2
 
-        # the matched answer is invalidated with its document: no semantic hit on a dead answer
-        changed = SourceDocument(
-            "handbook", "cache.md", "mem://cache.md", "Caching", "Use rag-admin cache flush --yes."
-        )
-        await seed(settings, local_embedder, [changed])
-        client = aioredis.from_url(str(settings.redis_url))
-        await wait_until(lambda: _caught_up(client, settings), within=10)
-        await client.aclose()
-        assert (await ask(http, "How could I flush the cache?")).meta["cache"] == "miss"
+    # the matched answer is invalidated with its document: no semantic hit on a dead answer
+    changed = SourceDocument("handbook", "cache.md", "mem://cache.md", "Caching", "Use rag-admin cache flush --yes.")
+    await seed(settings, local_embedder, [changed])
+    client = aioredis.from_url(str(settings.redis_url))
+    await wait_until(lambda: _caught_up(client, settings), within=10)
+    await client.aclose()
+    assert (await ask(http, "How could I flush the cache?")).meta["cache"] == "miss"
 
 
 async def test_semantic_cache_can_be_switched_off(settings: Settings, local_embedder: LocalEmbedder) -> None:
