@@ -193,7 +193,7 @@ def render(rounds: list[dict[str, Any]], documents: int, n: int, args: Any) -> s
         [
             kit.run_line(args.command, **versions),
             kit.table(
-                "documents | chunks | batch size | raw encoder chunks/s | ingest chunks/s | ingest / raw", summary
+                "documents | chunks | batch size | raw encoder chunks/s | ingest chunks/s | ingest / raw", [summary]
             ),
             f"Goal ingest / raw ≥ {GOAL_RATIO}: **{'met' if ratio >= GOAL_RATIO else 'not met'}** "
             f"(medians of {len(rounds)} rounds; ingest = load + hash + chunk + embed + COPY + index maintenance).",
