@@ -89,6 +89,16 @@ class Script:
         return self.by_question.get((turns, question), question)
 
 
+async def rewrite_all(rewriter: Rewriter, items: Sequence[FollowUp]) -> tuple[list[str], list[float]]:
+    """Each follow-up's standalone question, and the ms each rewrite took."""
+    texts, times = [], []
+    for item in items:
+        started = time.perf_counter()
+        texts.append((await rewriter.standalone(item.question, history(item))).text)
+        times.append((time.perf_counter() - started) * 1000)
+    return texts, times
+
+
 async def measure(quick: bool) -> dict[str, Any]:
     items = load()
     if quick:
@@ -102,9 +112,8 @@ async def measure(quick: bool) -> dict[str, Any]:
             await ingest_examples(settings, embedder)
             pool = await create_pool(dsn)
             retriever = Retriever(pool)
-            names = {
-                r["id"]: Path(r["external_id"]).name for r in await pool.fetch("SELECT id, external_id FROM documents")
-            }
+            rows = await pool.fetch("SELECT id, external_id FROM documents")
+            names = {r["id"]: Path(r["external_id"]).name for r in rows}
 
             async def found(question: str, item: FollowUp) -> tuple[bool, bool]:
                 """(the primary document in the top k, any expected document in the top k)"""
@@ -131,21 +140,9 @@ async def measure(quick: bool) -> dict[str, Any]:
                     await rewriter.standalone("Is it ready?", warm)
                 script.calls = 0
                 for mode, rewriter in rewriters.items():
-                    texts, times = [], []
-                    for item in items:
-                        started = time.perf_counter()
-                        standalone = await rewriter.standalone(item.question, history(item))
-                        times.append((time.perf_counter() - started) * 1000)
-                        texts.append(standalone.text)
-                    questions[mode] = texts
-                    results["latency_ms"][mode] = times
+                    questions[mode], results["latency_ms"][mode] = await rewrite_all(rewriter, items)
                 calls_first = script.calls
-                replay_times = []
-                for item in items:  # the same conversations again: every rewrite from the cache
-                    started = time.perf_counter()
-                    await rewriters["model"].standalone(item.question, history(item))
-                    replay_times.append((time.perf_counter() - started) * 1000)
-                results["latency_ms"]["replay"] = replay_times
+                _, results["latency_ms"]["replay"] = await rewrite_all(model, items)  # every rewrite from the cache
                 results["calls"] = {"model": calls_first, "replay": script.calls - calls_first}
                 await client.aclose()
             questions["ceiling"] = [it.standalone for it in items]
@@ -154,8 +151,7 @@ async def measure(quick: bool) -> dict[str, Any]:
             for item in items:
                 rewrite(item.question, item.previous[-3:])
             results["rules_us_each"] = (time.perf_counter() - started) * 1e6 / len(items)
-            results["missed"] = {}
-            results["any"] = {}
+            results |= {"missed": {}, "any": {}}
             for mode, texts in questions.items():
                 hits = [await found(text, item) for text, item in zip(texts, items, strict=True)]
                 results["hits"][mode] = sum(primary for primary, _ in hits)
@@ -167,10 +163,7 @@ async def measure(quick: bool) -> dict[str, Any]:
 
 
 def report(results: dict[str, Any], command: str) -> str:
-    n = results["n"]
-    lat = results["latency_ms"]
-
-    rows = []
+    n, lat, rows = results["n"], results["latency_ms"], []
     for mode, label in (
         ("none", "no rewrite (before)"),
         ("offline", "offline rules (RAG_REWRITE=offline)"),
