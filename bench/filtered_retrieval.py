@@ -40,7 +40,9 @@ UPDATE chunks SET collection = CASE
     WHEN mod(abs(hashtext(id::text)), 100) = 0 THEN 'p1'
     WHEN mod(abs(hashtext(id::text)), 100) < 10 THEN 'p9'
     WHEN mod(abs(hashtext(id::text)), 100) < 30 THEN 'p20'
-    ELSE 'p70' END
+    ELSE 'p70' END;
+-- a document's collection follows its (single, for msmarco passages) chunk's
+UPDATE documents d SET collection = c.collection FROM chunks c WHERE c.document_id = d.id AND c.ordinal = 0;
 """
 SCOPES: dict[str, tuple[str, ...] | None] = {
     "1 %": ("p1",),
@@ -61,6 +63,7 @@ _PLAN_SQL = """
 EXPLAIN (FORMAT JSON) SELECT id FROM chunks
 WHERE $2::text[] IS NULL OR collection = ANY($2::text[]) ORDER BY embedding <=> $1 LIMIT 40
 """
+_COUNT_SQL = "SELECT count(*) FROM chunks WHERE $1::text[] IS NULL OR collection = ANY($1::text[])"
 _EXACT_SQL = """
 SELECT id FROM chunks WHERE $2::text[] IS NULL OR collection = ANY($2::text[])
 ORDER BY embedding <=> $1 LIMIT $3
@@ -96,11 +99,6 @@ async def _collections_database(admin_dsn: str, source_dsn: str) -> str:
             kit.say("splitting the chunks into collections p1 / p9 / p20 / p70 …")
             async with conn.transaction():
                 await conn.execute(_SPLIT_SQL)
-                # a document's collection follows its (single, for msmarco passages) chunk's
-                await conn.execute(
-                    """UPDATE documents d SET collection = c.collection FROM chunks c
-                       WHERE c.document_id = d.id AND c.ordinal = 0"""
-                )
             await conn.execute("ANALYZE chunks")
     finally:
         await conn.close()
@@ -115,18 +113,13 @@ async def measure(
     conn = await asyncpg.connect(dsn)
     try:
         total = await conn.fetchval("SELECT count(*) FROM chunks")
-        for label, names in SCOPES.items():
-            inside = await conn.fetchval(
-                "SELECT count(*) FROM chunks WHERE $1::text[] IS NULL OR collection = ANY($1::text[])",
-                None if names is None else list(names),
-            )
-            share[label] = f"{inside:,} of {total:,} chunks"
         # exact top-K inside each scope: a sequential scan (no index), on one connection
         await register_vector(conn)
         await conn.execute("SET enable_indexscan = off; SET enable_bitmapscan = off")
         exact: dict[str, list[list[int]]] = {}
         for label, names in SCOPES.items():
             arg = None if names is None else list(names)
+            share[label] = f"{await conn.fetchval(_COUNT_SQL, arg):,} of {total:,} chunks"
             exact[label] = [[r["id"] for r in await conn.fetch(_EXACT_SQL, v, arg, K)] for _, v in queries]
     finally:
         await conn.close()
