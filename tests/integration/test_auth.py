@@ -118,35 +118,28 @@ async def test_revocation_reaches_a_running_server_at_once(settings: Settings, l
 # --- rag-admin keys ------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def admin_env(cli: CliRunner) -> CliRunner:
-    return cli
-
-
-def test_rag_admin_keys_create_list_revoke(admin_env: CliRunner, settings: Settings) -> None:
-    created = admin_env.invoke(
-        admin_app, ["keys", "create", "--name", "ci bot", "--scope", "admin", "--rpm", "30", "--json"]
-    )
+def test_rag_admin_keys_create_list_revoke(cli: CliRunner, settings: Settings) -> None:
+    created = cli.invoke(admin_app, ["keys", "create", "--name", "ci bot", "--scope", "admin", "--rpm", "30", "--json"])
     assert created.exit_code == 0, created.output
     made = json.loads(created.stdout)
     assert parse_key(made["key"]) is not None and made["key"].split("_")[1] == made["id"]
     assert made["scopes"] == ["query", "admin"] and made["rpm"] == 30 and made["tokens_per_day"] is None
 
-    plain = admin_env.invoke(admin_app, ["keys", "create", "--name", "reader"])
+    plain = cli.invoke(admin_app, ["keys", "create", "--name", "reader"])
     assert plain.exit_code == 0 and parse_key(plain.stdout.strip()) is not None  # only the key on stdout
 
-    listed = admin_env.invoke(admin_app, ["keys", "list", "--json"])
+    listed = cli.invoke(admin_app, ["keys", "list", "--json"])
     rows = json.loads(listed.stdout)
     assert [r["name"] for r in rows] == ["ci bot", "reader"]
     assert made["key"] not in listed.stdout and made["key"].rsplit("_", 1)[1] not in listed.stdout
-    assert "ci bot" in admin_env.invoke(admin_app, ["keys", "list"]).stdout
+    assert "ci bot" in cli.invoke(admin_app, ["keys", "list"]).stdout
 
-    revoked = admin_env.invoke(admin_app, ["keys", "revoke", made["id"]])
+    revoked = cli.invoke(admin_app, ["keys", "revoke", made["id"]])
     assert revoked.exit_code == 0 and made["id"] in revoked.stdout
-    assert [r["name"] for r in json.loads(admin_env.invoke(admin_app, ["keys", "list", "--json"]).stdout)] == ["reader"]
-    everything = json.loads(admin_env.invoke(admin_app, ["keys", "list", "--all", "--json"]).stdout)
+    assert [r["name"] for r in json.loads(cli.invoke(admin_app, ["keys", "list", "--json"]).stdout)] == ["reader"]
+    everything = json.loads(cli.invoke(admin_app, ["keys", "list", "--all", "--json"]).stdout)
     assert [r["revoked_at"] is not None for r in everything] == [True, False]
-    again = admin_env.invoke(admin_app, ["keys", "revoke", made["id"]])
+    again = cli.invoke(admin_app, ["keys", "revoke", made["id"]])
     assert again.exit_code == 1 and "no active key" in again.output
 
     async def stored_hash_only() -> None:
@@ -166,6 +159,6 @@ def test_rag_admin_keys_create_list_revoke(admin_env: CliRunner, settings: Setti
         (["keys", "create", "--name", "x", "--rpm", "0"], "--rpm"),
     ],
 )
-def test_rag_admin_keys_create_refuses_bad_options(admin_env: CliRunner, args: list[str], message: str) -> None:
-    result = admin_env.invoke(admin_app, args)
+def test_rag_admin_keys_create_refuses_bad_options(cli: CliRunner, args: list[str], message: str) -> None:
+    result = cli.invoke(admin_app, args)
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
