@@ -1,7 +1,9 @@
 """The answer pipeline: the request path's seven steps, in order: 1. guardrails, 2. exact cache,
 3. semantic cache, 4. retrieval, 5. routing and prompt, 6. streaming generation, 7. cache write.
 
-Identical misses in flight share one generation (service/answer/coalescing.py); the access log,
+Identical misses in flight share one generation (service/answer/coalescing.py). A miss's work
+before its first token (steps 3-5) runs in a slot of the admission gate (service/answer/admission.py),
+which exact hits never wait for. The access log,
 metrics and token budget watch the events from outside (service/answer/observe.py). Before the
 first event a failure is a domain error (service/errors.py); after it, a `Failed` event.
 """
@@ -16,6 +18,7 @@ from functools import partial
 
 import asyncpg
 
+from service.answer.admission import AdmissionGate
 from service.answer.background import Background
 from service.answer.coalescing import Coalescer, Coalescing, Free
 from service.answer.events import Admitted, Clock, Done, Event, Failed, Meta, Token
@@ -25,6 +28,7 @@ from service.answer.schemas import CacheOutcome, RagRequest
 from service.answer.shapes import Question, RequestFactory, cache_entry, replayed, route_info, source_info, usage_info
 from service.embeddings.encoders import Embedder, Vectors
 from service.errors import BudgetExceeded, DependencyUnavailable, InvalidRequest, NoProviderAvailable, UnknownModel
+from service.observability.logs import note
 from service.observability.metrics import Metrics
 from service.observability.tracing import span
 from service.policy.guardrails import Action, GuardrailPolicy, check_question
@@ -61,6 +65,7 @@ class AnswerService:
         policy: RoutingPolicy,
         hash_key: bytes,
         metrics: Metrics | None = None,
+        admission: AdmissionGate | None = None,
     ) -> None:
         self.settings = settings
         self.hash_key = hash_key  # keys the question hashes that reach logs, metrics and responses
@@ -74,6 +79,7 @@ class AnswerService:
         self.providers = providers
         self.policy = policy
         self.metrics = metrics
+        self.admission = admission if admission is not None else AdmissionGate(0)
         self.guardrails = GuardrailPolicy(
             max_chars=settings.question_max_chars,
             max_tokens=settings.question_max_tokens,
@@ -97,7 +103,8 @@ class AnswerService:
         with span("rag.guardrails"):
             question = self.guard(request)
         yield Admitted(question.hash)
-        produce = partial(self._cached_or_generated, question, request_id, clock)
+        tenant = budget.principal.key_id if budget is not None else ""  # whose turn in the admission queue
+        produce = partial(self._cached_or_generated, question, request_id, clock, tenant)
         key: str | None = question.key
         free: Free = partial(self._free, question, request_id, clock, budget)
         if request.cache != "use":  # bypass or refresh: never read the caches, never share the generation
@@ -121,16 +128,26 @@ class AnswerService:
         return None
 
     async def _cached_or_generated(
-        self, question: Question, request_id: str, clock: Clock, look_again: bool
+        self, question: Question, request_id: str, clock: Clock, tenant: str, look_again: bool
     ) -> AsyncIterator[Event]:
-        """The answer this request produces (for its followers too): steps 2-3 once more, else 4-7."""
-        if question.request.cache == "use":
-            cached = await self._cached(question, request_id, clock, look_again=look_again)
-            if cached is not None:
-                for event in cached:
-                    yield event
-                return
-        async for event in self._generate(question, request_id, clock):
+        """The answer this request produces (for its followers too): steps 2-3 once more, else 4-7.
+
+        Steps 3-5 run in an admission slot (raises `Overloaded` past the wait budget); the
+        slot is free again before the provider is called.
+        """
+        cached: list[Event] | None = None
+        async with self.admission.slot(tenant) as waited:
+            note(admission_wait_ms=round(waited * 1000, 1))
+            if question.request.cache == "use":
+                cached = await self._cached(question, request_id, clock, look_again=look_again)
+            if cached is None:
+                corpus_version = self.watcher.corpus_version
+                route, prompt = await self._prepare(question)
+        if cached is not None:
+            for event in cached:
+                yield event
+            return
+        async for event in self._generate(question, request_id, clock, corpus_version, route, prompt):
             yield event
 
     async def _cached(
@@ -153,15 +170,20 @@ class AnswerService:
         if self.watcher.corpus_version == corpus_version >= 0:  # not while an invalidation may be running
             await self.cache.put(question.key, replace(answer, question_hash=question.hash))
 
-    async def _generate(self, question: Question, request_id: str, clock: Clock) -> AsyncIterator[Event]:
-        """Steps 4-7: retrieve, route, stream from the model, cache the complete answer."""
-        corpus_version = self.watcher.corpus_version
+    async def _prepare(self, question: Question) -> tuple[Route, Prompt]:
+        """Steps 4-5: retrieve, route and build the prompt."""
         with span("rag.retrieve") as traced:
             sources = await self.retrieve(question)
             traced.set(sources=len(sources))
         with span("rag.route") as traced:
             route, prompt = self.plan(question, sources)
             traced.set(tier=route.tier, prompt_tokens=prompt.prompt_tokens)
+        return route, prompt
+
+    async def _generate(
+        self, question: Question, request_id: str, clock: Clock, corpus_version: int, route: Route, prompt: Prompt
+    ) -> AsyncIterator[Event]:
+        """Steps 6-7: stream from the model, cache the complete answer (if the corpus did not change)."""
         outcome: CacheOutcome = "bypass" if question.request.cache == "bypass" else "miss"
         pieces: list[str] = []
         usage: Usage | None = None

@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from service import __version__
+from service.answer.admission import AdmissionGate
 from service.answer.coalescing import Coalescer
 from service.answer.pipeline import AnswerService
 from service.embeddings.encoders import AnyEmbedder, create_embedder
@@ -154,6 +155,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         policy=routing_policy(settings),
         hash_key=hash_key(settings),
         metrics=metrics,
+        admission=AdmissionGate(
+            settings.admission_slots,
+            queue=settings.admission_queue,
+            wait_s=settings.admission_wait_s,
+            on_wait=metrics.prometheus.admission_wait.observe,
+        ),
     )
     # The model and SDKs leave ~650k long-lived objects; full GC passes over them took 0.3-0.7 s
     # and were the p99 of cache hits. Freeze them out of the collector's view.

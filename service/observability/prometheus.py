@@ -107,6 +107,12 @@ class PrometheusMetrics:
             buckets=LATENCY_BUCKETS_S,
             registry=r,
         )
+        self.admission_wait = Histogram(
+            "ragcache_admission_wait_seconds",
+            "Time a miss waited for an admission slot (admitted or refused).",
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
         self.routes = Counter(
             "ragcache_routes",
             "Generations by routed tier and answering model.",
