@@ -126,7 +126,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     embedder = app.state.embedder or create_embedder(settings)
     await migrate(dsn, schema_params(settings, embedder))
     pool = await create_pool(
-        dsn, min_size=settings.db_pool_min, max_size=settings.db_pool_max, ef_search=settings.hnsw_ef_search
+        dsn,
+        min_size=settings.db_pool_min,
+        max_size=settings.db_pool_max,
+        ef_search=settings.hnsw_ef_search,
+        statement_timeout_s=settings.db_statement_timeout_s,
+        command_timeout_s=settings.db_command_timeout_s,
+        acquire_timeout_s=settings.db_acquire_timeout_s,
     )
     client = worker_client(rurl, max_connections=settings.redis_max_connections)
     await embedder.warm_up()
