@@ -458,6 +458,7 @@ class ReplayStack:
     dsn: str
     documents: int
     token: str
+    victim: str = ""  # a second API key, for the benchmarks that need one
 
 
 @asynccontextmanager

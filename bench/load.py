@@ -1,13 +1,15 @@
-"""Load: hundreds of concurrent SSE answer streams on one `rag-serve` worker, then 1 vs 2 workers.
+"""Load: hundreds of concurrent SSE answer streams on one `rag-serve` worker, then 1 vs 2 workers,
+each with admission control off (`RAG_ADMISSION_SLOTS=0`, as before it existed) and on (the defaults).
 
-    python -m bench.load [--streams 300] [--rounds 2] [--workers 1 2] [--hit-seconds 15]
+    python -m bench.load [--streams 300] [--rounds 2] [--workers 1 2] [--admission off on] [--hit-seconds 15]
                          [--hit-concurrency 32] [--first-token-delay 0.5] [--token-interval 0.025]
                          [--answer-tokens 150] [--limit-corpus N] [--quick] [--no-write]
 
 Per round and worker count, on a fresh `rag-serve` and a flushed cache:
 1. miss burst: `--streams` distinct questions (every one a real generation) started at once, each on
-   its own connection: completion, client TTFT, RSS of the server's process tree, and `GET /health`
-   latency from a separate probe process every 100 ms (the event-loop lag proxy);
+   its own connection: completed / shed (503 `overloaded`) / failed, client TTFT, RSS of the server's
+   process tree, `GET /health` latency from a separate probe process every 100 ms (the event-loop lag
+   proxy), and a victim: another key's miss sent 0.5 s into the burst, its TTFT over its idle TTFT;
 2. prime: the same questions again, 16 at a time (how many the burst cached);
 3. hit load: `--hit-concurrency` keep-alive clients asking them round-robin for `--hit-seconds`.
 """
@@ -36,6 +38,7 @@ from bench._kit import (
     arguments,
     ask,
     bearer,
+    create_key,
     load_text,
     model_line,
     ms,
@@ -175,22 +178,29 @@ def warnings_in(log: Path) -> dict[str, int]:
     return dict(counts.most_common(8))
 
 
-async def miss_burst(url: str, token: str, server_pid: int, questions: list[str]) -> dict[str, Any]:
+async def miss_burst(url: str, token: str, server_pid: int, questions: list[str], victim: str) -> dict[str, Any]:
     probe = HealthProbe()
     await probe.start(url)
     await asyncio.sleep(3)  # the probe's idle baseline
     rss_before = sum(process_tree_rss(server_pid).values())
+    idle = await ask(url, victim, {"question": questions[-2]})  # the victim key's miss on an idle server
     with Sampler(server_pid) as sampler:
         started = time.monotonic()
-        results = await asyncio.gather(*(ask(url, token, {"question": q}) for q in questions))
+        burst = [asyncio.create_task(ask(url, token, {"question": q})) for q in questions[:-2]]
+        await asyncio.sleep(0.5)  # the burst is in the server
+        noisy = await ask(url, victim, {"question": questions[-1]})
+        results = await asyncio.gather(*burst)
         ended = time.monotonic()
     await asyncio.sleep(2)
     rss_after = sum(process_tree_rss(server_pid).values())
     samples = await probe.stop()
     ok = [r for r in results if r.ok]
+    shed = sum(r.outcome == "http:503:overloaded" for r in results)
     return {
         "complete": len(ok),
-        "failed": len(results) - len(ok),
+        "shed": shed,
+        "failed": len(results) - len(ok) - shed,
+        "victim": [idle.outcome, noisy.outcome, noisy.ttft_s / idle.ttft_s],
         "outcomes": dict(Counter(r.outcome for r in results)),
         "failures": [f"{r.outcome}: {r.error}" for r in results if not r.ok][:10],
         "ttft": stats([r.ttft_s for r in ok]),
@@ -230,14 +240,14 @@ async def hit_load(url: str, token: str, questions: list[str], concurrency: int,
 
 
 async def one_run(
-    args: Any, stack: ReplayStack, workers: int, rnd: int, questions: list[str], out: Path
+    args: Any, stack: ReplayStack, workers: int, rnd: int, admission: str, questions: list[str], out: Path
 ) -> dict[str, Any]:
     redis_url = stack.servers.redis_url(REDIS_DB)
     client = aioredis.from_url(redis_url)
     await client.flushdb()
     await stack.provider.reset()
-    log = out / f"rag-serve-w{workers}-r{rnd}.log"
-    env = {}
+    log = out / f"rag-serve-w{workers}-r{rnd}-{admission}.log"
+    env = {"RAG_ADMISSION_SLOTS": "0"} if admission == "off" else {}
     if workers > 1:  # prometheus-client's multiprocess directory: one per run
         (out / f"prom-w{workers}-r{rnd}").mkdir()
         env["PROMETHEUS_MULTIPROC_DIR"] = str(out / f"prom-w{workers}-r{rnd}")
@@ -248,12 +258,13 @@ async def one_run(
         await wait_for_workers(server.pid, workers)
         await warm_up(server.url, stack.token, 2 * workers)
         await stack.provider.reset()
-        say(f"== round {rnd}, {workers} worker(s): {len(questions)} concurrent streams")
-        burst = await miss_burst(server.url, stack.token, server.pid, questions)
+        say(f"== round {rnd}, {workers} worker(s), admission {admission}: {len(questions) - 2} concurrent streams")
+        burst = await miss_burst(server.url, stack.token, server.pid, questions, stack.victim)
         calls = await stack.provider.calls()
         cached = len([k async for k in client.scan_iter(match="ragcache:answer:*", count=1000)])
         say(
-            f"   complete {burst['complete']}/{len(questions)}, TTFT p99 {ms(burst['ttft']['p99'])} ms; {cached} cached"
+            f"   complete {burst['complete']}/{len(questions) - 2} (shed {burst['shed']}), "
+            f"TTFT p99 {ms(burst['ttft']['p99'])} ms; {cached} cached"
         )
         sem = asyncio.Semaphore(16)
 
@@ -269,6 +280,7 @@ async def one_run(
     return {
         "workers": workers,
         "round": rnd,
+        "admission": admission,
         "burst": burst,
         "provider_calls": len(calls),
         "provider_first_token": stats(first),
@@ -283,24 +295,26 @@ def report(runs: list[dict[str, Any]], streams: int) -> str:
     for r in runs:
         b, h = r["burst"], r["hits"]
         rows.append(
-            f"{r['workers']} | {r['round']} | **{b['complete']}** / {b['failed']} | "
+            f"{r['workers']} | {r['round']} | {r['admission']} | **{b['complete']}** / {b['shed']} / {b['failed']} | "
             f"{ms(b['ttft']['p50'])} / {ms(b['ttft']['p95'])} / **{ms(b['ttft']['p99'])}** | "
             f"{b['duration_s']:.1f} s, {b['rps']:.1f}/s | "
             f"{' / '.join(f'{kb / 1024:,.0f}' for kb in b['rss_kb'])} | "
             f"{ms(b['health_idle']['p50'])} → {ms(b['health']['p50'])} / {ms(b['health']['max'])} | "
-            f"{ms(b['client_lag']['p95'])} / {ms(b['client_lag']['max'])} | {r['primed_hits']} / {streams} | "
+            f"{ms(b['client_lag']['p95'])} / {ms(b['client_lag']['max'])} | ×{b['victim'][2]:.1f} ({b['victim'][1]}) | "
+            f"{r['primed_hits']} / {streams} | "
             f"**{h['rps']:.0f}** | {ms(h['latency']['p50'])} / {ms(h['latency']['p99'])}"
         )
     lines = [
         table(
-            "workers | round | complete / failed | TTFT p50 / p95 / p99 ms | burst | RSS before / peak / "
-            "after MB | /health idle p50 → during p50 / max ms | client lag p95 / max ms | cached by the burst "
+            "workers | round | admission | complete / shed / failed | TTFT p50 / p95 / p99 ms | burst | RSS before "
+            "/ peak / after MB | /health idle p50 → during p50 / max ms | client lag p95 / max ms | victim TTFT "
+            "/ idle | cached by the burst "
             "| hits/s | hit latency p50 / p99 ms",
             rows,
         )
     ]
     workers = sorted({r["workers"] for r in runs})
-    if len(workers) >= 2:
+    if len(workers) >= 2 and len({r["admission"] for r in runs}) == 1:
 
         def med(w: int, pick: Any) -> float:
             return float(statistics.median(pick(r) for r in runs if r["workers"] == w))
@@ -328,15 +342,17 @@ def report(runs: list[dict[str, Any]], streams: int) -> str:
 async def main_async(args: Any) -> None:
     out = run_dir("load")
     load_start = load_text()
-    plan = [(rnd, w) for rnd in range(1, args.rounds + 1) for w in (args.workers if rnd % 2 else args.workers[::-1])]
-    questions = passage_questions(args.streams * len(plan), prefix=QUESTION_PREFIX)
+    orders = [(w, a) for w in args.workers for a in args.admission]
+    plan = [(rnd, *wa) for rnd in range(1, args.rounds + 1) for wa in (orders if rnd % 2 else orders[::-1])]
+    per_run = args.streams + 2  # and the victim's two questions
+    questions = passage_questions(per_run * len(plan), prefix=QUESTION_PREFIX)
     runs: list[dict[str, Any]] = []
     async with replay_stack(args) as stack:
         try:
-            for i, (rnd, workers) in enumerate(plan):
-                runs.append(
-                    await one_run(args, stack, workers, rnd, questions[i * args.streams : (i + 1) * args.streams], out)
-                )
+            stack.victim = await create_key(stack.dsn)
+            for i, (rnd, workers, admission) in enumerate(plan):
+                mine = questions[i * per_run : (i + 1) * per_run]
+                runs.append(await one_run(args, stack, workers, rnd, admission, mine, out))
         finally:  # the burst's questions went into the shared corpus database's semantic index
             conn = await asyncpg.connect(stack.dsn)
             await conn.execute("DELETE FROM semantic_cache WHERE question LIKE $1", f"{QUESTION_PREFIX} %")
@@ -357,6 +373,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--streams", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--admission", nargs="+", choices=["off", "on"], default=["off", "on"])
     parser.add_argument("--hit-seconds", type=float, default=15)
     parser.add_argument("--hit-concurrency", type=int, default=32)
     replay_arguments(parser, first_token_delay=0.5, token_interval=0.025)
