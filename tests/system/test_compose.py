@@ -168,7 +168,7 @@ def test_data_lives_in_named_volumes(compose: dict[str, Any]) -> None:
     assert command[command.index("--appendonly") + 1] == "yes"  # AOF: the cache survives a restart
     # Bounded memory that only evicts keys with a TTL (docs/operations.md, "Bounded memory").
     assert command[command.index("--maxmemory-policy") + 1] == "volatile-lru"
-    assert command[command.index("--maxmemory") + 1] == "${REDIS_MAXMEMORY:-256mb}"
+    assert command[command.index("--maxmemory") + 1] == "256mb"
 
 
 # -- Prometheus and Grafana files ------------------------------------------------------------
