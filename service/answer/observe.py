@@ -13,7 +13,7 @@ from typing import Any
 
 from service.answer.events import Admitted, Done, Event, Failed, Meta
 from service.answer.schemas import RagRequest
-from service.errors import DependencyUnavailable, GuardrailViolation, InvalidRequest, ServiceError
+from service.errors import DependencyUnavailable, GuardrailViolation, InvalidRequest, Overloaded, ServiceError
 from service.observability.logs import note
 from service.observability.metrics import Metrics
 from service.policy.routing import ModelChoice
@@ -71,6 +71,8 @@ def failure_stage(exc: ServiceError) -> str:
         return "schema"
     if isinstance(exc, DependencyUnavailable) and exc.dependency == "database":
         return "database"
+    if isinstance(exc, Overloaded) and exc.code == "overloaded":
+        return "admission"
     return "provider"  # providers, embedding, a followed generation that failed, budget, coalescing
 
 

@@ -119,3 +119,5 @@ async def test_a_burst_of_misses_is_answered_or_refused_with_retry_after_and_hit
     }
     assert waits["ragcache_admission_wait_seconds_count"] == 61
     assert waits['ragcache_admission_wait_seconds_bucket{le="5.0"}'] == 61
+    failures = {line.rsplit(" ", 1)[0]: line.rsplit(" ", 1)[1] for line in metrics.splitlines() if "failures" in line}
+    assert failures['ragcache_request_failures_total{code="overloaded",stage="admission"}'] == str(float(len(shed)))
