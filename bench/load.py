@@ -1,5 +1,6 @@
 """Load: hundreds of concurrent SSE answer streams on one `rag-serve` worker, then 1 vs 2 workers,
-each with admission control off (`RAG_ADMISSION_SLOTS=0`, as before it existed) and on (the defaults).
+each with admission control off (`RAG_ADMISSION_SLOTS=0` and no Postgres timeouts, as before issue 11)
+and on (the defaults).
 
     python -m bench.load [--streams 300] [--rounds 2] [--workers 1 2] [--admission off on] [--hit-seconds 15]
                          [--hit-concurrency 32] [--first-token-delay 0.5] [--token-interval 0.025]
@@ -59,6 +60,10 @@ from bench._kit import (
 SECTION = "Load"
 REDIS_DB = 8  # bench.workload uses 1-3, bench.stampede 4-6
 QUESTION_PREFIX = "what do the sources say about"
+# Admission "off" = before issue 11: no admission gate, and no bound on Postgres waits (with 300
+# misses at once and no gate, a bounded pool acquire would turn the wait for one of 10 connections
+# into 503 database_unavailable).
+BEFORE = ("RAG_ADMISSION_SLOTS", "RAG_DB_ACQUIRE_TIMEOUT_S", "RAG_DB_STATEMENT_TIMEOUT_S", "RAG_DB_COMMAND_TIMEOUT_S")
 
 
 # --------------------------------------------------------------------------- the server's process tree
@@ -247,7 +252,7 @@ async def one_run(
     await client.flushdb()
     await stack.provider.reset()
     log = out / f"rag-serve-w{workers}-r{rnd}-{admission}.log"
-    env = {"RAG_ADMISSION_SLOTS": "0"} if admission == "off" else {}
+    env = dict.fromkeys(BEFORE, "0") if admission == "off" else {}
     if workers > 1:  # prometheus-client's multiprocess directory: one per run
         (out / f"prom-w{workers}-r{rnd}").mkdir()
         env["PROMETHEUS_MULTIPROC_DIR"] = str(out / f"prom-w{workers}-r{rnd}")
