@@ -254,8 +254,8 @@ async def one_run(
     log = out / f"rag-serve-w{workers}-r{rnd}-{admission}.log"
     env = dict.fromkeys(BEFORE, "0") if admission == "off" else {}
     if workers > 1:  # prometheus-client's multiprocess directory: one per run
-        (out / f"prom-w{workers}-r{rnd}").mkdir()
-        env["PROMETHEUS_MULTIPROC_DIR"] = str(out / f"prom-w{workers}-r{rnd}")
+        (out / f"prom-w{workers}-r{rnd}-{admission}").mkdir()
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(out / f"prom-w{workers}-r{rnd}-{admission}")
     provider_url = stack.provider.base_url
     async with rag_serve(
         dsn=stack.dsn, redis_url=redis_url, provider_url=provider_url, log=log, env=env, workers=workers
