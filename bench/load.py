@@ -60,6 +60,7 @@ from bench._kit import (
 SECTION = "Load"
 REDIS_DB = 8  # bench.workload uses 1-3, bench.stampede 4-6
 QUESTION_PREFIX = "what do the sources say about"
+SHED = "http:503:overloaded"  # refused by admission control
 # Admission "off" = before issue 11: no admission gate, and no bound on Postgres waits (with 300
 # misses at once and no gate, a bounded pool acquire would turn the wait for one of 10 connections
 # into 503 database_unavailable).
@@ -200,14 +201,14 @@ async def miss_burst(url: str, token: str, server_pid: int, questions: list[str]
     rss_after = sum(process_tree_rss(server_pid).values())
     samples = await probe.stop()
     ok = [r for r in results if r.ok]
-    shed = sum(r.outcome == "http:503:overloaded" for r in results)
+    shed = sum(r.outcome == SHED for r in results)
     return {
         "complete": len(ok),
         "shed": shed,
         "failed": len(results) - len(ok) - shed,
         "victim": [idle.outcome, noisy.outcome, noisy.ttft_s / idle.ttft_s],
         "outcomes": dict(Counter(r.outcome for r in results)),
-        "failures": [f"{r.outcome}: {r.error}" for r in results if not r.ok][:10],
+        "failures": [f"{r.outcome}: {r.error}" for r in results if not r.ok and r.outcome != SHED][:10],
         "ttft": stats([r.ttft_s for r in ok]),
         "server_ttft_ms": stats([r.server_ttft_ms for r in ok]),
         "duration_s": ended - started,
@@ -332,9 +333,9 @@ def report(runs: list[dict[str, Any]], streams: int) -> str:
             f"(×{miss[1] / miss[0]:.2f}), "
             f"hit load {hit[0]:.0f} → {hit[1]:.0f} req/s (×{hit[1] / hit[0]:.2f})."
         )
-    failures = [f"{r['workers']}w r{r['round']}: {f}" for r in runs for f in r["burst"]["failures"]]
+    failures = [f"{r['workers']}w r{r['round']} {r['admission']}: {f}" for r in runs for f in r["burst"]["failures"]]
     warns = [
-        f"{r['workers']}w r{r['round']}: {'; '.join(f'{k} ×{v}' for k, v in r['warnings'].items())}"
+        f"{r['workers']}w r{r['round']} {r['admission']}: {'; '.join(f'{k} ×{v}' for k, v in r['warnings'].items())}"
         for r in runs
         if r["warnings"]
     ]
