@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from service.errors import Overloaded
+from service.observability.logs import note
 from service.policy.fair_queue import FairQueue
 
 
@@ -56,8 +57,9 @@ class AdmissionGate:
         started = time.perf_counter()
         try:
             await self._acquire(key)
-        finally:
+        finally:  # admitted or refused: the access line and the histogram say how long it waited
             waited = time.perf_counter() - started
+            note(admission_wait_ms=round(waited * 1000, 1))
             if self._on_wait is not None:
                 self._on_wait(waited)
         try:

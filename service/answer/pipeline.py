@@ -28,7 +28,6 @@ from service.answer.schemas import CacheOutcome, RagRequest
 from service.answer.shapes import Question, RequestFactory, cache_entry, replayed, route_info, source_info, usage_info
 from service.embeddings.encoders import Embedder, Vectors
 from service.errors import BudgetExceeded, DependencyUnavailable, InvalidRequest, NoProviderAvailable, UnknownModel
-from service.observability.logs import note
 from service.observability.metrics import Metrics
 from service.observability.tracing import span
 from service.policy.guardrails import Action, GuardrailPolicy, check_question
@@ -136,8 +135,7 @@ class AnswerService:
         slot is free again before the provider is called.
         """
         cached: list[Event] | None = None
-        async with self.admission.slot(tenant) as waited:
-            note(admission_wait_ms=round(waited * 1000, 1))
+        async with self.admission.slot(tenant):
             if question.request.cache == "use":
                 cached = await self._cached(question, request_id, clock, look_again=look_again)
             if cached is None:

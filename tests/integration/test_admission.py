@@ -22,8 +22,10 @@ from fastapi import FastAPI
 from service.answer.admission import AdmissionGate
 from service.embeddings.encoders import LocalEmbedder
 from service.http.app import create_app
+from service.observability.logs import ACCESS_LOGGER
 from service.settings import Settings
 from tests.support.answers import Reply, ask, seed, with_providers
+from tests.support.log_capture import capturing
 from tests.support.provider_server import Behavior, ProviderServer
 from tests.support.servers import bearer, make_key, serve_app, wait_until
 
@@ -87,22 +89,24 @@ async def test_a_burst_of_misses_is_answered_or_refused_with_retry_after_and_hit
     settings = configured(settings, provider, admission_slots=slots, admission_queue=queue, admission_wait_s=wait_s)
     await seed(settings, local_embedder)
     keys = [bearer(await make_key(settings, "query")) for _ in range(3)]
+    admin = bearer(await make_key(settings, "admin"))
     app = create_app(settings, embedder=local_embedder)
-    async with serve_app(app) as url, httpx.AsyncClient(base_url=url, timeout=180) as http:
-        cached = await ask(http, "How do I flush the cache?", headers=keys[0])
-        assert cached.status == 200 and cached.meta["cache"] == "miss"
-        async with chunks_locked(settings):
-            burst = [
-                asyncio.create_task(ask(http, f"Burst question {i} from key {i % 3}?", headers=keys[i % 3]))
-                for i in range(60)
-            ]
-            refused = lambda: sum(t.done() for t in burst) >= 60 - slots - queue  # noqa: E731
-            await wait_until(refused, within=60)  # the queue is full: the rest were refused at once
-            # While every slot is stuck and the queue is full, an exact hit is served at once.
-            hit = await ask(http, "How do I flush the cache?", headers=keys[1])
-            assert hit.status == 200 and hit.meta["cache"] == "hit"
-        replies: list[Reply] = await asyncio.gather(*burst)
-        metrics = (await http.get("/metrics", headers=bearer(await make_key(settings, "admin")))).text
+    with capturing() as logs:
+        async with serve_app(app) as url, httpx.AsyncClient(base_url=url, timeout=180) as http:
+            cached = await ask(http, "How do I flush the cache?", headers=keys[0])
+            assert cached.status == 200 and cached.meta["cache"] == "miss"
+            async with chunks_locked(settings):
+                burst = [
+                    asyncio.create_task(ask(http, f"Burst question {i} from key {i % 3}?", headers=keys[i % 3]))
+                    for i in range(60)
+                ]
+                refused = lambda: sum(t.done() for t in burst) >= 60 - slots - queue  # noqa: E731
+                await wait_until(refused, within=60)  # the queue is full: the rest were refused at once
+                # While every slot is stuck and the queue is full, an exact hit is served at once.
+                hit = await ask(http, "How do I flush the cache?", headers=keys[1])
+                assert hit.status == 200 and hit.meta["cache"] == "hit"
+            replies: list[Reply] = await asyncio.gather(*burst)
+            metrics = (await http.get("/metrics", headers=admin)).text
     answered = [r for r in replies if r.status == 200]
     shed = [r for r in replies if r.status != 200]
     assert all(r.meta["cache"] == "miss" and r.names[-1] == "done" for r in answered)
@@ -121,3 +125,11 @@ async def test_a_burst_of_misses_is_answered_or_refused_with_retry_after_and_hit
     assert waits['ragcache_admission_wait_seconds_bucket{le="5.0"}'] == 61
     failures = {line.rsplit(" ", 1)[0]: line.rsplit(" ", 1)[1] for line in metrics.splitlines() if "failures" in line}
     assert failures['ragcache_request_failures_total{code="overloaded",stage="admission"}'] == str(float(len(shed)))
+    # The access line says how long each miss waited for its slot; the hit never asked for one.
+    access = {
+        line["request_id"]: line
+        for line in map(json.loads, logs.getvalue().splitlines())
+        if line["logger"] == ACCESS_LOGGER and "request_id" in line
+    }
+    assert "admission_wait_ms" not in access[hit.headers["x-request-id"]]
+    assert all(access[r.headers["x-request-id"]]["admission_wait_ms"] >= 0 for r in [cached, *replies])
