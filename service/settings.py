@@ -28,6 +28,13 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default=Path(".ragcache"), alias="RAG_DATA_DIR")
     db_pool_min: int = Field(default=1, alias="RAG_DB_POOL_MIN", ge=0)
     db_pool_max: int = Field(default=10, alias="RAG_DB_POOL_MAX", ge=1)
+    # A hung or locked Postgres must not hold a request forever: the server cancels a statement
+    # after RAG_DB_STATEMENT_TIMEOUT_S (statement_timeout), asyncpg gives up on a reply after
+    # RAG_DB_COMMAND_TIMEOUT_S, and a request waits at most RAG_DB_ACQUIRE_TIMEOUT_S for a pooled
+    # connection. Each ends as 503 `database_unavailable` with Retry-After. 0 turns one off.
+    db_statement_timeout_s: float = Field(default=5.0, alias="RAG_DB_STATEMENT_TIMEOUT_S", ge=0)
+    db_command_timeout_s: float = Field(default=10.0, alias="RAG_DB_COMMAND_TIMEOUT_S", ge=0)
+    db_acquire_timeout_s: float = Field(default=2.0, alias="RAG_DB_ACQUIRE_TIMEOUT_S", ge=0)
 
     # --- providers --------------------------------------------------------------
     anthropic_api_key: SecretStr | None = Field(default=None, alias="ANTHROPIC_API_KEY")
@@ -140,6 +147,15 @@ class Settings(BaseSettings):
     rewrite_timeout_s: float = Field(default=3.0, alias="RAG_REWRITE_TIMEOUT_S", gt=0)
     # Previous user turns the rewrite reads (and its cache key covers).
     rewrite_turns: int = Field(default=3, alias="RAG_REWRITE_TURNS", ge=1, le=20)
+
+    # --- admission (per worker) ---------------------------------------------------
+    # Misses doing their work before the first token (question embedding, semantic lookup,
+    # retrieval) at once; 0 turns admission control off. The rest wait in a queue of at most
+    # RAG_ADMISSION_QUEUE, served round-robin by API key, for at most RAG_ADMISSION_WAIT_S;
+    # past that: 503 `overloaded` with Retry-After. Cache hits never wait here.
+    admission_slots: int = Field(default=4, alias="RAG_ADMISSION_SLOTS", ge=0, le=1024)
+    admission_queue: int = Field(default=256, alias="RAG_ADMISSION_QUEUE", ge=0, le=100_000)
+    admission_wait_s: float = Field(default=3.0, alias="RAG_ADMISSION_WAIT_S", gt=0, le=600)
 
     # --- ingest -------------------------------------------------------------------
     # A file over this size is reported and skipped before it is read (raise it for big JSON-lines corpora).

@@ -14,7 +14,15 @@ from typing import Any
 
 from service.answer.events import Admitted, Done, Event, Failed, Meta
 from service.answer.schemas import RagRequest
-from service.errors import DependencyUnavailable, Forbidden, GuardrailViolation, InvalidRequest, ServiceError
+from service.errors import (
+    DependencyUnavailable,
+    Forbidden,
+    GuardrailViolation,
+    InvalidRequest,
+    Overloaded,
+    PoolExhausted,
+    ServiceError,
+)
 from service.observability.logs import note
 from service.observability.metrics import Metrics
 from service.policy.routing import ModelChoice
@@ -67,6 +75,8 @@ def failure_stage(exc: ServiceError) -> str:
         return "permission"
     if isinstance(exc, DependencyUnavailable) and exc.dependency == "database":
         return "database"
+    if isinstance(exc, Overloaded) and not isinstance(exc, PoolExhausted):  # the admission gate refused it
+        return "admission"
     return "provider"  # providers, embedding, a followed generation that failed, budget, coalescing
 
 

@@ -2,11 +2,13 @@
 follow-up, its standalone question), 2. exact cache, 3. semantic cache, 4. retrieval, 5. routing
 and prompt, 6. streaming generation, 7. cache write.
 
-Identical misses in flight share one generation (service/answer/coalescing.py); the access log
-and metrics watch the events from outside (service/answer/observe.py). A miss holds one of its
-key's in-flight slots until it ends; a generation reserves its key's tokens before calling a
-model and settles them in its own `finally` (`_generate`). Before the first event a failure is
-a domain error (service/errors.py); after it, a `Failed` event.
+Identical misses in flight share one generation (service/answer/coalescing.py). A miss's work
+before its first token (steps 3-5) runs in a slot of the admission gate (service/answer/admission.py),
+which exact hits never wait for. A miss holds one of its key's in-flight slots until it ends; a
+generation reserves its key's tokens before calling a model and settles them as it ends
+(`_settling`). The access log and metrics watch the events from outside
+(service/answer/observe.py). Before the first event a failure is a domain error
+(service/errors.py); after it, a `Failed` event.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from functools import partial
 
 import asyncpg
 
+from service.answer.admission import AdmissionGate
 from service.answer.background import Background
 from service.answer.coalescing import Coalescer, Coalescing, Free
 from service.answer.events import Admitted, Clock, Done, Event, Failed, Meta, Token
@@ -80,6 +83,7 @@ class AnswerService:
         hash_key: bytes,
         metrics: Metrics | None = None,
         rewrites: RewriteCache | None = None,
+        admission: AdmissionGate | None = None,
     ) -> None:
         self.settings = settings
         self.hash_key = hash_key  # keys the question hashes that reach logs, metrics and responses
@@ -93,6 +97,7 @@ class AnswerService:
         self.providers = providers
         self.policy = policy
         self.metrics = metrics
+        self.admission = admission if admission is not None else AdmissionGate(0)
         self.guardrails = GuardrailPolicy(
             max_chars=settings.question_max_chars,
             max_tokens=settings.question_max_tokens,
@@ -168,14 +173,29 @@ class AnswerService:
     async def _cached_or_generated(
         self, question: Question, request_id: str, clock: Clock, budget: TokenBudget | None, look_again: bool
     ) -> AsyncIterator[Event]:
-        """The answer this request produces (for its followers too): steps 2-3 once more, else 4-7."""
-        if question.request.cache == "use":
-            cached = await self._cached(question, request_id, clock, look_again=look_again)
-            if cached is not None:
-                for event in cached:
-                    yield event
-                return
-        async for event in self._generate(question, request_id, clock, budget):
+        """The answer this request produces (for its followers too): steps 2-3 once more, else 4-7.
+
+        Steps 3-5 run in an admission slot (raises `Overloaded` past the wait budget); the slot is
+        free again before the provider is called. This runs in the coalescing producer, which
+        outlives a leader whose client left while others follow; the key's tokens are reserved
+        before the model is called and settled as the answer ends (`_settling`), so one that ends
+        early (disconnect, cancellation, error) is charged what was generated, never more than reserved.
+        """
+        cached: list[Event] | None = None
+        tenant = budget.principal.key_id if budget is not None else ""  # whose turn in the admission queue
+        async with self.admission.slot(tenant):
+            if question.request.cache == "use":
+                cached = await self._cached(question, request_id, clock, look_again=look_again)
+            if cached is None:
+                corpus_version = self.watcher.corpus_version
+                route, prompt = await self._prepare(question)
+        if cached is not None:
+            for event in cached:
+                yield event
+            return
+        reservation = await _reserved(budget, prompt.prompt_tokens + question.request.max_tokens)
+        answer = self._generate(question, request_id, clock, corpus_version, route, prompt)
+        async for event in _settling(answer, reservation, prompt.prompt_tokens):
             yield event
 
     async def _cached(
@@ -198,32 +218,20 @@ class AnswerService:
         if self.watcher.corpus_version == corpus_version >= 0:  # not while an invalidation may be running
             await self.cache.put(question.key, replace(answer, question_hash=question.hash))
 
-    async def _generate(
-        self, question: Question, request_id: str, clock: Clock, budget: TokenBudget | None
-    ) -> AsyncIterator[Event]:
-        """Steps 4-7: retrieve, route, reserve the key's tokens, stream from the model, cache the answer.
-
-        This runs in the coalescing producer, which outlives a leader whose client left while
-        others follow; the reservation is settled as the answer ends (`_settling`), so one that
-        ends early (disconnect, cancellation, error) is charged what was generated, never more
-        than was reserved.
-        """
-        corpus_version = self.watcher.corpus_version
+    async def _prepare(self, question: Question) -> tuple[Route, Prompt]:
+        """Steps 4-5: retrieve, route and build the prompt."""
         with span("rag.retrieve") as traced:
             sources = await self.retrieve(question)
             traced.set(sources=len(sources))
         with span("rag.route") as traced:
             route, prompt = self.plan(question, sources)
             traced.set(tier=route.tier, prompt_tokens=prompt.prompt_tokens)
-        reservation = await _reserved(budget, prompt.prompt_tokens + question.request.max_tokens)
-        answer = self._answer(question, request_id, clock, route, prompt, corpus_version)
-        async for event in _settling(answer, reservation, prompt.prompt_tokens):
-            yield event
+        return route, prompt
 
-    async def _answer(
-        self, question: Question, request_id: str, clock: Clock, route: Route, prompt: Prompt, corpus_version: int
+    async def _generate(
+        self, question: Question, request_id: str, clock: Clock, corpus_version: int, route: Route, prompt: Prompt
     ) -> AsyncIterator[Event]:
-        """Steps 6-7: stream from the model, cache the complete answer."""
+        """Steps 6-7: stream from the model, cache the complete answer (if the corpus did not change)."""
         outcome: CacheOutcome = "bypass" if question.request.cache == "bypass" else "miss"
         pieces: list[str] = []
         usage: Usage | None = None

@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from service import __version__
+from service.answer.admission import AdmissionGate
 from service.answer.coalescing import Coalescer
 from service.answer.pipeline import AnswerService
 from service.embeddings.encoders import AnyEmbedder, create_embedder
@@ -132,6 +133,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         max_size=settings.db_pool_max,
         ef_search=settings.hnsw_ef_search,
         max_scan_tuples=settings.hnsw_max_scan_tuples,
+        statement_timeout_s=settings.db_statement_timeout_s,
+        command_timeout_s=settings.db_command_timeout_s,
+        acquire_timeout_s=settings.db_acquire_timeout_s,
     )
     pools = WorkerRedis.open(rurl, settings)
     client = pools.requests
@@ -167,6 +171,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         hash_key=hash_key(settings),
         metrics=metrics,
         rewrites=RewriteCache(client, ttl_s=settings.cache_ttl_s),
+        admission=AdmissionGate(
+            settings.admission_slots,
+            queue=settings.admission_queue,
+            wait_s=settings.admission_wait_s,
+            on_wait=metrics.prometheus.admission_wait.observe,
+        ),
     )
     # The model and SDKs leave ~650k long-lived objects; full GC passes over them took 0.3-0.7 s
     # and were the p99 of cache hits. Freeze them out of the collector's view.

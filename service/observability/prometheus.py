@@ -114,6 +114,12 @@ class PrometheusMetrics:
             ["collection", "outcome"],
             registry=r,
         )
+        self.admission_wait = Histogram(
+            "ragcache_admission_wait_seconds",
+            "Time a miss waited for an admission slot (admitted or refused).",
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
         self.routes = Counter(
             "ragcache_routes",
             "Generations by routed tier and answering model.",

@@ -62,6 +62,16 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
         await register_vector(conn)
 
 
+class BoundedPool(asyncpg.Pool):  # type: ignore[misc]
+    """An asyncpg pool whose `acquire` (and so `fetch`, `execute`, …) waits at most
+    `acquire_timeout` seconds for a free connection, then raises `TimeoutError`."""
+
+    acquire_timeout: float | None = None
+
+    def acquire(self, *, timeout: float | None = None) -> Any:
+        return super().acquire(timeout=timeout if timeout is not None else self.acquire_timeout)
+
+
 async def create_pool(
     dsn: str,
     *,
@@ -71,6 +81,9 @@ async def create_pool(
     max_scan_tuples: int = 20_000,
     iterative_scan: str = "relaxed_order",
     settings: Mapping[str, str] | None = None,
+    statement_timeout_s: float = 0,
+    command_timeout_s: float = 0,
+    acquire_timeout_s: float = 0,
     **kwargs: Any,
 ) -> asyncpg.Pool:
     """A pool whose connections speak pgvector's binary format. Call after `migrate`.
@@ -80,6 +93,12 @@ async def create_pool(
     search would cost a transaction (two more round trips) on every retrieval. `iterative_scan`
     and `settings` (more server settings) are parameters only so the filtered-retrieval benchmark
     can show what "off" costs and force a plan.
+
+    The timeouts (seconds; 0: none) bound what a hung or locked Postgres can cost a request:
+    the server cancels a statement after `statement_timeout_s` (`QueryCanceledError`),
+    asyncpg stops waiting for a reply after `command_timeout_s`, and taking a connection
+    from the pool waits at most `acquire_timeout_s` (both `TimeoutError`). The API sets
+    all three (RAG_DB_*_TIMEOUT_S); ingest and the CLI keep none.
     """
     server_settings = {
         "hnsw.ef_search": str(int(ef_search)),  # recall vs speed of HNSW search
@@ -89,15 +108,27 @@ async def create_pool(
         "hnsw.max_scan_tuples": str(int(max_scan_tuples)),
         **(settings or {}),
     }
-    pool = await asyncpg.create_pool(
+    if statement_timeout_s > 0:
+        server_settings["statement_timeout"] = str(max(1, round(statement_timeout_s * 1000)))  # milliseconds
+    pool = BoundedPool(
         dsn,
         min_size=min_size,
         max_size=max_size,
+        max_queries=50000,
+        max_inactive_connection_lifetime=300.0,
+        connection_class=asyncpg.Connection,
+        record_class=asyncpg.Record,
+        setup=None,
         init=_init_connection,
+        reset=None,
+        loop=None,
+        connect=None,
+        command_timeout=command_timeout_s or None,
         server_settings=server_settings,
         **kwargs,
     )
-    assert pool is not None
+    pool.acquire_timeout = acquire_timeout_s or None
+    await pool
     return pool
 
 

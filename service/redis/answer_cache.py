@@ -6,6 +6,12 @@ the answers whose documents were replaced or deleted (see `invalidation.py`). Ad
 unrelated document therefore keeps the cache warm. Answers built from no sources at all
 depend on the whole corpus and are dropped on any change.
 
+An answer is served only while every dependency set it was registered in still lists it
+(checked in the same Lua script as the GET): under a memory limit with `volatile-lru`, Redis
+may evict a dependency set before the answers it lists, and such an answer could then outlive
+a change of its documents. Instead it is a miss (and deleted). See docs/operations.md,
+"Bounded memory".
+
 Redis is optional at run time: every operation fails soft, and after a failure the cache
 stays off for a short cool-down so a dead Redis costs nothing per request (`keyspace.CoolDown`).
 """
@@ -103,12 +109,32 @@ class CachedAnswer:
         return cls(**json.loads(raw))
 
 
+# KEYS[1]: the answer; ARGV[1]: its cache key (a member of its dependency sets), ARGV[2]: the
+# dependency sets' key prefix. The answer, or nil when any of its sets no longer lists it.
+_GET_LISTED = """
+local raw = redis.call('GET', KEYS[1])
+if not raw then return false end
+local ok, entry = pcall(cjson.decode, raw)
+if not ok or type(entry) ~= 'table' then return raw end
+local ids = entry['document_ids']
+if type(ids) ~= 'table' or #ids == 0 then ids = {'none'} end
+for _, id in ipairs(ids) do
+  if redis.call('SISMEMBER', ARGV[2] .. tostring(id), ARGV[1]) == 0 then
+    redis.call('DEL', KEYS[1])
+    return false
+  end
+end
+return raw
+"""
+
+
 class AnswerCache:
     def __init__(self, client: aioredis.Redis, *, ttl_s: int, keys: Keyspace = KEYS) -> None:
         self.client = client
         self.ttl_s = ttl_s
         self.keys = keys
         self._cool_down = CoolDown("cache off")
+        self._get_listed = client.register_script(_GET_LISTED)
 
     @property
     def available(self) -> bool:
@@ -122,7 +148,7 @@ class AnswerCache:
         if not self.available:
             return None
         try:
-            raw = await self.client.get(self.keys.answer(key))
+            raw = await self._get_listed(keys=[self.keys.answer(key)], args=[key, self.keys.deps_prefix])
         except (RedisError, OSError) as exc:
             self._failed("get", exc)
             return None

@@ -66,7 +66,11 @@ class Keyspace:
 
     def deps(self, document_id: int | None) -> str:
         """The set of answer keys built from one document (None: answers built from no source)."""
-        return f"{self.prefix}:deps:{'none' if document_id is None else document_id}"
+        return f"{self.deps_prefix}{'none' if document_id is None else document_id}"
+
+    @property
+    def deps_prefix(self) -> str:
+        return f"{self.prefix}:deps:"
 
     @property
     def corpus_version(self) -> str:

@@ -166,8 +166,9 @@ def test_data_lives_in_named_volumes(compose: dict[str, Any]) -> None:
     assert mounts(services["redis"])["/data"] in volumes
     command = " ".join(services["redis"]["command"]).split()  # a shell line (the password stays out of argv)
     assert command[command.index("--appendonly") + 1] == "yes"  # AOF: the cache survives a restart
-    if "--maxmemory-policy" in command:
-        assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
+    # Bounded memory that only evicts keys with a TTL (docs/operations.md, "Bounded memory").
+    assert command[command.index("--maxmemory-policy") + 1] == "volatile-lru"
+    assert command[command.index("--maxmemory") + 1] == "256mb"
 
 
 # -- Prometheus and Grafana files ------------------------------------------------------------
