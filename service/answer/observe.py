@@ -75,8 +75,8 @@ def failure_stage(exc: ServiceError) -> str:
         return "permission"
     if isinstance(exc, DependencyUnavailable) and exc.dependency == "database":
         return "database"
-    if isinstance(exc, Overloaded) and not isinstance(exc, PoolExhausted):  # the admission gate refused it
-        return "admission"
+    if isinstance(exc, Overloaded) and exc.code == "overloaded" and not isinstance(exc, PoolExhausted):
+        return "admission"  # the admission gate refused it (a busy Redis pool is PoolExhausted)
     return "provider"  # providers, embedding, a followed generation that failed, budget, coalescing
 
 

@@ -14,6 +14,7 @@ from service.errors import (
     LeaderFailed,
     NoProviderAvailable,
     Overloaded,
+    PoolExhausted,
     RateLimited,
     ServiceError,
     UnknownModel,
@@ -41,6 +42,8 @@ CASES: list[tuple[ServiceError, int, str, str | None, str]] = [
     (LeaderFailed("database_unavailable", "down"), 503, "database_unavailable", "5", "database"),
     (LeaderFailed("providers_unavailable", "down"), 503, "providers_unavailable", "5", "provider"),
     (Overloaded("coalescing_failed", "busy"), 503, "coalescing_failed", "1", "provider"),
+    (Overloaded("overloaded", "no admission slot", retry_after=1), 503, "overloaded", "1", "admission"),
+    (PoolExhausted("limits"), 503, "overloaded", "1", "provider"),  # a busy Redis pool is not the admission gate
 ]
 
 
