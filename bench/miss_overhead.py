@@ -56,7 +56,7 @@ ROWS: list[tuple[str, str]] = [
 # starts (↓) and ends (↑). Consecutive marks give exclusive intervals that add up to the total.
 # (owner path from the AnswerService, method, label); missing owners/methods are skipped.
 PROBES: list[tuple[str, str, str]] = [
-    ("", "guard", "guard"),
+    ("questions", "guard", "guard"),
     ("cache", "get", "cache.get"),
     ("", "semantic_lookup", "semantic_lookup"),
     ("semantic", "candidates", "semantic.candidates"),
@@ -195,7 +195,7 @@ async def run(args: argparse.Namespace) -> str:
 
             async def forget(question: str) -> None:
                 """Make this question a miss again: drop its answer and its semantic-index row only."""
-                key = service.guard(RagRequest(question=question)).key
+                key = service.questions.guard(RagRequest(question=question)).key
                 await service.cache.delete(key)
                 semantic = getattr(service, "semantic", None)
                 if semantic is not None:
@@ -220,7 +220,7 @@ async def run(args: argparse.Namespace) -> str:
                 request = RagRequest(question=question, cache="use")
                 out: dict[str, float] = {}
                 started = time.perf_counter()
-                checked = service.guard(request)
+                checked = service.questions.guard(request)
                 out["guard"] = time.perf_counter() - started
                 out["cache_get"], hit = await timed(lambda: service.cache.get(checked.key))
                 if hit is not None:

@@ -44,12 +44,29 @@ class Timeouts:
     total_s: float = 120.0
 
 
+OnAttempt = Callable[[ModelChoice, str, int | None], None]
+
+
+@dataclass(frozen=True)
+class Models:
+    """What step 6 calls: the providers by name, the timeouts, and who is told how each attempt went."""
+
+    providers: Mapping[str, Provider]
+    timeouts: Timeouts
+    on_attempt: OnAttempt | None = None
+
+    def generate(
+        self, candidates: Sequence[ModelChoice], make_request: Callable[[str], GenerationRequest]
+    ) -> AsyncIterator[Answering | str | Usage]:
+        return generate(candidates, self.providers, make_request, self.timeouts, self.on_attempt)
+
+
 async def generate(
     candidates: Sequence[ModelChoice],
     providers: Mapping[str, Provider],
     make_request: Callable[[str], GenerationRequest],
     timeouts: Timeouts,
-    on_attempt: Callable[[ModelChoice, str, int | None], None] | None = None,
+    on_attempt: OnAttempt | None = None,
 ) -> AsyncIterator[Answering | str | Usage]:
     """Yields `Answering`, then the text deltas, then one `Usage`.
 

@@ -1,12 +1,12 @@
 """The answer pipeline: the request path's seven steps, in order: 1. guardrails (and, for a
-follow-up, its standalone question), 2. exact cache, 3. semantic cache, 4. retrieval, 5. routing
-and prompt, 6. streaming generation, 7. cache write.
+follow-up, its standalone question: service/answer/question.py), 2. exact cache, 3. semantic cache,
+4. retrieval, 5. routing and prompt, 6. streaming generation, 7. cache write.
 
 Identical misses in flight share one generation (service/answer/coalescing.py). A miss's work
 before its first token (steps 3-5) runs in a slot of the admission gate (service/answer/admission.py),
 which exact hits never wait for. A miss holds one of its key's in-flight slots until it ends; a
 generation reserves its key's tokens before calling a model and settles them as it ends
-(`_settling`). The access log and metrics watch the events from outside
+(service/answer/budgeting.py). The access log and metrics watch the events from outside
 (service/answer/observe.py). Before the first event a failure is a domain error
 (service/errors.py); after it, a `Failed` event.
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from functools import partial
 
@@ -23,41 +23,27 @@ import asyncpg
 
 from service.answer.admission import AdmissionGate
 from service.answer.background import Background
+from service.answer.budgeting import checked, missed, reserved, settling
 from service.answer.coalescing import Coalescer, Coalescing, Free
 from service.answer.events import Admitted, Clock, Done, Event, Failed, Meta, Token
-from service.answer.generation import AllProvidersFailedError, Answering, Timeouts, generate
-from service.answer.observe import observed, provider_attempts
+from service.answer.generation import AllProvidersFailedError, Answering, Models
+from service.answer.observe import observed
+from service.answer.question import QuestionReader
 from service.answer.schemas import CacheOutcome, RagRequest
-from service.answer.shapes import Question, RequestFactory, cache_entry, replayed, route_info, source_info, usage_info
-from service.answer.standalone import Rewriter
+from service.answer.shapes import Question, RequestFactory, answering_meta, cache_entry, planned, replayed, usage_info
 from service.embeddings.encoders import Embedder, Vectors
-from service.errors import (
-    BudgetExceeded,
-    DependencyUnavailable,
-    Forbidden,
-    GuardrailViolation,
-    InvalidRequest,
-    NoProviderAvailable,
-    UnknownModel,
-)
-from service.observability.logs import note
+from service.errors import BudgetExceeded, DependencyUnavailable, NoProviderAvailable
 from service.observability.metrics import Metrics
 from service.observability.tracing import span
-from service.policy.collections import DEFAULT, CollectionForbiddenError, PermissionSet, permission_set
-from service.policy.followups import rewrite
-from service.policy.guardrails import Action, GuardrailPolicy, check_question
-from service.policy.history import History, HistoryLimits, Turn, parse_history
-from service.policy.pii import redact_pii
-from service.policy.prompt import PROMPT_VERSION, Prompt, build_prompt
-from service.policy.routing import Route, RoutingPolicy, UnknownModelError, choose_route
-from service.policy.tokens import count_tokens
-from service.postgres.retrieval import Filters, Retriever, Source
+from service.policy.collections import DEFAULT
+from service.policy.prompt import Prompt
+from service.policy.routing import Route, RoutingPolicy
+from service.postgres.retrieval import Retriever, Source
 from service.postgres.semantic_index import SemanticCache, SemanticMatch
 from service.postgres.watcher import CorpusWatcher
-from service.providers.base import Provider, ProviderError, Usage
-from service.redis.answer_cache import AnswerCache, CachedAnswer, KeyParts, cache_key, question_hash, scope_key
-from service.redis.limits import Reservation, TokenBudget
-from service.redis.rewrites import RewriteCache
+from service.providers.base import ProviderError, Usage
+from service.redis.answer_cache import AnswerCache, CachedAnswer
+from service.redis.limits import TokenBudget
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -78,15 +64,14 @@ class AnswerService:
         semantic: SemanticCache | None,
         coalescer: Coalescer,
         watcher: CorpusWatcher,
-        providers: Mapping[str, Provider],
+        models: Models,
         policy: RoutingPolicy,
-        hash_key: bytes,
+        questions: QuestionReader,
         metrics: Metrics | None = None,
-        rewrites: RewriteCache | None = None,
         admission: AdmissionGate | None = None,
     ) -> None:
         self.settings = settings
-        self.hash_key = hash_key  # keys the question hashes that reach logs, metrics and responses
+        self.questions = questions  # steps 1 and 1b (service/answer/question.py)
         self.embedder = embedder
         self.retriever = retriever
         self.cache = cache
@@ -94,27 +79,10 @@ class AnswerService:
         self._background = Background()  # work that outlives its request (followers' answers, metrics)
         self.coalescing = Coalescing(coalescer, available=lambda: cache.available, detach=self._background.run)
         self.watcher = watcher
-        self.providers = providers
+        self.models = models  # step 6: the providers, their timeouts, the attempts' observer
         self.policy = policy
         self.metrics = metrics
         self.admission = admission if admission is not None else AdmissionGate(0)
-        self.guardrails = GuardrailPolicy(
-            max_chars=settings.question_max_chars,
-            max_tokens=settings.question_max_tokens,
-            injection=Action(settings.guard_injection),
-            pii=settings.guard_pii,
-        )
-        self.history_limits = HistoryLimits(settings.history_max_turns, settings.history_max_tokens)
-        self.rewriter = Rewriter(
-            mode=settings.rewrite,
-            providers=providers,
-            policy=policy,
-            cache=rewrites,
-            timeout_s=settings.rewrite_timeout_s,
-            turns=settings.rewrite_turns,
-        )
-        self.timeouts = Timeouts(settings.first_token_timeout_s, settings.total_timeout_s)
-        self._on_attempt = provider_attempts(metrics)
 
     # -- the path: which steps run, in which order -------------------------------------------
     def answer(
@@ -137,14 +105,14 @@ class AnswerService:
         """Guardrails; then a cached answer, or one generation shared by every identical request in flight."""
         clock = Clock()
         with span("rag.guardrails"):
-            question = self.guard(request, granted)
-        question = await self.understand(question)
+            question = self.questions.guard(request, granted)
+        question = await self.questions.understand(question)
         yield Admitted(question.hash, question.permissions.collections)
         produce = partial(self._cached_or_generated, question, request_id, clock, budget)
         key: str | None = question.key
         free: Free = partial(self._free, question, request_id, clock, budget)
         if request.cache != "use":  # bypass or refresh: never read the caches, never share the generation
-            key, free = None, partial(_missed, budget)
+            key, free = None, partial(missed, budget)
         try:
             async for event in self.coalescing.run(key, produce, free=free, request_id=request_id, clock=clock):
                 if isinstance(event, Meta):  # this request's rewrite, whoever produced the answer
@@ -161,13 +129,13 @@ class AnswerService:
         if (hit := await self.lookup(question.key)) is not None:
             return replayed(hit, request_id, clock)
         try:
-            await _checked(budget)
+            await checked(budget)
         except BudgetExceeded:  # out of tokens: a semantic hit is still free, nothing else is
             similar = await self._cached(question, request_id, clock, look_again=False)
             if similar is None:
                 raise
             return similar
-        await _missed(budget)
+        await missed(budget)
         return None
 
     async def _cached_or_generated(
@@ -178,8 +146,8 @@ class AnswerService:
         Steps 3-5 run in an admission slot (raises `Overloaded` past the wait budget); the slot is
         free again before the provider is called. This runs in the coalescing producer, which
         outlives a leader whose client left while others follow; the key's tokens are reserved
-        before the model is called and settled as the answer ends (`_settling`), so one that ends
-        early (disconnect, cancellation, error) is charged what was generated, never more than reserved.
+        before the model is called and settled as the answer ends, so one that ends early
+        (disconnect, cancellation, error) is charged what was generated, never more than reserved.
         """
         cached: list[Event] | None = None
         tenant = budget.principal.key_id if budget is not None else ""  # whose turn in the admission queue
@@ -188,14 +156,14 @@ class AnswerService:
                 cached = await self._cached(question, request_id, clock, look_again=look_again)
             if cached is None:
                 corpus_version = self.watcher.corpus_version
-                route, prompt = await self._prepare(question)
+                route, prompt = self.plan(question, await self.retrieve(question))
         if cached is not None:
             for event in cached:
                 yield event
             return
-        reservation = await _reserved(budget, prompt.prompt_tokens + question.request.max_tokens)
+        reservation = await reserved(budget, prompt.prompt_tokens + question.request.max_tokens)
         answer = self._generate(question, request_id, clock, corpus_version, route, prompt)
-        async for event in _settling(answer, reservation, prompt.prompt_tokens):
+        async for event in settling(answer, reservation, prompt.prompt_tokens):
             yield event
 
     async def _cached(
@@ -218,16 +186,6 @@ class AnswerService:
         if self.watcher.corpus_version == corpus_version >= 0:  # not while an invalidation may be running
             await self.cache.put(question.key, replace(answer, question_hash=question.hash))
 
-    async def _prepare(self, question: Question) -> tuple[Route, Prompt]:
-        """Steps 4-5: retrieve, route and build the prompt."""
-        with span("rag.retrieve") as traced:
-            sources = await self.retrieve(question)
-            traced.set(sources=len(sources))
-        with span("rag.route") as traced:
-            route, prompt = self.plan(question, sources)
-            traced.set(tier=route.tier, prompt_tokens=prompt.prompt_tokens)
-        return route, prompt
-
     async def _generate(
         self, question: Question, request_id: str, clock: Clock, corpus_version: int, route: Route, prompt: Prompt
     ) -> AsyncIterator[Event]:
@@ -236,14 +194,12 @@ class AnswerService:
         pieces: list[str] = []
         usage: Usage | None = None
         answering: Answering | None = None
+        meta: Meta | None = None  # sent once a model answers; its route is cached with the answer
         try:  # 6. streaming generation
-            async for item in generate(
-                route.candidates, self.providers, RequestFactory(question, prompt), self.timeouts, self._on_attempt
-            ):
+            async for item in self.models.generate(route.candidates, RequestFactory(question, prompt)):
                 if isinstance(item, Answering):
-                    answering = item
-                    shown = [source_info(s) for s in prompt.sources]
-                    yield Meta(request_id, outcome, route_info(route, item, self.policy), shown)
+                    answering, meta = item, answering_meta(request_id, outcome, route, item, self.policy, prompt)
+                    yield meta
                 elif isinstance(item, str):
                     clock.token()
                     pieces.append(item)
@@ -256,97 +212,13 @@ class AnswerService:
             message = exc.message if isinstance(exc, ProviderError) else "the answer took too long"
             yield Failed("generation_failed", f"generation stopped: {message}")
             return
-        assert answering is not None and usage is not None
+        assert answering is not None and meta is not None and usage is not None
         spent = usage_info(answering, usage, self.settings.pricing)
         if question.request.cache != "bypass":  # 7. cache write
             with span("rag.cache.write"):
-                entry = cache_entry(question, "".join(pieces), route_info(route, answering, self.policy), prompt, spent)
+                entry = cache_entry(question, "".join(pieces), meta.route, prompt, spent)
                 await self.store(question, corpus_version, entry)
         yield Done(spent, clock.ms(), clock.ttft_ms(), cached=False)
-
-    # -- 1. guardrails (no I/O) ----------------------------------------------------------
-    def guard(self, request: RagRequest, granted: Sequence[str] = (DEFAULT,)) -> Question:
-        checked = check_question(request.question, self.guardrails, count_tokens)  # raises GuardrailViolation
-        try:
-            filters = Filters.parse(request.filters)
-        except ValueError as exc:
-            raise InvalidRequest("invalid_filters", str(exc)) from exc
-        try:  # what this request may read: the cache unit (see service/policy/collections.py)
-            permissions = permission_set(granted, filters.collections)
-        except CollectionForbiddenError as exc:
-            raise Forbidden("collection_forbidden", str(exc)) from exc
-        if request.model not in ("auto", "small", "large") and request.model not in self.policy.allowed_models():
-            allowed = ", ".join(["auto", "small", "large", *self.policy.allowed_models()])
-            raise UnknownModel(f"model must be one of: {allowed}")
-        history = self._history(request)  # raises HistoryViolation
-        parts = self._parts(checked.text, request, filters, history, permissions)
-        return Question(
-            request=request,
-            text=checked.text,
-            filters=filters,
-            key=cache_key(parts),
-            scope=scope_key(parts),
-            hash=question_hash(checked.text, self.hash_key),
-            flags=checked.flags,
-            history=history,
-            permissions=permissions,
-        )
-
-    def _history(self, request: RagRequest) -> History:
-        """The request's earlier turns, checked and bounded, with personal data redacted like the question's."""
-        if not request.history:
-            return History()
-        history = parse_history([(m.role, m.content) for m in request.history], self.history_limits, count_tokens)
-        if self.guardrails.pii == "allow":
-            return history
-        return History(tuple(Turn(t.role, redact_pii(t.content)) for t in history.turns))
-
-    @staticmethod
-    def _parts(
-        text: str, request: RagRequest, filters: Filters, history: History, permissions: PermissionSet
-    ) -> KeyParts:
-        return KeyParts(
-            text,
-            request.top_k,
-            filters,
-            request.model,
-            request.max_tokens,
-            request.temperature,
-            PROMPT_VERSION,
-            permissions.token,
-            instructions="\n\n".join(history.instructions),
-        )
-
-    # -- 1b. the standalone question of a follow-up ------------------------------------------
-    async def understand(self, question: Question) -> Question:
-        """A follow-up as the standalone question the cache, retrieval and prompt use (service/answer/standalone.py)."""
-        if not question.history.user_turns:
-            return question
-        with span("rag.understand") as traced:
-            standalone = await self.rewriter.standalone(question.text, question.history)
-            traced.set(rewrite=standalone.how)
-        note(history_turns=len(question.history.turns), rewrite=standalone.how)  # the access line: how, never what
-        if standalone.text == question.text:
-            return question
-        # Built from earlier turns (or a model's reply): untrusted text, checked like a question.
-        try:
-            checked = check_question(standalone.text, self.guardrails, count_tokens)
-        except GuardrailViolation:
-            if standalone.how not in ("model", "cached"):
-                raise
-            # The model's reply, not the client, broke a rule: the offline rules answer instead.
-            offline = rewrite(question.text, question.history.user_turns[-self.settings.rewrite_turns :])
-            checked = check_question(offline, self.guardrails, count_tokens)
-        parts = self._parts(checked.text, question.request, question.filters, question.history, question.permissions)
-        return replace(
-            question,
-            text=checked.text,
-            asked=question.text,
-            key=cache_key(parts),
-            scope=scope_key(parts),
-            hash=question_hash(checked.text, self.hash_key),
-            flags=tuple(dict.fromkeys((*question.flags, *checked.flags))),
-        )
 
     # -- 2. exact cache ------------------------------------------------------------------
     async def lookup(self, key: str) -> CachedAnswer | None:
@@ -388,40 +260,28 @@ class AnswerService:
 
     # -- 4. retrieval --------------------------------------------------------------------
     async def retrieve(self, question: Question) -> list[Source]:
-        vector = await self.embed(question)
-        try:
-            return await self.retriever.search(
-                vector,
-                question.text,
-                top_k=question.request.top_k,
-                filters=question.filters,
-                collections=question.permissions.names,
-            )
-        except _POSTGRES_DOWN as exc:
-            log.warning("retrieval failed: %s", type(exc).__name__)
-            message = "the document store is unavailable"
-            raise DependencyUnavailable("database", "database_unavailable", message) from exc
+        with span("rag.retrieve") as traced:
+            vector = await self.embed(question)
+            try:
+                sources = await self.retriever.search(
+                    vector,
+                    question.text,
+                    top_k=question.request.top_k,
+                    filters=question.filters,
+                    collections=question.permissions.names,
+                )
+            except _POSTGRES_DOWN as exc:
+                log.warning("retrieval failed: %s", type(exc).__name__)
+                message = "the document store is unavailable"
+                raise DependencyUnavailable("database", "database_unavailable", message) from exc
+            traced.set(sources=len(sources))
+        return sources
 
-    # -- 5. routing and prompt -------------------------------------------------------------
+    # -- 5. routing and prompt (no I/O: service/answer/shapes.py) ----------------------------
     def plan(self, question: Question, sources: list[Source]) -> tuple[Route, Prompt]:
-        prompt = build_prompt(
-            question.text,
-            sources,
-            context_budget=self.settings.context_token_budget,
-            conversation=question.history.dialogue,
-            conversation_budget=self.settings.history_prompt_tokens,
-            instructions=question.history.instructions,
-        )
-        try:
-            route = choose_route(
-                question.request.model,
-                question=question.text,
-                prompt_tokens=prompt.prompt_tokens,
-                max_tokens=question.request.max_tokens,
-                policy=self.policy,
-            )
-        except UnknownModelError as exc:
-            raise UnknownModel(str(exc)) from exc
+        with span("rag.route") as traced:
+            route, prompt = planned(question, sources, self.policy, self.settings)
+            traced.set(tier=route.tier, prompt_tokens=prompt.prompt_tokens)
         return route, prompt
 
     # -- 7. cache write -----------------------------------------------------------------
@@ -436,46 +296,3 @@ class AnswerService:
                 await self.semantic.add(question.key, question.scope, question.text, question.hash, question.vector)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.warning("semantic index not updated: %s", type(exc).__name__)
-
-
-async def _checked(budget: TokenBudget | None) -> None:
-    """Raises `BudgetExceeded` when the caller's tokens for today are spent (a generation would cost)."""
-    if budget is not None:
-        await budget.check()
-
-
-async def _missed(budget: TokenBudget | None) -> None:
-    """A miss: the budget is not spent, and the request takes one of its key's in-flight slots
-    (`RateLimited` `too_many_inflight` when all are taken); the slot is vacated when the request ends."""
-    await _checked(budget)
-    if budget is not None:
-        await budget.occupy()
-
-
-async def _reserved(budget: TokenBudget | None, tokens: int) -> Reservation | None:
-    """Today's tokens for this generation, reserved at once (`BudgetExceeded` if they are not all left)."""
-    return await budget.reserve(tokens) if budget is not None else None
-
-
-async def _settling(
-    events: AsyncIterator[Event], reservation: Reservation | None, prompt_tokens: int
-) -> AsyncIterator[Event]:
-    """`events`, settling `reservation` on the way: to the usage `done` reports (before passing it
-    on, so a client that sees `done` sees the charge); or, when the answer ends early (an error
-    event, a disconnect, a cancellation), to the prompt plus the tokens streamed (nothing if none was)."""
-    if reservation is None:
-        async for event in events:
-            yield event
-        return
-    streamed: list[str] = []
-    try:
-        async for event in events:
-            if isinstance(event, Token):
-                streamed.append(event.text)
-            elif isinstance(event, Done):
-                await asyncio.shield(reservation.settle(event.usage.input_tokens + event.usage.output_tokens))
-            yield event
-    finally:
-        if not reservation.settled:
-            used = prompt_tokens + count_tokens("".join(streamed)) if streamed else 0
-            await asyncio.shield(reservation.settle(used))

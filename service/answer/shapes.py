@@ -1,8 +1,8 @@
 """What the pipeline's steps hand each other, and how one shape becomes the next (no I/O).
 
-A `Question` (a request past the guardrails) becomes a provider request; a provider's route
-and usage become the `meta` and `done` fields; a cached answer becomes the events of a hit,
-and a generated one becomes a cache entry.
+A `Question` and its sources become a prompt and a route (step 5), then a provider request; a
+provider's route and usage become the `meta` and `done` fields; a cached answer becomes the
+events of a hit, and a generated one becomes a cache entry.
 """
 
 from __future__ import annotations
@@ -13,16 +13,18 @@ from dataclasses import dataclass, field, replace
 
 from service.answer.events import Clock, Done, Event, Meta, Token
 from service.answer.generation import Answering
-from service.answer.schemas import RagRequest, RouteInfo, SourceInfo, UsageInfo
+from service.answer.schemas import CacheOutcome, RagRequest, RouteInfo, SourceInfo, UsageInfo
 from service.embeddings.encoders import Vectors
+from service.errors import UnknownModel
 from service.policy.collections import DEFAULT, PermissionSet
 from service.policy.history import History
-from service.policy.prompt import Prompt
-from service.policy.routing import Route, RoutingPolicy
+from service.policy.prompt import Prompt, build_prompt
+from service.policy.routing import Route, RoutingPolicy, UnknownModelError, choose_route
 from service.postgres.retrieval import Filters, Source
 from service.postgres.semantic_index import SemanticMatch
 from service.providers.base import GenerationRequest, Usage
 from service.redis.answer_cache import CachedAnswer
+from service.settings import Settings
 
 Vector = Vectors  # one row of the embedder's output
 
@@ -47,6 +49,32 @@ class Question:
     def standalone_question(self) -> str | None:
         """The rewrite, for the `meta` event: only when it differs from the question asked."""
         return self.text if self.asked and self.asked != self.text else None
+
+
+def planned(
+    question: Question, sources: list[Source], policy: RoutingPolicy, settings: Settings
+) -> tuple[Route, Prompt]:
+    """Step 5: the prompt (sources and recent turns within the settings' token budgets), then the
+    route its size and the question choose (`UnknownModel` for a model the policy does not list)."""
+    prompt = build_prompt(
+        question.text,
+        sources,
+        context_budget=settings.context_token_budget,
+        conversation=question.history.dialogue,
+        conversation_budget=settings.history_prompt_tokens,
+        instructions=question.history.instructions,
+    )
+    try:
+        route = choose_route(
+            question.request.model,
+            question=question.text,
+            prompt_tokens=prompt.prompt_tokens,
+            max_tokens=question.request.max_tokens,
+            policy=policy,
+        )
+    except UnknownModelError as exc:
+        raise UnknownModel(str(exc)) from exc
+    return route, prompt
 
 
 def cost_usd(model: str, usage: Usage, pricing: Mapping[str, tuple[float, float]]) -> float:
@@ -83,6 +111,14 @@ def route_info(route: Route, answering: Answering, policy: RoutingPolicy) -> Rou
     if answering.failed:
         reason += f"; fell back after {'; '.join(answering.failed)}"
     return RouteInfo(tier=tier, model=choice.model, provider=choice.provider, reason=reason)
+
+
+def answering_meta(
+    request_id: str, outcome: CacheOutcome, route: Route, answering: Answering, policy: RoutingPolicy, prompt: Prompt
+) -> Meta:
+    """The `meta` event of a generated answer, sent once a model answers: its route and the sources shown."""
+    shown = [source_info(s) for s in prompt.sources]
+    return Meta(request_id, outcome, route_info(route, answering, policy), shown)
 
 
 def _other(tier: str) -> str:

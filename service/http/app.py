@@ -19,7 +19,10 @@ from fastapi.responses import JSONResponse
 from service import __version__
 from service.answer.admission import AdmissionGate
 from service.answer.coalescing import Coalescer
+from service.answer.generation import Models, Timeouts
+from service.answer.observe import provider_attempts
 from service.answer.pipeline import AnswerService
+from service.answer.question import QuestionReader
 from service.embeddings.encoders import AnyEmbedder, create_embedder
 from service.hashing import hash_key
 from service.http.auth import KEYS_CHANNEL, Authenticator, KeyStore
@@ -156,6 +159,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await watcher.start()
     providers = build_providers(settings)
     tracing: Tracing = app.state.tracing
+    policy = routing_policy(settings)
+    attempts = provider_attempts(metrics)  # each candidate model's outcome before its first token, counted
     answers = AnswerService(
         settings=settings,
         embedder=embedder,
@@ -166,11 +171,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         else None,
         coalescer=Coalescer(client, followers=pools.followers, lease_ms=settings.coalesce_lease_ms),
         watcher=watcher,
-        providers=providers,
-        policy=routing_policy(settings),
-        hash_key=hash_key(settings),
+        models=Models(providers, Timeouts(settings.first_token_timeout_s, settings.total_timeout_s), attempts),
+        policy=policy,
+        questions=QuestionReader.of(
+            settings,
+            providers=providers,
+            policy=policy,
+            hash_key=hash_key(settings),
+            rewrites=RewriteCache(client, ttl_s=settings.cache_ttl_s),
+        ),
         metrics=metrics,
-        rewrites=RewriteCache(client, ttl_s=settings.cache_ttl_s),
         admission=AdmissionGate(
             settings.admission_slots,
             queue=settings.admission_queue,

@@ -1,0 +1,58 @@
+"""The caller's token budget around a generation, from outside it: a miss checks the budget and takes
+one of its key's in-flight slots; a generation reserves its tokens before a model is called and
+settles them as its events end (`settling`). Without a budget (`None`) each of these does nothing.
+
+The counters themselves live in Redis (service/redis/limits.py: `TokenBudget`, `Reservation`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from service.answer.events import Done, Event, Token
+from service.policy.tokens import count_tokens
+from service.redis.limits import Reservation, TokenBudget
+
+
+async def checked(budget: TokenBudget | None) -> None:
+    """Raises `BudgetExceeded` when the caller's tokens for today are spent (a generation would cost)."""
+    if budget is not None:
+        await budget.check()
+
+
+async def missed(budget: TokenBudget | None) -> None:
+    """A miss: the budget is not spent, and the request takes one of its key's in-flight slots
+    (`RateLimited` `too_many_inflight` when all are taken); the slot is vacated when the request ends."""
+    await checked(budget)
+    if budget is not None:
+        await budget.occupy()
+
+
+async def reserved(budget: TokenBudget | None, tokens: int) -> Reservation | None:
+    """Today's tokens for this generation, reserved at once (`BudgetExceeded` if they are not all left)."""
+    return await budget.reserve(tokens) if budget is not None else None
+
+
+async def settling(
+    events: AsyncIterator[Event], reservation: Reservation | None, prompt_tokens: int
+) -> AsyncIterator[Event]:
+    """`events`, settling `reservation` on the way: to the usage `done` reports (before passing it
+    on, so a client that sees `done` sees the charge); or, when the answer ends early (an error
+    event, a disconnect, a cancellation), to the prompt plus the tokens streamed (nothing if none was)."""
+    if reservation is None:
+        async for event in events:
+            yield event
+        return
+    streamed: list[str] = []
+    try:
+        async for event in events:
+            if isinstance(event, Token):
+                streamed.append(event.text)
+            elif isinstance(event, Done):
+                await asyncio.shield(reservation.settle(event.usage.input_tokens + event.usage.output_tokens))
+            yield event
+    finally:
+        if not reservation.settled:
+            used = prompt_tokens + count_tokens("".join(streamed)) if streamed else 0
+            await asyncio.shield(reservation.settle(used))
