@@ -139,7 +139,8 @@ class Settings(BaseSettings):
     # past them the request is refused with a 413 (history_too_long, history_too_many_tokens).
     history_max_turns: int = Field(default=20, alias="RAG_HISTORY_MAX_TURNS", ge=0, le=1000)
     history_max_tokens: int = Field(default=4000, alias="RAG_HISTORY_MAX_TOKENS", ge=0)
-    # Tokens of recent turns the prompt's <conversation> block carries (newest kept first).
+    # Tokens of recent turns the prompt's <conversation> block carries (newest kept first); only a
+    # private answer (cache "bypass") sees the turns: a shared answer must not depend on a transcript.
     history_prompt_tokens: int = Field(default=1000, alias="RAG_HISTORY_PROMPT_TOKENS", ge=0)
     # How a follow-up becomes a standalone question: auto (the small tier when a provider is
     # configured, else the offline rules), offline (the rules only), off (no rewrite).

@@ -54,13 +54,17 @@ class Question:
 def planned(
     question: Question, sources: list[Source], policy: RoutingPolicy, settings: Settings
 ) -> tuple[Route, Prompt]:
-    """Step 5: the prompt (sources and recent turns within the settings' token budgets), then the
+    """Step 5: the prompt (sources, and for a private answer recent turns, within the settings' token budgets), then the
     route its size and the question choose (`UnknownModel` for a model the policy does not list)."""
+    # A shared answer (cache "use" or "refresh") is the standalone question's answer for everyone with
+    # this permission set, so it must not depend on a transcript the client wrote: a made-up history
+    # could steer it. Only a private answer ("bypass": neither read nor written) sees the turns.
+    private = question.request.cache == "bypass"
     prompt = build_prompt(
         question.text,
         sources,
         context_budget=settings.context_token_budget,
-        conversation=question.history.dialogue,
+        conversation=question.history.dialogue if private else (),
         conversation_budget=settings.history_prompt_tokens,
         instructions=question.history.instructions,
     )
