@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import redis.asyncio as aioredis
 
 from service.policy.guardrails import normalize_for_key
-from service.redis.keyspace import KEYS, REDIS_ERRORS, CoolDown, Keyspace
+from service.redis.keyspace import BEST_EFFORT_ERRORS, KEYS, CoolDown, Keyspace
 
 
 def rewrite_key(user_turns: Sequence[str], question: str, model: str) -> str:
@@ -36,7 +36,7 @@ class RewriteCache:
             return None
         try:
             raw = await self.client.get(self.keys.rewrite(key))
-        except REDIS_ERRORS as exc:
+        except BEST_EFFORT_ERRORS as exc:  # a busy pool too: a rewrite is never worth a 503
             self._cool_down.failed("get", exc)
             return None
         if raw is None:
@@ -48,5 +48,5 @@ class RewriteCache:
             return
         try:
             await self.client.set(self.keys.rewrite(key), standalone.encode(), ex=self.ttl_s)
-        except REDIS_ERRORS as exc:
+        except BEST_EFFORT_ERRORS as exc:  # a busy pool too: a rewrite is never worth a 503
             self._cool_down.failed("put", exc)
