@@ -106,7 +106,7 @@ class AnswerService:
         clock = Clock()
         with span("rag.guardrails"):
             question = self.questions.guard(request, granted)
-        question = await self.questions.understand(question)
+        question = await self.questions.understand(question, budget)  # a model rewrite is charged to it
         yield Admitted(question.hash, question.permissions.collections)
         produce = partial(self._cached_or_generated, question, request_id, clock, budget)
         key: str | None = question.key

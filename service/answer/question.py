@@ -27,6 +27,7 @@ from service.policy.tokens import count_tokens
 from service.postgres.retrieval import Filters
 from service.providers.base import Provider
 from service.redis.answer_cache import KeyParts, cache_key, question_hash, scope_key
+from service.redis.limits import TokenBudget
 from service.redis.rewrites import RewriteCache
 from service.settings import Settings
 
@@ -121,12 +122,12 @@ class QuestionReader:
         return History(tuple(Turn(t.role, redact_pii(t.content)) for t in history.turns))
 
     # -- 1b. the standalone question of a follow-up ------------------------------------------
-    async def understand(self, question: Question) -> Question:
+    async def understand(self, question: Question, budget: TokenBudget | None = None) -> Question:
         """A follow-up as the standalone question the cache, retrieval and prompt use (service/answer/standalone.py)."""
         if not question.history.user_turns:
             return question
         with span("rag.understand") as traced:
-            standalone = await self.rewriter.standalone(question.text, question.history)
+            standalone = await self.rewriter.standalone(question.text, question.history, budget)
             traced.set(rewrite=standalone.how)
         note(history_turns=len(question.history.turns), rewrite=standalone.how)  # the access line: how, never what
         if standalone.text == question.text:

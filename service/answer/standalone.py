@@ -22,12 +22,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final, Literal
 
+from service.errors import BudgetExceeded
 from service.observability.tracing import span
 from service.policy.followups import needs_rewrite, rewrite
 from service.policy.history import History
 from service.policy.prompt import neutralize
 from service.policy.routing import RoutingPolicy
-from service.providers.base import GenerationRequest, Provider, ProviderError
+from service.policy.tokens import count_tokens
+from service.providers.base import GenerationRequest, Provider, ProviderError, Usage
+from service.redis.limits import TokenBudget
 from service.redis.rewrites import RewriteCache, rewrite_key
 
 log = logging.getLogger(__name__)
@@ -87,7 +90,9 @@ class Rewriter:
         self.choice = models[0] if models and mode == "auto" else None
         self.provider = providers[self.choice.provider] if self.choice else None
 
-    async def standalone(self, question: str, history: History) -> Standalone:
+    async def standalone(self, question: str, history: History, budget: TokenBudget | None = None) -> Standalone:
+        """The standalone question; a model rewrite is reserved from and charged to `budget` like an
+        answer, and a key whose tokens are spent gets the offline rules (which cost nothing)."""
         recent = history.user_turns[-self.turns :]
         if self.mode == "off" or not recent or not needs_rewrite(question):
             return Standalone(question, "none")
@@ -97,21 +102,34 @@ class Rewriter:
         key = rewrite_key(recent, question, f"{self.choice.provider}/{self.choice.model}")
         if self.cache is not None and (cached := await self.cache.get(key)) is not None:
             return Standalone(cached, "cached")
-        with span("rag.rewrite", provider=self.choice.provider, model=self.choice.model) as traced:
-            reply = await self._ask(recent, question)
-            traced.set(outcome="ok" if reply else "fallback")
+        prompt = rewrite_prompt(recent, question)
+        reservation = None
+        if budget is not None:
+            try:
+                reservation = await budget.reserve(count_tokens(REWRITE_SYSTEM + prompt) + REWRITE_MAX_TOKENS)
+            except BudgetExceeded:
+                return Standalone(offline, "offline")
+        spent: list[Usage] = []
+        try:
+            with span("rag.rewrite", provider=self.choice.provider, model=self.choice.model) as traced:
+                reply = await self._ask(prompt, question, spent)
+                traced.set(outcome="ok" if reply else "fallback")
+        finally:
+            if reservation is not None:  # what the call cost, never more than was reserved
+                used = sum(u.input_tokens + u.output_tokens for u in spent)
+                await asyncio.shield(reservation.settle(used))
         if reply is None:
             return Standalone(offline, "fallback")
         if self.cache is not None:
             await self.cache.put(key, reply)
         return Standalone(reply, "model")
 
-    async def _ask(self, recent: tuple[str, ...], question: str) -> str | None:
+    async def _ask(self, prompt: str, question: str, spent: list[Usage]) -> str | None:
         assert self.choice is not None and self.provider is not None
         request = GenerationRequest(
             model=self.choice.model,
             system=REWRITE_SYSTEM,
-            prompt=rewrite_prompt(recent, question),
+            prompt=prompt,
             max_tokens=REWRITE_MAX_TOKENS,
             temperature=0.0,
             question=question,
@@ -125,6 +143,8 @@ class Rewriter:
                 async for item in stream:
                     if isinstance(item, str):
                         pieces.append(item)
+                    else:
+                        spent.append(item)
             finally:
                 await stream.aclose()
 

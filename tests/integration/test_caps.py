@@ -21,14 +21,13 @@ from service.embeddings.encoders import LocalEmbedder
 from service.http.app import Resources, create_app
 from service.http.auth import KeyStore, parse_key
 from service.postgres.corpus import open_corpus
-from service.redis.keyspace import KEYS
-from service.redis.limits import utc_day
 from service.settings import Settings
 from tests.support.answers import (
     FLUSH,
     SLOW_ANSWER,
     Reply,
     ask,
+    charged,
     followers_joined,
     hang_up_after_first_token,
     running,
@@ -46,17 +45,6 @@ FAIL_OPEN = "fail open"
 
 def asked(call: CallRecord, question: str) -> bool:
     return question in json.dumps(call.body)
-
-
-async def charged(redis_url: str, token: str) -> int:
-    """Tokens charged today to the key of `token`, as the limiter keeps them in Redis."""
-    parsed = parse_key(token)
-    assert parsed is not None
-    client = aioredis.from_url(redis_url)
-    try:
-        return int(await client.get(KEYS.token_budget(parsed[0], utc_day(time.time()))) or 0)
-    finally:
-        await client.aclose()
 
 
 @contextmanager

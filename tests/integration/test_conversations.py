@@ -20,9 +20,10 @@ from service.redis.client import worker_client
 from service.redis.rewrites import RewriteCache
 from service.settings import Settings
 from tests.integration.test_openai_compat import Served, rag, serving
-from tests.support.answers import seed, with_providers
+from tests.support.answers import charged, seed, with_providers
 from tests.support.demo import ingest_examples
 from tests.support.provider_server import Behavior, ProviderServer, default_answer
+from tests.support.servers import make_key
 from tests.support.sse import parse_sse
 
 COALESCING = "What is coalescing?"
@@ -248,3 +249,24 @@ async def test_a_busy_redis_pool_skips_the_rewrite_cache_instead_of_refusing(red
         await client.connection_pool.release(held)
     assert await rewrites.get("k") == "How do I revoke an API key?"  # and the cache stayed on
     await client.aclose()
+
+
+async def test_a_model_rewrite_is_charged_to_the_key_and_skipped_when_it_cannot_pay(
+    settings: Settings, local_embedder: LocalEmbedder, provider: ProviderServer
+) -> None:
+    """A review found the rewrite call outside the token budget: a key with no tokens left still made paid calls."""
+    await ingest_examples(settings, local_embedder)
+    provider.default = Behavior(text=scripted)
+    async with serving(with_providers(settings, provider), local_embedder) as served:
+        paying = await make_key(settings, "query", tokens_per_day=100_000)
+        follow = await served.client(paying).chat.completions.create(
+            model="auto", messages=conversation(COALESCING, FOLLOW_UP)
+        )
+        assert rag(follow)["standalone_question"] == REWRITTEN and len(rewrite_calls(provider)) == 1
+        assert follow.usage is not None
+        assert await charged(str(settings.redis_url), paying) > follow.usage.total_tokens  # the rewrite's too
+
+        broke = await make_key(settings, "query", tokens_per_day=1)
+        with pytest.raises(openai.RateLimitError):  # no answer it could pay for either
+            await served.client(broke).chat.completions.create(model="auto", messages=conversation(SEMANTIC, FOLLOW_UP))
+        assert len(rewrite_calls(provider)) == 1  # and no paid rewrite on its way to the refusal

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -15,7 +16,10 @@ from ingest.loaders import SourceDocument
 from ingest.pipeline import IngestOptions, ingest_documents
 from service.embeddings.encoders import LocalEmbedder
 from service.http.app import create_app
+from service.http.auth import parse_key
 from service.postgres.corpus import open_corpus
+from service.redis.keyspace import KEYS
+from service.redis.limits import utc_day
 from service.settings import Settings
 from tests.support.provider_server import Behavior, ProviderServer
 from tests.support.servers import bearer, make_key, serve_app
@@ -133,3 +137,14 @@ async def hang_up_after_first_token(http: httpx.AsyncClient, question: str = FLU
         async for name, _ in aiter_sse(response.aiter_lines()):
             if name == "token":
                 return
+
+
+async def charged(redis_url: str, token: str) -> int:
+    """Tokens charged today to the key of `token`, as the limiter keeps them in Redis."""
+    parsed = parse_key(token)
+    assert parsed is not None
+    client = aioredis.from_url(redis_url)
+    try:
+        return int(await client.get(KEYS.token_budget(parsed[0], utc_day(time.time()))) or 0)
+    finally:
+        await client.aclose()
