@@ -20,9 +20,11 @@ from pathlib import Path
 
 MODEL_NAME = "all-MiniLM-L6-v2"
 # Bump when service/embeddings/export.py changes what it writes; older exports are then ignored.
-EXPORT_FORMAT = 1
+# 2: the weights in WEIGHTS_FILE beside the graph, which ONNX Runtime maps instead of copying.
+EXPORT_FORMAT = 2
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
+WEIGHTS_FILE = "model.onnx.data"
 TOKENIZER_FILE = "tokenizer.json"
 EXPORT_TIMEOUT_S = 900.0
 _PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the directory holding `service/`
@@ -39,6 +41,11 @@ class ExportedModel:
     @property
     def model(self) -> Path:
         return self.directory / MODEL_FILE
+
+    @property
+    def weights(self) -> Path:
+        """The model's weights, beside the graph (memory-mapped by ONNX Runtime, not copied)."""
+        return self.directory / WEIGHTS_FILE
 
     @property
     def tokenizer(self) -> Path:
