@@ -10,6 +10,7 @@ lock for the first one's export instead of exporting twice.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import shutil
 import subprocess
@@ -17,6 +18,8 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 MODEL_NAME = "all-MiniLM-L6-v2"
 # Bump when service/embeddings/export.py changes what it writes; older exports are then ignored.
@@ -60,9 +63,19 @@ class ExportedModel:
         return self.manifest.is_file()
 
 
-def exported_model(root: Path) -> ExportedModel:
+def exported_model(root: Path, export_format: int = EXPORT_FORMAT) -> ExportedModel:
     """Where the export lives under a model directory (it may not exist yet)."""
-    return ExportedModel(root / MODEL_NAME / f"onnx-fp32-v{EXPORT_FORMAT}")
+    return ExportedModel(root / MODEL_NAME / f"onnx-fp32-v{export_format}")
+
+
+def _older_export(root: Path) -> ExportedModel | None:
+    """The newest complete export of an older format: the same model and vectors, laid out the old
+    way (format 1: the weights inside model.onnx, copied into each process instead of mapped)."""
+    for export_format in range(EXPORT_FORMAT - 1, 0, -1):
+        older = exported_model(root, export_format)
+        if older.complete():
+            return older
+    return None
 
 
 def ensure_exported(root: Path, *, timeout_s: float = EXPORT_TIMEOUT_S) -> ExportedModel:
@@ -84,7 +97,16 @@ def ensure_exported(root: Path, *, timeout_s: float = EXPORT_TIMEOUT_S) -> Expor
             shutil.rmtree(exported.directory)
         staging = Path(tempfile.mkdtemp(prefix=".export-", dir=parent))  # mode 0700
         try:
-            _run_export(staging, timeout_s)
+            try:
+                _run_export(staging, timeout_s)
+            except ModelUnavailable:
+                # No torch here (a worker given RAG_MODEL_DIR with an export made by an older
+                # version): serve that export rather than not start.
+                older = _older_export(root)
+                if older is None:
+                    raise
+                log.warning("serving the older ONNX export %s: a new one could not be made here", older.directory.name)
+                return older
             for path in staging.iterdir():
                 path.chmod(0o600)
                 _fsync(path)
