@@ -2,6 +2,7 @@
 coalesce identical misses? The same run against a base revision (default: main) and this checkout.
 
     python -m bench.caps [--base main] [--limit-corpus 500] [--quick] [--no-write]
+    python -m bench.caps --rss [--base main] [--burst 64]   # the API worker's memory instead
 
 Per variant, one `rag-serve` process (one worker, default pools) over the msmarco subset and the
 loopback model stand-in (first token after 2 s). An unlimited key sends 15 distinct slow misses and
@@ -28,6 +29,7 @@ from bench import _kit as kit
 from tests.support.servers import make_key, wait_until
 
 SECTION = "Caps under load"
+RSS_SECTION = "API worker memory"
 SAME = "what is the boiling point of water at high altitude"
 CACHED = "how do vaccines train the immune system"
 
@@ -69,6 +71,51 @@ async def scenario(stack: kit.ReplayStack, variant: str, db: int, env: dict[str,
     }
 
 
+def memory(pid: int) -> dict[str, float]:
+    """The process's resident MB: all, anonymous (heap), file-backed (libraries, mapped weights), peak."""
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    roll = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:])
+    mb = {k: int(v.split()[0]) / 1024 for k, v in (*status.items(), *roll.items()) if v.strip().endswith("kB")}
+    return {"rss": mb["VmRSS"], "anon": mb["Anonymous"], "file": mb["VmRSS"] - mb["Anonymous"], "peak": mb["VmHWM"]}
+
+
+async def rss_scenario(stack: kit.ReplayStack, variant: str, db: int, env: dict[str, str], burst: int) -> list[str]:
+    """`rag-serve` at rest (started, no request yet), after one answer, then after `burst` distinct misses at once."""
+    log = kit.run_dir("rss") / f"{variant.replace(' ', '-')}.log"
+    async with stack.serve(await stack.fresh(db), log, env) as srv:
+        steps = {"at rest": memory(srv.pid)}
+        await kit.ask(srv.url, stack.token, {"question": "what is the boiling point of water"})
+        steps["after one answer"] = memory(srv.pid)
+        questions = kit.passage_questions(burst, prefix="tell me about")
+        replies = await asyncio.gather(*(kit.ask(srv.url, stack.token, {"question": q}) for q in questions))
+        steps[f"after {burst} misses at once ({sum(r.status == 200 for r in replies)} answered)"] = memory(srv.pid)
+    return [
+        f"{variant} | {step} | " + " | ".join(f"{m[k]:.0f}" for k in ("rss", "anon", "file", "peak"))
+        for step, m in steps.items()
+    ]
+
+
+async def run_rss(args: Any) -> None:
+    rows: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="ragcache-base-") as base_dir:
+        export_service(args.base, Path(base_dir))
+        async with kit.replay_stack(args) as stack:
+            for variant, db, env in ((args.base, 10, {"PYTHONPATH": base_dir}), ("this branch", 11, {})):
+                kit.say(f"{variant} …")
+                rows += await rss_scenario(stack, variant, db, env, args.burst)
+            setup = kit.model_line(args, stack.documents)
+    body = "\n\n".join(
+        [
+            kit.run_line(f"python -m bench.caps --rss --base {args.base}"),
+            f"{setup} One worker (`rag-serve --workers 1`), its ONNX encoder, the Anthropic provider configured "
+            f"(the stand-in). Base `{args.base}`: {args.base_rev}. MB from /proc/PID/status and smaps_rollup; "
+            "file = RSS − anonymous (libraries, memory-mapped model weights; shared between workers).",
+            kit.table("code | when | RSS MB | anonymous | file-backed | peak RSS", rows, align="ll"),
+        ]
+    )
+    kit.publish(RSS_SECTION, body, args)
+
+
 async def run(args: Any) -> None:
     out = kit.run_dir("caps")
     results = []
@@ -102,11 +149,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = kit.arguments("caps", __doc__)
     kit.replay_arguments(parser, first_token_delay=2.0, answer_tokens=40, limit_corpus=500)
     parser.add_argument("--base", default="main", help="the revision to compare with (default: main)")
-    args = kit.parse(parser, argv, limit_corpus=200)
+    parser.add_argument("--rss", action="store_true", help="measure the API worker's memory instead")
+    parser.add_argument("--burst", type=int, default=64, help="--rss: distinct misses sent at once")
+    args = kit.parse(parser, argv, limit_corpus=200, burst=8)
     args.base_rev = subprocess.run(
         ["git", "-C", str(kit.ROOT), "rev-parse", "--short", args.base], capture_output=True, text=True, check=True
     ).stdout.strip()
-    asyncio.run(run(args))
+    asyncio.run(run_rss(args) if args.rss else run(args))
 
 
 if __name__ == "__main__":

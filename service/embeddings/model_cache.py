@@ -10,6 +10,7 @@ lock for the first one's export instead of exporting twice.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import shutil
 import subprocess
@@ -18,11 +19,15 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+log = logging.getLogger(__name__)
+
 MODEL_NAME = "all-MiniLM-L6-v2"
 # Bump when service/embeddings/export.py changes what it writes; older exports are then ignored.
-EXPORT_FORMAT = 1
+# 2: the weights in WEIGHTS_FILE beside the graph, which ONNX Runtime maps instead of copying.
+EXPORT_FORMAT = 2
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
+WEIGHTS_FILE = "model.onnx.data"
 TOKENIZER_FILE = "tokenizer.json"
 EXPORT_TIMEOUT_S = 900.0
 _PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the directory holding `service/`
@@ -41,6 +46,11 @@ class ExportedModel:
         return self.directory / MODEL_FILE
 
     @property
+    def weights(self) -> Path:
+        """The model's weights, beside the graph (memory-mapped by ONNX Runtime, not copied)."""
+        return self.directory / WEIGHTS_FILE
+
+    @property
     def tokenizer(self) -> Path:
         return self.directory / TOKENIZER_FILE
 
@@ -53,9 +63,19 @@ class ExportedModel:
         return self.manifest.is_file()
 
 
-def exported_model(root: Path) -> ExportedModel:
+def exported_model(root: Path, export_format: int = EXPORT_FORMAT) -> ExportedModel:
     """Where the export lives under a model directory (it may not exist yet)."""
-    return ExportedModel(root / MODEL_NAME / f"onnx-fp32-v{EXPORT_FORMAT}")
+    return ExportedModel(root / MODEL_NAME / f"onnx-fp32-v{export_format}")
+
+
+def _older_export(root: Path) -> ExportedModel | None:
+    """The newest complete export of an older format: the same model and vectors, laid out the old
+    way (format 1: the weights inside model.onnx, copied into each process instead of mapped)."""
+    for export_format in range(EXPORT_FORMAT - 1, 0, -1):
+        older = exported_model(root, export_format)
+        if older.complete():
+            return older
+    return None
 
 
 def ensure_exported(root: Path, *, timeout_s: float = EXPORT_TIMEOUT_S) -> ExportedModel:
@@ -77,7 +97,16 @@ def ensure_exported(root: Path, *, timeout_s: float = EXPORT_TIMEOUT_S) -> Expor
             shutil.rmtree(exported.directory)
         staging = Path(tempfile.mkdtemp(prefix=".export-", dir=parent))  # mode 0700
         try:
-            _run_export(staging, timeout_s)
+            try:
+                _run_export(staging, timeout_s)
+            except ModelUnavailable:
+                # No torch here (a worker given RAG_MODEL_DIR with an export made by an older
+                # version): serve that export rather than not start.
+                older = _older_export(root)
+                if older is None:
+                    raise
+                log.warning("serving the older ONNX export %s: a new one could not be made here", older.directory.name)
+                return older
             for path in staging.iterdir():
                 path.chmod(0o600)
                 _fsync(path)

@@ -24,6 +24,7 @@ from service.answer.observe import provider_attempts
 from service.answer.pipeline import AnswerService
 from service.answer.question import QuestionReader
 from service.embeddings.encoders import AnyEmbedder, create_embedder
+from service.embeddings.memory import release_free_memory
 from service.hashing import hash_key
 from service.http.auth import KEYS_CHANNEL, Authenticator, KeyStore
 from service.http.dashboard import router as dashboard_router
@@ -45,10 +46,8 @@ from service.postgres.notifications import NotificationRelay
 from service.postgres.retrieval import RetrievalConfig, Retriever
 from service.postgres.semantic_index import SemanticCache
 from service.postgres.watcher import CorpusWatcher
-from service.providers.anthropic import AnthropicProvider
 from service.providers.base import Provider
 from service.providers.extractive import ExtractiveProvider
-from service.providers.openai import OpenAIProvider
 from service.redis.answer_cache import AnswerCache
 from service.redis.client import WorkerRedis, redis_url
 from service.redis.limits import Limiter
@@ -91,7 +90,11 @@ def build_providers(settings: Settings) -> dict[str, Provider]:
     """Every configured provider; the offline extractive generator is always there."""
     providers: dict[str, Provider] = {"extractive": ExtractiveProvider()}
     retries, connect, read = settings.provider_max_retries, settings.connect_timeout_s, settings.first_token_timeout_s
+    # Each SDK is imported only when its provider is configured: `anthropic` alone adds ~43 MB
+    # to a worker's RSS, `openai` ~15 MB (docs/benchmarks.md, "API worker memory").
     if settings.anthropic_api_key:
+        from service.providers.anthropic import AnthropicProvider
+
         providers["anthropic"] = AnthropicProvider(
             api_key=settings.anthropic_api_key.get_secret_value(),
             base_url=settings.anthropic_base_url,
@@ -100,6 +103,8 @@ def build_providers(settings: Settings) -> dict[str, Provider]:
             read_timeout=read,
         )
     if settings.openai_api_key or settings.openai_base_url:
+        from service.providers.openai import OpenAIProvider
+
         providers["openai"] = OpenAIProvider(
             api_key=settings.openai_api_key.get_secret_value() if settings.openai_api_key else None,
             base_url=settings.openai_base_url,
@@ -192,6 +197,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # and were the p99 of cache hits. Freeze them out of the collector's view.
     gc.collect()
     gc.freeze()
+    release_free_memory()  # what loading the model and the SDKs freed goes back to the system
     app.state.resources = Resources(
         settings,
         pool,

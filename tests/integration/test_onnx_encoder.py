@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import stat
 from collections.abc import Callable
 
@@ -13,7 +14,8 @@ import pytest
 from ingest.loaders import SourceDocument
 from ingest.pipeline import IngestOptions, ingest_documents
 from service.embeddings.encoders import LocalEmbedder, OnnxEmbedder, create_embedder
-from service.embeddings.model_cache import ModelUnavailable, ensure_exported, exported_model
+from service.embeddings.model_cache import EXPORT_FORMAT, ModelUnavailable, ensure_exported, exported_model
+from service.embeddings.onnx_encoder import OnnxSession
 from service.postgres.corpus import open_corpus
 from service.postgres.retrieval import Retriever
 from service.settings import Settings
@@ -157,8 +159,11 @@ def test_the_export_is_private_complete_and_reused() -> None:
     manifest = json.loads(exported.manifest.read_text())
     assert manifest["model"] == "sentence-transformers/all-MiniLM-L6-v2" and manifest["precision"] == "fp32"
     assert manifest["min_cosine_to_torch"] >= 0.9999
-    for path in (exported.model, exported.tokenizer, exported.manifest):
+    for path in (exported.model, exported.weights, exported.tokenizer, exported.manifest):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    # The weights live outside the graph, so ONNX Runtime maps them rather than copying ~90 MB.
+    assert manifest["weights"] == exported.weights.name
+    assert exported.weights.stat().st_size > 80_000_000 > 1_000_000 > exported.model.stat().st_size
     for directory in (exported.directory, exported.directory.parent, TEST_MODEL_DIR):
         assert stat.S_IMODE(directory.stat().st_mode) == 0o700
     before = exported.model.stat().st_mtime_ns
@@ -174,6 +179,24 @@ def test_an_export_that_does_not_finish_leaves_nothing_behind(tmp_path) -> None:
     assert not target.directory.exists()
     assert list(target.directory.parent.iterdir()) == []  # no staging directory left either
     assert stat.S_IMODE(root.stat().st_mode) == 0o700
+
+
+def test_an_older_export_is_served_when_no_new_one_can_be_made(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A worker given a model directory exported by an older version, where no export can run
+    (here: one that cannot finish in time; in production: no torch), starts on the older export."""
+    current = ensure_exported(TEST_MODEL_DIR)
+    root = tmp_path / "models"
+    older = exported_model(root, EXPORT_FORMAT - 1)
+    older.directory.parent.mkdir(parents=True)
+    shutil.copytree(current.directory, older.directory)  # the same vectors whatever the layout
+    assert ensure_exported(root, timeout_s=0.05) == older
+    assert not exported_model(root).directory.exists()
+    texts = ["How do I flush the cache?", "ünïcödé"]
+    vectors = OnnxSession(older.model, older.tokenizer, threads=1).encode(texts)
+    expected = OnnxSession(current.model, current.tokenizer, threads=1).encode(texts)
+    np.testing.assert_allclose(vectors, expected, atol=1e-6)
+    with pytest.raises(ModelUnavailable):  # nothing older either: the failure stands
+        ensure_exported(tmp_path / "empty", timeout_s=0.05)
 
 
 def test_the_factory_serves_minilm_on_onnx_and_anything_else_on_torch(settings: Settings) -> None:

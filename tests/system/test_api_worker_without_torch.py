@@ -25,12 +25,14 @@ async def main() -> None:
     async with serve_app(app) as url, httpx.AsyncClient(base_url=url, timeout=60, headers=bearer(key)) as http:
         reply = await http.post("/rag/stream", json={"question": "How do I flush the cache?"})
         embedder = app.state.resources.embedder
-        heavy = {"torch", "transformers", "sentence_transformers"} & {name.split(".")[0] for name in sys.modules}
+        imported = {name.split(".")[0] for name in sys.modules}
+        heavy = {"torch", "transformers", "sentence_transformers"} & imported
         print(json.dumps({
             "status": reply.status_code,
             "embedder": type(embedder).__name__,
             "encodes": embedder.batcher.encodes,
             "heavy": sorted(heavy),
+            "sdks": sorted({"anthropic", "openai"} & imported),
         }))
 
 asyncio.run(main())
@@ -52,3 +54,6 @@ def test_the_api_worker_embeds_questions_without_importing_torch(settings: Setti
     assert result["status"] == 200
     assert result["embedder"] == "OnnxEmbedder" and result["encodes"] >= 1  # the question was embedded
     assert result["heavy"] == []  # no torch, transformers or sentence-transformers in the worker
+    # No provider is configured here (cli_env drops ANTHROPIC_* and OPENAI_*), so neither SDK is
+    # imported: `anthropic` alone is ~43 MB of a worker's RSS.
+    assert result["sdks"] == []
