@@ -1,8 +1,6 @@
 """Caps under load (issue 11, scenario 1): does a busy worker still enforce a key's rate limit and
 coalesce identical misses? The same run against a base revision (default: main) and this checkout.
 
-    python -m bench.caps [--base main] [--limit-corpus 500] [--quick] [--no-write]
-
 Per variant, one `rag-serve` process (one worker, default pools) over the msmarco subset and the
 loopback model stand-in (first token after 2 s). An unlimited key sends 15 distinct slow misses and
 70 copies of one question at once; while they are in flight, a key limited to 10 requests/min

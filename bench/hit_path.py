@@ -1,7 +1,5 @@
 """Cache-hit throughput and latency of `/rag/stream` against a floor, side by side in one run.
 
-    python -m bench.hit_path [--concurrency 1 16 64] [--rounds 3] [--duration 3] [--no-profile] [--quick]
-
 Two servers, each `uvicorn --workers 1 --loop uvloop --http httptools --no-access-log`: the project
 (`service.http.app:app_factory` over embedded Postgres + Valkey with `examples/` ingested and one hit
 warmed) and the floor (`bench.hit_path:floor_app`: one Redis GET of the project's cached SSE bytes,

@@ -1,8 +1,5 @@
 """Ingest throughput against the raw encoder, measured side by side in one run.
 
-    python -m bench.ingest [CORPUS_PATH] [--limit N] [--batch-size 64] [--repeat 1] [--diagnose]
-                           [--quick] [--no-write]
-
 Per round, in alternating order: raw = `LocalEmbedder.encode` of exactly the chunk texts the
 pipeline produces; ingest = `ingest_documents` end to end into a fresh database; re-run = the same
 ingest again, every document unchanged (`--diagnose`: also the raw encoder on the pipeline's batches).

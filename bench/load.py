@@ -2,10 +2,6 @@
 each with admission control off (`RAG_ADMISSION_SLOTS=0` and no Postgres timeouts, as before issue 11)
 and on (the defaults).
 
-    python -m bench.load [--streams 300] [--rounds 2] [--workers 1 2] [--admission off on] [--hit-seconds 15]
-                         [--hit-concurrency 32] [--first-token-delay 0.5] [--token-interval 0.025]
-                         [--answer-tokens 150] [--limit-corpus N] [--quick] [--no-write]
-
 Per round and worker count, on a fresh `rag-serve` and a flushed cache:
 1. miss burst: `--streams` distinct questions (every one a real generation) started at once, each on
    its own connection: completed / shed (503 `overloaded`) / failed, client TTFT, RSS of the server's

@@ -1,7 +1,5 @@
 """Miss-path overhead: request → provider call, with msmarco-5k loaded, next to the bare embedding.
 
-    python -m bench.miss_overhead [DATA_DIR] [--passes 5] [--fresh] [--quick] [--no-write]
-
 The real app on uvicorn in this process (local embedder, real settings, an API key without `rpm`),
 the provider server in a thread, one clock. The corpus is ingested once into an embedded Postgres
 under bench/results/miss_overhead/. Per query and pass, in rotating order: end to end with cache
