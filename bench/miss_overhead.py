@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import shutil
 import statistics
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,27 +86,24 @@ class Probe:
         original = getattr(owner, name, None) if owner is not None else None
         if original is None:
             return False
-        note = self.note
-        if asyncio.iscoroutinefunction(original):
 
-            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-                note(f"{label} ↓")
-                try:
-                    return await original(*args, **kwargs)
-                finally:
-                    note(f"{label} ↑")
+        @contextlib.contextmanager
+        def marked() -> Iterator[None]:
+            self.note(f"{label} ↓")
+            try:
+                yield
+            finally:
+                self.note(f"{label} ↑")
 
-            setattr(owner, name, async_wrapper)
-        else:
+        async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+            with marked():
+                return await original(*args, **kwargs)
 
-            def wrapper(*args: Any, **kwargs: Any) -> Any:
-                note(f"{label} ↓")
-                try:
-                    return original(*args, **kwargs)
-                finally:
-                    note(f"{label} ↑")
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with marked():
+                return original(*args, **kwargs)
 
-            setattr(owner, name, wrapper)
+        setattr(owner, name, async_wrapper if asyncio.iscoroutinefunction(original) else wrapper)
         return True
 
     def intervals(self, call_at: float) -> list[tuple[str, float]]:
