@@ -277,6 +277,20 @@ async def create_key(dsn: str) -> str:
     return await make_key(make_settings(dsn, "redis://127.0.0.1:1", RESULTS), "query")
 
 
+class TimedEmbedder:
+    """The real embedder behind an object of its own (to wrap or replace); adds up the time spent awaiting it."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.model, self.dim, self.seconds = inner, inner.model, inner.dim, 0.0
+
+    async def embed(self, texts: Sequence[str]) -> Any:
+        started = time.perf_counter()
+        try:
+            return await self.inner.embed(texts)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+
 # --------------------------------------------------------------------------- servers under test
 
 

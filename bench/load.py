@@ -25,7 +25,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import redis.asyncio as aioredis
 
 from bench._kit import (
@@ -36,6 +35,7 @@ from bench._kit import (
     ask,
     bearer,
     create_key,
+    fetchval,
     load_text,
     model_line,
     ms,
@@ -350,9 +350,7 @@ async def main_async(args: Any) -> None:
                 mine = questions[i * per_run : (i + 1) * per_run]
                 runs.append(await one_run(args, stack, workers, rnd, admission, mine, out))
         finally:  # the burst's questions went into the shared corpus database's semantic index
-            conn = await asyncpg.connect(stack.dsn)
-            await conn.execute("DELETE FROM semantic_cache WHERE question LIKE $1", f"{QUESTION_PREFIX} %")
-            await conn.close()
+            await fetchval(stack.dsn, "DELETE FROM semantic_cache WHERE question LIKE $1", f"{QUESTION_PREFIX} %")
         documents = stack.documents
     setup = (
         f"{model_line(args, documents)} Load average at start {load_start}. Miss burst: {args.streams} distinct "

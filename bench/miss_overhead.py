@@ -111,16 +111,6 @@ class Probe:
         return [(f"{a} → {b}", tb - ta) for (ta, a), (tb, b) in itertools.pairwise(marks)]
 
 
-class _EmbedderView:
-    """The app's embedder with its calls noted; the bare measurements use the real object."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner, self.model, self.dim = inner, inner.model, inner.dim
-
-    async def embed(self, texts: Sequence[str]) -> Any:
-        return await self.inner.embed(texts)
-
-
 @dataclass
 class Samples:
     values: dict[str, list[float]] = field(default_factory=lambda: {key: [] for key, _ in ROWS})
@@ -180,7 +170,7 @@ async def run(args: argparse.Namespace) -> str:
             client = kit.Client(base, kit.bearer(token))
             service: AnswerService = app.state.resources.answers
             probe = Probe()
-            service.embedder = _EmbedderView(service.embedder)
+            service.embedder = kit.TimedEmbedder(service.embedder)  # probed; the bare measures use the real one
             probed = [
                 label
                 for path, name, label in PROBES
