@@ -91,11 +91,8 @@ def machine_line() -> str:
     with contextlib.suppress(OSError, StopIteration):
         lines = Path("/proc/cpuinfo").read_text().splitlines()
         cpu = next(x.split(":", 1)[1].strip() for x in lines if x.startswith("model name"))
-    return f"{cpu}, nproc {nproc()}, Python {platform.python_version()}, {platform.system()}"
-
-
-def nproc() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    nproc = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{cpu}, nproc {nproc}, Python {platform.python_version()}, {platform.system()}"
 
 
 def load_average() -> tuple[float, float, float]:
@@ -280,6 +277,20 @@ async def create_key(dsn: str) -> str:
     return await make_key(make_settings(dsn, "redis://127.0.0.1:1", RESULTS), "query")
 
 
+class TimedEmbedder:
+    """The real embedder behind an object of its own (to wrap or replace); adds up the time spent awaiting it."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.model, self.dim, self.seconds = inner, inner.model, inner.dim, 0.0
+
+    async def embed(self, texts: Sequence[str]) -> Any:
+        started = time.perf_counter()
+        try:
+            return await self.inner.embed(texts)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+
 # --------------------------------------------------------------------------- servers under test
 
 
@@ -433,10 +444,13 @@ class ReplayStack:
         return redis_url
 
     def serve(
-        self, redis_url: str, log: Path, env: Mapping[str, str] | None = None
+        self, redis_url: str, log: Path, env: Mapping[str, str] | None = None, workers: int = 1
     ) -> contextlib.AbstractAsyncContextManager[Served]:
         """`rag-serve` over this stack's corpus and model stand-in, on `redis_url`."""
-        return rag_serve(dsn=self.dsn, redis_url=redis_url, provider_url=self.provider.base_url, log=log, env=env)
+        provider_url = self.provider.base_url
+        return rag_serve(
+            dsn=self.dsn, redis_url=redis_url, provider_url=provider_url, log=log, env=env, workers=workers
+        )
 
 
 @asynccontextmanager

@@ -1,8 +1,7 @@
 """Caps under load (issue 11, scenario 1): does a busy worker still enforce a key's rate limit and
 coalesce identical misses? The same run against a base revision (default: main) and this checkout.
 
-    python -m bench.caps [--base main] [--limit-corpus 500] [--quick] [--no-write]
-    python -m bench.caps --rss [--base main] [--burst 64]   # the API worker's memory instead
+With `--rss`, the API worker's memory (at rest, after one answer, after a burst) instead.
 
 Per variant, one `rag-serve` process (one worker, default pools) over the msmarco subset and the
 loopback model stand-in (first token after 2 s). An unlimited key sends 15 distinct slow misses and

@@ -1,7 +1,5 @@
 """Follow-up questions over the examples/ handbook: does the right document come back, and at what cost?
 
-    python -m bench.conversations [--quick] [--no-write]
-
 bench/conversations.jsonl (30 conversations, 45 follow-ups, each with the documents that answer it,
 written before the rewrite rules), retrieved top 3 as asked, after the offline rules, after a
 (loopback, scripted) model rewrite, and replayed through the rewrite cache. Latency is

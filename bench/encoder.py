@@ -1,7 +1,5 @@
 """The query encoder: torch vs ONNX Runtime, one question at a time and micro-batched under concurrency.
 
-    python -m bench.encoder [--queries 300] [--concurrency 50] [--passages 320] [--no-write]
-
 Side by side, on the same questions (msmarco-5k queries, then Quora questions): CPU ms per query
 (process CPU time / queries: robust on a shared machine, where wall time is not), wall time and
 throughput, for torch encoding one question per call, ONNX one per call, and ONNX micro-batched

@@ -1,8 +1,5 @@
 """Fault timeline: a steady mixed load while Redis, then Postgres, go down and come back.
 
-    python -m bench.fault_timeline [--rate 20] [--hit-share 0.7] [--phase 30] [--limit-corpus 1000]
-                                   [--quick] [--no-write] [--no-plot]
-
 One `rag-serve` (never restarted) over an embedded Postgres and Valkey of this benchmark's own, so it
 can stop and start them. Open-loop load at `--rate` requests/s: a share `--hit-share` asks one of 40
 questions cached before the run, the rest a question never asked. Phases of `--phase` seconds:

@@ -1,7 +1,5 @@
 """Filtered retrieval: a key that may read 1 %, 10 %, 30 % or 100 % of msmarco-5k, with and without iterative scans.
 
-    python -m bench.filtered_retrieval [--queries 50] [--repeat 3] [--ef-search 40] [--quick] [--no-write]
-
 A copy of the msmarco database (bench/_kit.ensure_corpus) is split into collections p1/p9/p20/p70 by a
 hash of the chunk id. Per scope and plan (the service's, HNSW forced with iterative scans on and off):
 recall@10 of `Retriever.search` against an exact scan in the same collections, and its p50 latency.

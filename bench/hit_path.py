@@ -1,7 +1,5 @@
 """Cache-hit throughput and latency of `/rag/stream` against a floor, side by side in one run.
 
-    python -m bench.hit_path [--concurrency 1 16 64] [--rounds 3] [--duration 3] [--no-profile] [--quick]
-
 Two servers, each `uvicorn --workers 1 --loop uvloop --http httptools --no-access-log`: the project
 (`service.http.app:app_factory` over embedded Postgres + Valkey with `examples/` ingested and one hit
 warmed) and the floor (`bench.hit_path:floor_app`: one Redis GET of the project's cached SSE bytes,
@@ -26,7 +24,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,26 +83,6 @@ def is_hit(body: bytes) -> bool:
     return first is not None and first[0] == "meta" and first[1].get("cache") == "hit" and b"event: done" in body
 
 
-Send = Callable[[], Awaitable[tuple[int, bytes]]]
-
-
-def senders(base: str, token: str, n: int) -> tuple[list[Send], list[kit.Client]]:
-    """`n` independent senders, one keep-alive connection each, sending one pre-built request."""
-    clients = [kit.Client(base, kit.bearer(token)) for _ in range(n)]
-    raw = clients[0].encode("POST", "/rag/stream", json.dumps({"question": QUESTION}).encode(), close=False)
-
-    def sender(client: kit.Client) -> Send:
-        async def send() -> tuple[int, bytes]:
-            reply = await client.request("POST", "/rag/stream", raw=raw, limit_s=30)
-            if reply.client_error:
-                raise ConnectionError(reply.client_error)
-            return reply.status, reply.body
-
-        return send
-
-    return [sender(c) for c in clients], clients
-
-
 def cpu_seconds(pid: int) -> float:
     """user + system CPU time of a process so far (/proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -133,31 +111,30 @@ class Run:
         return max((b - a for a, b in itertools.pairwise(sorted(self.completions))), default=0.0)
 
 
-async def drive(sends: Sequence[Send], seconds: float, run: Run | None) -> None:
-    """Every sender loops until the deadline; latency is request sent → full body read."""
+async def drive(clients: Sequence[kit.Client], raw: bytes, seconds: float, run: Run | None) -> None:
+    """Every client sends the pre-built `raw` request until the deadline; latency is request sent → full body read."""
     deadline = time.perf_counter() + seconds
 
-    async def worker(send: Send) -> None:
+    async def worker(client: kit.Client) -> None:
         while (started := time.perf_counter()) < deadline:
-            try:
-                status, body = await send()
-            except Exception as exc:  # a broken connection is an error, not the end of the run
-                status, body = 0, f"{type(exc).__name__}: {exc}".encode()
-            if run is not None and status == 200 and is_hit(body):
+            reply = await client.request("POST", "/rag/stream", raw=raw, limit_s=30)  # a broken connection reopens
+            if run is not None and reply.status == 200 and is_hit(reply.body):
                 run.latencies.append(time.perf_counter() - started)
                 run.completions.append(time.perf_counter())
             elif run is not None:
-                run.errors.append(f"status {status}: {body[:160]!r}")
+                run.errors.append(f"status {reply.status}: {reply.client_error or reply.body[:160]!r}")
 
-    await asyncio.gather(*(worker(s) for s in sends))
+    await asyncio.gather(*(worker(c) for c in clients))
 
 
 async def measure(name: str, server: kit.Served, args: Any, token: str, c: int, rnd: int) -> Run:
+    """One side at one level: `c` keep-alive clients, warmed up, then measured with both processes' CPU."""
     run = Run(name, c, rnd)
-    sends, clients = senders(server.url, token, c)
-    await drive(sends, args.warmup, None)
+    clients = [kit.Client(server.url, kit.bearer(token)) for _ in range(c)]
+    raw = clients[0].encode("POST", "/rag/stream", json.dumps({"question": QUESTION}).encode(), close=False)
+    await drive(clients, raw, args.warmup, None)
     cpu0, server0, t0 = time.process_time(), cpu_seconds(server.pid), time.perf_counter()
-    await drive(sends, args.duration, run)
+    await drive(clients, raw, args.duration, run)
     run.seconds = time.perf_counter() - t0
     run.client_cpu = time.process_time() - cpu0
     run.server_cpu = cpu_seconds(server.pid) - server0
@@ -245,9 +222,7 @@ def report(runs: list[Run], args: Any) -> str:
     samples = list({e[:40]: e for r in runs for e in r.errors}.values())[:5]
     return "\n\n".join(
         [
-            kit.table(
-                f"concurrency | server | requests | errors | req/s | p50 ms | p99 ms | {CPU_COLUMNS}", rows, "rl"
-            ),
+            kit.table(f"{COLUMNS} | {CPU_COLUMNS}", rows, "rl"),
             kit.table(f"concurrency | {RATIO_COLUMNS} | goal ({GOAL})", ratios, "rrrrrrl"),
             f"Error samples: {'; '.join(f'`{s}`' for s in samples) or 'none'}.",
         ]

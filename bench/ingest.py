@@ -1,8 +1,5 @@
 """Ingest throughput against the raw encoder, measured side by side in one run.
 
-    python -m bench.ingest [CORPUS_PATH] [--limit N] [--batch-size 64] [--repeat 1] [--diagnose]
-                           [--quick] [--no-write]
-
 Per round, in alternating order: raw = `LocalEmbedder.encode` of exactly the chunk texts the
 pipeline produces; ingest = `ingest_documents` end to end into a fresh database; re-run = the same
 ingest again, every document unchanged (`--diagnose`: also the raw encoder on the pipeline's batches).
@@ -26,7 +23,7 @@ from bench import _kit as kit
 from ingest.loaders import LoadFailure, SourceDocument, discover, load
 from ingest.pipeline import IngestOptions, IngestReport, ingest_documents, prepare
 from service.embedded import start_postgres
-from service.embeddings.encoders import LocalEmbedder, Vectors
+from service.embeddings.encoders import LocalEmbedder
 from service.postgres.corpus import open_corpus
 from service.postgres.documents import DocumentStore, PreparedDocument, WriteResult
 
@@ -35,20 +32,6 @@ SECTION = "Ingest"
 FULL_CORPUS_DOCUMENTS = 5_000
 GOAL_RATIO = 0.9
 Items = list[SourceDocument | LoadFailure]
-
-
-class TimedEmbedder:
-    """The real embedder; adds up the wall time the pipeline spends awaiting it."""
-
-    def __init__(self, inner: LocalEmbedder) -> None:
-        self.inner, self.model, self.dim, self.seconds = inner, inner.model, inner.dim, 0.0
-
-    async def embed(self, texts: Sequence[str]) -> Vectors:
-        started = time.perf_counter()
-        try:
-            return await self.inner.embed(texts)
-        finally:
-            self.seconds += time.perf_counter() - started
 
 
 class TimedStore(DocumentStore):
@@ -97,7 +80,7 @@ def chunk_texts(items: Items, options: IngestOptions) -> list[str]:
 
 
 async def timed_ingest(store: TimedStore, embedder: LocalEmbedder, args: Any, options: IngestOptions) -> Timing:
-    timed = TimedEmbedder(embedder)
+    timed = kit.TimedEmbedder(embedder)
     store.write_seconds, store.writes = 0.0, 0
     started = time.perf_counter()
     items = load_items(args.corpus, args.limit)

@@ -2,10 +2,6 @@
 each with admission control off (`RAG_ADMISSION_SLOTS=0` and no Postgres timeouts, as before issue 11)
 and on (the defaults).
 
-    python -m bench.load [--streams 300] [--rounds 2] [--workers 1 2] [--admission off on] [--hit-seconds 15]
-                         [--hit-concurrency 32] [--first-token-delay 0.5] [--token-interval 0.025]
-                         [--answer-tokens 150] [--limit-corpus N] [--quick] [--no-write]
-
 Per round and worker count, on a fresh `rag-serve` and a flushed cache:
 1. miss burst: `--streams` distinct questions (every one a real generation) started at once, each on
    its own connection: completed / shed (503 `overloaded`) / failed, client TTFT, RSS of the server's
@@ -29,7 +25,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import redis.asyncio as aioredis
 
 from bench._kit import (
@@ -40,13 +35,13 @@ from bench._kit import (
     ask,
     bearer,
     create_key,
+    fetchval,
     load_text,
     model_line,
     ms,
     parse,
     passage_questions,
     publish,
-    rag_serve,
     replay_arguments,
     replay_stack,
     run_dir,
@@ -248,26 +243,22 @@ async def hit_load(url: str, token: str, questions: list[str], concurrency: int,
 async def one_run(
     args: Any, stack: ReplayStack, workers: int, rnd: int, admission: str, questions: list[str], out: Path
 ) -> dict[str, Any]:
-    redis_url = stack.servers.redis_url(REDIS_DB)
-    client = aioredis.from_url(redis_url)
-    await client.flushdb()
+    redis_url = await stack.fresh(REDIS_DB)
     await stack.provider.reset()
     log = out / f"rag-serve-w{workers}-r{rnd}-{admission}.log"
     env = dict.fromkeys(BEFORE, "0") if admission == "off" else {}
     if workers > 1:  # prometheus-client's multiprocess directory: one per run
         (out / f"prom-w{workers}-r{rnd}-{admission}").mkdir()
         env["PROMETHEUS_MULTIPROC_DIR"] = str(out / f"prom-w{workers}-r{rnd}-{admission}")
-    provider_url = stack.provider.base_url
-    async with rag_serve(
-        dsn=stack.dsn, redis_url=redis_url, provider_url=provider_url, log=log, env=env, workers=workers
-    ) as server:
+    async with stack.serve(redis_url, log, env, workers) as server:
         await wait_for_workers(server.pid, workers)
         await warm_up(server.url, stack.token, 2 * workers)
         await stack.provider.reset()
         say(f"== round {rnd}, {workers} worker(s), admission {admission}: {len(questions) - 2} concurrent streams")
         burst = await miss_burst(server.url, stack.token, server.pid, questions, stack.victim)
         calls = await stack.provider.calls()
-        cached = len([k async for k in client.scan_iter(match="ragcache:answer:*", count=1000)])
+        async with aioredis.from_url(redis_url) as client:
+            cached = len([k async for k in client.scan_iter(match="ragcache:answer:*", count=1000)])
         say(
             f"   complete {burst['complete']}/{len(questions) - 2} (shed {burst['shed']}), "
             f"TTFT p99 {ms(burst['ttft']['p99'])} ms; {cached} cached"
@@ -281,7 +272,6 @@ async def one_run(
         primed = Counter(await asyncio.gather(*(again(q) for q in questions[:-2])))
         hits = await hit_load(server.url, stack.token, questions[:-2], args.hit_concurrency, args.hit_seconds)
         say(f"   prime pass {dict(primed)}; hit load {hits['rps']:.0f} req/s")
-    await client.aclose()
     first = [c["first_token_s"] for c in calls if c["first_token_s"] is not None]
     return {
         "workers": workers,
@@ -360,9 +350,7 @@ async def main_async(args: Any) -> None:
                 mine = questions[i * per_run : (i + 1) * per_run]
                 runs.append(await one_run(args, stack, workers, rnd, admission, mine, out))
         finally:  # the burst's questions went into the shared corpus database's semantic index
-            conn = await asyncpg.connect(stack.dsn)
-            await conn.execute("DELETE FROM semantic_cache WHERE question LIKE $1", f"{QUESTION_PREFIX} %")
-            await conn.close()
+            await fetchval(stack.dsn, "DELETE FROM semantic_cache WHERE question LIKE $1", f"{QUESTION_PREFIX} %")
         documents = stack.documents
     setup = (
         f"{model_line(args, documents)} Load average at start {load_start}. Miss burst: {args.streams} distinct "

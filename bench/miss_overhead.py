@@ -1,7 +1,5 @@
 """Miss-path overhead: request → provider call, with msmarco-5k loaded, next to the bare embedding.
 
-    python -m bench.miss_overhead [DATA_DIR] [--passes 5] [--fresh] [--quick] [--no-write]
-
 The real app on uvicorn in this process (local embedder, real settings, an API key without `rpm`),
 the provider server in a thread, one clock. The corpus is ingested once into an embedded Postgres
 under bench/results/miss_overhead/. Per query and pass, in rotating order: end to end with cache
@@ -15,11 +13,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import shutil
 import statistics
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,42 +86,29 @@ class Probe:
         original = getattr(owner, name, None) if owner is not None else None
         if original is None:
             return False
-        note = self.note
-        if asyncio.iscoroutinefunction(original):
 
-            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-                note(f"{label} ↓")
-                try:
-                    return await original(*args, **kwargs)
-                finally:
-                    note(f"{label} ↑")
+        @contextlib.contextmanager
+        def marked() -> Iterator[None]:
+            self.note(f"{label} ↓")
+            try:
+                yield
+            finally:
+                self.note(f"{label} ↑")
 
-            setattr(owner, name, async_wrapper)
-        else:
+        async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+            with marked():
+                return await original(*args, **kwargs)
 
-            def wrapper(*args: Any, **kwargs: Any) -> Any:
-                note(f"{label} ↓")
-                try:
-                    return original(*args, **kwargs)
-                finally:
-                    note(f"{label} ↑")
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with marked():
+                return original(*args, **kwargs)
 
-            setattr(owner, name, wrapper)
+        setattr(owner, name, async_wrapper if asyncio.iscoroutinefunction(original) else wrapper)
         return True
 
     def intervals(self, call_at: float) -> list[tuple[str, float]]:
         marks = sorted([*(m for m in self.marks if m[0] <= call_at), (call_at, "provider call")])
         return [(f"{a} → {b}", tb - ta) for (ta, a), (tb, b) in itertools.pairwise(marks)]
-
-
-class _EmbedderView:
-    """The app's embedder with its calls noted; the bare measurements use the real object."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner, self.model, self.dim = inner, inner.model, inner.dim
-
-    async def embed(self, texts: Sequence[str]) -> Any:
-        return await self.inner.embed(texts)
 
 
 @dataclass
@@ -184,7 +170,7 @@ async def run(args: argparse.Namespace) -> str:
             client = kit.Client(base, kit.bearer(token))
             service: AnswerService = app.state.resources.answers
             probe = Probe()
-            service.embedder = _EmbedderView(service.embedder)
+            service.embedder = kit.TimedEmbedder(service.embedder)  # probed; the bare measures use the real one
             probed = [
                 label
                 for path, name, label in PROBES

@@ -1,7 +1,6 @@
 """Reranking the dense top N with the only packaged reranker found (nanoranker): nDCG@10 lift and cost.
 
     pip install nanoranker onnxruntime-extensions   # not a dependency of the project
-    python -m bench.reranker [DATA_DIR ...] [--candidates 30] [--keep DIR] [--no-write]
 
 nanoranker's wheel holds a Universal Sentence Encoder and a small network over the concatenated
 query and passage embeddings (plus character n-gram hashes): a bi-encoder feature model, not a

@@ -1,7 +1,5 @@
 """Retrieval quality per mode and fusion on BEIR sets (through `rag-eval`'s measure), plus HNSW recall.
 
-    python -m bench.retrieval [DATA_DIR ...] [--keep DIR] [--quick] [--no-write]
-
 Default: ../shared/data/msmarco-5k and ../shared/data/business-reports, each ingested into a scratch
 embedded Postgres (`--keep DIR` reuses DIR/<set name>). nDCG@10 per method with the paired bootstrap
 difference against dense; HNSW recall@10 against an exact scan, per `hnsw.ef_search`.

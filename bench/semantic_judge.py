@@ -1,7 +1,5 @@
 """The semantic cache's judge against today's guard, on public Quora pairs and bench/semantic_pairs.jsonl.
 
-    python -m bench.semantic_judge [--fit] [--no-write]
-
 Each set is split in two by a hash of each normalised pair (dev / held out); vectors from the local
 all-MiniLM-L6-v2 are kept in bench/results/. The judge's threshold is the lowest swept score at which
 semantic_pairs' dev half reaches precision >= 0.99 and Quora's dev half is as precise as today's guard;

@@ -1,8 +1,5 @@
 """Stampede: N concurrent identical cache misses over two `rag-serve` processes cost one generation.
 
-    python -m bench.stampede [--requests 100] [--rounds 3] [--variants default no-semantic one-thread]
-                             [--limit-corpus N] [--quick] [--no-write]
-
 Per variant two `rag-serve` processes (one worker each) share Postgres and Redis. Per round (a
 different msmarco query each round, caches flushed) `--requests` identical `/rag/stream` requests
 start at once on new connections, alternating between the two processes. Reported: generation calls

@@ -1,8 +1,5 @@
 """A replayed question workload: cache off vs exact only vs exact + semantic, side by side in one run.
 
-    python -m bench.workload [--requests 600] [--limit-corpus N] [--concurrency 8]
-                             [--server-env KEY=VALUE ...] [--quick] [--no-write]
-
 `--requests` questions drawn Zipf-like over the 50 msmarco-5k queries; a share of draws sends one of
 the query's paraphrases (`bench/paraphrases.jsonl`). The same sequence is replayed against each
 configuration on fresh caches: off (`"cache": "bypass"`), exact (`RAG_SEMANTIC_CACHE=false`) and

@@ -96,15 +96,9 @@ def usage_info(answering: Answering, usage: Usage, pricing: Mapping[str, tuple[f
 
 
 def source_info(source: Source) -> SourceInfo:
-    return SourceInfo(
-        n=source.n,
-        chunk_id=source.chunk_id,
-        document=source.document,
-        source=source.source,
-        collection=source.collection,
-        score=source.score,
-        snippet=source.snippet(),
-    )
+    """What a client sees of a source: the fields SourceInfo declares (it ignores the rest, the full text
+    among them) and a snippet of the text."""
+    return SourceInfo(**vars(source), snippet=source.snippet())
 
 
 def route_info(route: Route, answering: Answering, policy: RoutingPolicy) -> RouteInfo:

@@ -44,6 +44,7 @@ def config(
     openai_compatible: bool = False,
     models_small: str | None = None,
     models_large: str | None = None,
+    **thresholds: int,
 ) -> RoutingPolicy:
     return RoutingPolicy.from_config(
         anthropic=anthropic,
@@ -51,6 +52,7 @@ def config(
         openai_compatible=openai_compatible,
         models_small=models_small,
         models_large=models_large,
+        **thresholds,
     )
 
 
@@ -331,16 +333,7 @@ def test_from_config(kwargs: dict[str, Any], small: tuple[ModelChoice, ...], lar
 
 
 def test_from_config_thresholds() -> None:
-    policy = RoutingPolicy.from_config(
-        anthropic=True,
-        openai=False,
-        openai_compatible=False,
-        models_small=None,
-        models_large=None,
-        large_prompt_tokens=10,
-        large_max_tokens=20,
-        large_feature_score=3,
-    )
+    policy = config(anthropic=True, large_prompt_tokens=10, large_max_tokens=20, large_feature_score=3)
     assert (policy.large_prompt_tokens, policy.large_max_tokens, policy.large_feature_score) == (10, 20, 3)
     default = config(anthropic=True)
     assert (default.large_prompt_tokens, default.large_max_tokens, default.large_feature_score) == (3000, 1024, 2)
