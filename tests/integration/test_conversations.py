@@ -7,7 +7,8 @@ or the loopback provider where a test needs a model for the rewrite.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from typing import Any
 
 import openai
@@ -140,6 +141,17 @@ def scripted(body: Mapping[str, Any]) -> str:
     return REWRITTEN if REWRITE_SYSTEM in str(system) else default_answer(body)
 
 
+@asynccontextmanager
+async def rewriting_model(
+    settings: Settings, local_embedder: LocalEmbedder, provider: ProviderServer
+) -> AsyncIterator[Served]:
+    """The handbook served with the loopback model, which rewrites follow-ups by script."""
+    await ingest_examples(settings, local_embedder)
+    provider.default = Behavior(text=scripted)
+    async with serving(with_providers(settings, provider), local_embedder) as served:
+        yield served
+
+
 def rewrite_calls(provider: ProviderServer) -> list[Any]:
     return [c for c in provider.calls_to("messages") if REWRITE_SYSTEM in str(c.body.get("system"))]
 
@@ -147,9 +159,7 @@ def rewrite_calls(provider: ProviderServer) -> list[Any]:
 async def test_the_rewrite_goes_to_the_small_tier_falls_back_and_is_cached(
     settings: Settings, local_embedder: LocalEmbedder, provider: ProviderServer
 ) -> None:
-    await ingest_examples(settings, local_embedder)
-    provider.default = Behavior(text=scripted)
-    async with serving(with_providers(settings, provider), local_embedder) as served:
+    async with rewriting_model(settings, local_embedder, provider) as served:
         messages = conversation(COALESCING, FOLLOW_UP)
         follow = await ask(served, messages, model="large")  # the answer's tier does not move the rewrite
         assert rag(follow)["standalone_question"] == REWRITTEN
@@ -255,9 +265,7 @@ async def test_a_model_rewrite_is_charged_to_the_key_and_skipped_when_it_cannot_
     settings: Settings, local_embedder: LocalEmbedder, provider: ProviderServer
 ) -> None:
     """A review found the rewrite call outside the token budget: a key with no tokens left still made paid calls."""
-    await ingest_examples(settings, local_embedder)
-    provider.default = Behavior(text=scripted)
-    async with serving(with_providers(settings, provider), local_embedder) as served:
+    async with rewriting_model(settings, local_embedder, provider) as served:
         paying = await make_key(settings, "query", tokens_per_day=100_000)
         follow = await served.client(paying).chat.completions.create(
             model="auto", messages=conversation(COALESCING, FOLLOW_UP)
