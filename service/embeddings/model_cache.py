@@ -37,26 +37,24 @@ class ModelUnavailable(RuntimeError):
     """The ONNX model is neither cached nor exportable here (e.g. the `local` extra is missing)."""
 
 
+class _InDirectory:
+    """A file of an export, as a read-only attribute: `export.model` is `export.directory / MODEL_FILE`."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, export: ExportedModel, owner: type | None = None) -> Path:
+        return export.directory / self.name
+
+
 @dataclass(frozen=True)
 class ExportedModel:
     directory: Path
 
-    @property
-    def model(self) -> Path:
-        return self.directory / MODEL_FILE
-
-    @property
-    def weights(self) -> Path:
-        """The model's weights, beside the graph (memory-mapped by ONNX Runtime, not copied)."""
-        return self.directory / WEIGHTS_FILE
-
-    @property
-    def tokenizer(self) -> Path:
-        return self.directory / TOKENIZER_FILE
-
-    @property
-    def manifest(self) -> Path:
-        return self.directory / MANIFEST
+    model = _InDirectory(MODEL_FILE)
+    weights = _InDirectory(WEIGHTS_FILE)  # beside the graph: memory-mapped by ONNX Runtime, not copied
+    tokenizer = _InDirectory(TOKENIZER_FILE)
+    manifest = _InDirectory(MANIFEST)
 
     def complete(self) -> bool:
         # The manifest is written last, and the directory only appears by rename once complete.
