@@ -15,6 +15,11 @@ from service.policy.tokens import count_tokens
 from service.redis.limits import Reservation, TokenBudget
 
 
+def tenant(budget: TokenBudget | None) -> str:
+    """Whose turn it is in the admission queue (service/answer/admission.py): the key's id."""
+    return budget.principal.key_id if budget is not None else ""
+
+
 async def checked(budget: TokenBudget | None) -> None:
     """Raises `BudgetExceeded` when the caller's tokens for today are spent (a generation would cost)."""
     if budget is not None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
+from contextlib import suppress
 from dataclasses import replace
 from functools import partial
 
@@ -23,7 +24,7 @@ import asyncpg
 
 from service.answer.admission import AdmissionGate
 from service.answer.background import Background
-from service.answer.budgeting import checked, missed, reserved, settling
+from service.answer.budgeting import checked, missed, reserved, settling, tenant
 from service.answer.coalescing import Coalescer, Coalescing, Free
 from service.answer.events import Admitted, Clock, Done, Event, Failed, Meta, Token
 from service.answer.generation import AllProvidersFailedError, Answering, Models
@@ -32,7 +33,7 @@ from service.answer.question import QuestionReader
 from service.answer.schemas import CacheOutcome, RagRequest
 from service.answer.shapes import Question, RequestFactory, answering_meta, cache_entry, planned, replayed, usage_info
 from service.embeddings.encoders import Embedder, Vectors
-from service.errors import BudgetExceeded, DependencyUnavailable, NoProviderAvailable
+from service.errors import BudgetExceeded, DependencyUnavailable, NoProviderAvailable, Overloaded
 from service.observability.metrics import Metrics
 from service.observability.tracing import span
 from service.policy.collections import DEFAULT
@@ -131,10 +132,11 @@ class AnswerService:
         try:
             await checked(budget)
         except BudgetExceeded:  # out of tokens: a semantic hit is still free, nothing else is
-            similar = await self._cached(question, request_id, clock, look_again=False)
-            if similar is None:
-                raise
-            return similar
+            with suppress(Overloaded):  # its lookup (an embedding, a vector search) queues like a miss's work
+                async with self.admission.slot(tenant(budget)):
+                    if (similar := await self._cached(question, request_id, clock, look_again=False)) is not None:
+                        return similar
+            raise
         await missed(budget)
         return None
 
@@ -150,8 +152,7 @@ class AnswerService:
         (disconnect, cancellation, error) is charged what was generated, never more than reserved.
         """
         cached: list[Event] | None = None
-        tenant = budget.principal.key_id if budget is not None else ""  # whose turn in the admission queue
-        async with self.admission.slot(tenant):
+        async with self.admission.slot(tenant(budget)):
             if question.request.cache == "use":
                 cached = await self._cached(question, request_id, clock, look_again=look_again)
             if cached is None:

@@ -12,17 +12,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import asyncpg
 import httpx
+import redis.asyncio as aioredis
 from fastapi import FastAPI
 
 from service.answer.admission import AdmissionGate
 from service.embeddings.encoders import LocalEmbedder
 from service.http.app import create_app
+from service.http.auth import parse_key
 from service.observability.logs import ACCESS_LOGGER
+from service.redis.keyspace import KEYS
+from service.redis.limits import utc_day
 from service.settings import Settings
 from tests.support.answers import Reply, ask, seed, with_providers
 from tests.support.log_capture import capturing
@@ -133,3 +138,29 @@ async def test_a_burst_of_misses_is_answered_or_refused_with_retry_after_and_hit
     }
     assert "admission_wait_ms" not in access[hit.headers["x-request-id"]]
     assert all(access[r.headers["x-request-id"]]["admission_wait_ms"] >= 0 for r in [cached, *replies])
+
+
+async def test_a_key_out_of_tokens_looks_for_a_semantic_hit_only_through_the_gate(
+    settings: Settings, local_embedder: LocalEmbedder
+) -> None:
+    """A review found a spent key's semantic lookup (an embedding, a vector search) running outside
+    the gate: with the gate full it now gets its 429 at once; with a free slot, its free semantic hit."""
+    await seed(settings, local_embedder)
+    spent = await make_key(settings, "query", tokens_per_day=1000)
+    app = create_app(
+        settings.model_copy(update={"admission_slots": 1, "admission_wait_s": 0.2}), embedder=local_embedder
+    )
+    async with serve_app(app) as url, httpx.AsyncClient(base_url=url, timeout=30) as http:
+        other = bearer(await make_key(settings, "query"))
+        assert (await ask(http, headers=other)).meta["cache"] == "miss"  # cached, and in the semantic index
+        parsed = parse_key(spent)
+        assert parsed is not None
+        client = aioredis.from_url(str(settings.redis_url))
+        await client.set(KEYS.token_budget(parsed[0], utc_day(time.time())), 1000)  # the day's tokens are spent
+        await client.aclose()
+        paraphrase = "how can i flush the cache"
+        async with gate(app).slot("someone else"):  # the only slot is taken
+            refused = await ask(http, paraphrase, headers=bearer(spent))
+        assert refused.status == 429 and refused.body["error"]["code"] == "token_budget_exceeded"
+        served = await ask(http, paraphrase, headers=bearer(spent))
+        assert served.status == 200 and served.meta["cache"] == "semantic_hit"
