@@ -213,8 +213,9 @@ Produce = Callable[[bool], AsyncIterator[Event]]  # the answer, told whether to 
 Free = Callable[[], Awaitable[list[Event] | None]]  # an answer that costs nothing now (a cache hit), or None
 
 
-# Refusals that concern the leader's API key alone (its token budget), not the answer.
-_LEADERS_OWN = frozenset({"token_budget_exceeded"})
+# Refusals that concern the leader's request alone, not the answer: its key's token budget, or
+# its turn in the admission queue (fair by key: a follower queues under its own key instead).
+_LEADERS_OWN = frozenset({"token_budget_exceeded", "overloaded"})
 
 
 class _TakeOverError(Exception):

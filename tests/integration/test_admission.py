@@ -29,7 +29,7 @@ from service.observability.logs import ACCESS_LOGGER
 from service.redis.keyspace import KEYS
 from service.redis.limits import utc_day
 from service.settings import Settings
-from tests.support.answers import Reply, ask, seed, with_providers
+from tests.support.answers import Reply, ask, followers_joined, seed, with_providers
 from tests.support.log_capture import capturing
 from tests.support.provider_server import Behavior, ProviderServer
 from tests.support.servers import bearer, make_key, serve_app, wait_until
@@ -164,3 +164,27 @@ async def test_a_key_out_of_tokens_looks_for_a_semantic_hit_only_through_the_gat
         assert refused.status == 429 and refused.body["error"]["code"] == "token_budget_exceeded"
         served = await ask(http, paraphrase, headers=bearer(spent))
         assert served.status == 200 and served.meta["cache"] == "semantic_hit"
+
+
+async def test_a_leader_refused_by_the_gate_hands_its_answer_to_a_follower_of_another_key(
+    settings: Settings, local_embedder: LocalEmbedder
+) -> None:
+    """A review found a leader's admission refusal passed on to its followers as a 503, though the
+    queue is fair by key and it was not their turn that ran out: a follower now takes the answer over."""
+    await seed(settings, local_embedder)
+    one_slot = settings.model_copy(update={"admission_slots": 1, "admission_wait_s": 2.0})
+    app = create_app(one_slot, embedder=local_embedder)
+    noisy, quiet = bearer(await make_key(settings, "query")), bearer(await make_key(settings, "query"))
+    client = aioredis.from_url(str(settings.redis_url))
+    async with serve_app(app) as url, httpx.AsyncClient(base_url=url, timeout=30) as http:
+        admission = gate(app)
+        async with admission.slot("someone else"):  # the only slot is taken while both ask
+            leader = asyncio.create_task(ask(http, headers=noisy))
+            await wait_until(lambda: admission.waiting == 1)  # the leader queues for its turn
+            follower = asyncio.create_task(ask(http, headers=quiet))
+            await wait_until(lambda: followers_joined(client, 1))
+            refused = await leader  # its wait budget ran out
+        assert refused.status == 503 and refused.body["error"]["code"] == "overloaded"
+        answered = await follower
+        assert answered.status == 200 and answered.meta["cache"] == "miss", answered.body
+    await client.aclose()
