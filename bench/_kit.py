@@ -95,16 +95,12 @@ def machine_line() -> str:
     return f"{cpu}, nproc {nproc}, Python {platform.python_version()}, {platform.system()}"
 
 
-def load_average() -> tuple[float, float, float]:
+def load_text() -> str:
+    """The 1 / 5 / 15-minute load averages ("n/a" where the platform has none)."""
     try:
-        return os.getloadavg()
+        return " / ".join(f"{x:.2f}" for x in os.getloadavg())
     except OSError:
-        return (math.nan, math.nan, math.nan)
-
-
-def load_text(loads: Sequence[float] | None = None) -> str:
-    values = load_average() if loads is None else loads
-    return "n/a" if any(math.isnan(x) for x in values) else " / ".join(f"{x:.2f}" for x in values)
+        return "n/a"
 
 
 def revision() -> str:
@@ -302,9 +298,6 @@ class Servers:
     def redis_url(self, db: int) -> str:
         return f"{self.redis_base}{'&' if '?' in self.redis_base else '?'}db={db}"
 
-    def database(self, name: str) -> str:
-        return with_database(self.admin_dsn, name)
-
 
 @contextlib.contextmanager
 def embedded_servers(data_dir: Path = DATA_DIR) -> Iterator[Servers]:
@@ -350,7 +343,7 @@ async def ensure_corpus(servers: Servers, limit: int | None, data_dir: Path = DA
     name = "msmarco_full" if limit is None else f"msmarco_{limit}"
     if not await fetchval(servers.admin_dsn, "SELECT 1 FROM pg_database WHERE datname = $1", name):
         await fetchval(servers.admin_dsn, f'CREATE DATABASE "{name}"')
-    dsn = servers.database(name)
+    dsn = with_database(servers.admin_dsn, name)
     if limit is not None:  # beside the data directory, not in it: rag-ingest never ingests from RAG_DATA_DIR
         corpus = corpus_subset(corpus, limit, data_dir.parent / f"corpus-{limit}" / "corpus.jsonl")
     expected = len(jsonl(corpus))

@@ -180,9 +180,8 @@ def report(results: dict[str, Any], command: str) -> str:
         [
             run_line(command),
             "The 30 conversations / 45 follow-ups of bench/conversations.jsonl over the examples/ handbook "
-            f"(hybrid retrieval, top {TOP_K}). The model rows use the loopback provider, so their latency is a "
-            "local HTTP round trip, not a real model's; a real small model adds its own time, bounded by "
-            f"RAG_REWRITE_TIMEOUT_S. The offline rules alone take {results['rules_us_each']:.0f} µs per follow-up.",
+            f"(hybrid retrieval, top {TOP_K}). The offline rules alone take {results['rules_us_each']:.0f} µs per "
+            "follow-up; the model rows' latency is a loopback round trip (Notes).",
             body,
         ]
     )

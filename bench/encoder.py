@@ -131,14 +131,13 @@ async def main() -> None:
     parser.add_argument("--queries", type=int, default=300)
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--passages", type=int, default=320)
-    parser.add_argument("--model-dir", type=Path, default=MODEL_DIR, help="where the ONNX export is cached")
     args = kit.parse(parser, None, queries=20, concurrency=8, passages=32)
 
     loads_before = kit.load_text()
     texts = questions(args.queries)
     kit.say(f"exporting (once) / loading the models; {len(texts)} questions")
-    ensure_exported(args.model_dir)
-    onnx = OnnxEmbedder(LOCAL_EMBEDDING_MODEL, model_dir=args.model_dir, threads=THREADS)
+    ensure_exported(MODEL_DIR)
+    onnx = OnnxEmbedder(LOCAL_EMBEDDING_MODEL, model_dir=MODEL_DIR, threads=THREADS)
     onnx.encode(["warm"])
     torch = LocalEmbedder(threads=THREADS)
     torch.encode(["warm"])
@@ -161,7 +160,7 @@ async def main() -> None:
     kit.say(f"ingest: {len(docs)} passages at batch 64")
     ingest = {"ONNX fp32": ingest_rate(onnx.encode, docs), "torch": ingest_rate(torch.encode, docs)}
     kit.say("resident memory of an API-like process")
-    memory = {"ONNX fp32 (no torch)": rss("onnx", args.model_dir), "torch": rss("torch", args.model_dir)}
+    memory = {"ONNX fp32 (no torch)": rss("onnx", MODEL_DIR), "torch": rss("torch", MODEL_DIR)}
 
     table = kit.table(
         "encoder | CPU ms / query | queries/s | p50 ms | p99 ms | texts / encode",

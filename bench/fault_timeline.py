@@ -309,7 +309,7 @@ async def main_async(args: Any) -> None:
     finally:
         own.close()
     seconds = per_second(run, int(args.phase * len(PHASES)))
-    plotted = not args.no_plot and plot(seconds, run["events"], out / "fault_timeline.png")
+    plotted = plot(seconds, run["events"], out / "fault_timeline.png")
     if plotted and not args.no_write:
         (out / "fault_timeline.png").replace(PLOT)
     setup = (
@@ -329,7 +329,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--phase", type=float, default=30, help="seconds between faults")
     kit.replay_arguments(parser, first_token_delay=0.3, answer_tokens=40, limit_corpus=1000)
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--no-plot", action="store_true")
     args = kit.parse(parser, argv, rate=4.0, phase=8.0, limit_corpus=200)
     asyncio.run(main_async(args))
 

@@ -8,7 +8,6 @@ recall@10 of `Retriever.search` against an exact scan in the same collections, a
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import statistics
 import sys
@@ -169,11 +168,7 @@ def report(
             f"{Settings.model_fields['hnsw_max_scan_tuples'].default:,} (`RAG_HNSW_MAX_SCAN_TUPLES`). recall@{K}: the "
             "service's dense top 10 against an exact cosine scan inside the same collections; *short*: "
             f"queries that got fewer than {K} chunks; p50: one `Retriever.search` (dense and full-text halves). "
-            "*service*: the service's own settings, the planner's choice of plan for the dense half; "
-            "*HNSW*: the vector index forced (`enable_sort = off`), which is what the planner picks on a larger "
-            "corpus, where sorting a whole collection costs more than walking the index; *iterative off*: "
-            "`hnsw.iterative_scan = off`, i.e. pgvector issue #259: the index's first `ef_search` candidates "
-            "are filtered afterwards.",
+            "The three plans (*service*, *HNSW*, *iterative off*) are described under Notes.",
             kit.table(header, rows),
         ]
     )
@@ -189,16 +184,15 @@ def _scan(plan: dict[str, Any]) -> str:
 
 
 async def run(args: argparse.Namespace) -> str:
-    queries_n: int = args.queries
     with kit.embedded_servers(kit.DATA_DIR) as servers:
         source_dsn, documents = await kit.ensure_corpus(servers, None)
         dsn = await _collections_database(servers.admin_dsn, source_dsn)
         embedder = LocalEmbedder()
-        texts = [q["text"] for q in kit.jsonl(kit.MSMARCO / "queries.jsonl")][:queries_n]
+        texts = [q["text"] for q in kit.jsonl(kit.MSMARCO / "queries.jsonl")][: args.queries]
         queries = [(t, (await embedder.embed([t]))[0]) for t in texts]
         kit.say(f"{documents} documents, {len(queries)} queries")
         share, results = await measure(dsn, queries, args.repeat, args.ef_search)
-    return report(share, results, len(queries), args.repeat, args.ef_search)
+    return kit.run_line(args.command) + "\n\n" + report(share, results, len(queries), args.repeat, args.ef_search)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -207,12 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="timed searches per query and case")
     parser.add_argument("--ef-search", type=int, default=40, help="hnsw.ef_search (the service's default: 40)")
     args = kit.parse(parser, argv, queries=10, repeat=1)
-    if not (kit.MSMARCO / "corpus.jsonl").exists():
-        kit.say(f"{kit.MSMARCO} is absent: nothing to measure")
-        return 2
-    body = asyncio.run(run(args))
-    kit.publish(SECTION, kit.run_line(args.command) + "\n\n" + body, args)
-    return 0
+    return kit.publish_run(SECTION, run(args), args, kit.MSMARCO / "corpus.jsonl")
 
 
 if __name__ == "__main__":

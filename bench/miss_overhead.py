@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import contextlib
 import itertools
-import shutil
 import statistics
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -150,8 +149,6 @@ async def run(args: argparse.Namespace) -> str:
     from tests.support.provider_server import ProviderServer
 
     queries = [(str(r["_id"]), str(r["text"])) for r in kit.jsonl(args.data / "queries.jsonl")][: args.queries]
-    if args.fresh:
-        shutil.rmtree(DB_DIR, ignore_errors=True)
     DB_DIR.mkdir(parents=True, exist_ok=True)
     kit.say(f"embedded Postgres + Valkey under {DB_DIR}")
     with kit.embedded_servers(DB_DIR) as db, ProviderServer() as provider:
@@ -183,9 +180,8 @@ async def run(args: argparse.Namespace) -> str:
                 """Make this question a miss again: drop its answer and its semantic-index row only."""
                 key = service.questions.guard(RagRequest(question=question)).key
                 await service.cache.delete(key)
-                semantic = getattr(service, "semantic", None)
-                if semantic is not None:
-                    await semantic.forget(key)
+                if service.semantic is not None:
+                    await service.semantic.forget(key)
 
             async def end_to_end(question: str, mode: str) -> dict[str, float]:
                 if mode == "use":
@@ -211,11 +207,9 @@ async def run(args: argparse.Namespace) -> str:
                 out["cache_get"], hit = await timed(lambda: service.cache.get(checked.key))
                 if hit is not None:
                     raise RuntimeError("steps: unexpected cache hit")
-                lookup = getattr(service, "semantic_lookup", None)
-                if lookup is not None:
-                    out["semantic"], similar = await timed(lambda: lookup(checked))
-                    if similar is not None:
-                        raise RuntimeError("steps: unexpected semantic hit")
+                out["semantic"], similar = await timed(lambda: service.semantic_lookup(checked))
+                if similar is not None:
+                    raise RuntimeError("steps: unexpected semantic hit")
                 out["retrieve"], sources = await timed(lambda: service.retrieve(checked))
                 started = time.perf_counter()
                 service.plan(checked, sources)
@@ -312,7 +306,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--passes", type=int, default=5, help="measured passes over the queries")
     parser.add_argument("--queries", type=int, default=None, help="only the first N queries")
     parser.add_argument("--limit-corpus", type=int, default=None, help="only the first N passages")
-    parser.add_argument("--fresh", action="store_true", help="drop the cached database and ingest again")
     args = kit.parse(parser, argv, passes=1, queries=3, limit_corpus=200)
     if args.quick:
         global DB_DIR

@@ -79,7 +79,7 @@ def opportunities(draws: list[Draw]) -> dict[str, int]:
 async def run_config(config: Config, draws: list[Draw], stack: kit.ReplayStack, args: Any, out: Any) -> dict[str, Any]:
     redis_url = await stack.fresh(config.redis_db)
     # A known secret, so that the bench can map matched-question hashes back to the queries it sent.
-    env = {"RAG_HASH_SECRET": HASH_SECRET, **config.env, **dict(kv.split("=", 1) for kv in args.server_env)}
+    env = {"RAG_HASH_SECRET": HASH_SECRET, **config.env}
     async with stack.serve(redis_url, out / f"rag-serve-{config.name}.log", env) as server:
         await kit.warm_up(server.url, stack.token)
         await stack.provider.reset()
@@ -204,7 +204,7 @@ async def main_async(args: Any) -> None:
     out = kit.run_dir("workload")
     summaries = []
     async with kit.replay_stack(args) as stack:
-        for config in [c for c in CONFIGS if c.name in args.configs]:
+        for config in CONFIGS:
             kit.say(f"== {config.name}: {len(draws)} requests")
             summary = summarize(await run_config(config, draws, stack, args, out), draws, hash_to_query)
             kit.say(f"   {summary['provider_calls']} provider calls, {summary['outcomes']}, {summary['errors']} errors")
@@ -216,8 +216,7 @@ async def main_async(args: Any) -> None:
         f"{args.paraphrase_share:.0%} paraphrase share, {args.concurrency} concurrent clients; one fresh "
         "`rag-serve` and fresh caches per configuration; TTFT measured by the client."
     )
-    env = f" Extra server environment: `{' '.join(args.server_env)}`." if args.server_env else ""
-    body = "\n\n".join([kit.run_line(args.command), setup + env, report(summaries, pairs, draws)])
+    body = "\n\n".join([kit.run_line(args.command), setup, report(summaries, pairs, draws)])
     kit.publish(SECTION, body, args, {"draws": [asdict(d) for d in draws], "summaries": summaries, "pairs": pairs}, out)
 
 
@@ -228,8 +227,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--zipf", type=float, default=1.1)
     parser.add_argument("--seed", type=int, default=20240611)
     parser.add_argument("--paraphrase-share", type=float, default=0.5)
-    parser.add_argument("--configs", nargs="+", default=[c.name for c in CONFIGS], choices=[c.name for c in CONFIGS])
-    parser.add_argument("--server-env", nargs="*", default=[], metavar="KEY=VALUE", help="extra rag-serve environment")
     kit.replay_arguments(parser)
     args = kit.parse(parser, argv, requests=24, limit_corpus=200, answer_tokens=20, first_token_delay=0.1)
     asyncio.run(main_async(args))
