@@ -70,3 +70,34 @@ async def test_a_busy_request_pool_does_not_keep_the_leaders_events_from_its_fol
         assert (await leader).text == SLOW_ANSWER
         assert len(provider.calls_to("messages")) == 1
         await client.aclose()
+
+
+async def test_a_busy_publish_pool_delays_the_followers_events_but_loses_none(
+    settings: Settings, local_embedder: LocalEmbedder, provider: ProviderServer
+) -> None:
+    # A batch that found no connection free in time used to be dropped: followers got an answer with holes.
+    settings = (await seeded_slow(settings, local_embedder, provider)).model_copy(
+        update={"redis_publish_connections": 1}
+    )
+    provider.default = Behavior(text=SLOW_ANSWER, first_token_delay=0.5, token_interval=0.06)
+    app = create_app(settings, embedder=local_embedder)
+    key = await make_key(settings, "query")
+    async with serve_app(app) as url, httpx.AsyncClient(base_url=url, timeout=60, headers=bearer(key)) as http:
+        client = aioredis.from_url(str(settings.redis_url))
+        resources: Resources = app.state.resources
+        pool = resources.pools.publish.connection_pool
+        held = await pool.get_connection()  # type: ignore[no-untyped-call]  # its only connection
+        try:
+            leader = asyncio.create_task(ask(http))
+            await provider.async_wait_for(lambda: len(provider.calls) == 1, timeout=10)
+            follower = asyncio.create_task(ask(http))
+            await wait_until(lambda: followers_joined(client, 1), within=10)
+            await provider.async_wait_for(lambda: provider.calls[0].completed, timeout=10)
+        finally:
+            await pool.release(held)
+        reply = await follower
+        assert reply.status == 200 and reply.meta["cache"] == "coalesced"
+        assert reply.text == SLOW_ANSWER and reply.names[-1] == "done"
+        assert (await leader).text == SLOW_ANSWER
+        assert (await ask(http)).meta["cache"] == "hit"
+        await client.aclose()
