@@ -100,6 +100,8 @@ class Settings(BaseSettings):
     # followers' blocking reads, apart from the request pool above (service/redis/client.py).
     redis_limit_connections: int = Field(default=8, alias="RAG_REDIS_LIMIT_CONNECTIONS", ge=1)
     redis_follower_connections: int = Field(default=256, alias="RAG_REDIS_FOLLOWER_CONNECTIONS", ge=1)
+    # Coalescing leaders' stream writes and lease renewals, apart from the request pool.
+    redis_publish_connections: int = Field(default=32, alias="RAG_REDIS_PUBLISH_CONNECTIONS", ge=1)
     metrics_retention_s: int = Field(default=7 * 24 * 3600, alias="RAG_METRICS_RETENTION_S", ge=3600)
     coalesce_lease_ms: int = Field(default=5000, alias="RAG_COALESCE_LEASE_MS", ge=100)
     semantic_cache: bool = Field(default=True, alias="RAG_SEMANTIC_CACHE")

@@ -35,6 +35,7 @@ from service.redis.keyspace import BEST_EFFORT_ERRORS, KEYS, Keyspace
 log = logging.getLogger(__name__)
 
 STREAM_RETENTION_S = 60  # late followers can still replay a finished answer
+PUBLISH_ATTEMPTS = 5  # round trips a batch may find the publish pool busy (each waits for a connection)
 CANCELLED = "cancelled"  # the leader's client left and nobody was following
 
 # Each script is atomic in Redis, which is what makes joining and abandoning race-free.
@@ -80,6 +81,7 @@ class Lease:
     _renewer: asyncio.Task[None] | None = None
     _pending: list[Event] = field(default_factory=list)
     _flusher: asyncio.Task[None] | None = None
+    _broken: bool = False  # a batch could not be published: followers must not get the rest
 
     def start(self) -> None:
         self._renewer = asyncio.create_task(self._renew(), name=f"lease-{self.key[:8]}")
@@ -89,20 +91,25 @@ class Lease:
         while True:
             await asyncio.sleep(c.lease_ms / 3000)
             with contextlib.suppress(*BEST_EFFORT_ERRORS):
-                await c.client.eval(_RENEW, 1, c.lease_key(self.key), self.token, c.lease_ms)
+                await c.publisher.eval(_RENEW, 1, c.lease_key(self.key), self.token, c.lease_ms)
 
     def publish(self, event: Event) -> None:
         """Queue an event for the followers; one round trip carries all that queued meanwhile.
 
         A Redis call per token per stream exhausted the connection pool under a few hundred
-        concurrent streams (bench/load.py), which then switched the cache off.
+        concurrent streams (bench/load.py), which then switched the cache off; the leader's
+        writes now go through a pool of their own (`Coalescer.publisher`), where a busy pool
+        makes batches larger rather than starving cache reads and writes.
         """
+        if self._broken:
+            return
         self._pending.append(event)
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush(), name=f"publish-{self.key[:8]}")
 
     async def _flush(self) -> None:
         c = self.coalescer
+        busy = 0
         while self._pending:
             batch, self._pending = self._pending, []
             args = [self.token]
@@ -111,8 +118,28 @@ class Lease:
                 args += [fields["e"], fields["d"]]
             try:
                 await c.publish_events(keys=[c.lease_key(self.key), c.stream_key(self.key)], args=args)
+                busy = 0
+            except PoolExhausted as exc:
+                # No connection came free in time: keep the batch (in order, ahead of what queued
+                # meanwhile) for the next round trip, so followers get every event, only later.
+                busy += 1
+                if busy < PUBLISH_ATTEMPTS:
+                    self._pending = batch + self._pending
+                    continue
+                log.warning("cannot publish to followers: %s", type(exc).__name__)
+                self._stop_publishing()
             except BEST_EFFORT_ERRORS as exc:
                 log.warning("cannot publish to followers: %s", type(exc).__name__)
+                self._stop_publishing()
+
+    def _stop_publishing(self) -> None:
+        """A lost batch would leave a hole in followers' answers: publish nothing more instead.
+
+        Followers then see the stream end without `done` once the lease is released, and get a
+        clean `leader_lost` error event (or take over if they had shown nothing).
+        """
+        self._pending = []
+        self._broken = True
 
     async def abandon(self) -> bool:
         """Give the answer up because our client left; False if others follow it (keep going)."""
@@ -120,7 +147,7 @@ class Lease:
         fields = encode(Failed(CANCELLED, "the generation of this answer was cancelled"))
         keys = (c.followers_key(self.key), c.lease_key(self.key), c.stream_key(self.key))
         try:
-            alone = await c.client.eval(_ABANDON, 3, *keys, self.token, fields["e"], fields["d"], STREAM_RETENTION_S)
+            alone = await c.publisher.eval(_ABANDON, 3, *keys, self.token, fields["e"], fields["d"], STREAM_RETENTION_S)
         except BEST_EFFORT_ERRORS:
             return True  # cannot tell: stop paying for an answer nobody may read
         return bool(alone)
@@ -133,7 +160,7 @@ class Lease:
             await asyncio.shield(self._flusher)
         c = self.coalescer
         with contextlib.suppress(*BEST_EFFORT_ERRORS):
-            async with c.client.pipeline(transaction=False) as pipe:
+            async with c.publisher.pipeline(transaction=False) as pipe:
                 pipe.expire(c.stream_key(self.key), STREAM_RETENTION_S)
                 pipe.eval(_RELEASE, 1, c.lease_key(self.key), self.token)
                 await pipe.execute()
@@ -145,15 +172,19 @@ class Coalescer:
         client: aioredis.Redis,
         *,
         followers: aioredis.Redis | None = None,
+        publisher: aioredis.Redis | None = None,
         lease_ms: int = 5000,
         keys: Keyspace = KEYS,
     ) -> None:
         self.client = client
         # Followers block in XREAD for up to `block_ms` at a time: on a pool apart from the requests'.
         self.followers = followers if followers is not None else client
+        # A leader's writes once it leads (events, lease renewals, release): one round trip per
+        # batch of tokens per stream, on a pool apart from the requests' so it never starves the cache.
+        self.publisher = publisher if publisher is not None else client
         self.lease_ms = lease_ms
         self.keys = keys
-        self.publish_events = client.register_script(_PUBLISH)  # EVALSHA: the script is sent once
+        self.publish_events = self.publisher.register_script(_PUBLISH)  # EVALSHA: the script is sent once
 
     def lease_key(self, key: str) -> str:
         return self.keys.lease(key)

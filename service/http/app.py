@@ -174,7 +174,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         semantic=SemanticCache(pool, threshold=settings.semantic_cache_threshold, ttl_s=settings.cache_ttl_s)
         if settings.semantic_cache
         else None,
-        coalescer=Coalescer(client, followers=pools.followers, lease_ms=settings.coalesce_lease_ms),
+        coalescer=Coalescer(
+            client, followers=pools.followers, publisher=pools.publish, lease_ms=settings.coalesce_lease_ms
+        ),
         watcher=watcher,
         models=Models(providers, Timeouts(settings.first_token_timeout_s, settings.total_timeout_s), attempts),
         policy=policy,

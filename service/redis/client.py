@@ -1,14 +1,17 @@
 """Where Redis is (configured, or an embedded Valkey) and the clients the service opens on it:
-three pooled clients per API worker (`WorkerRedis`), a plain one for the CLIs.
+four pooled clients per API worker (`WorkerRedis`), a plain one for the CLIs.
 
 A worker's Redis traffic is split so that one kind cannot starve another:
 
-- `requests`: the answer cache, coalescing leases and streams' writes, the corpus marker,
-  metrics (`RAG_REDIS_MAX_CONNECTIONS`);
+- `requests`: the answer cache, taking coalescing leases, the corpus marker, metrics
+  (`RAG_REDIS_MAX_CONNECTIONS`);
 - `limits`: rate limits, token budgets, in-flight slots, failed-auth counts
   (`RAG_REDIS_LIMIT_CONNECTIONS`), so a busy request pool never makes a limit fail open;
 - `followers`: coalescing followers' `XREAD BLOCK` (`RAG_REDIS_FOLLOWER_CONNECTIONS`), which
-  holds a connection for as long as it waits and must not hold the request pool's.
+  holds a connection for as long as it waits and must not hold the request pool's;
+- `publish`: a coalescing leader's writes once it leads: its answer's events, one round trip
+  per batch per stream, and its lease's renewals and release (`RAG_REDIS_PUBLISH_CONNECTIONS`),
+  so that a few hundred streams publishing at once never starve the cache's reads and writes.
 
 Every pool is a `BackPressurePool`: when no connection comes free in time it raises the domain
 error `PoolExhausted` (503 `overloaded`), never redis-py's `ConnectionError`, which the fail-soft
@@ -76,11 +79,12 @@ def worker_client(
 
 @dataclass(frozen=True)
 class WorkerRedis:
-    """One API worker's three Redis pools (see the module doc)."""
+    """One API worker's four Redis pools (see the module doc)."""
 
     requests: aioredis.Redis
     limits: aioredis.Redis
     followers: aioredis.Redis
+    publish: aioredis.Redis
 
     @classmethod
     def open(cls, url: str, settings: Settings) -> WorkerRedis:
@@ -90,6 +94,7 @@ class WorkerRedis:
                 url, max_connections=settings.redis_limit_connections, wait_s=LIMITS_POOL_WAIT_S, name="limits"
             ),
             followers=worker_client(url, max_connections=settings.redis_follower_connections, name="followers"),
+            publish=worker_client(url, max_connections=settings.redis_publish_connections, name="publish"),
         )
 
     @property
@@ -98,7 +103,7 @@ class WorkerRedis:
         return not self.limits.connection_pool.can_get_connection()
 
     async def aclose(self) -> None:
-        for client in (self.requests, self.limits, self.followers):
+        for client in (self.requests, self.limits, self.followers, self.publish):
             await client.aclose()
 
 
