@@ -26,12 +26,17 @@ async def checked(budget: TokenBudget | None) -> None:
         await budget.check()
 
 
-async def missed(budget: TokenBudget | None) -> None:
-    """A miss: the budget is not spent, and the request takes one of its key's in-flight slots
-    (`RateLimited` `too_many_inflight` when all are taken); the slot is vacated when the request ends."""
-    await checked(budget)
+async def occupied(budget: TokenBudget | None) -> None:
+    """The request takes one of its key's in-flight slots (`RateLimited` `too_many_inflight` when all
+    are taken); the slot is vacated when the request ends."""
     if budget is not None:
         await budget.occupy()
+
+
+async def missed(budget: TokenBudget | None) -> None:
+    """A miss: the budget is not spent, and the request takes one of its key's in-flight slots."""
+    await checked(budget)
+    await occupied(budget)
 
 
 async def reserved(budget: TokenBudget | None, tokens: int) -> Reservation | None:

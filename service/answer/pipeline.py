@@ -24,7 +24,7 @@ import asyncpg
 
 from service.answer.admission import AdmissionGate
 from service.answer.background import Background
-from service.answer.budgeting import checked, missed, reserved, settling, tenant
+from service.answer.budgeting import checked, missed, occupied, reserved, settling, tenant
 from service.answer.coalescing import Coalescer, Coalescing, Free
 from service.answer.events import Admitted, Clock, Done, Event, Failed, Meta, Token
 from service.answer.generation import AllProvidersFailedError, Answering, Models
@@ -120,7 +120,7 @@ class AnswerService:
                     event = replace(event, standalone_question=question.standalone_question)
                 yield event
         finally:
-            if budget is not None:  # detached: a cancelled request may not await here
+            if budget is not None and budget.occupied:  # detached: a cancelled request may not await here
                 self._background.run(budget.vacate())
 
     async def _free(
@@ -137,7 +137,7 @@ class AnswerService:
                     if (similar := await self._cached(question, request_id, clock, look_again=False)) is not None:
                         return similar
             raise
-        await missed(budget)
+        await occupied(budget)  # the budget was just checked: a miss
         return None
 
     async def _cached_or_generated(

@@ -17,7 +17,6 @@ from service.errors import Forbidden, GuardrailViolation, InvalidRequest, Unknow
 from service.observability.logs import note
 from service.observability.tracing import span
 from service.policy.collections import DEFAULT, CollectionForbiddenError, PermissionSet, permission_set
-from service.policy.followups import rewrite
 from service.policy.guardrails import Action, GuardrailPolicy, check_question
 from service.policy.history import History, HistoryLimits, Turn, parse_history
 from service.policy.pii import redact_pii
@@ -41,14 +40,12 @@ class QuestionReader:
         guardrails: GuardrailPolicy,
         history_limits: HistoryLimits,
         rewriter: Rewriter,
-        rewrite_turns: int,
         policy: RoutingPolicy,
         hash_key: bytes,
     ) -> None:
         self.guardrails = guardrails
         self.history_limits = history_limits
         self.rewriter = rewriter
-        self.rewrite_turns = rewrite_turns  # the offline rules' window when the model's rewrite is refused
         self.policy = policy  # the model names a request may ask for
         self.hash_key = hash_key  # keys the question hashes that reach logs, metrics and responses
 
@@ -79,7 +76,6 @@ class QuestionReader:
                 timeout_s=settings.rewrite_timeout_s,
                 turns=settings.rewrite_turns,
             ),
-            rewrite_turns=settings.rewrite_turns,
             policy=policy,
             hash_key=hash_key,
         )
@@ -139,8 +135,7 @@ class QuestionReader:
             if standalone.how not in ("model", "cached"):
                 raise
             # The model's reply, not the client, broke a rule: the offline rules answer instead.
-            offline = rewrite(question.text, question.history.user_turns[-self.rewrite_turns :])
-            checked = check_question(offline, self.guardrails, count_tokens)
+            checked = check_question(standalone.offline, self.guardrails, count_tokens)
         parts = _parts(checked.text, question.request, question.filters, question.history, question.permissions)
         return replace(
             question,

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final, Literal
 
+from service.answer.budgeting import reserved
 from service.errors import BudgetExceeded
 from service.observability.tracing import span
 from service.policy.followups import needs_rewrite, rewrite
@@ -52,6 +53,7 @@ _MAX_CHARS: Final = 1000
 class Standalone:
     text: str
     how: How  # none: no rewrite needed; offline/model/cached; fallback: the model failed, rules used
+    offline: str = ""  # the rules' rewrite, computed on the way: what answers if a model's reply is refused
 
 
 def rewrite_prompt(user_turns: tuple[str, ...], question: str) -> str:
@@ -98,17 +100,15 @@ class Rewriter:
             return Standalone(question, "none")
         offline = rewrite(question, recent)
         if self.choice is None or self.provider is None:
-            return Standalone(offline, "offline")
+            return Standalone(offline, "offline", offline)
         key = rewrite_key(recent, question, f"{self.choice.provider}/{self.choice.model}")
         if self.cache is not None and (cached := await self.cache.get(key)) is not None:
-            return Standalone(cached, "cached")
+            return Standalone(cached, "cached", offline)
         prompt = rewrite_prompt(recent, question)
-        reservation = None
-        if budget is not None:
-            try:
-                reservation = await budget.reserve(count_tokens(REWRITE_SYSTEM + prompt) + REWRITE_MAX_TOKENS)
-            except BudgetExceeded:
-                return Standalone(offline, "offline")
+        try:
+            reservation = await reserved(budget, count_tokens(REWRITE_SYSTEM + prompt) + REWRITE_MAX_TOKENS)
+        except BudgetExceeded:
+            return Standalone(offline, "offline", offline)
         spent: list[Usage] = []
         try:
             with span("rag.rewrite", provider=self.choice.provider, model=self.choice.model) as traced:
@@ -119,10 +119,10 @@ class Rewriter:
                 used = sum(u.input_tokens + u.output_tokens for u in spent)
                 await asyncio.shield(reservation.settle(used))
         if reply is None:
-            return Standalone(offline, "fallback")
+            return Standalone(offline, "fallback", offline)
         if self.cache is not None:
             await self.cache.put(key, reply)
-        return Standalone(reply, "model")
+        return Standalone(reply, "model", offline)
 
     async def _ask(self, prompt: str, question: str, spent: list[Usage]) -> str | None:
         assert self.choice is not None and self.provider is not None

@@ -55,12 +55,12 @@ class KeyParts:
 
 def cache_key(parts: KeyParts) -> str:
     """sha256 over a canonical JSON encoding; the question is normalised (NFC, case, spaces)."""
-    return _digest({"q": normalize_for_key(parts.question), **_scope(parts)})
+    return digest({"q": normalize_for_key(parts.question), **_scope(parts)})
 
 
 def scope_key(parts: KeyParts) -> str:
     """Everything in the key but the question: a semantic match must agree on all of it."""
-    return _digest(_scope(parts))
+    return digest(_scope(parts))
 
 
 def _scope(parts: KeyParts) -> dict[str, object]:
@@ -76,7 +76,8 @@ def _scope(parts: KeyParts) -> dict[str, object]:
     }
 
 
-def _digest(fields: dict[str, object]) -> str:
+def digest(fields: dict[str, object]) -> str:
+    """sha256 over a canonical JSON encoding of `fields`: what every cache key here is made of."""
     canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
 

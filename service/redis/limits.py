@@ -304,6 +304,11 @@ class TokenBudget:
             if await self.limiter.occupy_slot(self.principal, slot):
                 self._slot = slot
 
+    @property
+    def occupied(self) -> bool:
+        """Whether this request holds one of its key's in-flight slots (a hit never does)."""
+        return self._slot is not None
+
     async def vacate(self) -> None:
         if self._slot is not None:
             slot, self._slot = self._slot, None

@@ -7,21 +7,18 @@ answers. Fail-soft like the answer cache: without Redis every follow-up is simpl
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Sequence
 
 import redis.asyncio as aioredis
 
 from service.policy.guardrails import normalize_for_key
+from service.redis.answer_cache import digest
 from service.redis.keyspace import BEST_EFFORT_ERRORS, KEYS, CoolDown, Keyspace
 
 
 def rewrite_key(user_turns: Sequence[str], question: str, model: str) -> str:
     """sha256 over the turns, the question (both normalised) and the model that rewrote them."""
-    fields = {"t": [normalize_for_key(t) for t in user_turns], "q": normalize_for_key(question), "m": model}
-    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return digest({"t": [normalize_for_key(t) for t in user_turns], "q": normalize_for_key(question), "m": model})
 
 
 class RewriteCache:
