@@ -74,7 +74,6 @@ class Resources:
 
     settings: Settings
     pool: asyncpg.Pool
-    redis: aioredis.Redis
     store: DocumentStore
     embedder: AnyEmbedder
     cache: AnswerCache
@@ -83,7 +82,12 @@ class Resources:
     metrics: Metrics
     auth: Authenticator
     limiter: Limiter
-    pools: WorkerRedis  # `redis` is `pools.requests`
+    pools: WorkerRedis
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        """The request pool's client: the one every request path uses."""
+        return self.pools.requests
 
 
 def build_providers(settings: Settings) -> dict[str, Provider]:
@@ -203,7 +207,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.resources = Resources(
         settings,
         pool,
-        client,
         DocumentStore(pool),
         embedder,
         cache,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 ALL = "*"
@@ -87,7 +88,7 @@ def permission_set(granted: Sequence[str], requested: Sequence[str] = ()) -> Per
     return PermissionSet(wanted)
 
 
-def metric_labels(collections: Sequence[str], labelled: Iterable[str]) -> tuple[str, ...]:
+def metric_labels(collections: Sequence[str], labelled: AbstractSet[str]) -> tuple[str, ...]:
     """The `collection` label values one request counts under: its permission set's names when they
     are in the configured list (RAG_METRICS_COLLECTIONS), else `other`; `all` for `*`.
 
@@ -95,5 +96,4 @@ def metric_labels(collections: Sequence[str], labelled: Iterable[str]) -> tuple[
     """
     if tuple(collections) == (ALL,):
         return ("all",)
-    known = set(labelled)
-    return tuple(sorted({name if name in known else "other" for name in collections}))
+    return tuple(sorted({name if name in labelled else "other" for name in collections}))

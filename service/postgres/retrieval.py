@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cache
 from typing import Literal
 
 import asyncpg
@@ -136,6 +137,7 @@ FROM hits h JOIN chunks c ON c.id = h.id JOIN documents d ON d.id = c.document_i
 """
 
 
+@cache  # a handful of combinations, fixed at start: built once, not per search
 def search_sql(mode: Mode, rank: FullTextRank) -> str:
     """One round trip for the rankings `mode` needs: $1 vector, $2 question, $3 sources, $4 limit, $5 collections."""
     parts = {"dense": _DENSE, "sparse": _SPARSE.format(rank=rank)}
