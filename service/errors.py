@@ -91,6 +91,14 @@ class Overloaded(ServiceError):
         super().__init__(code, message, retry_after=retry_after)
 
 
+class AdmissionRefused(Overloaded):
+    """The worker's admission gate had no slot for this request within its wait budget
+    (service/answer/admission.py): 503 `overloaded`, counted under the `admission` stage."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__("overloaded", message, retry_after=retry_after)
+
+
 class HistoryViolation(ServiceError):
     """A conversation history of the wrong shape (an unknown role, an empty message)."""
 

@@ -5,8 +5,8 @@ that every miss needs; run for hundreds of misses at once it slows all of them a
 key's burst delays every other key's answer. The gate lets `slots` of them run at a time; the
 rest wait in a bounded queue served round-robin by key (service/policy/fair_queue.py), for at
 most `wait_s`. Past that, or when the queue is full and this key has the longest backlog, the
-request is refused with `Overloaded` (503 `overloaded` with `Retry-After`): a clean "later",
-never an answer that comes a minute late. Cache hits never pass through the gate.
+request is refused with `AdmissionRefused` (an `Overloaded`: 503 `overloaded` with
+`Retry-After`): a clean "later", never an answer that comes a minute late. Cache hits never pass through the gate.
 
 `slots=0` turns the gate off (every request is admitted at once).
 """
@@ -19,7 +19,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from service.errors import Overloaded
+from service.errors import AdmissionRefused
 from service.observability.logs import note
 from service.policy.fair_queue import FairQueue
 
@@ -50,7 +50,7 @@ class AdmissionGate:
 
     @asynccontextmanager
     async def slot(self, key: str) -> AsyncIterator[float]:
-        """Hold one slot for the block; yields the seconds waited for it. Raises `Overloaded`."""
+        """Hold one slot for the block; yields the seconds waited for it. Raises `AdmissionRefused`."""
         if self.slots <= 0:
             yield 0.0
             return
@@ -94,5 +94,5 @@ class AdmissionGate:
                 return
         self._free += 1
 
-    def _refusal(self, why: str) -> Overloaded:
-        return Overloaded("overloaded", f"the service is busy ({why}); retry shortly", retry_after=self.retry_after)
+    def _refusal(self, why: str) -> AdmissionRefused:
+        return AdmissionRefused(f"the service is busy ({why}); retry shortly", self.retry_after)

@@ -15,12 +15,11 @@ from typing import Any
 from service.answer.events import Admitted, Done, Event, Failed, Meta
 from service.answer.schemas import RagRequest
 from service.errors import (
+    AdmissionRefused,
     DependencyUnavailable,
     Forbidden,
     GuardrailViolation,
     InvalidRequest,
-    Overloaded,
-    PoolExhausted,
     ServiceError,
 )
 from service.observability.logs import note
@@ -75,8 +74,8 @@ def failure_stage(exc: ServiceError) -> str:
         return "permission"
     if isinstance(exc, DependencyUnavailable) and exc.dependency == "database":
         return "database"
-    if isinstance(exc, Overloaded) and exc.code == "overloaded" and not isinstance(exc, PoolExhausted):
-        return "admission"  # the admission gate refused it (a busy Redis pool is PoolExhausted)
+    if isinstance(exc, AdmissionRefused):  # not a busy Redis pool (PoolExhausted), also 503 `overloaded`
+        return "admission"
     return "provider"  # providers, embedding, a followed generation that failed, budget, coalescing
 
 

@@ -62,7 +62,7 @@ _STATUS: tuple[tuple[type[ServiceError], int], ...] = (
     (Forbidden, 403),
     (RateLimited, 429),  # and BudgetExceeded; too_many_inflight
     (DependencyUnavailable, 503),  # database, embedding, providers, key look-ups (AuthUnavailable), a leader
-    (Overloaded, 503),  # and PoolExhausted: a worker's Redis pool had no free connection in time
+    (Overloaded, 503),  # and AdmissionRefused; PoolExhausted: a worker's Redis pool had no free connection in time
 )
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -30,12 +29,9 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from service.errors import PoolExhausted
 from service.policy.guardrails import normalize_for_key
 from service.postgres.retrieval import Filters
-from service.redis.keyspace import KEYS, CoolDown, Keyspace
-
-log = logging.getLogger(__name__)
+from service.redis.keyspace import BEST_EFFORT_ERRORS, KEYS, CoolDown, Keyspace
 
 
 @dataclass(frozen=True)
@@ -141,7 +137,7 @@ class AnswerCache:
     def available(self) -> bool:
         return self._cool_down.available
 
-    def _failed(self, op: str, exc: Exception) -> None:
+    def _failed(self, op: str, exc: BaseException) -> None:
         self._cool_down.failed(op, exc)
 
     # -- operations -------------------------------------------------------------------
@@ -171,18 +167,15 @@ class AnswerCache:
                     pipe.sadd(dep, key)
                     pipe.expire(dep, self.ttl_s)
                 await pipe.execute()
-        except (RedisError, OSError) as exc:
+        except BEST_EFFORT_ERRORS as exc:  # a busy pool too: the answer goes uncached, the cache stays on
             self._failed("put", exc)
-            return False
-        except PoolExhausted:  # this worker's pool is busy: the answer goes uncached, the cache stays on
-            log.warning("answer not cached: the Redis pool is busy")
             return False
         return True
 
     async def delete(self, key: str) -> None:
         try:
             await self.client.delete(self.keys.answer(key))
-        except (RedisError, OSError, PoolExhausted) as exc:
+        except BEST_EFFORT_ERRORS as exc:
             self._failed("delete", exc)
 
     async def invalidate(self, document_ids: Iterable[int | None]) -> int:

@@ -6,7 +6,9 @@ All keys live under one prefix (`ragcache:`), split into families:
 - `corpus:`: the corpus watcher's marker (the corpus version the cache has caught up with);
 - `rewrite:`: standalone questions of follow-ups, by a hash of the recent user turns and the question;
 - `inflight:`, `stream:`, `followers:`: coalescing leases, event streams and follower counts;
-- `limit:`: rate limits, token budgets and failed-auth counters;
+- `limit:`: rate limits, token budgets, in-flight slots and failed-auth counters, all without a
+  TTL so that Redis's `volatile-lru` never evicts them (their writers keep them bounded: see
+  service/redis/limits.py);
 - `metrics:`: the dashboard's per-minute series.
 
 `rag-admin cache flush` deletes the first four groups (`CACHE_FAMILIES`) and keeps limits (a
@@ -96,15 +98,23 @@ class Keyspace:
     def requests_per_minute(self, key_id: str) -> str:
         return f"{self.prefix}:limit:rpm:{key_id}"
 
-    def token_budget(self, key_id: str, day: str) -> str:
+    def token_budget(self, key_id: str) -> str:
+        """A hash of the key's tokens used in the current UTC day: `day` (YYYYMMDD) and `used`."""
+        return f"{self.prefix}:limit:tokens:{key_id}"
+
+    def token_budget_by_day(self, key_id: str, day: str) -> str:
+        """The day's counter as versions before `token_budget` kept it (with a TTL: gone two days after
+        an upgrade). Read once when the hash starts that day, so an upgrade does not reset a budget."""
         return f"{self.prefix}:limit:tokens:{key_id}:{day}"
 
     def inflight_slots(self, key_id: str) -> str:
         """A sorted set of the key's misses in flight (member: a request's slot, score: when it lapses)."""
         return f"{self.prefix}:limit:inflight:{key_id}"
 
-    def auth_failures(self, address: str) -> str:
-        return f"{self.prefix}:limit:authfail:{address}"
+    @property
+    def auth_failures(self) -> str:
+        """A hash of failed authentications per client address in the current minute (one key for all)."""
+        return f"{self.prefix}:limit:authfail"
 
     # -- the dashboard's series ----------------------------------------------------------------
     def metrics_minute(self, minute: int) -> str:

@@ -12,6 +12,14 @@ checks and reserves the prompt's tokens plus `max_tokens`; the answer's producer
 reservation to what was really generated (never more), whatever way the answer ends. So the
 tokens charged to a key in a UTC day never exceed its budget, under any concurrency.
 
+No limit's key carries a TTL: Redis runs bounded under `volatile-lru`, which evicts only keys with
+a TTL, so cached answers make room and a limit's count is never evicted (an evicted budget would
+read as nothing spent: the cap would fail open without a word). Each key is instead kept small
+and bounded by its writer: one requests-per-minute timestamp, one budget hash (the current UTC
+day and its tokens, reset by the first reservation of a new day) and at most one in-flight set
+(emptied by releases and lapses) per API key, and one hash of failed authentications for the
+current minute (dropped by the first failure of the next). See docs/operations.md, "Bounded memory".
+
 Every check fails open: with Redis down nobody is limited (and /ready says "degraded"),
 because refusing all traffic would turn a cache outage into a full outage; after a failure the
 checks are skipped for the cool-down (`keyspace.CoolDown`), so a hung Redis costs no waits. A busy pool is not
@@ -38,6 +46,7 @@ log = logging.getLogger(__name__)
 
 # KEYS[1]: the key's theoretical arrival time (ms). ARGV: emission interval, period (ms).
 # Allows `limit` requests at once, then one per interval. Returns 0, or ms to wait.
+# No TTL (see above): a stale arrival time is in the past and counts as none.
 _GCRA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -47,19 +56,55 @@ if tat < now then tat = now end
 local new_tat = tat + interval
 local allow_at = new_tat - period
 if now < allow_at then return allow_at - now end
-redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil(new_tat - now))
+redis.call('SET', KEYS[1], new_tat)
 return 0
 """
 
-# KEYS[1]: the key's tokens used today. ARGV: tokens to reserve, the budget, TTL (s).
-# Reserves all or nothing; returns 1 if reserved, else 0.
-_RESERVE = """
-local used = tonumber(redis.call('GET', KEYS[1]) or '0')
-local want = tonumber(ARGV[1])
-if used + want > tonumber(ARGV[2]) then return 0 end
-redis.call('INCRBY', KEYS[1], want)
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-return 1
+# A key's tokens used in the current UTC day: KEYS[1] is its budget hash (`day`: YYYYMMDD,
+# `used`), ARGV[1] the caller's day. Leaves in the locals `day` and `used` the day charged and its
+# count so far: the stored day when it is not older than the caller's (a worker whose clock is a
+# little behind at midnight charges the day already begun instead of resetting it), else the
+# caller's new day, from what KEYS[2] says (that day's counter as versions before the hash kept
+# it: a string with a TTL, gone within two days of an upgrade, nil after that).
+_TODAY = """
+local day = tonumber(ARGV[1])
+local stored = tonumber(redis.call('HGET', KEYS[1], 'day') or '0')
+local used
+if stored >= day then
+  day = stored
+  used = tonumber(redis.call('HGET', KEYS[1], 'used') or '0')
+else
+  used = tonumber(redis.call('GET', KEYS[2]) or '0')
+end
+"""
+
+# Today's tokens used (a read: nothing is written). Returns them.
+_USED = _TODAY + "return used\n"
+
+# ARGV[2]: tokens to reserve, ARGV[3]: the budget. Reserves all or nothing: returns the day
+# reserved on (YYYYMMDD), or 0 when the tokens are not all left. The hash has no TTL: a new day
+# overwrites the old one's count, so a key never holds more than this one hash.
+_RESERVE = (
+    _TODAY
+    + """
+local want = tonumber(ARGV[2])
+if used + want > tonumber(ARGV[3]) then return 0 end
+redis.call('HSET', KEYS[1], 'day', day, 'used', used + want)
+return day
+"""
+)
+
+# KEYS[1]: the key's budget hash. ARGV: the day a reservation was made on, the change to its
+# count. A day that is over (the hash moved on) is left alone; a charge with nothing reserved
+# (Redis was away at reservation time) may start the day.
+_SETTLE = """
+local stored = redis.call('HGET', KEYS[1], 'day')
+if stored == ARGV[1] then return redis.call('HINCRBY', KEYS[1], 'used', ARGV[2]) end
+local delta = tonumber(ARGV[2])
+if delta > 0 and tonumber(stored or '0') < tonumber(ARGV[1]) then
+  redis.call('HSET', KEYS[1], 'day', ARGV[1], 'used', delta)
+end
+return 0
 """
 
 # KEYS[1]: the key's slots in flight (sorted set, score: when a slot lapses, ms).
@@ -70,15 +115,22 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 """
 
-# KEYS[1]: failures from one address in the current window. ARGV: window (s).
+# KEYS[1]: failed authentications per address in the current window (a hash; field `#window`:
+# the window's number, by Redis's clock). ARGV: the address, the window (s). The first failure of
+# a new window drops the last one's counts (the hash has no TTL). Returns {this address's
+# failures in the window, seconds left in it}.
 _COUNT_FAILURE = """
-local n = redis.call('INCR', KEYS[1])
-if n == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
-return {n, redis.call('TTL', KEYS[1])}
+local now = tonumber(redis.call('TIME')[1])
+local length = tonumber(ARGV[2])
+local window = math.floor(now / length)
+if tonumber(redis.call('HGET', KEYS[1], '#window') or '-1') ~= window then
+  redis.call('UNLINK', KEYS[1])
+  redis.call('HSET', KEYS[1], '#window', window)
+end
+return {redis.call('HINCRBY', KEYS[1], ARGV[1], 1), (window + 1) * length - now}
 """
 
 
@@ -118,7 +170,9 @@ class Limiter:
         self.inflight_lapse_ms = int(inflight_lapse_s * 1000)
         self._gcra = client.register_script(_GCRA)
         self._failure = client.register_script(_COUNT_FAILURE)
+        self._used = client.register_script(_USED)
         self._reserve = client.register_script(_RESERVE)
+        self._settle = client.register_script(_SETTLE)
         self._occupy = client.register_script(_OCCUPY)
         # After Redis failed (not a busy pool: see keyspace), checks fail open at once for a short
         # while instead of each waiting for a timeout on a hung server and piling up on the pool.
@@ -129,8 +183,7 @@ class Limiter:
         return self._cool_down.available
 
     def _fail_open(self, what: str, exc: BaseException) -> None:
-        log.warning("%s not checked (fail open): %s", what, type(exc).__name__)
-        self._cool_down.failed(what, exc)
+        self._cool_down.failed(f"{what} not checked", exc)  # its one warning line per outage
 
     # -- requests per minute ---------------------------------------------------------------
     async def check_request(self, principal: Principal) -> None:
@@ -149,45 +202,47 @@ class Limiter:
             )
 
     # -- tokens per day --------------------------------------------------------------------
-    def _budget_key(self, principal: Principal, now: float) -> str:
-        return KEYS.token_budget(principal.key_id, utc_day(now))
+    @staticmethod
+    def _budget_keys(principal: Principal, day: str) -> list[str]:
+        """The key's budget hash, and the day's counter as it was kept before (read when a day starts)."""
+        return [KEYS.token_budget(principal.key_id), KEYS.token_budget_by_day(principal.key_id, day)]
 
-    async def check_tokens(self, principal: Principal) -> None:
+    async def check_tokens(self, principal: Principal, *, now: float | None = None) -> None:
         """`BudgetExceeded` once today's (UTC) provider tokens reached the key's budget (a cheap early look)."""
         if principal.tokens_per_day is None or not self.enforcing:
             return
-        now = time.time()
+        now = time.time() if now is None else now
+        day = utc_day(now)
         try:
-            used = int(await self.client.get(self._budget_key(principal, now)) or 0)
+            used = int(await self._used(keys=self._budget_keys(principal, day), args=[day]))
         except (RedisError, OSError) as exc:
             self._fail_open("token budget", exc)
             return
         if used >= principal.tokens_per_day:
             raise _used_up(principal.tokens_per_day, now)
 
-    async def reserve_tokens(self, principal: Principal, tokens: int) -> Reservation:
+    async def reserve_tokens(self, principal: Principal, tokens: int, *, now: float | None = None) -> Reservation:
         """Reserve `tokens` of today's budget at once, or `BudgetExceeded` if they are not all left."""
-        now = time.time()
-        key = self._budget_key(principal, now)
+        now = time.time() if now is None else now
+        day = utc_day(now)
+        keys = self._budget_keys(principal, day)
         if principal.tokens_per_day is None:
-            return Reservation(self, principal.key_id, key, 0, metered=False)
+            return Reservation(self, principal.key_id, keys[0], day, 0, metered=False)
         if not self.enforcing:
-            return Reservation(self, principal.key_id, key, 0)  # settles to what is spent, uncapped
+            return Reservation(self, principal.key_id, keys[0], day, 0)  # settles to what is spent, uncapped
         try:
-            reserved = await self._reserve(keys=[key], args=[tokens, principal.tokens_per_day, 2 * 86_400])
+            reserved_on = int(await self._reserve(keys=keys, args=[day, tokens, principal.tokens_per_day]))
         except (RedisError, OSError) as exc:
             self._fail_open("token budget", exc)
-            return Reservation(self, principal.key_id, key, 0)
-        if not int(reserved):
+            return Reservation(self, principal.key_id, keys[0], day, 0)
+        if not reserved_on:
             raise _used_up(principal.tokens_per_day, now, wanted=tokens)
-        return Reservation(self, principal.key_id, key, tokens)
+        return Reservation(self, principal.key_id, keys[0], str(reserved_on), tokens)
 
-    async def adjust_tokens(self, key: str, delta: int) -> None:
-        """Move a day's counter by `delta` (a settled reservation gives back what it did not use)."""
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.incrby(key, delta)
-            pipe.expire(key, 2 * 86_400)
-            await pipe.execute()
+    async def adjust_tokens(self, key: str, day: str, delta: int) -> None:
+        """Move a day's count by `delta` (a settled reservation gives back what it did not use); a day
+        that is over is left alone."""
+        await self._settle(keys=[key], args=[day, delta])
 
     # -- misses in flight ------------------------------------------------------------------
     async def occupy_slot(self, principal: Principal, slot: str) -> bool:
@@ -218,9 +273,6 @@ class Limiter:
             log.warning("in-flight slot not released: %s", type(exc).__name__)
 
     # -- failed authentication per client address -----------------------------------------------
-    def _failures_key(self, address: str) -> str:
-        return KEYS.auth_failures(address)
-
     async def record_auth_failure(self, address: str) -> None:
         """Count a failed attempt; `RateLimited` (429 instead of 401) once the address is over the limit.
 
@@ -228,7 +280,7 @@ class Limiter:
         here (service/http/auth.py), so nobody can lock a user out by failing from their address.
         """
         try:
-            count, ttl = await self._failure(keys=[self._failures_key(address)], args=[60])
+            count, ttl = await self._failure(keys=[KEYS.auth_failures], args=[address, 60])
         except (RedisError, OSError):
             return
         if int(count) > self.auth_failures_per_minute:
@@ -263,7 +315,8 @@ class Reservation:
 
     limiter: Limiter
     key_id: str
-    budget_key: str  # the day's counter it was reserved on (an answer may cross midnight)
+    budget_key: str  # the key's budget hash
+    day: str  # the UTC day it was reserved on (YYYYMMDD; an answer may cross midnight)
     reserved: int
     metered: bool = True  # False: the key has no budget, nothing to settle
     settled: bool = False
@@ -277,7 +330,7 @@ class Reservation:
         if charged == self.reserved:
             return
         try:
-            await self.limiter.adjust_tokens(self.budget_key, charged - self.reserved)
+            await self.limiter.adjust_tokens(self.budget_key, self.day, charged - self.reserved)
         except (RedisError, OSError, ServiceError) as exc:
             log.warning("token reservation of key %s not settled: %s", self.key_id, type(exc).__name__)
 

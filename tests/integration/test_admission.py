@@ -156,7 +156,7 @@ async def test_a_key_out_of_tokens_looks_for_a_semantic_hit_only_through_the_gat
         parsed = parse_key(spent)
         assert parsed is not None
         client = aioredis.from_url(str(settings.redis_url))
-        await client.set(KEYS.token_budget(parsed[0], utc_day(time.time())), 1000)  # the day's tokens are spent
+        await client.hset(KEYS.token_budget(parsed[0]), mapping={"day": utc_day(time.time()), "used": 1000})  # spent
         await client.aclose()
         paraphrase = "how can i flush the cache"
         async with gate(app).slot("someone else"):  # the only slot is taken

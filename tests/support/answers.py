@@ -145,6 +145,7 @@ async def charged(redis_url: str, token: str) -> int:
     assert parsed is not None
     client = aioredis.from_url(redis_url)
     try:
-        return int(await client.get(KEYS.token_budget(parsed[0], utc_day(time.time()))) or 0)
+        day, used = await client.hmget(KEYS.token_budget(parsed[0]), ["day", "used"])
+        return int(used or 0) if day == utc_day(time.time()).encode() else 0
     finally:
         await client.aclose()

@@ -11,7 +11,7 @@ import asyncio
 import pytest
 
 from service.answer.admission import AdmissionGate
-from service.errors import Overloaded
+from service.errors import AdmissionRefused, Overloaded
 
 
 async def until(condition: object) -> None:
@@ -72,7 +72,7 @@ async def test_past_the_wait_budget_the_request_is_refused_with_retry_after() ->
     admitted: list[str] = []
     holder = Holder(gate, "k", "r0", admitted)
     await until(lambda: admitted == ["r0"])
-    with pytest.raises(Overloaded) as refused:
+    with pytest.raises(AdmissionRefused) as refused:
         async with gate.slot("other"):
             pytest.fail("admitted without a free slot")
     assert refused.value.code == "overloaded" and refused.value.retry_after == 1

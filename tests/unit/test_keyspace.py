@@ -23,8 +23,9 @@ def every_key(keys: Keyspace) -> dict[str, str]:
         "stream": keys.stream("k"),
         "followers": keys.followers("k"),
         "rpm": keys.requests_per_minute("id"),
-        "budget": keys.token_budget("id", "20261202"),
-        "authfail": keys.auth_failures("10.0.0.1"),
+        "budget": keys.token_budget("id"),
+        "budget_by_day": keys.token_budget_by_day("id", "20261202"),
+        "authfail": keys.auth_failures,
         "inflight": keys.inflight_slots("id"),
         "minute": keys.metrics_minute(1),
         "hour": keys.metrics_hour(1),
@@ -48,13 +49,14 @@ def test_stored_key_names_are_unchanged() -> None:
     assert KEYS.deps(None) == "ragcache:deps:none"
     assert KEYS.corpus_version == "ragcache:corpus:generation"
     assert KEYS.lease("k") == "ragcache:inflight:k"
-    assert KEYS.token_budget("abc", "20261122") == "ragcache:limit:tokens:abc:20261122"
+    # the day's budget counter before it became one hash per key: still read once a day
+    assert KEYS.token_budget_by_day("abc", "20261122") == "ragcache:limit:tokens:abc:20261122"
     assert KEYS.metrics_minute(5) == "ragcache:metrics:m:5"
 
 
 def test_an_answer_cache_flush_covers_cache_and_coalescing_keys_only() -> None:
     keys = every_key(KEYS)
-    kept = {"rpm", "budget", "authfail", "inflight", "minute", "hour", "top", "scratch"}
+    kept = {"rpm", "budget", "budget_by_day", "authfail", "inflight", "minute", "hour", "top", "scratch"}
     assert {name for name, key in keys.items() if not flushed(KEYS, key)} == kept
     assert not flushed(KEYS, "someone-else:answer:k")
 

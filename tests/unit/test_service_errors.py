@@ -6,6 +6,7 @@ import pytest
 
 from service.answer.observe import failure_stage
 from service.errors import (
+    AdmissionRefused,
     BudgetExceeded,
     DependencyUnavailable,
     Forbidden,
@@ -42,7 +43,8 @@ CASES: list[tuple[ServiceError, int, str, str | None, str]] = [
     (LeaderFailed("database_unavailable", "down"), 503, "database_unavailable", "5", "database"),
     (LeaderFailed("providers_unavailable", "down"), 503, "providers_unavailable", "5", "provider"),
     (Overloaded("coalescing_failed", "busy"), 503, "coalescing_failed", "1", "provider"),
-    (Overloaded("overloaded", "no admission slot", retry_after=1), 503, "overloaded", "1", "admission"),
+    (AdmissionRefused("no admission slot", 1), 503, "overloaded", "1", "admission"),
+    (Overloaded("overloaded", "busy"), 503, "overloaded", "1", "provider"),  # by its class, not its code
     (PoolExhausted("limits"), 503, "overloaded", "1", "provider"),  # a busy Redis pool is not the admission gate
 ]
 
