@@ -3,10 +3,16 @@ hits free of token budgets, failed-auth limits per address, and failing open wit
 
 from __future__ import annotations
 
+import logging
+
 import httpx
+import pytest
+import redis.asyncio as aioredis
 
 from service.embeddings.encoders import LocalEmbedder
 from service.http.app import create_app
+from service.http.auth import Principal
+from service.redis.limits import Limiter
 from service.settings import Settings
 from tests.support.answers import FLUSH, ask, running, seed
 from tests.support.servers import bearer, make_key, serve_app
@@ -95,6 +101,20 @@ async def test_limits_fail_open_without_redis(settings: Settings, local_embedder
             assert reply.status == 200 and reply.meta["cache"] == "miss"
         wrong = bearer("rck_abcdefghijkl_" + "x" * 43)
         assert (await http.post("/rag/answer", json={"question": FLUSH}, headers=wrong)).status_code == 401
+
+
+async def test_a_limit_failing_open_says_so_in_one_line(caplog: pytest.LogCaptureFixture) -> None:
+    client = aioredis.from_url("redis://127.0.0.1:1/0")  # nothing listens there
+    limiter = Limiter(client)
+    try:
+        with caplog.at_level(logging.WARNING):
+            await limiter.check_request(Principal("k", "k", ("query",), rpm=1, tokens_per_day=None))
+    finally:
+        await client.aclose()
+    assert not limiter.enforcing
+    assert [r.getMessage() for r in caplog.records] == [
+        "redis unavailable, limits fail open for 2s (rate limit not checked: ConnectionError)"
+    ]
 
 
 async def test_ready_reports_enforced_limits(settings: Settings, local_embedder: LocalEmbedder) -> None:
