@@ -201,8 +201,9 @@ def _answers_ping(socket: Path) -> bool:
         client.close()
 
 
-# Bounded memory (docs/operations.md, "Bounded memory"): only keys with a TTL are evicted, and
-# an answer whose dependency set was evicted is a miss (service/redis/answer_cache.py).
+# Bounded memory (docs/operations.md, "Bounded memory"): only keys with a TTL are evicted (never
+# the limits' counts, which have none), and an answer whose dependency set was evicted is a miss
+# (service/redis/answer_cache.py).
 VALKEY_MEMORY = {"maxmemory": "256mb", "maxmemory-policy": "volatile-lru"}
 
 

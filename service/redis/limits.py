@@ -18,7 +18,7 @@ read as nothing spent: the cap would fail open without a word). Each key is inst
 and bounded by its writer: one requests-per-minute timestamp, one budget hash (the current UTC
 day and its tokens, reset by the first reservation of a new day) and at most one in-flight set
 (emptied by releases and lapses) per API key, and one hash of failed authentications for the
-current minute (dropped by the first failure of the next). See docs/operations.md, "Bounded memory".
+current minute (dropped by the first failure of a later one). See docs/operations.md, "Bounded memory".
 
 Every check fails open: with Redis down nobody is limited (and /ready says "degraded"),
 because refusing all traffic would turn a cache outage into a full outage; after a failure the

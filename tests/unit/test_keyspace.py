@@ -54,6 +54,14 @@ def test_stored_key_names_are_unchanged() -> None:
     assert KEYS.metrics_minute(5) == "ragcache:metrics:m:5"
 
 
+def test_the_limits_keep_one_key_per_api_key_whatever_the_day() -> None:
+    """Limit keys have no TTL (a full Redis must not evict a cap), so none may be named per period."""
+    assert KEYS.requests_per_minute("abc") == "ragcache:limit:rpm:abc"
+    assert KEYS.token_budget("abc") == "ragcache:limit:tokens:abc"  # the day is inside the hash
+    assert KEYS.inflight_slots("abc") == "ragcache:limit:inflight:abc"
+    assert KEYS.auth_failures == "ragcache:limit:authfail"  # one for every address; reset each minute
+
+
 def test_an_answer_cache_flush_covers_cache_and_coalescing_keys_only() -> None:
     keys = every_key(KEYS)
     kept = {"rpm", "budget", "budget_by_day", "authfail", "inflight", "minute", "hour", "top", "scratch"}
