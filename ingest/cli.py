@@ -15,7 +15,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-import asyncpg
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -33,7 +32,7 @@ from ingest.loaders import FileLimits, Format, LoadFailure, SourceDocument, disc
 from ingest.pipeline import IngestOptions, IngestReport, ingest_documents
 from service.policy.collections import DEFAULT, valid_name
 from service.postgres.corpus import open_corpus
-from service.postgres.db import CorpusMismatchError
+from service.postgres.db import DATABASE_ERRORS, CorpusMismatchError, database_failure
 from service.postgres.documents import corpus_status
 from service.settings import Settings
 
@@ -63,8 +62,8 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
     except CorpusMismatchError as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        err.print(f"[red]error:[/] cannot use the database: {type(exc).__name__}: {exc}")
+    except DATABASE_ERRORS as exc:
+        err.print(f"[red]error:[/] {escape(database_failure(exc))}", highlight=False)
         raise typer.Exit(2) from None
 
 

@@ -24,14 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 from pydantic import ValidationError
 
 from ingest import metrics
 from ingest.beir import BeirError, Dataset, corpus_ids, load
 from ingest.scratch import scratch_corpus
 from service.postgres.corpus import database_url, open_corpus
-from service.postgres.db import CorpusMismatchError, create_pool
+from service.postgres.db import DATABASE_ERRORS, CorpusMismatchError, create_pool, database_failure
 from service.postgres.retrieval import Mode, RetrievalConfig, Retriever
 from service.settings import Settings
 
@@ -220,8 +219,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"rag-eval: invalid settings: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}", file=sys.stderr)
         return 2
-    except (OSError, asyncpg.PostgresError) as exc:
-        print(f"rag-eval: the database is unavailable ({type(exc).__name__})", file=sys.stderr)
+    except DATABASE_ERRORS as exc:
+        print(f"rag-eval: {database_failure(exc)}", file=sys.stderr)
         return 2
     print(json.dumps(report.summary(), indent=2) if args.json else table(report))
     return 0

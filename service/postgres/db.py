@@ -21,8 +21,19 @@ MIGRATION_LOCK = 0x72616763  # "ragc": serialises concurrent starts (API workers
 NOTIFY_CHANNEL = "ragcache_corpus"
 
 
+# What a refused, unreachable, misconfigured (a bad DATABASE_URL parameter is an InterfaceError)
+# or failing database raises; the CLIs catch these and print `database_failure`.
+DATABASE_ERRORS: tuple[type[Exception], ...] = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
 class CorpusMismatchError(RuntimeError):
     """The configured embedding model differs from the one the corpus was built with."""
+
+
+def database_failure(exc: BaseException) -> str:
+    """One of DATABASE_ERRORS as one line for a command-line tool: its kind and its reason, no traceback."""
+    reason = " ".join(str(exc).split())
+    return f"cannot use the database: {type(exc).__name__}" + (f": {reason}" if reason else "")
 
 
 @dataclass(frozen=True)
