@@ -165,3 +165,11 @@ async def test_open_corpus_with_embedder_uses_settings_model(settings: Settings)
         assert (opened.embedder.model, opened.embedder.dim) == ("sentence-transformers/all-MiniLM-L6-v2", 384)
         row = await opened.pool.fetchrow("SELECT embedding_model, embedding_dim FROM corpus")
         assert tuple(row) == ("sentence-transformers/all-MiniLM-L6-v2", 384)
+
+
+async def test_open_corpus_searches_with_the_settings_hnsw_parameters(settings: Settings) -> None:
+    """rag-eval measures through open_corpus's pool, which used to keep pgvector's defaults."""
+    tuned = settings.model_copy(update={"hnsw_ef_search": 77, "hnsw_max_scan_tuples": 5000})
+    async with open_corpus(tuned) as opened, opened.pool.acquire() as conn:
+        assert await conn.fetchval("SHOW hnsw.ef_search") == "77"
+        assert await conn.fetchval("SHOW hnsw.max_scan_tuples") == "5000"
