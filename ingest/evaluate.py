@@ -27,7 +27,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from ingest import metrics
-from ingest.beir import BeirError, Dataset, corpus_ids, load
+from ingest.beir import BeirError, Dataset, load
 from ingest.scratch import scratch_corpus
 from service.postgres.corpus import open_corpus
 from service.postgres.db import DATABASE_ERRORS, CorpusMismatchError, database_failure
@@ -184,7 +184,6 @@ async def run(args: argparse.Namespace, settings: Settings) -> Report:
     methods = methods_for(args, settings)
     if not args.scratch:
         return await measure(settings, dataset, methods, args.top_k)
-    corpus_ids(args.data_dir)  # a malformed corpus line fails here, before a database starts
     async with scratch_corpus(settings, args.data_dir / "corpus.jsonl", keep=args.keep, limit=args.limit_corpus) as (
         scratch,
         ingested,

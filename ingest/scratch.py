@@ -34,7 +34,10 @@ def beir_documents(corpus: Path, limit: int | None = None) -> list[SourceDocumen
 async def scratch_corpus(
     settings: Settings, corpus: Path, *, keep: Path | None = None, limit: int | None = None
 ) -> AsyncIterator[tuple[Settings, IngestReport]]:
-    """Settings pointing at a scratch database that holds `corpus`, and what ingesting it did."""
+    """Settings pointing at a scratch database that holds `corpus`, and what ingesting it did.
+
+    The corpus is read (and a malformed line raised) before the database starts.
+    """
     documents = beir_documents(corpus, limit)
     work = keep or Path(tempfile.mkdtemp(prefix="rag-eval-"))
     server = start_postgres(work)
