@@ -11,7 +11,6 @@ import json
 import time
 from collections.abc import Coroutine
 from contextlib import suppress
-from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -28,8 +27,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from ingest.loaders import FileLimits, Format, LoadFailure, SourceDocument, discover, load
-from ingest.pipeline import IngestOptions, IngestReport, ingest_documents
+from ingest.loaders import Format, LoadFailure, SourceDocument
+from ingest.pipeline import IngestReport, ingest_into, load_paths
 from service.policy.collections import DEFAULT, valid_name
 from service.postgres.corpus import open_corpus
 from service.postgres.db import DATABASE_ERRORS, CorpusMismatchError, database_failure
@@ -145,25 +144,16 @@ def _collection(name: str) -> str:
     return name
 
 
-def _load_all(
-    paths: list[str], source: str | None, fmt: Format, follow_symlinks: bool, collection: str = DEFAULT
-) -> list[SourceDocument | LoadFailure]:
-    settings = Settings()
-    entries, failures = discover(paths, source=source, follow_symlinks=follow_symlinks, data_dir=settings.data_dir)
-    limits = FileLimits(settings.ingest_max_file_bytes, settings.ingest_file_timeout_s)
-    items: list[SourceDocument | LoadFailure] = list(failures)
-    for entry in entries:
-        items.extend(load(entry, fmt, limits))
-    return [replace(i, collection=collection) if isinstance(i, SourceDocument) else i for i in items]
+def _format(fmt: str) -> Format:
+    if fmt not in ("auto", "jsonl", "beir"):
+        err.print(f"[red]error:[/] --format must be auto, jsonl or beir, not {fmt!r}")
+        raise typer.Exit(2)
+    return fmt  # type: ignore[return-value]
 
 
-async def _ingest(items: list[SourceDocument | LoadFailure], show_progress: bool) -> IngestReport:
-    settings = Settings()
-    async with open_corpus(settings, with_embedder=True) as corpus:
-        assert corpus.embedder is not None
-        options = IngestOptions.from_settings(settings)
-        with _ProgressView(show_progress) as view:
-            return await ingest_documents(corpus.store, corpus.embedder, items, options, view)
+async def _ingest(settings: Settings, items: list[SourceDocument | LoadFailure], show_progress: bool) -> IngestReport:
+    with _ProgressView(show_progress) as view:
+        return await ingest_into(settings, items, view)
 
 
 @app.command()
@@ -176,11 +166,16 @@ def add(
     collection: CollectionOpt = DEFAULT,
 ) -> None:
     """Add new and changed documents; unchanged ones are skipped without re-embedding."""
-    if fmt not in ("auto", "jsonl", "beir"):
-        err.print(f"[red]error:[/] --format must be auto, jsonl or beir, not {fmt!r}")
-        raise typer.Exit(2)
-    items = _load_all(paths, source, fmt, follow_symlinks, _collection(collection))  # type: ignore[arg-type]
-    _print_report(_run(_ingest(items, not as_json)), as_json)
+    settings = Settings()
+    items = load_paths(
+        settings,
+        paths,
+        fmt=_format(fmt),
+        source=source,
+        follow_symlinks=follow_symlinks,
+        collection=_collection(collection),
+    )
+    _print_report(_run(_ingest(settings, items, not as_json)), as_json)
 
 
 @app.command()
@@ -198,16 +193,24 @@ def sync(
         raise typer.Exit(2)
     name = source or directory.resolve().name
     collection = _collection(collection)
-    items = _load_all([str(directory)], name, fmt, follow_symlinks, collection)  # type: ignore[arg-type]
+    settings = Settings()
+    items = load_paths(
+        settings,
+        [str(directory)],
+        fmt=fmt,  # type: ignore[arg-type]
+        source=name,
+        follow_symlinks=follow_symlinks,
+        collection=collection,
+    )
 
     async def run() -> IngestReport:
-        report = await _ingest(items, not as_json)
+        report = await _ingest(settings, items, not as_json)
         present = {i.external_id for i in items if isinstance(i, SourceDocument)}
         # A file that exists but failed to load keeps its previous version.
         present |= {
             Path(f.path).relative_to(directory).as_posix() for f in report.failures if _inside(f.path, directory)
         }
-        async with open_corpus(Settings()) as corpus:
+        async with open_corpus(settings) as corpus:
             gone = sorted(await corpus.store.external_ids(name, collection) - present)
             if gone:
                 report.deleted = await corpus.store.delete_documents(
