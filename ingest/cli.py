@@ -197,7 +197,7 @@ def sync(
     items = load_paths(
         settings,
         [str(directory)],
-        fmt=fmt,  # type: ignore[arg-type]
+        fmt=_format(fmt),
         source=name,
         follow_symlinks=follow_symlinks,
         collection=collection,

@@ -159,6 +159,15 @@ def test_cli_sync_adds_changes_and_deletes(cli: CliRunner, tmp_path: Path) -> No
     assert cli.invoke(ingest_app, ["delete"]).exit_code == 2
 
 
+def test_cli_sync_refuses_an_unknown_format_like_add(cli: CliRunner, tmp_path: Path) -> None:
+    """`sync --format xml` used to ingest the folder as `auto`; now both commands refuse it before any work."""
+    folder = write_pages(tmp_path / "kb", {"one.md": "# One\n\nThe first page."})
+    for command in (["add", str(folder)], ["sync", str(folder)]):
+        run = cli.invoke(ingest_app, [*command, "--format", "xml"])
+        assert run.exit_code == 2, run.output
+        assert "--format must be auto, jsonl or beir, not 'xml'" in run.output
+
+
 async def test_open_corpus_with_embedder_uses_settings_model(settings: Settings) -> None:
     async with open_corpus(settings, with_embedder=True) as opened:
         assert opened.embedder is not None
