@@ -12,7 +12,6 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, NoReturn, TypeVar
 
-import asyncpg
 import redis.asyncio as aioredis
 import typer
 from redis.exceptions import RedisError
@@ -23,6 +22,7 @@ from service.http.auth import ApiKey, KeyStore, Scope, parse_key
 from service.observability.dashboard_model import SeriesReader
 from service.policy.collections import parse_grant
 from service.postgres.corpus import open_corpus
+from service.postgres.db import DATABASE_ERRORS
 from service.redis.answer_cache import AnswerCache
 from service.redis.client import cli_client, redis_url
 from service.settings import Settings
@@ -137,7 +137,7 @@ def _with_keys(action: Callable[[KeyStore], Awaitable[T]]) -> T:
 
     try:
         return asyncio.run(run())
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except DATABASE_ERRORS as exc:
         err.print(f"[red]error:[/] cannot reach Postgres: {type(exc).__name__}: {exc}")
         raise typer.Exit(2) from None
 
