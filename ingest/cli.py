@@ -46,6 +46,7 @@ SourceOpt = Annotated[str | None, typer.Option("--source", help="Tag documents w
 CollectionOpt = Annotated[
     str, typer.Option("--collection", help="The collection the documents belong to (who may read them).")
 ]
+FormatOpt = Annotated[str, typer.Option("--format", help="auto | jsonl | beir")]
 FollowOpt = Annotated[
     bool,
     typer.Option(
@@ -160,7 +161,7 @@ async def _ingest(settings: Settings, items: list[SourceDocument | LoadFailure],
 def add(
     paths: Annotated[list[str], typer.Argument(help="Files, folders (recursive) or glob patterns.")],
     source: SourceOpt = None,
-    fmt: Annotated[str, typer.Option("--format", help="auto | jsonl | beir")] = "auto",
+    fmt: FormatOpt = "auto",
     follow_symlinks: FollowOpt = False,
     as_json: JsonFlag = False,
     collection: CollectionOpt = DEFAULT,
@@ -182,7 +183,7 @@ def add(
 def sync(
     directory: Annotated[Path, typer.Argument(help="The folder that is the whole truth for its source.")],
     source: SourceOpt = None,
-    fmt: Annotated[str, typer.Option("--format", help="auto | jsonl | beir")] = "auto",
+    fmt: FormatOpt = "auto",
     follow_symlinks: FollowOpt = False,
     as_json: JsonFlag = False,
     collection: CollectionOpt = DEFAULT,
