@@ -110,7 +110,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
 def cli_env(settings: Settings, **extra: str) -> dict[str, str]:
     """Environment for running a console script against the test servers (as a process of its own)."""
-    return clean_env(**settings_env(settings), **extra)
+    return clean_env(**(settings_env(settings) | extra))
 
 
 def use_cli_env(monkeypatch: pytest.MonkeyPatch, settings: Settings, **extra: str) -> None:
