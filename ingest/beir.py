@@ -98,10 +98,6 @@ def load(folder: Path) -> Dataset:
     return Dataset(folder, queries, unjudged, header)
 
 
-def corpus_ids(folder: Path) -> set[str]:
-    return {row["_id"] for row in read_jsonl(folder / "corpus.jsonl", ("_id",))}
-
-
 def _text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")

@@ -11,11 +11,9 @@ import json
 import time
 from collections.abc import Coroutine
 from contextlib import suppress
-from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-import asyncpg
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -29,11 +27,11 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from ingest.loaders import FileLimits, Format, LoadFailure, SourceDocument, discover, load
-from ingest.pipeline import IngestOptions, IngestReport, ingest_documents
+from ingest.loaders import Format, LoadFailure, SourceDocument
+from ingest.pipeline import IngestReport, ingest_into, load_paths
 from service.policy.collections import DEFAULT, valid_name
 from service.postgres.corpus import open_corpus
-from service.postgres.db import CorpusMismatchError
+from service.postgres.db import DATABASE_ERRORS, CorpusMismatchError, database_failure
 from service.postgres.documents import corpus_status
 from service.settings import Settings
 
@@ -48,6 +46,7 @@ SourceOpt = Annotated[str | None, typer.Option("--source", help="Tag documents w
 CollectionOpt = Annotated[
     str, typer.Option("--collection", help="The collection the documents belong to (who may read them).")
 ]
+FormatOpt = Annotated[str, typer.Option("--format", help="auto | jsonl | beir")]
 FollowOpt = Annotated[
     bool,
     typer.Option(
@@ -63,8 +62,8 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
     except CorpusMismatchError as exc:
         err.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        err.print(f"[red]error:[/] cannot use the database: {type(exc).__name__}: {exc}")
+    except DATABASE_ERRORS as exc:
+        err.print(f"[red]error:[/] {escape(database_failure(exc))}", highlight=False)
         raise typer.Exit(2) from None
 
 
@@ -146,49 +145,45 @@ def _collection(name: str) -> str:
     return name
 
 
-def _load_all(
-    paths: list[str], source: str | None, fmt: Format, follow_symlinks: bool, collection: str = DEFAULT
-) -> list[SourceDocument | LoadFailure]:
-    settings = Settings()
-    entries, failures = discover(paths, source=source, follow_symlinks=follow_symlinks, data_dir=settings.data_dir)
-    limits = FileLimits(settings.ingest_max_file_bytes, settings.ingest_file_timeout_s)
-    items: list[SourceDocument | LoadFailure] = list(failures)
-    for entry in entries:
-        items.extend(load(entry, fmt, limits))
-    return [replace(i, collection=collection) if isinstance(i, SourceDocument) else i for i in items]
+def _format(fmt: str) -> Format:
+    if fmt not in ("auto", "jsonl", "beir"):
+        err.print(f"[red]error:[/] --format must be auto, jsonl or beir, not {fmt!r}")
+        raise typer.Exit(2)
+    return fmt  # type: ignore[return-value]
 
 
-async def _ingest(items: list[SourceDocument | LoadFailure], show_progress: bool) -> IngestReport:
-    settings = Settings()
-    async with open_corpus(settings, with_embedder=True) as corpus:
-        assert corpus.embedder is not None
-        options = IngestOptions.from_settings(settings)
-        with _ProgressView(show_progress) as view:
-            return await ingest_documents(corpus.store, corpus.embedder, items, options, view)
+async def _ingest(settings: Settings, items: list[SourceDocument | LoadFailure], show_progress: bool) -> IngestReport:
+    with _ProgressView(show_progress) as view:
+        return await ingest_into(settings, items, view)
 
 
 @app.command()
 def add(
     paths: Annotated[list[str], typer.Argument(help="Files, folders (recursive) or glob patterns.")],
     source: SourceOpt = None,
-    fmt: Annotated[str, typer.Option("--format", help="auto | jsonl | beir")] = "auto",
+    fmt: FormatOpt = "auto",
     follow_symlinks: FollowOpt = False,
     as_json: JsonFlag = False,
     collection: CollectionOpt = DEFAULT,
 ) -> None:
     """Add new and changed documents; unchanged ones are skipped without re-embedding."""
-    if fmt not in ("auto", "jsonl", "beir"):
-        err.print(f"[red]error:[/] --format must be auto, jsonl or beir, not {fmt!r}")
-        raise typer.Exit(2)
-    items = _load_all(paths, source, fmt, follow_symlinks, _collection(collection))  # type: ignore[arg-type]
-    _print_report(_run(_ingest(items, not as_json)), as_json)
+    settings = Settings()
+    items = load_paths(
+        settings,
+        paths,
+        fmt=_format(fmt),
+        source=source,
+        follow_symlinks=follow_symlinks,
+        collection=_collection(collection),
+    )
+    _print_report(_run(_ingest(settings, items, not as_json)), as_json)
 
 
 @app.command()
 def sync(
     directory: Annotated[Path, typer.Argument(help="The folder that is the whole truth for its source.")],
     source: SourceOpt = None,
-    fmt: Annotated[str, typer.Option("--format", help="auto | jsonl | beir")] = "auto",
+    fmt: FormatOpt = "auto",
     follow_symlinks: FollowOpt = False,
     as_json: JsonFlag = False,
     collection: CollectionOpt = DEFAULT,
@@ -199,16 +194,24 @@ def sync(
         raise typer.Exit(2)
     name = source or directory.resolve().name
     collection = _collection(collection)
-    items = _load_all([str(directory)], name, fmt, follow_symlinks, collection)  # type: ignore[arg-type]
+    settings = Settings()
+    items = load_paths(
+        settings,
+        [str(directory)],
+        fmt=_format(fmt),
+        source=name,
+        follow_symlinks=follow_symlinks,
+        collection=collection,
+    )
 
     async def run() -> IngestReport:
-        report = await _ingest(items, not as_json)
+        report = await _ingest(settings, items, not as_json)
         present = {i.external_id for i in items if isinstance(i, SourceDocument)}
         # A file that exists but failed to load keeps its previous version.
         present |= {
             Path(f.path).relative_to(directory).as_posix() for f in report.failures if _inside(f.path, directory)
         }
-        async with open_corpus(Settings()) as corpus:
+        async with open_corpus(settings) as corpus:
             gone = sorted(await corpus.store.external_ids(name, collection) - present)
             if gone:
                 report.deleted = await corpus.store.delete_documents(

@@ -24,14 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 from pydantic import ValidationError
 
 from ingest import metrics
-from ingest.beir import BeirError, Dataset, corpus_ids, load
+from ingest.beir import BeirError, Dataset, load
 from ingest.scratch import scratch_corpus
-from service.postgres.corpus import database_url, open_corpus
-from service.postgres.db import CorpusMismatchError, create_pool
+from service.postgres.corpus import open_corpus
+from service.postgres.db import DATABASE_ERRORS, CorpusMismatchError, database_failure
 from service.postgres.retrieval import Mode, RetrievalConfig, Retriever
 from service.settings import Settings
 
@@ -113,8 +112,7 @@ def table(report: Report) -> str:
 
 async def measure(settings: Settings, dataset: Dataset, methods: Sequence[Method], k: int = 10) -> Report:
     """Every method over every judged query of `dataset`, against the corpus `settings` points at."""
-    dsn, _server = database_url(settings)  # DATABASE_URL, or the embedded server under RAG_DATA_DIR
-    async with open_corpus(settings.model_copy(update={"database_url": dsn}), with_embedder=True) as corpus:
+    async with open_corpus(settings, with_embedder=True) as corpus:  # its pool searches with RAG_HNSW_EF_SEARCH
         assert corpus.embedder is not None
         rows = await corpus.pool.fetch("SELECT id, external_id FROM documents")
         names = {r["id"]: r["external_id"] for r in rows}
@@ -125,23 +123,19 @@ async def measure(settings: Settings, dataset: Dataset, methods: Sequence[Method
                 f"{dataset.path / 'corpus.jsonl'}: none of the judged documents is in this corpus; ingest it "
                 "with `rag-ingest add DATA_DIR/corpus.jsonl --format beir`, or pass --scratch"
             )
-        pool = await create_pool(dsn, min_size=1, max_size=1, ef_search=settings.hnsw_ef_search)
-        try:
-            retrievers = {m.name: Retriever(pool, config=m.config) for m in methods}
-            scores = {m.name: Scores() for m in methods}
-            await corpus.embedder.embed(["warm-up"])
-            for query in dataset.queries:
-                vector = (await corpus.embedder.embed([query.text]))[0]
-                for method in methods:
-                    started = time.perf_counter()
-                    ranked = await _documents(retrievers[method.name], method.mode, vector, query.text, names, k)
-                    got = scores[method.name]
-                    got.seconds.append(time.perf_counter() - started)
-                    got.ndcg.append(metrics.ndcg(ranked, query.judgments, k))
-                    got.recall.append(metrics.recall(ranked, query.judgments, k))
-                    got.rr.append(metrics.reciprocal_rank(ranked, query.judgments, k))
-        finally:
-            await pool.close()
+        retrievers = {m.name: Retriever(corpus.pool, config=m.config) for m in methods}
+        scores = {m.name: Scores() for m in methods}
+        await corpus.embedder.embed(["warm-up"])
+        for query in dataset.queries:
+            vector = (await corpus.embedder.embed([query.text]))[0]
+            for method in methods:
+                started = time.perf_counter()
+                ranked = await _documents(retrievers[method.name], method.mode, vector, query.text, names, k)
+                got = scores[method.name]
+                got.seconds.append(time.perf_counter() - started)
+                got.ndcg.append(metrics.ndcg(ranked, query.judgments, k))
+                got.recall.append(metrics.recall(ranked, query.judgments, k))
+                got.rr.append(metrics.reciprocal_rank(ranked, query.judgments, k))
     baseline = next((m.name for m in methods if m.mode == "dense"), None)
     return Report(dataset, k, len(names), missing, scores, baseline)
 
@@ -190,7 +184,6 @@ async def run(args: argparse.Namespace, settings: Settings) -> Report:
     methods = methods_for(args, settings)
     if not args.scratch:
         return await measure(settings, dataset, methods, args.top_k)
-    corpus_ids(args.data_dir)  # a malformed corpus line fails here, before a database starts
     async with scratch_corpus(settings, args.data_dir / "corpus.jsonl", keep=args.keep, limit=args.limit_corpus) as (
         scratch,
         ingested,
@@ -220,8 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"rag-eval: invalid settings: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}", file=sys.stderr)
         return 2
-    except (OSError, asyncpg.PostgresError) as exc:
-        print(f"rag-eval: the database is unavailable ({type(exc).__name__})", file=sys.stderr)
+    except DATABASE_ERRORS as exc:
+        print(f"rag-eval: {database_failure(exc)}", file=sys.stderr)
         return 2
     print(json.dumps(report.summary(), indent=2) if args.json else table(report))
     return 0

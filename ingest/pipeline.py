@@ -13,15 +13,17 @@ import hashlib
 import json
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
 
 from ingest.chunking import CHUNKER_VERSION, chunk_text
-from ingest.loaders import LoadFailure, SourceDocument
+from ingest.loaders import FileLimits, Format, LoadFailure, SourceDocument, discover, load
 from service.embeddings.encoders import Embedder
+from service.policy.collections import DEFAULT
 from service.policy.tokens import encoding
+from service.postgres.corpus import open_corpus
 from service.postgres.documents import ChunkRecord, DocumentKey, DocumentStore, PreparedDocument
 from service.settings import Settings
 
@@ -144,6 +146,36 @@ async def ingest_documents(
         await _embed_and_write(store, embedder, todo, options, report, progress)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def load_paths(
+    settings: Settings,
+    paths: Sequence[str],
+    *,
+    fmt: Format = "auto",
+    source: str | None = None,
+    follow_symlinks: bool = False,
+    collection: str = DEFAULT,
+) -> list[SourceDocument | LoadFailure]:
+    """Files, folders and globs read as `rag-ingest` reads them: RAG_DATA_DIR refused, each file within
+    RAG_INGEST_MAX_FILE_BYTES and RAG_INGEST_FILE_TIMEOUT_S, every document in `collection`."""
+    entries, failures = discover(paths, source=source, follow_symlinks=follow_symlinks, data_dir=settings.data_dir)
+    limits = FileLimits(settings.ingest_max_file_bytes, settings.ingest_file_timeout_s)
+    items: list[SourceDocument | LoadFailure] = list(failures)
+    for entry in entries:
+        items.extend(load(entry, fmt, limits))
+    return [replace(i, collection=collection) if isinstance(i, SourceDocument) else i for i in items]
+
+
+async def ingest_into(
+    settings: Settings, items: Iterable[SourceDocument | LoadFailure], progress: Progress | None = None
+) -> IngestReport:
+    """`items` into the corpus `settings` point at, embedded with the settings' model and chunked as they say."""
+    async with open_corpus(settings, with_embedder=True) as corpus:
+        assert corpus.embedder is not None
+        return await ingest_documents(
+            corpus.store, corpus.embedder, items, IngestOptions.from_settings(settings), progress
+        )
 
 
 async def _stored_hashes(store: DocumentStore, keys: Sequence[DocumentKey]) -> dict[DocumentKey, str]:

@@ -12,18 +12,16 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from ingest.beir import BeirError
-from ingest.loaders import LoadFailure, SourceDocument, discover, load
-from ingest.pipeline import IngestOptions, IngestReport, ingest_documents
+from ingest.loaders import LoadFailure, SourceDocument
+from ingest.pipeline import IngestReport, ingest_into, load_paths
 from service.embedded import start_postgres
-from service.postgres.corpus import open_corpus
 from service.settings import Settings
 
 
-def beir_documents(corpus: Path, limit: int | None = None) -> list[SourceDocument]:
+def beir_documents(settings: Settings, corpus: Path, limit: int | None = None) -> list[SourceDocument]:
     """The corpus as `rag-ingest add corpus.jsonl --format beir` reads it; a failing line is a BeirError."""
-    entries, failures = discover([str(corpus)])
     documents: list[SourceDocument] = []
-    for item in (*failures, *(doc for entry in entries for doc in load(entry, "beir"))):
+    for item in load_paths(settings, [str(corpus)], fmt="beir"):
         if isinstance(item, LoadFailure):
             raise BeirError(f"{item.path}: {item.reason}")
         documents.append(item)
@@ -34,17 +32,16 @@ def beir_documents(corpus: Path, limit: int | None = None) -> list[SourceDocumen
 async def scratch_corpus(
     settings: Settings, corpus: Path, *, keep: Path | None = None, limit: int | None = None
 ) -> AsyncIterator[tuple[Settings, IngestReport]]:
-    """Settings pointing at a scratch database that holds `corpus`, and what ingesting it did."""
-    documents = beir_documents(corpus, limit)
+    """Settings pointing at a scratch database that holds `corpus`, and what ingesting it did.
+
+    The corpus is read (and a malformed line raised) before the database starts.
+    """
+    documents = beir_documents(settings, corpus, limit)
     work = keep or Path(tempfile.mkdtemp(prefix="rag-eval-"))
     server = start_postgres(work)
     try:
         scratch = settings.model_copy(update={"database_url": server.url})
-        async with open_corpus(scratch, with_embedder=True) as opened:
-            assert opened.embedder is not None
-            report = await ingest_documents(
-                opened.store, opened.embedder, documents, IngestOptions.from_settings(scratch)
-            )
+        report = await ingest_into(scratch, documents)
         yield scratch, report
     finally:
         server.stop()

@@ -31,10 +31,10 @@ from tests.support.provider_server import ProviderServer
 from tests.support.servers import (
     TEST_MODEL_DIR,
     Servers,
-    cli_env,
     empty_redis_database,
     fresh_database,
     make_settings,
+    use_cli_env,
 )
 
 
@@ -84,8 +84,7 @@ def settings(database_url: str, redis_url: str, tmp_path: Path) -> Settings:
 @pytest.fixture
 def cli(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> CliRunner:
     """A runner for the console scripts, whose settings (read from the environment) point at the test servers."""
-    for key, value in cli_env(settings).items():
-        monkeypatch.setenv(key, value)
+    use_cli_env(monkeypatch, settings)
     return CliRunner()
 
 

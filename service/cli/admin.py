@@ -10,9 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar
 
-import asyncpg
 import redis.asyncio as aioredis
 import typer
 from redis.exceptions import RedisError
@@ -23,6 +22,7 @@ from service.http.auth import ApiKey, KeyStore, Scope, parse_key
 from service.observability.dashboard_model import SeriesReader
 from service.policy.collections import parse_grant
 from service.postgres.corpus import open_corpus
+from service.postgres.db import DATABASE_ERRORS
 from service.redis.answer_cache import AnswerCache
 from service.redis.client import cli_client, redis_url
 from service.settings import Settings
@@ -137,7 +137,7 @@ def _with_keys(action: Callable[[KeyStore], Awaitable[T]]) -> T:
 
     try:
         return asyncio.run(run())
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except DATABASE_ERRORS as exc:
         err.print(f"[red]error:[/] cannot reach Postgres: {type(exc).__name__}: {exc}")
         raise typer.Exit(2) from None
 
@@ -218,9 +218,23 @@ def _collections(raw: str) -> tuple[str, ...]:
         raise typer.Exit(2) from None
 
 
+KeyIdArg = Annotated[str, typer.Argument(help="The key's id (or the whole key).")]
+
+
+def _key_id(given: str) -> str:
+    """The id that `given` (an id, or a whole key) names."""
+    parsed = parse_key(given)
+    return parsed[0] if parsed else given
+
+
+def _no_active_key(key_id: str) -> NoReturn:
+    err.print(f"[red]error:[/] no active key with id {key_id!r}")
+    raise typer.Exit(1)
+
+
 @keys_app.command("update")
 def keys_update(
-    key_id: Annotated[str, typer.Argument(help="The key's id (or the whole key).")],
+    key_id: KeyIdArg,
     collections: Annotated[
         str | None,
         typer.Option("--collections", help="Collections the key may read, comma-separated; '*' for all."),
@@ -239,12 +253,10 @@ def keys_update(
     if not fields:
         err.print("[red]error:[/] nothing to update: give --collections or --max-inflight")
         raise typer.Exit(2)
-    parsed = parse_key(key_id)
-    wanted = parsed[0] if parsed else key_id
+    wanted = _key_id(key_id)
     key = _with_keys(lambda keys: keys.update(wanted, fields))
     if key is None:
-        err.print(f"[red]error:[/] no active key with id {wanted!r}")
-        raise typer.Exit(1)
+        _no_active_key(wanted)
     if as_json:
         typer.echo(json.dumps(_key_json(key)))
         return
@@ -279,13 +291,11 @@ def keys_list(
 
 
 @keys_app.command("revoke")
-def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key's id (or the whole key).")]) -> None:
+def keys_revoke(key_id: KeyIdArg) -> None:
     """Revoke a key; running servers stop accepting it at once."""
-    parsed = parse_key(key_id)
-    wanted = parsed[0] if parsed else key_id
+    wanted = _key_id(key_id)
     if not _with_keys(lambda keys: keys.revoke(wanted)):
-        err.print(f"[red]error:[/] no active key with id {wanted!r}")
-        raise typer.Exit(1)
+        _no_active_key(wanted)
     typer.echo(f"revoked {wanted}")
 
 

@@ -10,6 +10,7 @@ lock for the first one's export instead of exporting twice.
 from __future__ import annotations
 
 import fcntl
+import importlib.util
 import logging
 import os
 import shutil
@@ -91,20 +92,18 @@ def ensure_exported(root: Path, *, timeout_s: float = EXPORT_TIMEOUT_S) -> Expor
         fcntl.flock(lock_fd, fcntl.LOCK_EX)  # another process may be exporting: wait for it
         if exported.complete():
             return exported
+        if importlib.util.find_spec("torch") is None:
+            # No torch here (a worker given RAG_MODEL_DIR with an export made by an older
+            # version): an export could only fail, so serve the older one straight away.
+            return _older_or_raise(root, ModelUnavailable(_needs_local_extra("torch is not installed")))
         if exported.directory.exists():  # a directory without a manifest is not ours to trust
             shutil.rmtree(exported.directory)
         staging = Path(tempfile.mkdtemp(prefix=".export-", dir=parent))  # mode 0700
         try:
             try:
                 _run_export(staging, timeout_s)
-            except ModelUnavailable:
-                # No torch here (a worker given RAG_MODEL_DIR with an export made by an older
-                # version): serve that export rather than not start.
-                older = _older_export(root)
-                if older is None:
-                    raise
-                log.warning("serving the older ONNX export %s: a new one could not be made here", older.directory.name)
-                return older
+            except ModelUnavailable as exc:  # the export failed (or timed out) all the same
+                return _older_or_raise(root, exc)
             for path in staging.iterdir():
                 path.chmod(0o600)
                 _fsync(path)
@@ -115,6 +114,22 @@ def ensure_exported(root: Path, *, timeout_s: float = EXPORT_TIMEOUT_S) -> Expor
     finally:
         os.close(lock_fd)  # releases the lock
     return exported
+
+
+def _older_or_raise(root: Path, failure: ModelUnavailable) -> ExportedModel:
+    """An older export to serve rather than not start, since no new one can be made here; else `failure`."""
+    older = _older_export(root)
+    if older is None:
+        raise failure
+    log.warning("serving the older ONNX export %s: a new one could not be made here", older.directory.name)
+    return older
+
+
+def _needs_local_extra(reason: str) -> str:
+    return (
+        f"could not export {MODEL_NAME} to ONNX ({reason}); it needs the `local` extra "
+        "(pip install 'ragcache[local]') once, or RAG_MODEL_DIR pointing at an existing export"
+    )
 
 
 def _private_dirs(*dirs: Path) -> None:
@@ -151,7 +166,4 @@ def _run_export(staging: Path, timeout_s: float) -> None:
         raise ModelUnavailable(f"exporting {MODEL_NAME} to ONNX took over {timeout_s:.0f} s") from exc
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise ModelUnavailable(
-            f"could not export {MODEL_NAME} to ONNX ({last}); it needs the `local` extra "
-            "(pip install 'ragcache[local]') once, or RAG_MODEL_DIR pointing at an existing export"
-        )
+        raise ModelUnavailable(_needs_local_extra(last))

@@ -194,25 +194,25 @@ class KeyStore:
             raise ValueError(f"cannot update {sorted(unknown)[0]!r}")
         values = {name: _UPDATABLE[name](value) for name, value in fields.items()}
         assignments = ", ".join(f"{name} = ${i}" for i, name in enumerate(values, start=2))
-        async with self.pool.acquire() as conn, conn.transaction():
-            row = await conn.fetchrow(
-                f"UPDATE api_keys SET {assignments} WHERE id = $1 AND revoked_at IS NULL RETURNING *",  # noqa: S608 names from _UPDATABLE
-                key_id,
-                *values.values(),
-            )
-            if row is not None:  # the same channel as a revocation: workers drop the key and reread it
-                await conn.execute("SELECT pg_notify($1, $2)", KEYS_CHANNEL, key_id)
+        row = await self._update_active(key_id, assignments, *values.values())
         return _row(row) if row is not None else None
 
     async def revoke(self, key_id: str) -> bool:
         """True if the key existed and was active; running servers forget it via NOTIFY."""
+        return await self._update_active(key_id, "revoked_at = now()") is not None
+
+    async def _update_active(self, key_id: str, assignments: str, *values: object) -> asyncpg.Record | None:
+        """`SET assignments` (parameters $2, … are `values`) on the active key `key_id`, and in the same
+        transaction NOTIFY every worker, which drops the key and rereads it; its new row, or None."""
         async with self.pool.acquire() as conn, conn.transaction():
-            done = await conn.fetchval(
-                "UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL RETURNING id", key_id
+            row = await conn.fetchrow(
+                f"UPDATE api_keys SET {assignments} WHERE id = $1 AND revoked_at IS NULL RETURNING *",  # noqa: S608 our own assignments
+                key_id,
+                *values,
             )
-            if done is not None:
+            if row is not None:
                 await conn.execute("SELECT pg_notify($1, $2)", KEYS_CHANNEL, key_id)
-        return done is not None
+        return row
 
 
 # --- the in-process view ------------------------------------------------------------------

@@ -19,7 +19,6 @@ in a bounded buffer until Redis is back.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import Counter as Tally
@@ -28,6 +27,7 @@ from collections.abc import Callable, Mapping
 import redis.asyncio as aioredis
 
 from service.redis.keyspace import BEST_EFFORT_ERRORS, KEYS, CoolDown, Keyspace
+from service.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -132,10 +132,7 @@ class SeriesWriter:
 
     async def aclose(self) -> None:
         """Stop the background task and write what is buffered."""
-        if self._flusher is not None:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
+        await cancel_and_wait(self._flusher)
         await self.flush()
         if self._writes:
             await asyncio.gather(*self._writes, return_exceptions=True)

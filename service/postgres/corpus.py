@@ -45,12 +45,19 @@ def schema_params(settings: Settings, embedder: AnyEmbedder | None = None) -> Sc
 async def open_corpus(
     settings: Settings, *, with_embedder: bool = False, migrate_schema: bool = True
 ) -> AsyncIterator[Corpus]:
-    """Migrate (refusing a corpus built with another embedding model) and open a pool."""
+    """Migrate (refusing a corpus built with another embedding model) and open a pool that searches
+    with the settings' HNSW parameters (RAG_HNSW_EF_SEARCH, RAG_HNSW_MAX_SCAN_TUPLES)."""
     dsn, _server = database_url(settings)
     embedder = create_embedder(settings) if with_embedder else None
     if migrate_schema:
         await migrate(dsn, schema_params(settings, embedder))
-    pool = await create_pool(dsn, min_size=1, max_size=4)
+    pool = await create_pool(
+        dsn,
+        min_size=1,
+        max_size=4,
+        ef_search=settings.hnsw_ef_search,
+        max_scan_tuples=settings.hnsw_max_scan_tuples,
+    )
     try:
         yield Corpus(pool, DocumentStore(pool), embedder)
     finally:

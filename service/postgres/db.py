@@ -8,6 +8,7 @@ than pulling in Alembic (SQLAlchemy) or yoyo (a sync driver) for plain SQL files
 from __future__ import annotations
 
 import contextlib
+import inspect
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,8 +22,19 @@ MIGRATION_LOCK = 0x72616763  # "ragc": serialises concurrent starts (API workers
 NOTIFY_CHANNEL = "ragcache_corpus"
 
 
+# What a refused, unreachable, misconfigured (a bad DATABASE_URL parameter is an InterfaceError)
+# or failing database raises; the CLIs catch these and print `database_failure`.
+DATABASE_ERRORS: tuple[type[Exception], ...] = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
 class CorpusMismatchError(RuntimeError):
     """The configured embedding model differs from the one the corpus was built with."""
+
+
+def database_failure(exc: BaseException) -> str:
+    """One of DATABASE_ERRORS as one line for a command-line tool: its kind and its reason, no traceback."""
+    reason = " ".join(str(exc).split())
+    return f"cannot use the database: {type(exc).__name__}" + (f": {reason}" if reason else "")
 
 
 @dataclass(frozen=True)
@@ -60,6 +72,16 @@ def render(sql: str, params: SchemaParams) -> str:
 async def _init_connection(conn: asyncpg.Connection) -> None:
     with contextlib.suppress(ValueError):  # no vector type yet: a database not migrated (status, delete)
         await register_vector(conn)
+
+
+# `asyncpg.Pool(...)` takes as required what `asyncpg.create_pool` defaults (max_queries, the
+# connection and record classes, ...; init_size since 0.32): read them from create_pool, so a
+# BoundedPool is built as create_pool builds a Pool in whichever asyncpg is installed.
+_CREATE_POOL_DEFAULTS: dict[str, Any] = {
+    name: parameter.default
+    for name, parameter in inspect.signature(asyncpg.create_pool).parameters.items()
+    if parameter.kind is inspect.Parameter.KEYWORD_ONLY and parameter.default is not inspect.Parameter.empty
+}
 
 
 class BoundedPool(asyncpg.Pool):  # type: ignore[misc]
@@ -112,20 +134,15 @@ async def create_pool(
         server_settings["statement_timeout"] = str(max(1, round(statement_timeout_s * 1000)))  # milliseconds
     pool = BoundedPool(
         dsn,
-        min_size=min_size,
-        max_size=max_size,
-        max_queries=50000,
-        max_inactive_connection_lifetime=300.0,
-        connection_class=asyncpg.Connection,
-        record_class=asyncpg.Record,
-        setup=None,
-        init=_init_connection,
-        reset=None,
-        loop=None,
-        connect=None,
-        command_timeout=command_timeout_s or None,
-        server_settings=server_settings,
-        **kwargs,
+        **{
+            **_CREATE_POOL_DEFAULTS,
+            "min_size": min_size,
+            "max_size": max_size,
+            "init": _init_connection,
+            "command_timeout": command_timeout_s or None,
+            "server_settings": server_settings,
+            **kwargs,
+        },
     )
     pool.acquire_timeout = acquire_timeout_s or None
     await pool

@@ -15,15 +15,9 @@ from collections.abc import Callable
 
 import asyncpg
 
+from service.tasks import cancel_and_wait
+
 log = logging.getLogger(__name__)
-
-
-async def cancel_and_wait(task: asyncio.Task[None] | None) -> None:
-    """Stop a background loop and wait until it has stopped (no-op for None)."""
-    if task is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 class NotificationRelay:

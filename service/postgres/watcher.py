@@ -20,8 +20,9 @@ from redis.exceptions import RedisError
 from service.errors import PoolExhausted
 from service.postgres.db import NOTIFY_CHANNEL
 from service.postgres.documents import changes_since
-from service.postgres.notifications import NotificationRelay, cancel_and_wait
+from service.postgres.notifications import NotificationRelay
 from service.redis.answer_cache import AnswerCache
+from service.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from service.cli.admin import app as admin_app
 from service.observability.metrics import Metrics
 from service.redis.answer_cache import AnswerCache, CachedAnswer
 from service.settings import Settings
-from tests.support.servers import cli_env
+from tests.support.servers import use_cli_env
 
 
 async def _fill(url: str) -> None:
@@ -59,8 +59,7 @@ def test_cache_stats_and_flush(admin_env: Settings) -> None:
 
 
 def test_unreachable_redis_is_one_line_and_exit_2(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
-    for key, value in cli_env(settings, REDIS_URL="redis://127.0.0.1:1/0").items():
-        monkeypatch.setenv(key, value)
+    use_cli_env(monkeypatch, settings, REDIS_URL="redis://127.0.0.1:1/0")
     result = CliRunner().invoke(admin_app, ["cache", "stats"])
     assert result.exit_code == 2
     assert "cannot reach Redis" in result.output and "Traceback" not in result.output

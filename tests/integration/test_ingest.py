@@ -159,9 +159,26 @@ def test_cli_sync_adds_changes_and_deletes(cli: CliRunner, tmp_path: Path) -> No
     assert cli.invoke(ingest_app, ["delete"]).exit_code == 2
 
 
+def test_cli_sync_refuses_an_unknown_format_like_add(cli: CliRunner, tmp_path: Path) -> None:
+    """`sync --format xml` used to ingest the folder as `auto`; now both commands refuse it before any work."""
+    folder = write_pages(tmp_path / "kb", {"one.md": "# One\n\nThe first page."})
+    for command in (["add", str(folder)], ["sync", str(folder)]):
+        run = cli.invoke(ingest_app, [*command, "--format", "xml"])
+        assert run.exit_code == 2, run.output
+        assert "--format must be auto, jsonl or beir, not 'xml'" in run.output
+
+
 async def test_open_corpus_with_embedder_uses_settings_model(settings: Settings) -> None:
     async with open_corpus(settings, with_embedder=True) as opened:
         assert opened.embedder is not None
         assert (opened.embedder.model, opened.embedder.dim) == ("sentence-transformers/all-MiniLM-L6-v2", 384)
         row = await opened.pool.fetchrow("SELECT embedding_model, embedding_dim FROM corpus")
         assert tuple(row) == ("sentence-transformers/all-MiniLM-L6-v2", 384)
+
+
+async def test_open_corpus_searches_with_the_settings_hnsw_parameters(settings: Settings) -> None:
+    """rag-eval measures through open_corpus's pool, which used to keep pgvector's defaults."""
+    tuned = settings.model_copy(update={"hnsw_ef_search": 77, "hnsw_max_scan_tuples": 5000})
+    async with open_corpus(tuned) as opened, opened.pool.acquire() as conn:
+        assert await conn.fetchval("SHOW hnsw.ef_search") == "77"
+        assert await conn.fetchval("SHOW hnsw.max_scan_tuples") == "5000"

@@ -17,11 +17,17 @@ from pathlib import Path
 
 from tests.support.load import fetch
 
+# The environment variables that are service settings (service/settings.py reads them).
+SETTING_PREFIXES = ("RAG_", "OPENAI_", "ANTHROPIC_", "DATABASE_URL", "REDIS_URL")
+
+
+def is_setting(name: str) -> bool:
+    return name.startswith(SETTING_PREFIXES)
+
 
 def clean_env(**extra: str) -> dict[str, str]:
     """This process's environment minus every service setting, plus `extra`."""
-    prefixes = ("RAG_", "OPENAI_", "ANTHROPIC_", "DATABASE_URL", "REDIS_URL")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
+    env = {k: v for k, v in os.environ.items() if not is_setting(k)}
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env | {"PYTHONUNBUFFERED": "1"} | extra

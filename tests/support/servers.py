@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -23,6 +23,10 @@ from service.embedded import EmbeddedPostgres, EmbeddedValkey
 from service.http.auth import KeyStore, Scope
 from service.postgres.corpus import open_corpus
 from service.settings import Settings
+from tests.support.processes import clean_env, is_setting
+
+if TYPE_CHECKING:
+    import pytest
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 BIN = Path(sys.executable).parent
@@ -94,18 +98,27 @@ def make_settings(database_url: str, redis_url: str, data_dir: Path, **overrides
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
 
 
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The service settings that point a console script at the servers, data and models of `settings`."""
+    return {
+        "DATABASE_URL": str(settings.database_url),
+        "REDIS_URL": str(settings.redis_url),
+        "RAG_DATA_DIR": str(settings.data_dir),
+        "RAG_MODEL_DIR": str(settings.resolved_model_dir()),
+    }
+
+
 def cli_env(settings: Settings, **extra: str) -> dict[str, str]:
-    """Environment for running a console script against the test servers."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAG_", "OPENAI_", "ANTHROPIC_"))}
-    env.update(
-        DATABASE_URL=str(settings.database_url),
-        REDIS_URL=str(settings.redis_url),
-        RAG_DATA_DIR=str(settings.data_dir),
-        RAG_MODEL_DIR=str(settings.resolved_model_dir()),
-        PYTHONUNBUFFERED="1",
-    )
-    env.update(extra)
-    return env
+    """Environment for running a console script against the test servers (as a process of its own)."""
+    return clean_env(**(settings_env(settings) | extra))
+
+
+def use_cli_env(monkeypatch: pytest.MonkeyPatch, settings: Settings, **extra: str) -> None:
+    """This process's environment as `cli_env` makes it, for a console script run in the test's process."""
+    for name in [n for n in os.environ if is_setting(n)]:
+        monkeypatch.delenv(name)
+    for name, value in {**settings_env(settings), **extra}.items():
+        monkeypatch.setenv(name, value)
 
 
 async def wait_until(predicate: object, within: float = 10.0, interval: float = 0.02) -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -17,13 +17,16 @@ import redis.asyncio as aioredis
 from service.embeddings.encoders import LocalEmbedder
 from service.settings import Settings
 from tests.support.answers import FLUSH, followers_joined, seed
+from tests.support.processes import serve_process
 from tests.support.provider_server import Behavior, ProviderServer
 from tests.support.servers import BIN, bearer, cli_env, free_port, make_key, wait_until
 from tests.support.sse import parse_sse
 
 
 @asynccontextmanager
-async def server_process(settings: Settings, provider: ProviderServer, **env: str) -> AsyncIterator[tuple[str, int]]:
+async def server_process(
+    settings: Settings, provider: ProviderServer, log: Path, **env: str
+) -> AsyncIterator[tuple[str, int]]:
     """`rag-serve` as its own OS process (a second worker that shares only Postgres and Redis)."""
     port = free_port()
     environment = cli_env(
@@ -34,31 +37,8 @@ async def server_process(settings: Settings, provider: ProviderServer, **env: st
         RAG_LOG_LEVEL="warning",
         **env,
     )
-    proc = subprocess.Popen(  # noqa: ASYNC220 - starting a server process is the point
-        [BIN / "rag-serve", "--port", str(port)], env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    url = f"http://127.0.0.1:{port}"
-
-    async def healthy() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"rag-serve exited: {proc.stderr.read().decode() if proc.stderr else ''}")
-        try:
-            async with httpx.AsyncClient() as http:
-                return (await http.get(f"{url}/health")).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        await wait_until(healthy, within=90, interval=0.2)
-        yield url, proc.pid
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    async with serve_process(f"{BIN / 'rag-serve'} --port {port}", port, environment, log, log.parent) as served:
+        yield served.url, served.pid
 
 
 async def stream_answer(http: httpx.AsyncClient, url: str) -> list[tuple[str, dict[str, Any]]]:
@@ -72,15 +52,15 @@ def text_of(events: list[tuple[str, dict[str, Any]]]) -> str:
 
 
 async def test_fifty_identical_misses_across_two_processes_cost_one_call(
-    settings: Settings, local_embedder: LocalEmbedder, provider: ProviderServer
+    settings: Settings, local_embedder: LocalEmbedder, provider: ProviderServer, tmp_path: Path
 ) -> None:
     await seed(settings, local_embedder)
     auth = bearer(await make_key(settings, "query"))
     answer = " ".join(f"word{i}" for i in range(40)) + " [1]"
     provider.default = Behavior(text=answer, first_token_delay=1.5, token_interval=0.01)
     async with (
-        server_process(settings, provider) as (a, _),
-        server_process(settings, provider) as (b, _),
+        server_process(settings, provider, tmp_path / "a.log") as (a, _),
+        server_process(settings, provider, tmp_path / "b.log") as (b, _),
         httpx.AsyncClient(limits=httpx.Limits(max_connections=100), headers=auth) as http,
     ):
         replies = await asyncio.gather(*(stream_answer(http, a if i % 2 else b) for i in range(50)))
@@ -96,7 +76,7 @@ async def test_fifty_identical_misses_across_two_processes_cost_one_call(
 
 
 async def test_killed_leader_process_does_not_strand_followers(
-    settings: Settings, local_embedder: LocalEmbedder, provider: ProviderServer
+    settings: Settings, local_embedder: LocalEmbedder, provider: ProviderServer, tmp_path: Path
 ) -> None:
     await seed(settings, local_embedder)
     auth = bearer(await make_key(settings, "query"))
@@ -104,8 +84,8 @@ async def test_killed_leader_process_does_not_strand_followers(
     provider.default = Behavior(text="Taken over [1].")
     lease_env = {"RAG_COALESCE_LEASE_MS": "1500"}
     async with (
-        server_process(settings, provider, **lease_env) as (leader_url, leader_pid),
-        server_process(settings, provider, **lease_env) as (follower_url, _),
+        server_process(settings, provider, tmp_path / "leader.log", **lease_env) as (leader_url, leader_pid),
+        server_process(settings, provider, tmp_path / "follower.log", **lease_env) as (follower_url, _),
         httpx.AsyncClient(headers=auth) as http,
     ):
         leading = asyncio.create_task(http.post(f"{leader_url}/rag/stream", json={"question": FLUSH}))

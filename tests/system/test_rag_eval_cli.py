@@ -74,3 +74,16 @@ def test_bad_input_is_one_line_naming_the_file_and_exit_2(settings: Settings, tm
     assert keep.returncode == 2 and keep.stderr == "rag-eval: --keep and --limit-corpus go with --scratch\n"
     gone = rag_eval(cli_env(settings), str(tmp_path / "nowhere"))
     assert gone.returncode == 2 and "not a folder" in gone.stderr and "Traceback" not in gone.stderr
+
+
+def test_a_database_it_cannot_use_is_one_line_and_exit_2(settings: Settings, tmp_path: Path) -> None:
+    """A mistyped DATABASE_URL parameter is an asyncpg.InterfaceError: rag-eval printed a traceback for it."""
+    data = write_beir(tmp_path / "set", header=True)
+    dsn = str(settings.database_url)
+    env = cli_env(settings, DATABASE_URL=f"{dsn}{'&' if '?' in dsn else '?'}sslmode=sometimes")
+    run = rag_eval(env, str(data), "--mode", "dense")
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines() == [
+        "rag-eval: cannot use the database: ClientConfigurationError: `sslmode` parameter must be one of: "
+        "disable, allow, prefer, require, verify-ca, verify-full"
+    ]

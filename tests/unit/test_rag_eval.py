@@ -10,6 +10,8 @@ import pytest
 
 from ingest.beir import BeirError, load, read_qrels
 from ingest.metrics import mean, ndcg, paired_bootstrap, recall, reciprocal_rank
+from ingest.scratch import beir_documents
+from service.settings import Settings
 
 J = {"a": 3, "b": 2, "c": 1, "z": 0}
 
@@ -109,3 +111,13 @@ def test_a_line_separator_inside_a_text_does_not_split_the_record(tmp_path: Path
     )
     dataset = load(folder)
     assert [q.text for q in dataset.queries] == ["first\u2028second", "x\x85y"]
+
+
+def test_the_scratch_corpus_is_read_within_the_settings_file_limit(tmp_path: Path) -> None:
+    """`--scratch` reads corpus.jsonl as `rag-ingest` does: RAG_INGEST_MAX_FILE_BYTES applies (it was ignored)."""
+    corpus = beir(tmp_path / "set", "q1\td1\t1\n") / "corpus.jsonl"
+    roomy = Settings(_env_file=None, data_dir=tmp_path / "data")  # type: ignore[call-arg]
+    assert [d.external_id for d in beir_documents(roomy, corpus)] == ["d1"]
+    tight = roomy.model_copy(update={"ingest_max_file_bytes": 10})
+    with pytest.raises(BeirError, match=r"corpus.jsonl: file is \d+ bytes, over the 10 byte limit"):
+        beir_documents(tight, corpus)
