@@ -248,7 +248,7 @@ def report(quora: Sequence[Pair], semantic: Sequence[Pair], threshold: float, co
             "the duplicates: the ceiling of verification with this judge's candidates.",
             f"Cost per judgement (pure Python, median of 3 calls per pair above cosine {semantic_judge.MIN_COSINE}): "
             f"judge p50 {1e3 * p50:.3f} ms, p99 {1e3 * p99:.3f} ms; "
-            f"today's guard p50 {1e3 * old50:.3f} ms, p99 {1e3 * old99:.3f} ms.",
+            f"the old guard p50 {1e3 * old50:.3f} ms, p99 {1e3 * old99:.3f} ms.",
             f"<details><summary>Quora held-out pairs labelled “not duplicate” that the judge serves at {PREVIOUS:.2f} "
             f"({len(false_hits)}), by score, with the hand review's verdict</summary>\n\n"
             + kit.table(
