@@ -218,8 +218,13 @@ def report(quora: Sequence[Pair], semantic: Sequence[Pair], threshold: float, co
         sweep.append([f"{t:.2f}", f"{dev:.3f}", *fmt(q, adjudicated=True), *fmt(s)])
     p50, p99, old50, old99 = latency([*quora, *semantic], threshold)
     verdicts = {(r["a"], r["b"]): r["verdict"] for r in kit.jsonl(ADJUDICATED)}
-    false_hits = [p for p in held["Quora (held-out half)"] if judge_at(PREVIOUS)(p) and not p.duplicate]
-    false_hits.sort(key=lambda p: -semantic_judge.score(p.similarity, p.comparison))
+    wrong = [p for p in held["Quora (held-out half)"] if judge_at(PREVIOUS)(p) and not p.duplicate]
+    scored = sorted(((semantic_judge.score(p.similarity, p.comparison), p) for p in wrong), key=lambda sp: -sp[0])
+    served = judge_at(threshold)
+    false_hits = [
+        [f"{x:.3f}", f"{p.similarity:.3f}", "yes" if served(p) else "no", verdicts.get((p.a, p.b), "–"), p.a, p.b]
+        for x, p in scored
+    ]
     floor = 0.5
     perfect = evaluate(held["Quora (held-out half)"], judge_at(floor))
     return "\n\n".join(
@@ -252,18 +257,8 @@ def report(quora: Sequence[Pair], semantic: Sequence[Pair], threshold: float, co
             f"<details><summary>Quora held-out pairs labelled “not duplicate” that the judge serves at {PREVIOUS:.2f} "
             f"({len(false_hits)}), by score, with the hand review's verdict</summary>\n\n"
             + kit.table(
-                "score | cosine | served at the default | verdict | question | cached question",
-                [
-                    [
-                        f"{semantic_judge.score(p.similarity, p.comparison):.3f}",
-                        f"{p.similarity:.3f}",
-                        "yes" if judge_at(threshold)(p) else "no",
-                        verdicts.get((p.a, p.b), "not reviewed"),
-                        p.a,
-                        p.b,
-                    ]
-                    for p in false_hits
-                ],
+                f"score | cosine | served at {threshold:.2f} | verdict | question | cached question",
+                false_hits,
                 "rrllll",
             )
             + "\n</details>",
