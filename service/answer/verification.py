@@ -8,6 +8,8 @@ anything but "yes" is a no). A verdict is remembered in Redis for as long as the
 (service/redis/verdicts.py), so a repeat makes no call. One call per lookup at most, under its own
 timeout (`RAG_SEMANTIC_VERIFY_TIMEOUT_S`), reserved from and charged to the key's token budget like
 an answer; a failure, a timeout or a spent budget means no semantic hit (the miss path answers).
+The call runs where the semantic lookup runs, inside the miss's admission slot, so a slow verifier
+holds that slot for up to its timeout.
 
 Without a language model configured (the offline extractive default) verification is off whatever
 the setting says, and the worker says so once when it starts.
