@@ -450,7 +450,8 @@ class ReplayStack:
 async def replay_stack(args: argparse.Namespace) -> AsyncIterator[ReplayStack]:
     """Embedded Postgres + Valkey, the model stand-in at `args`' pace, the corpus, and an API key."""
     with embedded_servers(DATA_DIR) as servers:
-        async with ProviderProcess(args.first_token_delay, args.token_interval, args.answer_tokens) as provider:
+        pace = (args.first_token_delay, args.token_interval, args.answer_tokens)
+        async with ProviderProcess(*pace, oracle=getattr(args, "oracle", None)) as provider:
             dsn, documents = await ensure_corpus(servers, args.limit_corpus)
             yield ReplayStack(servers, provider, dsn, documents, await create_key(dsn))
 

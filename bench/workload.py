@@ -2,16 +2,19 @@
 
 `--requests` questions drawn Zipf-like over the 50 msmarco-5k queries; a share of draws sends one of
 the query's paraphrases (`bench/paraphrases.jsonl`). The same sequence is replayed against each
-configuration on fresh caches: off (`"cache": "bypass"`), exact (`RAG_SEMANTIC_CACHE=false`) and
-semantic (the defaults). Every semantic hit is checked against the query it was asked for (a match
-with another query is a false hit); afterwards the service's semantic policy is applied offline to
-every pair of texts.
+configuration on fresh caches: off (`"cache": "bypass"`), exact (`RAG_SEMANTIC_CACHE=false`), the
+semantic judge at the previous default (0.80) and at today's, and today's with verification on
+(`RAG_SEMANTIC_VERIFY=small`) answered by the model stand-in as an oracle that knows which texts ask the
+same query: an upper bound for a real small model. Every semantic hit is checked against the query it
+was asked for (a match with another query is a false hit); afterwards the service's semantic policy is
+applied offline to every pair of texts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import math
 import random
 import time
@@ -36,7 +39,9 @@ class Config:
 CONFIGS = [
     Config("off", "bypass", {}, 1),
     Config("exact", "use", {"RAG_SEMANTIC_CACHE": "false"}, 2),
-    Config("semantic", "use", {}, 3),
+    Config("judge-0.80-previous", "use", {"RAG_SEMANTIC_CACHE_THRESHOLD": "0.80"}, 3),
+    Config("judge-default", "use", {}, 4),
+    Config("judge-default+oracle-verifier", "use", {"RAG_SEMANTIC_VERIFY": "small"}, 5),
 ]
 
 
@@ -93,8 +98,10 @@ async def run_config(config: Config, draws: list[Draw], stack: kit.ReplayStack, 
         started = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(args.concurrency)))
         wall = time.perf_counter() - started
-        calls = len(await stack.provider.calls())
-    return {"config": config.name, "wall_s": wall, "provider_calls": calls, "replies": [r for r in replies if r]}
+        calls = await stack.provider.calls()
+    verify = sum(bool(c.get("verify")) for c in calls)
+    run: dict[str, Any] = {"config": config.name, "wall_s": wall, "provider_calls": len(calls) - verify}
+    return run | {"verify_calls": verify, "replies": [r for r in replies if r]}
 
 
 def summarize(run: dict[str, Any], draws: list[Draw], hash_to_query: dict[str, str]) -> dict[str, Any]:
@@ -107,7 +114,8 @@ def summarize(run: dict[str, Any], draws: list[Draw], hash_to_query: dict[str, s
         if reply.outcome == "semantic_hit":
             info = reply.data("meta").get("semantic") or {}
             matched = hash_to_query.get(str(info.get("matched_question_hash")), "?")
-            hit = {"sent": draw.text, "query_id": draw.query_id, "matched_query_id": matched}
+            hit: dict[str, Any] = {"sent": draw.text, "query_id": draw.query_id, "matched_query_id": matched}
+            hit["verified"] = "verified" in info
             semantic.append(hit | {"similarity": info.get("similarity"), "first_time": draw.text not in asked})
         asked.add(draw.text)
 
@@ -159,7 +167,7 @@ def report(summaries: list[dict[str, Any]], pairs: dict[str, Any], draws: list[D
     opp = opportunities(draws)
     rows = [
         (
-            f"{s['config']} | {s['provider_calls']} / {s['requests']} | {s['ratio_hit']:.1%} | "
+            f"{s['config']} | {s['provider_calls']} / {s['requests']} | {s['verify_calls']} | {s['ratio_hit']:.1%} | "
             f"{s['ratio_semantic_hit']:.1%} | {s['ratio_coalesced']:.1%} | "
             f"{kit.fmt_ms(s['ttft_p50'])} / {kit.fmt_ms(s['ttft_p95'])} | "
             f"{', '.join(f'{o} {kit.fmt_ms(v)}' for o, v in sorted(s['server_ttft'].items()))} | "
@@ -172,17 +180,18 @@ def report(summaries: list[dict[str, Any]], pairs: dict[str, Any], draws: list[D
         f"{len(draws)} requests, {len({d.text for d in draws})} distinct texts: at best {opp.get('repeat_text', 0)} "
         f"repeat an earlier text and {opp.get('new_wording', 0)} more are a new wording of an earlier query.",
         kit.table(
-            "configuration | provider calls | exact hits | semantic hits | coalesced | client TTFT p50 / "
-            "p95 ms | server TTFT p50 by outcome ms | tokens saved | $ saved | $ spent | errors",
+            "configuration | answer calls | verification calls | exact hits | semantic hits | coalesced | client TTFT "
+            "p50 / p95 ms | server TTFT p50 by outcome ms | tokens saved | $ saved | $ spent | errors",
             rows,
         ),
     ]
-    if sem := next((s for s in summaries if s["config"] == "semantic"), None):
+    for sem in (s for s in summaries if s["semantic_hits"]):
         false = "; ".join(f"“{h['sent']}” served query {h['matched_query_id']}" for h in sem["false_hits"])
         first = sum(1 for h in sem["semantic_hits"] if h["first_time"])
+        verified = sum(1 for h in sem["semantic_hits"] if h["verified"])
         lines.append(
-            f"Semantic hits checked: {len(sem['semantic_hits'])} ({first} on a wording's first request), false hits: "
-            f"**{len(sem['false_hits'])}**{': ' + false if false else ''}."
+            f"{sem['config']}: semantic hits checked: {len(sem['semantic_hits'])} ({first} on a wording's first "
+            f"request, {verified} verified), false hits: **{len(sem['false_hits'])}**{': ' + false if false else ''}."
         )
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(pairs["same_query"].items(), key=lambda kv: -kv[1]))
     cross = "; ".join(pairs["cross_hits"])
@@ -195,6 +204,7 @@ def report(summaries: list[dict[str, Any]], pairs: dict[str, Any], draws: list[D
 
 
 async def main_async(args: Any) -> None:
+    from service.policy.guardrails import normalize_for_key
     from service.redis.answer_cache import question_hash
 
     queries = kit.load_queries()
@@ -202,6 +212,9 @@ async def main_async(args: Any) -> None:
     key = HASH_SECRET.encode()
     hash_to_query = {question_hash(t, key): q.query_id for q in queries for t in (q.text, *q.paraphrases)}
     out = kit.run_dir("workload")
+    args.oracle = out / "oracle.json"  # the verifier stand-in's ground truth: which texts ask the same query
+    groups = {normalize_for_key(t): q.query_id for q in queries for t in (q.text, *q.paraphrases)}
+    args.oracle.write_text(json.dumps(groups))
     summaries = []
     async with kit.replay_stack(args) as stack:
         for config in CONFIGS:

@@ -107,8 +107,14 @@ class Settings(BaseSettings):
     semantic_cache: bool = Field(default=True, alias="RAG_SEMANTIC_CACHE")
     # The semantic judge's score threshold (service/policy/semantic_judge.py): an estimated
     # probability that a cached question is a duplicate of the new one, after the hard vetoes.
-    # Chosen on the dev halves of quora-pairs-dev and bench/semantic_pairs.jsonl (docs/benchmarks.md).
+    # Chosen for precision first on quora-pairs-dev (hand-reviewed) and bench/semantic_pairs.jsonl (docs/benchmarks.md).
     semantic_cache_threshold: float = Field(default=DEFAULT_THRESHOLD, alias="RAG_SEMANTIC_CACHE_THRESHOLD", gt=0, le=1)
+    # Verification of semantic candidates by the small tier (service/answer/verification.py): off, or
+    # small (with a language model configured; otherwise off, said once at startup). When on, every
+    # candidate scoring at least RAG_SEMANTIC_VERIFY_FLOOR is served only on the model's "yes".
+    semantic_verify: Literal["off", "small"] = Field(default="off", alias="RAG_SEMANTIC_VERIFY")
+    semantic_verify_floor: float = Field(default=0.5, alias="RAG_SEMANTIC_VERIFY_FLOOR", gt=0, le=1)
+    semantic_verify_timeout_s: float = Field(default=3.0, alias="RAG_SEMANTIC_VERIFY_TIMEOUT_S", gt=0)
 
     # --- routing ----------------------------------------------------------------
     models_small: str | None = Field(

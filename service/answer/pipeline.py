@@ -1,14 +1,13 @@
-"""The answer pipeline: the request path's seven steps, in order: 1. guardrails (and, for a
-follow-up, its standalone question: service/answer/question.py), 2. exact cache, 3. semantic cache,
-4. retrieval, 5. routing and prompt, 6. streaming generation, 7. cache write.
+"""The answer pipeline: the request path's seven steps, in order: 1. guardrails (and, for a follow-up, its
+standalone question: service/answer/question.py), 2. exact cache, 3. semantic cache (its optional verifier:
+service/answer/verification.py), 4. retrieval, 5. routing and prompt, 6. streaming generation, 7. cache write.
 
-Identical misses in flight share one generation (service/answer/coalescing.py). A miss's work
-before its first token (steps 3-5) runs in a slot of the admission gate (service/answer/admission.py),
-which exact hits never wait for. A miss holds one of its key's in-flight slots until it ends; a
-generation reserves its key's tokens before calling a model and settles them as it ends
-(service/answer/budgeting.py). The access log and metrics watch the events from outside
-(service/answer/observe.py). Before the first event a failure is a domain error
-(service/errors.py); after it, a `Failed` event.
+Identical misses in flight share one generation (service/answer/coalescing.py). A miss's work before its
+first token (steps 3-5) runs in a slot of the admission gate (service/answer/admission.py), which exact hits
+never wait for. A miss holds one of its key's in-flight slots until it ends; a generation reserves its key's
+tokens before calling a model and settles them as it ends (service/answer/budgeting.py). The access log and
+metrics watch the events from outside (service/answer/observe.py). Before the first event a failure is a
+domain error (service/errors.py); after it, a `Failed` event.
 """
 
 from __future__ import annotations
@@ -32,6 +31,7 @@ from service.answer.observe import observed
 from service.answer.question import QuestionReader
 from service.answer.schemas import CacheOutcome, RagRequest
 from service.answer.shapes import Question, RequestFactory, answering_meta, cache_entry, planned, replayed, usage_info
+from service.answer.verification import Verifier
 from service.embeddings.encoders import Embedder, Vectors
 from service.errors import BudgetExceeded, DependencyUnavailable, NoProviderAvailable, Overloaded
 from service.observability.metrics import Metrics
@@ -70,6 +70,7 @@ class AnswerService:
         questions: QuestionReader,
         metrics: Metrics | None = None,
         admission: AdmissionGate | None = None,
+        verifier: Verifier | None = None,
     ) -> None:
         self.settings = settings
         self.questions = questions  # steps 1 and 1b (service/answer/question.py)
@@ -77,6 +78,7 @@ class AnswerService:
         self.retriever = retriever
         self.cache = cache
         self.semantic = semantic
+        self.verifier = verifier or Verifier()  # step 3's optional second opinion (service/answer/verification.py)
         self._background = Background()  # work that outlives its request (followers' answers, metrics)
         self.coalescing = Coalescing(coalescer, available=lambda: cache.available, detach=self._background.run)
         self.watcher = watcher
@@ -93,10 +95,7 @@ class AnswerService:
         budget: TokenBudget | None = None,
         granted: Sequence[str] = (DEFAULT,),
     ) -> AsyncIterator[Event]:
-        """The answer's events, observed (access log, metrics) as they pass.
-
-        `granted` is what the caller's key may read (its collections, or `*`).
-        """
+        """The answer's events, observed (access log, metrics) as they pass; `granted`: what the key may read."""
         steps = self._steps(request, request_id, budget, granted)
         return observed(steps, request, metrics=self.metrics, detach=self._background.run)
 
@@ -134,7 +133,7 @@ class AnswerService:
         except BudgetExceeded:  # out of tokens: a semantic hit is still free, nothing else is
             with suppress(Overloaded):  # its lookup (an embedding, a vector search) queues like a miss's work
                 async with self.admission.slot(tenant(budget)):
-                    if (similar := await self._cached(question, request_id, clock, look_again=False)) is not None:
+                    if (similar := await self._cached(question, request_id, clock, budget, False)) is not None:
                         return similar
             raise
         await occupied(budget)  # the budget was just checked: a miss
@@ -154,7 +153,7 @@ class AnswerService:
         cached: list[Event] | None = None
         async with self.admission.slot(tenant(budget)):
             if question.request.cache == "use":
-                cached = await self._cached(question, request_id, clock, look_again=look_again)
+                cached = await self._cached(question, request_id, clock, budget, look_again)
             if cached is None:
                 corpus_version = self.watcher.corpus_version
                 route, prompt = self.plan(question, await self.retrieve(question))
@@ -168,13 +167,13 @@ class AnswerService:
             yield event
 
     async def _cached(
-        self, question: Question, request_id: str, clock: Clock, *, look_again: bool
+        self, question: Question, request_id: str, clock: Clock, budget: TokenBudget | None, look_again: bool
     ) -> list[Event] | None:
         """The exact cache once more (a leader that just finished may have written it), then the semantic cache."""
         if look_again and (hit := await self.lookup(question.key)) is not None:
             return replayed(hit, request_id, clock)
         corpus_version = self.watcher.corpus_version
-        similar = await self.semantic_lookup(question)
+        similar = await self.semantic_lookup(question, budget)
         if similar is None:
             return None
         answer, match = similar
@@ -229,19 +228,21 @@ class AnswerService:
         return hit
 
     # -- 3. semantic cache --------------------------------------------------------------
-    async def semantic_lookup(self, question: Question) -> tuple[CachedAnswer, SemanticMatch] | None:
-        """A cached answer to a question that means the same, or None. Never fails the request."""
+    async def semantic_lookup(
+        self, question: Question, budget: TokenBudget | None = None
+    ) -> tuple[CachedAnswer, SemanticMatch] | None:
+        """A cached answer to a question that means the same (a verifier's call charged to `budget`), or None."""
         if self.semantic is None or not self.cache.available:
             return None
         with span("rag.semantic_cache") as traced:
             try:
-                vector = await self.embed(question)
-                for match in await self.semantic.candidates(question.scope, vector, question.text):
-                    hit = await self.cache.get(match.key)
-                    if hit is not None:
+                vector, check = await self.embed(question), self.verifier.check(question.text, budget)
+                for match in await self.semantic.candidates(question.scope, vector, question.text, self.verifier.floor):
+                    if (hit := await self.cache.get(match.key)) is None:
+                        await self.semantic.forget(match.key)  # its answer was invalidated or expired
+                    elif (confirmed := await check(match)) is not None:
                         traced.set(hit=True, similarity=match.similarity)
-                        return hit, match
-                    await self.semantic.forget(match.key)  # its answer was invalidated or expired
+                        return hit, confirmed
             except _POSTGRES_DOWN as exc:
                 log.warning("semantic cache skipped: %s", type(exc).__name__)
                 traced.set(skipped=type(exc).__name__)

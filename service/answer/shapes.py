@@ -130,6 +130,8 @@ def replayed(hit: CachedAnswer, request_id: str, clock: Clock, semantic: Semanti
     meta = Meta(request_id, "hit", RouteInfo(**hit.route), [SourceInfo(**s) for s in hit.sources])
     if semantic is not None:
         info = {"similarity": semantic.similarity, "matched_question_hash": semantic.question_hash}
+        if semantic.verified:  # the small tier confirmed it (RAG_SEMANTIC_VERIFY)
+            info["verified"] = True
         meta = replace(meta, cache="semantic_hit", semantic=info)
     return [
         meta,

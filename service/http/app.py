@@ -23,6 +23,7 @@ from service.answer.generation import Models, Timeouts
 from service.answer.observe import provider_attempts
 from service.answer.pipeline import AnswerService
 from service.answer.question import QuestionReader
+from service.answer.verification import Verifier
 from service.embeddings.encoders import AnyEmbedder, create_embedder
 from service.embeddings.memory import release_free_memory
 from service.hashing import hash_key
@@ -52,6 +53,7 @@ from service.redis.answer_cache import AnswerCache
 from service.redis.client import WorkerRedis, redis_url
 from service.redis.limits import Limiter
 from service.redis.rewrites import RewriteCache
+from service.redis.verdicts import VerdictCache
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -197,6 +199,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             queue=settings.admission_queue,
             wait_s=settings.admission_wait_s,
             on_wait=metrics.prometheus.admission_wait.observe,
+        ),
+        verifier=Verifier(
+            mode=settings.semantic_verify,
+            providers=providers,
+            policy=policy,
+            verdicts=VerdictCache(client),
+            floor=settings.semantic_verify_floor,
+            timeout_s=settings.semantic_verify_timeout_s,
         ),
     )
     # The model and SDKs leave ~650k long-lived objects; full GC passes over them took 0.3-0.7 s

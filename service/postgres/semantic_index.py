@@ -29,6 +29,8 @@ class SemanticMatch:
     key: str  # the exact-cache key of the matched question's answer
     similarity: float
     question_hash: str
+    question: str = ""  # the matched (cached) question, redacted: what a verifier compares
+    verified: bool = False  # the small tier said yes (service/answer/verification.py)
 
 
 class SemanticCache:
@@ -38,8 +40,12 @@ class SemanticCache:
         self.ttl_s = ttl_s
         self._writes = 0
 
-    async def candidates(self, scope: str, vector: npt.NDArray[np.float32], question: str) -> list[SemanticMatch]:
-        """Candidates the judge accepts, nearest first (`threshold` is the judge's score threshold)."""
+    async def candidates(
+        self, scope: str, vector: npt.NDArray[np.float32], question: str, floor: float | None = None
+    ) -> list[SemanticMatch]:
+        """Candidates the judge accepts, nearest first: a score of at least `threshold`, or of `floor` when
+        given (candidates a verifier must then confirm)."""
+        threshold = self.threshold if floor is None else min(floor, self.threshold)
         rows = await self.pool.fetch(
             """SELECT key, question, question_hash, 1 - (embedding <=> $1) AS similarity
                FROM semantic_cache
@@ -51,9 +57,10 @@ class SemanticCache:
         )
         matches = []
         for row in rows:
-            decision = judge(float(row["similarity"]), question, row["question"], threshold=self.threshold)
+            decision = judge(float(row["similarity"]), question, row["question"], threshold=threshold)
             if decision.hit:
-                matches.append(SemanticMatch(row["key"], round(decision.similarity, 4), row["question_hash"]))
+                similarity = round(decision.similarity, 4)
+                matches.append(SemanticMatch(row["key"], similarity, row["question_hash"], row["question"]))
         return matches
 
     async def add(

@@ -5,13 +5,14 @@ All keys live under one prefix (`ragcache:`), split into families:
 - `answer:`, `deps:`: the exact answer cache (an answer, and the answers built from a document);
 - `corpus:`: the corpus watcher's marker (the corpus version the cache has caught up with);
 - `rewrite:`: standalone questions of follow-ups, by a hash of the recent user turns and the question;
+- `verdict:`: the small tier's yes/no on a semantic candidate, by the cached entry and the new wording;
 - `inflight:`, `stream:`, `followers:`: coalescing leases, event streams and follower counts;
 - `limit:`: rate limits, token budgets, in-flight slots and failed-auth counters, all without a
   TTL so that Redis's `volatile-lru` never evicts them (their writers keep them bounded: see
   service/redis/limits.py);
 - `metrics:`: the dashboard's per-minute series.
 
-`rag-admin cache flush` deletes the first four groups (`CACHE_FAMILIES`) and keeps limits (a
+`rag-admin cache flush` deletes the groups above `limit:` (`CACHE_FAMILIES`) and keeps limits (a
 flush must not hand out fresh budgets) and the metrics history (`KEPT_FAMILIES`).
 
 Redis is optional at run time: after a failure, the callers that can do without it skip it for
@@ -43,7 +44,7 @@ REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutErr
 # What work off the request path gives up on for now: Redis away, or this worker's pool busy.
 BEST_EFFORT_ERRORS: tuple[type[BaseException], ...] = (*REDIS_ERRORS, PoolExhausted)
 
-CACHE_FAMILIES = ("answer", "deps", "corpus", "rewrite", "inflight", "stream", "followers")
+CACHE_FAMILIES = ("answer", "deps", "corpus", "rewrite", "verdict", "inflight", "stream", "followers")
 KEPT_FAMILIES = ("limit", "metrics")
 
 
@@ -83,6 +84,11 @@ class Keyspace:
     def rewrite(self, key: str) -> str:
         """The standalone question of one follow-up (`key`: a hash of the recent user turns and the question)."""
         return f"{self.prefix}:rewrite:{key}"
+
+    # -- semantic verification ----------------------------------------------------------------
+    def verdict(self, entry: str, wording: str) -> str:
+        """The small tier's verdict on serving the answer under key `entry` to a question (`wording`: its digest)."""
+        return f"{self.prefix}:verdict:{entry}:{wording}"
 
     # -- coalescing ---------------------------------------------------------------------------
     def lease(self, key: str) -> str:

@@ -15,7 +15,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -219,11 +219,15 @@ def realistic_answer(tokens: int) -> Any:
 class ProviderProcess:
     """The loopback `ProviderServer` in a process of its own (the client's load cannot slow its pacing).
 
-    `reset()` forgets recorded calls; `calls()` returns the generation calls since.
+    `reset()` forgets recorded calls; `calls()` returns the generation calls since. With `oracle` (a JSON
+    file mapping normalised questions to a group), semantic verification calls are answered "yes" exactly
+    when both questions are in the same group: a verifier that is always right.
     """
 
-    def __init__(self, first_token_delay: float, token_interval: float, answer_tokens: int) -> None:
-        self.args = [str(first_token_delay), str(token_interval), str(answer_tokens)]
+    def __init__(
+        self, first_token_delay: float, token_interval: float, answer_tokens: int, oracle: Path | None = None
+    ) -> None:
+        self.args = [str(first_token_delay), str(token_interval), str(answer_tokens), str(oracle or "")]
         self.base_url = ""
         self._proc: asyncio.subprocess.Process | None = None
 
@@ -266,10 +270,30 @@ class ProviderProcess:
         return result
 
 
-def _provider_main(first_token_delay: str, token_interval: str, answer_tokens: str) -> None:
+def _oracle(path: str, answer: Callable[[Mapping[str, Any]], str]) -> Callable[[Mapping[str, Any]], str]:
+    """Answers: `answer(body)`; verification calls: yes when both questions of the prompt are in one group."""
+    from service.policy.guardrails import normalize_for_key
+    from service.policy.semantic_verify import QUESTION_A, QUESTION_B, VERIFY_SYSTEM
+
+    groups: dict[str, str] = json.loads(Path(path).read_text()) if path else {}
+
+    def text(body: Mapping[str, Any]) -> str:
+        if VERIFY_SYSTEM not in str(body.get("system")):
+            return answer(body)
+        a, b, *_ = str(body["messages"][0]["content"]).splitlines()
+        same = groups.get(normalize_for_key(a.removeprefix(QUESTION_A)), "?a") == groups.get(
+            normalize_for_key(b.removeprefix(QUESTION_B)), "?b"
+        )
+        return "yes" if same else "no"
+
+    return text
+
+
+def _provider_main(first_token_delay: str, token_interval: str, answer_tokens: str, oracle: str = "") -> None:
+    from service.policy.semantic_verify import VERIFY_SYSTEM
     from tests.support.provider_server import Behavior, ProviderServer
 
-    text = realistic_answer(int(answer_tokens))
+    text = _oracle(oracle, realistic_answer(int(answer_tokens)))
     behavior = Behavior(text=text, first_token_delay=float(first_token_delay), token_interval=float(token_interval))
     with ProviderServer() as server:
         server.default = behavior
@@ -285,6 +309,7 @@ def _provider_main(first_token_delay: str, token_interval: str, answer_tokens: s
                     {
                         "text": c.text if i == 0 else None,  # the first answer in full, the rest by digest
                         "text_sha256": hashlib.sha256(c.text.encode()).hexdigest(),
+                        "verify": VERIFY_SYSTEM in str(c.body.get("system")),
                         "tokens_sent": c.tokens_sent,
                         "first_token_s": None if c.first_token_at is None else c.first_token_at - c.started_at,
                         "duration_s": None if c.finished_at is None else c.finished_at - c.started_at,
@@ -297,5 +322,5 @@ def _provider_main(first_token_delay: str, token_interval: str, answer_tokens: s
                 break
 
 
-if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "provider":
+if __name__ == "__main__" and len(sys.argv) in (5, 6) and sys.argv[1] == "provider":
     _provider_main(*sys.argv[2:])

@@ -19,6 +19,7 @@ def every_key(keys: Keyspace) -> dict[str, str]:
         "deps_none": keys.deps(None),
         "corpus_version": keys.corpus_version,
         "rewrite": keys.rewrite("k"),
+        "verdict": keys.verdict("k", "q"),
         "lease": keys.lease("k"),
         "stream": keys.stream("k"),
         "followers": keys.followers("k"),

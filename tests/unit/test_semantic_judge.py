@@ -31,12 +31,13 @@ def test_hard_constraints_veto_whatever_the_cosine(a: str, b: str, reason: str) 
     assert decision == Judgement(hit=False, similarity=0.999, score=0.0, reason=reason)
 
 
-def test_a_paraphrase_in_other_words_is_served_where_the_old_guard_refused_it() -> None:
+def test_a_paraphrase_in_other_words_scores_where_the_old_guard_refused_it() -> None:
     # The cosine all-MiniLM-L6-v2 gives this pair; "people live" / "population" differ as words.
     a, b = n("how many people live in tokyo"), n("what is the population of tokyo")
     assert judge_match(0.914, a, b, threshold=0.70).reason == "guard:content"
-    decision = judge(0.914, a, b, threshold=DEFAULT_THRESHOLD)
-    assert decision.hit and decision.reason == "semantic_hit" and decision.score >= DEFAULT_THRESHOLD
+    assert judge(0.914, a, b, threshold=0.80).hit  # served at 0.80, the previous default
+    # Precision first: the default wants more than that (docs/benchmarks.md); a verifier may serve it.
+    assert judge(0.914, a, b, threshold=DEFAULT_THRESHOLD).reason == "below_threshold"
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,134 @@
+"""Step 3's optional second opinion: before a cached answer serves another wording, the small model
+tier is asked whether the two questions ask for the same information (`RAG_SEMANTIC_VERIFY=small`).
+
+With verification on, the judge's candidates down to `RAG_SEMANTIC_VERIFY_FLOOR` (below the judge's
+threshold) are looked at, and every candidate -- those above the threshold too: precision comes
+first -- is served only on a "yes" (service/policy/semantic_verify.py reads the reply strictly;
+anything but "yes" is a no). A verdict is remembered in Redis for as long as the cached entry lives
+(service/redis/verdicts.py), so a repeat makes no call. One call per lookup at most, under its own
+timeout (`RAG_SEMANTIC_VERIFY_TIMEOUT_S`), reserved from and charged to the key's token budget like
+an answer; a failure, a timeout or a spent budget means no semantic hit (the miss path answers).
+The call runs where the semantic lookup runs, inside the miss's admission slot, so a slow verifier
+holds that slot for up to its timeout.
+
+Without a language model configured (the offline extractive default) verification is off whatever
+the setting says, and the worker says so once when it starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Literal
+
+from service.answer.budgeting import reserved
+from service.errors import BudgetExceeded
+from service.observability.logs import note
+from service.observability.tracing import span
+from service.policy.guardrails import normalize_for_key
+from service.policy.routing import RoutingPolicy
+from service.policy.semantic_verify import VERIFY_MAX_TOKENS, VERIFY_SYSTEM, verdict, verify_prompt
+from service.policy.tokens import count_tokens
+from service.postgres.semantic_index import SemanticMatch
+from service.providers.base import GenerationRequest, Provider, ProviderError, Usage
+from service.redis.limits import TokenBudget
+from service.redis.verdicts import VerdictCache
+
+log = logging.getLogger(__name__)
+
+VerifyMode = Literal["off", "small"]
+
+
+class Verifier:
+    """The small tier's verdicts on semantic candidates; `check(question, budget)` judges one lookup's."""
+
+    def __init__(
+        self,
+        *,
+        mode: VerifyMode = "off",
+        providers: Mapping[str, Provider] | None = None,
+        policy: RoutingPolicy | None = None,
+        verdicts: VerdictCache | None = None,
+        floor: float = 0.5,
+        timeout_s: float = 3.0,
+    ) -> None:
+        providers = providers or {}
+        models = [c for c in policy.small if c.provider in providers and c.provider != "extractive"] if policy else []
+        self.choice = models[0] if models and mode == "small" else None
+        self.provider = providers[self.choice.provider] if self.choice else None
+        self.verdicts = verdicts
+        self.floor = floor if self.choice else None  # how far below the threshold candidates are looked at
+        self.timeout_s = timeout_s
+        if mode == "small" and self.choice is None:
+            log.warning("semantic verification off: no language model is configured (RAG_SEMANTIC_VERIFY=small)")
+
+    def check(self, question: str, budget: TokenBudget | None) -> Check:
+        return Check(self, question, budget)
+
+    async def ask(self, question: str, cached: str, budget: TokenBudget | None) -> bool | None:
+        """The model's verdict (True: the same information), or None when it could not be had."""
+        assert self.choice is not None and self.provider is not None
+        prompt = verify_prompt(question, cached)
+        try:
+            reservation = await reserved(budget, count_tokens(VERIFY_SYSTEM + prompt) + VERIFY_MAX_TOKENS)
+        except BudgetExceeded:
+            return None
+        request = GenerationRequest(self.choice.model, VERIFY_SYSTEM, prompt, VERIFY_MAX_TOKENS, 0.0, question)
+        pieces: list[str] = []
+        spent: list[Usage] = []
+
+        async def collect() -> None:
+            assert self.provider is not None
+            stream = self.provider.stream(request)
+            try:
+                async for item in stream:
+                    if isinstance(item, str):
+                        pieces.append(item)
+                    else:
+                        spent.append(item)
+            finally:
+                await stream.aclose()
+
+        try:
+            with span("rag.semantic_verify", provider=self.choice.provider, model=self.choice.model):
+                await asyncio.wait_for(collect(), self.timeout_s)
+        except (ProviderError, TimeoutError) as exc:
+            log.warning("semantic verification failed, no semantic hit: %s", type(exc).__name__)
+            return None
+        finally:
+            if reservation is not None:  # what the call cost, never more than was reserved
+                await asyncio.shield(reservation.settle(sum(u.input_tokens + u.output_tokens for u in spent)))
+        return verdict("".join(pieces))
+
+
+class Check:
+    """One lookup's candidates, one at a time: `await check(match)` is the match to serve, or None."""
+
+    def __init__(self, verifier: Verifier, question: str, budget: TokenBudget | None) -> None:
+        self.verifier = verifier
+        self.question = question
+        self.budget = budget
+        self.calls_left = 1
+
+    async def __call__(self, match: SemanticMatch) -> SemanticMatch | None:
+        v = self.verifier
+        if v.choice is None or normalize_for_key(match.question) == normalize_for_key(self.question):
+            return match  # verification off, or the same words: the judge's decision stands
+        model = f"{v.choice.provider}/{v.choice.model}"
+        same = await v.verdicts.get(match.key, self.question, model) if v.verdicts else None
+        how = "remembered"
+        if same is None:
+            if self.calls_left <= 0:
+                return None
+            self.calls_left -= 1
+            same, how = await v.ask(self.question, match.question, self.budget), "model"
+            if same is None:  # a failure: no hit, and no more calls for this lookup
+                self.calls_left = 0
+                note(semantic_verify="failed")
+                return None
+            if v.verdicts is not None:
+                await v.verdicts.put(match.key, self.question, model, same)
+        note(semantic_verify=f"{how}:{'yes' if same else 'no'}")
+        return replace(match, verified=True) if same else None
