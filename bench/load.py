@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import itertools
 import math
 import multiprocessing
-import re
 import statistics
 import time
 from collections import Counter
@@ -34,6 +33,7 @@ from bench._kit import (
     arguments,
     ask,
     bearer,
+    closed_loop,
     create_key,
     fetchval,
     load_text,
@@ -45,11 +45,12 @@ from bench._kit import (
     replay_arguments,
     replay_stack,
     run_dir,
-    run_line,
     say,
+    section,
     stats,
     table,
     warm_up,
+    warnings_in,
 )
 
 SECTION = "Load"
@@ -161,24 +162,6 @@ class HealthProbe:
 # --------------------------------------------------------------------------- one run
 
 
-def warnings_in(log: Path) -> dict[str, int]:
-    """WARNING/ERROR lines of a server log (JSON lines or plain text), digits collapsed to N."""
-    counts: Counter[str] = Counter()
-    with contextlib.suppress(OSError):
-        for line in log.read_text(errors="replace").splitlines():
-            record: Any = None
-            with contextlib.suppress(ValueError):
-                record = json.loads(line) if line.startswith("{") else None
-            if isinstance(record, dict) and str(record.get("level", "")).upper() in ("WARNING", "ERROR", "CRITICAL"):
-                counts[
-                    f"{record['level']} {record.get('logger', '?')}: "
-                    f"{re.sub(r'[0-9]+', 'N', str(record.get('event')))[:100]}"
-                ] += 1
-            elif record is None and ("Traceback" in line or re.search(r"\b(WARNING|ERROR|CRITICAL)\b", line)):
-                counts[re.sub(r"[0-9]+", "N", line)[:100]] += 1
-    return dict(counts.most_common(8))
-
-
 async def miss_burst(url: str, token: str, server_pid: int, questions: list[str], victim: str) -> dict[str, Any]:
     probe = HealthProbe()
     await probe.start(url)
@@ -217,20 +200,15 @@ async def miss_burst(url: str, token: str, server_pid: int, questions: list[str]
 
 async def hit_load(url: str, token: str, questions: list[str], concurrency: int, seconds: float) -> dict[str, Any]:
     """Closed loop: `concurrency` keep-alive clients asking cached questions round-robin (after 2 s of warm-up)."""
-    warm_until = time.monotonic() + 2
-    stop_at = warm_until + seconds
-    results: list[Reply] = []
-    counter = iter(range(10**9))
+    clients, asked = [Client(url, bearer(token)) for _ in range(concurrency)], itertools.cycle(questions)
 
-    async def client() -> None:
-        conn = Client(url, bearer(token))
-        while (now := time.monotonic()) < stop_at:
-            reply = await conn.request("POST", "/rag/stream", {"question": questions[next(counter) % len(questions)]})
-            if now >= warm_until:
-                results.append(reply)
-        conn.close()
+    async def send(client: Client) -> Reply:
+        return await client.request("POST", "/rag/stream", {"question": next(asked)})
 
-    await asyncio.gather(*(client() for _ in range(concurrency)))
+    await closed_loop(clients, 2, send)
+    results = await closed_loop(clients, seconds, send)
+    for client in clients:
+        client.close()
     ok = [r for r in results if r.ok]
     return {
         "ok": len(ok),
@@ -358,8 +336,7 @@ async def main_async(args: Any) -> None:
         "= VmRSS summed over `rag-serve` and its descendants; /health probed every 100 ms from a separate process. "
         f"Hit load: {args.hit_concurrency} keep-alive clients for {args.hit_seconds:g} s."
     )
-    body = "\n\n".join([run_line(args.command), setup, report(runs, args.streams)])
-    publish(SECTION, body, args, {"runs": runs}, out)
+    publish(SECTION, section(args, setup, report(runs, args.streams)), args, {"runs": runs}, out)
 
 
 def main(argv: list[str] | None = None) -> None:
