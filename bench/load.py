@@ -309,7 +309,7 @@ async def main_async(args: Any) -> None:
     setup = (
         f"{kit.model_line(args, documents)} Load average at start {load_start}. Miss burst: {args.streams} distinct "
         "questions at once, each on a new connection; TTFT = request sent → first `token` event at the client; RSS "
-        "= VmRSS summed over `rag-serve` and its descendants; /health probed every 100 kit.ms from a separate process. "
+        "= VmRSS summed over `rag-serve` and its descendants; /health probed every 100 ms from a separate process. "
         f"Hit load: {args.hit_concurrency} keep-alive clients for {args.hit_seconds:g} s."
     )
     kit.publish(SECTION, kit.section(args, setup, report(runs, args.streams)), args, {"runs": runs}, out)
