@@ -35,9 +35,7 @@ import redis.asyncio as aioredis
 
 from service.settings import Settings
 from tests.support.load import Client, ProviderProcess, Reply, fetch
-from tests.support.processes import Served as Served
-from tests.support.processes import clean_env as clean_env
-from tests.support.processes import serve_process as serve_process
+from tests.support.processes import Served, clean_env, serve_process
 from tests.support.servers import SHARED_DATA, bearer, free_port, make_key, make_settings, with_database
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -166,25 +164,24 @@ def section(args: argparse.Namespace, *parts: str, **facts: object) -> str:
     return "\n\n".join([run_line(args.command, **facts), *(part for part in parts if part)])
 
 
-def update_section(heading: str, body: str, path: Path | None = None) -> None:
-    """Replace the `## heading` section (append it if missing); other sections and a `### Notes` stay as they are."""
-    path = path or DOCS
+def update_section(heading: str, body: str) -> None:
+    """Replace the `## heading` section of DOCS (append it if missing); other sections and a `### Notes` stay."""
     marker = f"## {heading}"
     with (Path(tempfile.gettempdir()) / "ragcache-benchmarks-md.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        text = path.read_text() if path.exists() else "# Benchmarks\n"
+        text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
         lines = text.splitlines(keepends=True)
         start = next((i for i, line in enumerate(lines) if line.rstrip() == marker), None)
-        section = f"{marker}\n\n{body.strip()}\n\n"
+        new_section = f"{marker}\n\n{body.strip()}\n\n"
         if start is None:
-            new = text.rstrip("\n") + "\n\n" + section
+            new = text.rstrip("\n") + "\n\n" + new_section
         else:
             end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
             notes = next((i for i in range(start + 1, end) if lines[i].rstrip() == "### Notes"), None)
             if notes is not None:
-                section += "".join(lines[notes:end]).rstrip("\n") + "\n\n"
-            new = "".join(lines[:start]) + section + "".join(lines[end:])
-        path.write_text(new.rstrip("\n") + "\n")
+                new_section += "".join(lines[notes:end]).rstrip("\n") + "\n\n"
+            new = "".join(lines[:start]) + new_section + "".join(lines[end:])
+        DOCS.write_text(new.rstrip("\n") + "\n")
 
 
 def publish(

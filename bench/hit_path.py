@@ -33,6 +33,7 @@ from fastapi import FastAPI, Request, Response
 from bench import _kit as kit
 from tests.support.asgi import asgi_request
 from tests.support.demo import ingest_examples
+from tests.support.processes import Served, clean_env, serve_process
 from tests.support.servers import free_port
 from tests.support.sse import first_event
 
@@ -109,7 +110,7 @@ class Run:
         return max((b - a for a, b in itertools.pairwise(sorted(self.completions))), default=0.0)
 
 
-async def measure(name: str, server: kit.Served, args: Any, token: str, c: int, rnd: int) -> Run:
+async def measure(name: str, server: Served, args: Any, token: str, c: int, rnd: int) -> Run:
     """One side at one level: `c` keep-alive clients sending a pre-built request, warmed up, then measured with both
     processes' CPU; latency is request sent → full body read."""
     run = Run(name, c, rnd)
@@ -141,7 +142,7 @@ class Stack:
     settings: Any  # the project's, over the embedded servers
     embedder: Any
     token: str
-    servers: dict[str, kit.Served]
+    servers: dict[str, Served]
     hit_bytes: int = 0
 
 
@@ -158,15 +159,15 @@ async def stack() -> AsyncIterator[Stack]:
         s = Stack(settings, embedder, await kit.create_key(db.admin_dsn), {})
         project_env = {"DATABASE_URL": db.admin_dsn, "REDIS_URL": db.redis_base, "RAG_DATA_DIR": str(db.data_dir)}
         apps = {
-            "project": ("service.http.app:app_factory", kit.clean_env(RAG_LOG_LEVEL="warning", **project_env)),
-            "floor": ("bench.hit_path:floor_app", kit.clean_env(BENCH_FLOOR_REDIS_URL=db.redis_base)),
+            "project": ("service.http.app:app_factory", clean_env(RAG_LOG_LEVEL="warning", **project_env)),
+            "floor": ("bench.hit_path:floor_app", clean_env(BENCH_FLOOR_REDIS_URL=db.redis_base)),
         }
         kit.say("starting both servers (the project loads the embedding model first)")
         async with contextlib.AsyncExitStack() as servers:
             for name, (target, env) in apps.items():
                 port = free_port()
                 command = f"{sys.executable} -m uvicorn {target} --factory --port {port} {UVICORN_FLAGS}"
-                serve = kit.serve_process(command, port, env, LOGS / f"{name}.log", kit.ROOT)
+                serve = serve_process(command, port, env, LOGS / f"{name}.log", kit.ROOT)
                 s.servers[name] = await servers.enter_async_context(serve)
             for _ in range(2):
                 reply = await kit.ask(s.servers["project"].url, s.token, {"question": QUESTION})
