@@ -242,8 +242,6 @@ def load_queries(root: Path = MSMARCO, paraphrases: Path = PARAPHRASES) -> list[
 
 def passage_questions(n: int, *, prefix: str, skip: int = 0) -> list[str]:
     """`n` distinct questions, one per msmarco passage (every 7th, from `skip`), in a fixed order."""
-    import re
-
     rows = jsonl(MSMARCO / "corpus.jsonl")
     out: list[str] = []
     for i in range(len(rows)):
@@ -256,14 +254,14 @@ def passage_questions(n: int, *, prefix: str, skip: int = 0) -> list[str]:
     raise SystemExit(f"only {len(out)} distinct questions could be built, {n} needed")
 
 
-async def ingest_path(settings: Settings, embedder: Any, path: Path, fmt: str = "auto", **discover_kw: Any) -> Any:
-    """`rag-ingest add PATH` in-process; returns the IngestReport (unchanged documents are skipped)."""
+async def ingest_path(settings: Settings, embedder: Any, path: Path, fmt: str) -> Any:
+    """`rag-ingest add PATH --format FMT` in-process; returns the IngestReport (unchanged documents are skipped)."""
     from ingest.loaders import discover, load
     from ingest.pipeline import IngestOptions, ingest_documents
     from service.postgres.corpus import open_corpus
 
     async with open_corpus(settings) as corpus:
-        entries, failures = discover([str(path)], **discover_kw)
+        entries, failures = discover([str(path)])
         items = [*failures, *(doc for entry in entries for doc in load(entry, fmt))]  # type: ignore[arg-type]
         options = IngestOptions(settings.chunk_tokens, settings.chunk_overlap, settings.embed_batch_size)
         report = await ingest_documents(corpus.store, embedder, items, options)
