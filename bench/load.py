@@ -21,6 +21,8 @@ import multiprocessing
 import statistics
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -119,40 +121,38 @@ def _probe_main(url: str, interval: float, control: Any) -> None:
     control.send(asyncio.run(probe()))
 
 
-class HealthProbe:
-    async def start(self, url: str, interval: float = 0.1) -> None:
-        ctx = multiprocessing.get_context("spawn")
-        self._mine, theirs = ctx.Pipe()
-        self._proc = ctx.Process(target=_probe_main, args=(url, interval, theirs), daemon=True)
-        self._proc.start()
-        await asyncio.to_thread(self._mine.recv)  # "ready"
-
-    async def stop(self) -> list[tuple[float, float]]:
-        self._mine.send("stop")
-        samples: list[tuple[float, float]] = await asyncio.to_thread(self._mine.recv)
-        await asyncio.to_thread(self._proc.join, 10)
-        return samples
+@asynccontextmanager
+async def health_probe(url: str) -> AsyncIterator[list[tuple[float, float]]]:
+    """`_probe_main` every 100 ms in a spawned process while open; its samples are in the list once closed."""
+    ctx = multiprocessing.get_context("spawn")
+    mine, theirs = ctx.Pipe()
+    process = ctx.Process(target=_probe_main, args=(url, 0.1, theirs), daemon=True)
+    process.start()
+    await asyncio.to_thread(mine.recv)  # "ready"
+    samples: list[tuple[float, float]] = []
+    yield samples
+    mine.send("stop")
+    samples += await asyncio.to_thread(mine.recv)
+    await asyncio.to_thread(process.join, 10)
 
 
 # --------------------------------------------------------------------------- one run
 
 
 async def miss_burst(url: str, token: str, server_pid: int, questions: list[str], victim: str) -> dict[str, Any]:
-    probe = HealthProbe()
-    await probe.start(url)
-    await asyncio.sleep(3)  # the probe's idle baseline
-    rss_before = sum(process_tree_rss(server_pid).values())
-    idle = await kit.ask(url, victim, {"question": questions[-2]})  # the victim key's miss on an idle server
-    with Sampler(server_pid) as sampler:
-        started = time.monotonic()
-        burst = [asyncio.create_task(kit.ask(url, token, {"question": q})) for q in questions[:-2]]
-        await asyncio.sleep(0.5)  # the burst is in the server
-        noisy = await kit.ask(url, victim, {"question": questions[-1]})
-        results = await asyncio.gather(*burst)
-        ended = time.monotonic()
-    await asyncio.sleep(2)
-    rss_after = sum(process_tree_rss(server_pid).values())
-    samples = await probe.stop()
+    async with health_probe(url) as samples:
+        await asyncio.sleep(3)  # the probe's idle baseline
+        rss_before = sum(process_tree_rss(server_pid).values())
+        idle = await kit.ask(url, victim, {"question": questions[-2]})  # the victim key's miss on an idle server
+        with Sampler(server_pid) as sampler:
+            started = time.monotonic()
+            burst = [asyncio.create_task(kit.ask(url, token, {"question": q})) for q in questions[:-2]]
+            await asyncio.sleep(0.5)  # the burst is in the server
+            noisy = await kit.ask(url, victim, {"question": questions[-1]})
+            results = await asyncio.gather(*burst)
+            ended = time.monotonic()
+        await asyncio.sleep(2)
+        rss_after = sum(process_tree_rss(server_pid).values())
     ok = [r for r in results if r.ok]
     shed = sum(r.outcome == SHED for r in results)
     return {
