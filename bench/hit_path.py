@@ -137,48 +137,6 @@ async def measure(name: str, server: Served, args: Any, token: str, c: int, rnd:
     return run
 
 
-@dataclass
-class Stack:
-    settings: Any  # the project's, over the embedded servers
-    embedder: Any
-    token: str
-    servers: dict[str, Served]
-    hit_bytes: int = 0
-
-
-@asynccontextmanager
-async def stack() -> AsyncIterator[Stack]:
-    """Embedded Postgres + Valkey in a temp dir, `examples/` ingested, both servers up, one hit warmed."""
-    import redis
-
-    from service.embeddings.encoders import LocalEmbedder
-
-    with kit.embedded_servers(None) as db:
-        settings, embedder = kit.make_settings(db.admin_dsn, db.redis_base, db.data_dir), LocalEmbedder()
-        await ingest_examples(settings, embedder)
-        s = Stack(settings, embedder, await kit.create_key(db.admin_dsn), {})
-        project_env = {"DATABASE_URL": db.admin_dsn, "REDIS_URL": db.redis_base, "RAG_DATA_DIR": str(db.data_dir)}
-        apps = {
-            "project": ("service.http.app:app_factory", clean_env(RAG_LOG_LEVEL="warning", **project_env)),
-            "floor": ("bench.hit_path:floor_app", clean_env(BENCH_FLOOR_REDIS_URL=db.redis_base)),
-        }
-        kit.say("starting both servers (the project loads the embedding model first)")
-        async with contextlib.AsyncExitStack() as servers:
-            for name, (target, env) in apps.items():
-                port = free_port()
-                command = f"{sys.executable} -m uvicorn {target} --factory --port {port} {UVICORN_FLAGS}"
-                serve = serve_process(command, port, env, LOGS / f"{name}.log", kit.ROOT)
-                s.servers[name] = await servers.enter_async_context(serve)
-            for _ in range(2):
-                reply = await kit.ask(s.servers["project"].url, s.token, {"question": QUESTION})
-            if not is_hit(reply.body):
-                raise SystemExit(f"the second request was not a cache hit: {reply.status} {reply.body[:300]!r}")
-            s.hit_bytes = len(reply.body)
-            with redis.Redis.from_url(db.redis_base) as client:
-                client.set(FLOOR_KEY, reply.body)
-            yield s
-
-
 COLUMNS = "concurrency | server | requests | errors | req/s | p50 ms | p99 ms"
 CPU_COLUMNS = "server CPU µs/req | server CPU | client CPU | longest stall ms"
 RATIO_COLUMNS = "req/s project/floor | per round | p50 project/floor | p99 project/floor | CPU/req project/floor"
@@ -260,14 +218,12 @@ def heaviest(stats: pstats.Stats, n: int = 8) -> list[tuple[str, float]]:
     return sorted(found, key=lambda x: -x[1])[:n]
 
 
-async def profile_in_process(s: Stack, n: int) -> str:
+async def profile_in_process(settings: Any, embedder: Any, token: str, n: int) -> str:
     from service.http.app import create_app
 
-    apps = {"project": create_app(s.settings, embedder=s.embedder), "floor": floor_app(str(s.settings.redis_url))}
-    payload, headers = (
-        json.dumps({"question": QUESTION}).encode(),
-        {"content-type": "application/json", **kit.bearer(s.token)},
-    )
+    apps = {"project": create_app(settings, embedder=embedder), "floor": floor_app(str(settings.redis_url))}
+    payload = json.dumps({"question": QUESTION}).encode()
+    headers = {"content-type": "application/json", **kit.bearer(token)}
 
     async def hits(app: Any, count: int) -> list[tuple[int, bytes]]:
         """`count` sequential POST /rag/stream straight through the ASGI interface: no sockets, no uvicorn."""
@@ -350,21 +306,50 @@ async def gc_pauses(hit: Callable[[], Awaitable[object]], hits: int, concurrency
 
 
 async def bench(args: Any) -> str:
+    """Embedded Postgres + Valkey in a temp dir, `examples/` ingested, both servers up and one hit warmed; then each
+    level and round, side by side, and the in-process profile."""
+    import redis
+
+    from service.embeddings.encoders import LocalEmbedder
+
     first = kit.run_line(args.command)
-    async with stack() as s:
-        runs: list[Run] = []
-        for c in args.concurrency:
-            for rnd in range(1, args.rounds + 1):
-                for name in ["project", "floor"][:: 1 if rnd % 2 else -1]:
-                    runs.append(run := await measure(name, s.servers[name], args, s.token, c, rnd))
-                    kit.say(f"c={c:<3} round {rnd} {name:8} {run.rps:8,.0f} req/s  errors {len(run.errors)}")
-        setup = (
-            "Both servers `uvicorn --workers 1 --loop uvloop --http httptools --no-access-log`; tests.support.load "
-            f"client, one keep-alive connection per concurrent request, every body checked; {args.rounds} rounds × "
-            f"{args.duration:g} s per side and level after {args.warmup:g} s warm-up, order alternating; cached "
-            f"response {s.hit_bytes:,} bytes; API key without `rpm` or `tokens_per_day`."
-        )
-        profile = await profile_in_process(s, args.profile_requests) if args.profile else ""
+    with kit.embedded_servers(None) as db:
+        settings, embedder = kit.make_settings(db.admin_dsn, db.redis_base, db.data_dir), LocalEmbedder()
+        await ingest_examples(settings, embedder)
+        token = await kit.create_key(db.admin_dsn)
+        project_env = {"DATABASE_URL": db.admin_dsn, "REDIS_URL": db.redis_base, "RAG_DATA_DIR": str(db.data_dir)}
+        apps = {
+            "project": ("service.http.app:app_factory", clean_env(RAG_LOG_LEVEL="warning", **project_env)),
+            "floor": ("bench.hit_path:floor_app", clean_env(BENCH_FLOOR_REDIS_URL=db.redis_base)),
+        }
+        kit.say("starting both servers (the project loads the embedding model first)")
+        servers: dict[str, Served] = {}
+        async with contextlib.AsyncExitStack() as stack:
+            for name, (target, env) in apps.items():
+                port = free_port()
+                command = f"{sys.executable} -m uvicorn {target} --factory --port {port} {UVICORN_FLAGS}"
+                servers[name] = await stack.enter_async_context(
+                    serve_process(command, port, env, LOGS / f"{name}.log", kit.ROOT)
+                )
+            for _ in range(2):
+                reply = await kit.ask(servers["project"].url, token, {"question": QUESTION})
+            if not is_hit(reply.body):
+                raise SystemExit(f"the second request was not a cache hit: {reply.status} {reply.body[:300]!r}")
+            with redis.Redis.from_url(db.redis_base) as client:
+                client.set(FLOOR_KEY, reply.body)
+            runs: list[Run] = []
+            for c in args.concurrency:
+                for rnd in range(1, args.rounds + 1):
+                    for name in ["project", "floor"][:: 1 if rnd % 2 else -1]:
+                        runs.append(run := await measure(name, servers[name], args, token, c, rnd))
+                        kit.say(f"c={c:<3} round {rnd} {name:8} {run.rps:8,.0f} req/s  errors {len(run.errors)}")
+            setup = (
+                "Both servers `uvicorn --workers 1 --loop uvloop --http httptools --no-access-log`; tests.support.load "
+                f"client, one keep-alive connection per concurrent request, every body checked; {args.rounds} rounds × "
+                f"{args.duration:g} s per side and level after {args.warmup:g} s warm-up, order alternating; cached "
+                f"response {len(reply.body):,} bytes; API key without `rpm` or `tokens_per_day`."
+            )
+            profile = await profile_in_process(settings, embedder, token, args.profile_requests) if args.profile else ""
     return "\n\n".join(
         x for x in [f"{first} Load average after: {kit.load_text()}.", setup, report(runs, args), profile] if x
     )
