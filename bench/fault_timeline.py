@@ -23,6 +23,7 @@ from typing import Any
 import redis
 
 from bench import _kit as kit
+from service.embedded import start_postgres, start_valkey
 
 SECTION = "Fault timeline"
 DATA = kit.RESULTS / "fault"
@@ -42,26 +43,19 @@ class OwnServers:
     """This benchmark's own embedded Postgres and Valkey, with stop/start for the faults."""
 
     def __init__(self, data_dir: Path) -> None:
-        from service.embedded import start_postgres
-
         self.data_dir = data_dir
         self.pg = start_postgres(data_dir)
-        self.valkey = self._own_valkey()
-
-    def _own_valkey(self) -> Any:
-        from service.embedded import start_valkey
-
-        valkey = start_valkey(self.data_dir)
-        if not valkey.owned:  # left running by an interrupted run: stop it, so this process owns the next one
-            with contextlib.suppress(redis.RedisError):
-                redis.Redis(unix_socket_path=str(valkey.socket)).shutdown(nosave=False)
-            time.sleep(0.5)
-            valkey = start_valkey(self.data_dir)
-        assert valkey.owned, "could not start a Valkey of our own"
-        return valkey
+        self.start_redis()
 
     def start_redis(self) -> None:
-        self.valkey = self._own_valkey()
+        """A Valkey this process owns (one left running by an interrupted run is shut down first)."""
+        self.valkey = start_valkey(self.data_dir)
+        if not self.valkey.owned:
+            with contextlib.suppress(redis.RedisError):
+                redis.Redis(unix_socket_path=str(self.valkey.socket)).shutdown(nosave=False)
+            time.sleep(0.5)
+            self.valkey = start_valkey(self.data_dir)
+        assert self.valkey.owned, "could not start a Valkey of our own"
 
     def close(self) -> None:
         self.valkey.stop()
