@@ -16,12 +16,15 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator, Mapping, Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +35,7 @@ import redis.asyncio as aioredis
 
 from service.settings import Settings
 from tests.support.load import Client, ProviderProcess, Reply, fetch
-from tests.support.processes import Served as Served
-from tests.support.processes import clean_env as clean_env
-from tests.support.processes import serve_process as serve_process
+from tests.support.processes import Served, clean_env, serve_process
 from tests.support.servers import SHARED_DATA, bearer, free_port, make_key, make_settings, with_database
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,8 +92,7 @@ def machine_line() -> str:
     with contextlib.suppress(OSError, StopIteration):
         lines = Path("/proc/cpuinfo").read_text().splitlines()
         cpu = next(x.split(":", 1)[1].strip() for x in lines if x.startswith("model name"))
-    nproc = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{cpu}, nproc {nproc}, Python {platform.python_version()}, {platform.system()}"
+    return f"{cpu}, nproc {len(os.sched_getaffinity(0))}, Python {platform.python_version()}, {platform.system()}"
 
 
 def load_text() -> str:
@@ -159,29 +159,33 @@ def run_line(command: str, **facts: object) -> str:
     )
 
 
-def update_section(heading: str, body: str, path: Path | None = None) -> None:
-    """Replace the `## heading` section (append it if missing); other sections and a `### Notes` stay as they are."""
-    path = path or DOCS
+def section(args: argparse.Namespace, *parts: str, **facts: object) -> str:
+    """A section's body: the run line (with `facts`), then the non-empty `parts`, a blank line apart."""
+    return "\n\n".join([run_line(args.command, **facts), *(part for part in parts if part)])
+
+
+def update_section(heading: str, body: str) -> None:
+    """Replace the `## heading` section of DOCS (append it if missing); other sections and a `### Notes` stay."""
     marker = f"## {heading}"
     with (Path(tempfile.gettempdir()) / "ragcache-benchmarks-md.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        text = path.read_text() if path.exists() else "# Benchmarks\n"
+        text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
         lines = text.splitlines(keepends=True)
         start = next((i for i, line in enumerate(lines) if line.rstrip() == marker), None)
-        section = f"{marker}\n\n{body.strip()}\n\n"
+        new_section = f"{marker}\n\n{body.strip()}\n\n"
         if start is None:
-            new = text.rstrip("\n") + "\n\n" + section
+            new = text.rstrip("\n") + "\n\n" + new_section
         else:
             end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
             notes = next((i for i in range(start + 1, end) if lines[i].rstrip() == "### Notes"), None)
             if notes is not None:
-                section += "".join(lines[notes:end]).rstrip("\n") + "\n\n"
-            new = "".join(lines[:start]) + section + "".join(lines[end:])
-        path.write_text(new.rstrip("\n") + "\n")
+                new_section += "".join(lines[notes:end]).rstrip("\n") + "\n\n"
+            new = "".join(lines[:start]) + new_section + "".join(lines[end:])
+        DOCS.write_text(new.rstrip("\n") + "\n")
 
 
 def publish(
-    section: str, body: str, args: argparse.Namespace, summary: object = None, run_dir: Path | None = None
+    heading: str, body: str, args: argparse.Namespace, summary: object = None, run_dir: Path | None = None
 ) -> None:
     """Print the section, save the raw `summary`, and update docs/benchmarks.md unless --no-write/--quick."""
     print(body)
@@ -189,8 +193,8 @@ def publish(
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
         say(f"raw results: {run_dir / 'summary.json'}")
     if not args.no_write:
-        update_section(section, body)
-        say(f"wrote section “{section}” of {DOCS}")
+        update_section(heading, body)
+        say(f"wrote section “{heading}” of {DOCS}")
 
 
 def publish_run(section: str, run: Coroutine[Any, Any, str], args: argparse.Namespace, *needed: Path) -> int:
@@ -238,8 +242,6 @@ def load_queries(root: Path = MSMARCO, paraphrases: Path = PARAPHRASES) -> list[
 
 def passage_questions(n: int, *, prefix: str, skip: int = 0) -> list[str]:
     """`n` distinct questions, one per msmarco passage (every 7th, from `skip`), in a fixed order."""
-    import re
-
     rows = jsonl(MSMARCO / "corpus.jsonl")
     out: list[str] = []
     for i in range(len(rows)):
@@ -252,14 +254,14 @@ def passage_questions(n: int, *, prefix: str, skip: int = 0) -> list[str]:
     raise SystemExit(f"only {len(out)} distinct questions could be built, {n} needed")
 
 
-async def ingest_path(settings: Settings, embedder: Any, path: Path, fmt: str = "auto", **discover_kw: Any) -> Any:
-    """`rag-ingest add PATH` in-process; returns the IngestReport (unchanged documents are skipped)."""
+async def ingest_path(settings: Settings, embedder: Any, path: Path, fmt: str) -> Any:
+    """`rag-ingest add PATH --format FMT` in-process; returns the IngestReport (unchanged documents are skipped)."""
     from ingest.loaders import discover, load
     from ingest.pipeline import IngestOptions, ingest_documents
     from service.postgres.corpus import open_corpus
 
     async with open_corpus(settings) as corpus:
-        entries, failures = discover([str(path)], **discover_kw)
+        entries, failures = discover([str(path)])
         items = [*failures, *(doc for entry in entries for doc in load(entry, fmt))]  # type: ignore[arg-type]
         options = IngestOptions(settings.chunk_tokens, settings.chunk_overlap, settings.embed_batch_size)
         report = await ingest_documents(corpus.store, embedder, items, options)
@@ -294,23 +296,24 @@ class TimedEmbedder:
 class Servers:
     admin_dsn: str
     redis_base: str
-
-    def redis_url(self, db: int) -> str:
-        return f"{self.redis_base}{'&' if '?' in self.redis_base else '?'}db={db}"
+    data_dir: Path
 
 
 @contextlib.contextmanager
-def embedded_servers(data_dir: Path = DATA_DIR) -> Iterator[Servers]:
-    """Embedded Postgres + Valkey under `data_dir` (started, or attached to if already running)."""
+def embedded_servers(data_dir: Path | None = DATA_DIR) -> Iterator[Servers]:
+    """Embedded Postgres + Valkey under `data_dir` (started, or attached to if already running), stopped after;
+    `None`: in a temporary directory, removed after."""
     from service.embedded import start_postgres, start_valkey
 
-    pg = start_postgres(data_dir)
-    valkey = start_valkey(data_dir)
-    try:
-        yield Servers(pg.url, valkey.url)
-    finally:
-        valkey.stop()
-        pg.stop()
+    with contextlib.ExitStack() as cleanup:
+        if data_dir is None:
+            data_dir = Path(tempfile.mkdtemp(prefix="ragbench-"))
+            cleanup.callback(shutil.rmtree, data_dir, ignore_errors=True)  # after the servers stop
+        pg = start_postgres(data_dir)
+        cleanup.callback(pg.stop)
+        valkey = start_valkey(data_dir)
+        cleanup.callback(valkey.stop)
+        yield Servers(pg.url, valkey.url, data_dir)
 
 
 async def fetchval(dsn: str, sql: str, *args: object) -> Any:
@@ -337,13 +340,13 @@ def corpus_subset(corpus: Path, limit: int, subset: Path) -> Path:
     return subset
 
 
-async def ensure_corpus(servers: Servers, limit: int | None, data_dir: Path = DATA_DIR) -> tuple[str, int]:
+async def ensure_corpus(servers: Servers, limit: int | None) -> tuple[str, int]:
     """A database holding msmarco-5k (or its first `limit` passages), ingested once with `rag-ingest`, then reused."""
     corpus = MSMARCO / "corpus.jsonl"
     name = "msmarco_full" if limit is None else f"msmarco_{limit}"
     if not await fetchval(servers.admin_dsn, "SELECT 1 FROM pg_database WHERE datname = $1", name):
         await fetchval(servers.admin_dsn, f'CREATE DATABASE "{name}"')
-    dsn = with_database(servers.admin_dsn, name)
+    dsn, data_dir = with_database(servers.admin_dsn, name), servers.data_dir
     if limit is not None:  # beside the data directory, not in it: rag-ingest never ingests from RAG_DATA_DIR
         corpus = corpus_subset(corpus, limit, data_dir.parent / f"corpus-{limit}" / "corpus.jsonl")
     expected = len(jsonl(corpus))
@@ -371,23 +374,6 @@ async def fresh_caches(dsn: str, redis_url: str) -> None:
         await fetchval(dsn, "DELETE FROM semantic_cache")
 
 
-def rag_serve(
-    *, dsn: str, redis_url: str, provider_url: str, log: Path, env: Mapping[str, str] | None = None, workers: int = 1
-) -> contextlib.AbstractAsyncContextManager[Served]:
-    """`rag-serve --port P --workers N` as its own process, answering through the provider server."""
-    port = free_port()
-    defaults = {"RAG_PROVIDER_MAX_RETRIES": "0", "RAG_LOG_LEVEL": "warning"}  # `env` may override these
-    environment = clean_env(
-        DATABASE_URL=dsn,
-        REDIS_URL=redis_url,
-        RAG_DATA_DIR=str(DATA_DIR),
-        ANTHROPIC_API_KEY="sk-ant-bench",
-        ANTHROPIC_BASE_URL=provider_url,
-        **(defaults | dict(env or {})),
-    )
-    return serve_process(f"{BIN / 'rag-serve'} --port {port} --workers {workers}", port, environment, log, DATA_DIR)
-
-
 # --------------------------------------------------------------------------- what the replay benchmarks share
 
 
@@ -404,6 +390,54 @@ async def warm_up(url: str, token: str, n: int = 1) -> None:
         )
         if bad := [r for r in replies if not r.ok]:
             raise SystemExit(f"warm-up of {url} failed: {bad[0].outcome} {bad[0].error}")
+
+
+async def closed_loop(
+    clients: Sequence[Client], seconds: float, send: Callable[[Client], Awaitable[Reply]]
+) -> list[Reply]:
+    """Every keep-alive client `send`s back to back until `seconds` have passed; the replies, as they completed."""
+    deadline, replies = time.monotonic() + seconds, list[Reply]()
+
+    async def worker(client: Client) -> None:
+        while time.monotonic() < deadline:
+            replies.append(await send(client))
+
+    await asyncio.gather(*(worker(c) for c in clients))
+    return replies
+
+
+def warnings_in(log: Path) -> dict[str, int]:
+    """WARNING/ERROR lines of a server log (JSON lines or plain text), digits collapsed to N."""
+    counts: Counter[str] = Counter()
+    with contextlib.suppress(OSError):
+        for line in log.read_text(errors="replace").splitlines():
+            record: Any = None
+            with contextlib.suppress(ValueError):
+                record = json.loads(line) if line.startswith("{") else None
+            if isinstance(record, dict) and str(record.get("level", "")).upper() in ("WARNING", "ERROR", "CRITICAL"):
+                counts[
+                    f"{record['level']} {record.get('logger', '?')}: "
+                    f"{re.sub(r'[0-9]+', 'N', str(record.get('event')))[:100]}"
+                ] += 1
+            elif record is None and ("Traceback" in line or re.search(r"\b(WARNING|ERROR|CRITICAL)\b", line)):
+                counts[re.sub(r"[0-9]+", "N", line)[:100]] += 1
+    return dict(counts.most_common(8))
+
+
+MEMORY_PROBE = """
+import json, sys
+status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
+mb = {key: int(status[key].split()[0]) / 1024 for key in ("VmRSS", "VmHWM")}
+print(json.dumps({"rss_mb": mb["VmRSS"], "peak_mb": mb["VmHWM"], "torch": "torch" in sys.modules}))
+"""
+
+
+def child_memory(setup: str) -> dict[str, Any]:
+    """Run the Python `setup` in a fresh interpreter, then its resident and peak MB, and whether it imported torch."""
+    command = [sys.executable, "-c", setup + MEMORY_PROBE]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True, env=clean_env())
+    parsed: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return parsed
 
 
 def replay_arguments(
@@ -432,28 +466,38 @@ class ReplayStack:
 
     async def fresh(self, redis_db: int) -> str:
         """The URL of logical Redis db `redis_db`, emptied, with the semantic index emptied too."""
-        redis_url = self.servers.redis_url(redis_db)
+        base = self.servers.redis_base
+        redis_url = f"{base}{'&' if '?' in base else '?'}db={redis_db}"
         await fresh_caches(self.dsn, redis_url)
         return redis_url
 
     def serve(
         self, redis_url: str, log: Path, env: Mapping[str, str] | None = None, workers: int = 1
     ) -> contextlib.AbstractAsyncContextManager[Served]:
-        """`rag-serve` over this stack's corpus and model stand-in, on `redis_url`."""
-        provider_url = self.provider.base_url
-        return rag_serve(
-            dsn=self.dsn, redis_url=redis_url, provider_url=provider_url, log=log, env=env, workers=workers
+        """`rag-serve --port P --workers N` as its own process over this stack's corpus, answering through its
+        model stand-in, on `redis_url`."""
+        port = free_port()
+        defaults = {"RAG_PROVIDER_MAX_RETRIES": "0", "RAG_LOG_LEVEL": "warning"}  # `env` may override these
+        environment = clean_env(
+            DATABASE_URL=self.dsn,
+            REDIS_URL=redis_url,
+            RAG_DATA_DIR=str(DATA_DIR),
+            ANTHROPIC_API_KEY="sk-ant-bench",
+            ANTHROPIC_BASE_URL=self.provider.base_url,
+            **(defaults | dict(env or {})),
         )
+        return serve_process(f"{BIN / 'rag-serve'} --port {port} --workers {workers}", port, environment, log, DATA_DIR)
 
 
 @asynccontextmanager
-async def replay_stack(args: argparse.Namespace) -> AsyncIterator[ReplayStack]:
-    """Embedded Postgres + Valkey, the model stand-in at `args`' pace, the corpus, and an API key."""
-    with embedded_servers(DATA_DIR) as servers:
-        pace = (args.first_token_delay, args.token_interval, args.answer_tokens)
-        async with ProviderProcess(*pace, oracle=getattr(args, "oracle", None)) as provider:
-            dsn, documents = await ensure_corpus(servers, args.limit_corpus)
-            yield ReplayStack(servers, provider, dsn, documents, await create_key(dsn))
+async def replay_stack(args: argparse.Namespace, servers: Servers | None = None) -> AsyncIterator[ReplayStack]:
+    """Embedded Postgres + Valkey (or `servers`), the model stand-in at `args`' pace, the corpus, and an API key."""
+    with embedded_servers() if servers is None else contextlib.nullcontext(servers) as db:
+        async with ProviderProcess(
+            args.first_token_delay, args.token_interval, args.answer_tokens, oracle=getattr(args, "oracle", None)
+        ) as provider:
+            dsn, documents = await ensure_corpus(db, args.limit_corpus)
+            yield ReplayStack(db, provider, dsn, documents, await create_key(dsn))
 
 
 def model_line(args: argparse.Namespace, documents: int) -> str:

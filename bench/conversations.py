@@ -8,17 +8,17 @@ written before the rewrite rules), retrieved top 3 as asked, after the offline r
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import functools
 import json
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench._kit import arguments, embedded_servers, fmt_ms, parse, percentile, publish, run_line, say, table
+from bench._kit import arguments, embedded_servers, fmt_ms, parse, percentile, publish, say, section, table
 from service.answer.standalone import REWRITE_SYSTEM, Rewriter
 from service.embeddings.encoders import LocalEmbedder
 from service.http.app import build_providers, routing_policy
@@ -31,7 +31,7 @@ from service.redis.rewrites import RewriteCache
 from tests.support.answers import with_providers
 from tests.support.demo import ingest_examples
 from tests.support.provider_server import Behavior, ProviderServer, default_answer
-from tests.support.servers import fresh_database, make_settings
+from tests.support.servers import make_settings
 
 DATA = Path(__file__).resolve().parent / "conversations.jsonl"
 SECTION = "Conversations: follow-up rewriting"
@@ -101,66 +101,64 @@ async def measure(quick: bool) -> dict[str, Any]:
     items = load()
     if quick:
         items = items[:6]
-    root = Path(tempfile.mkdtemp(prefix="ragcache-bench-conversations-"))
-    with embedded_servers(root) as servers:
-        async with fresh_database(servers.admin_dsn) as dsn:
-            settings = make_settings(dsn, servers.redis_base, root / "data")
-            embedder = LocalEmbedder()
-            say("ingesting examples/ …")
-            await ingest_examples(settings, embedder)
-            pool = await create_pool(dsn)
-            retriever = Retriever(pool)
-            rows = await pool.fetch("SELECT id, external_id FROM documents")
-            names = {r["id"]: Path(r["external_id"]).name for r in rows}
+    with embedded_servers(None) as servers:
+        settings = make_settings(servers.admin_dsn, servers.redis_base, servers.data_dir)
+        embedder = LocalEmbedder()
+        say("ingesting examples/ …")
+        await ingest_examples(settings, embedder)
+        pool = await create_pool(servers.admin_dsn)
+        retriever = Retriever(pool)
+        rows = await pool.fetch("SELECT id, external_id FROM documents")
+        names = {r["id"]: Path(r["external_id"]).name for r in rows}
 
-            async def found(question: str, item: FollowUp) -> tuple[bool, bool]:
-                """(the primary document in the top k, any expected document in the top k)"""
-                vector = (await embedder.embed([question]))[0]
-                sources = await retriever.search(vector, question, top_k=TOP_K, filters=Filters.parse(None))
-                documents = {names[s.document_id] for s in sources}
-                return item.primary in documents, bool(documents & item.expect)
+        async def found(question: str, item: FollowUp) -> tuple[bool, bool]:
+            """(the primary document in the top k, any expected document in the top k)"""
+            vector = (await embedder.embed([question]))[0]
+            sources = await retriever.search(vector, question, top_k=TOP_K, filters=Filters.parse(None))
+            documents = {names[s.document_id] for s in sources}
+            return item.primary in documents, bool(documents & item.expect)
 
-            script = Script(items)
-            results: dict[str, Any] = {"n": len(items), "hits": {}, "latency_ms": {}, "rewritten": {}}
-            with ProviderServer() as provider:
-                provider.default = Behavior(text=script)
-                model_settings = with_providers(settings, provider)
-                client = worker_client(servers.redis_base, max_connections=4)
-                await client.flushdb()
-                make = functools.partial(Rewriter, timeout_s=3, turns=3)
-                offline = make(mode="offline", providers={}, policy=routing_policy(settings), cache=None)
-                providers, policy = build_providers(model_settings), routing_policy(model_settings)
-                model = make(mode="auto", providers=providers, policy=policy, cache=RewriteCache(client, ttl_s=3600))
-                rewriters = {"offline": offline, "model": model}
-                questions: dict[str, list[str]] = {"none": [it.question for it in items], "ceiling": []}
-                warm = History((Turn("user", "What is a warm-up?"),))
-                for rewriter in rewriters.values():  # first-call costs (connections, patterns) are not the rule
-                    await rewriter.standalone("Is it ready?", warm)
-                script.calls = 0
-                for mode, rewriter in rewriters.items():
-                    questions[mode], results["latency_ms"][mode] = await rewrite_all(rewriter, items)
-                calls_first = script.calls
-                _, results["latency_ms"]["replay"] = await rewrite_all(model, items)  # every rewrite from the cache
-                results["calls"] = {"model": calls_first, "replay": script.calls - calls_first}
-                await client.aclose()
-            questions["ceiling"] = [it.standalone for it in items]
-            # The offline rules alone, without the Rewriter around them: their own cost.
-            started = time.perf_counter()
-            for item in items:
-                rewrite(item.question, item.previous[-3:])
-            results["rules_us_each"] = (time.perf_counter() - started) * 1e6 / len(items)
-            results |= {"missed": {}, "any": {}}
-            for mode, texts in questions.items():
-                hits = [await found(text, item) for text, item in zip(texts, items, strict=True)]
-                results["hits"][mode] = sum(primary for primary, _ in hits)
-                results["any"][mode] = sum(any_ for _, any_ in hits)
-                results["missed"][mode] = [t for t, (hit, _) in zip(texts, hits, strict=True) if not hit]
-                results["rewritten"][mode] = sum(t != it.question for t, it in zip(texts, items, strict=True))
-            await pool.close()
+        script = Script(items)
+        results: dict[str, Any] = {"n": len(items)} | {
+            k: {} for k in ("hits", "any", "missed", "latency_ms", "rewritten")
+        }
+        with ProviderServer() as provider:
+            provider.default = Behavior(text=script)
+            model_settings = with_providers(settings, provider)
+            client = worker_client(servers.redis_base, max_connections=4)
+            await client.flushdb()
+            make = functools.partial(Rewriter, timeout_s=3, turns=3)
+            offline = make(mode="offline", providers={}, policy=routing_policy(settings), cache=None)
+            providers, policy = build_providers(model_settings), routing_policy(model_settings)
+            model = make(mode="auto", providers=providers, policy=policy, cache=RewriteCache(client, ttl_s=3600))
+            rewriters = {"offline": offline, "model": model}
+            questions = {"none": [it.question for it in items], "ceiling": [it.standalone for it in items]}
+            warm = History((Turn("user", "What is a warm-up?"),))
+            for rewriter in rewriters.values():  # first-call costs (connections, patterns) are not the rule
+                await rewriter.standalone("Is it ready?", warm)
+            script.calls = 0
+            for mode, rewriter in rewriters.items():
+                questions[mode], results["latency_ms"][mode] = await rewrite_all(rewriter, items)
+            calls_first = script.calls
+            _, results["latency_ms"]["replay"] = await rewrite_all(model, items)  # every rewrite from the cache
+            results["calls"] = {"model": calls_first, "replay": script.calls - calls_first}
+            await client.aclose()
+        # The offline rules alone, without the Rewriter around them: their own cost.
+        started = time.perf_counter()
+        for item in items:
+            rewrite(item.question, item.previous[-3:])
+        results["rules_us_each"] = (time.perf_counter() - started) * 1e6 / len(items)
+        for mode, texts in questions.items():
+            hits = [await found(text, item) for text, item in zip(texts, items, strict=True)]
+            results["hits"][mode] = sum(primary for primary, _ in hits)
+            results["any"][mode] = sum(any_ for _, any_ in hits)
+            results["missed"][mode] = [t for t, (hit, _) in zip(texts, hits, strict=True) if not hit]
+            results["rewritten"][mode] = sum(t != it.question for t, it in zip(texts, items, strict=True))
+        await pool.close()
     return results
 
 
-def report(results: dict[str, Any], command: str) -> str:
+def report(results: dict[str, Any], args: argparse.Namespace) -> str:
     n, lat, rows = results["n"], results["latency_ms"], []
     for mode, label in (
         ("none", "no rewrite (before)"),
@@ -175,23 +173,19 @@ def report(results: dict[str, Any], command: str) -> str:
     ceiling = [results["hits"]["ceiling"], results["any"]["ceiling"]]
     rows.append(["hand-written standalone questions (ceiling)", *(f"{c}/{n}" for c in ceiling), n, "–", "–", "–"])
     header = f"rewrite | subject's page in top {TOP_K} | any answering document in top {TOP_K} | rewritten"
-    body = table(f"{header} | model calls | added p50 ms | added p99 ms", rows)
-    return "\n\n".join(
-        [
-            run_line(command),
-            "The 30 conversations / 45 follow-ups of bench/conversations.jsonl over the examples/ handbook "
-            f"(hybrid retrieval, top {TOP_K}). The offline rules alone take {results['rules_us_each']:.0f} µs per "
-            "follow-up; the model rows' latency is a loopback round trip (Notes).",
-            body,
-        ]
+    return section(
+        args,
+        "The 30 conversations / 45 follow-ups of bench/conversations.jsonl over the examples/ handbook "
+        f"(hybrid retrieval, top {TOP_K}). The offline rules alone take {results['rules_us_each']:.0f} µs per "
+        "follow-up; the model rows' latency is a loopback round trip (Notes).",
+        table(f"{header} | model calls | added p50 ms | added p99 ms", rows),
     )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = arguments("conversations", __doc__)
-    args = parse(parser, argv)
+    args = parse(arguments("conversations", __doc__), argv)
     results = asyncio.run(measure(args.quick))
-    publish(SECTION, report(results, args.command), args, summary=results)
+    publish(SECTION, report(results, args), args, summary=results)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from typing import Any
 import redis
 
 from bench import _kit as kit
-from bench.load import warnings_in
+from service.embedded import start_postgres, start_valkey
 
 SECTION = "Fault timeline"
 DATA = kit.RESULTS / "fault"
@@ -43,26 +43,19 @@ class OwnServers:
     """This benchmark's own embedded Postgres and Valkey, with stop/start for the faults."""
 
     def __init__(self, data_dir: Path) -> None:
-        from service.embedded import start_postgres
-
         self.data_dir = data_dir
         self.pg = start_postgres(data_dir)
-        self.valkey = self._own_valkey()
-
-    def _own_valkey(self) -> Any:
-        from service.embedded import start_valkey
-
-        valkey = start_valkey(self.data_dir)
-        if not valkey.owned:  # left running by an interrupted run: stop it, so this process owns the next one
-            with contextlib.suppress(redis.RedisError):
-                redis.Redis(unix_socket_path=str(valkey.socket)).shutdown(nosave=False)
-            time.sleep(0.5)
-            valkey = start_valkey(self.data_dir)
-        assert valkey.owned, "could not start a Valkey of our own"
-        return valkey
+        self.start_redis()
 
     def start_redis(self) -> None:
-        self.valkey = self._own_valkey()
+        """A Valkey this process owns (one left running by an interrupted run is shut down first)."""
+        self.valkey = start_valkey(self.data_dir)
+        if not self.valkey.owned:
+            with contextlib.suppress(redis.RedisError):
+                redis.Redis(unix_socket_path=str(self.valkey.socket)).shutdown(nosave=False)
+            time.sleep(0.5)
+            self.valkey = start_valkey(self.data_dir)
+        assert self.valkey.owned, "could not start a Valkey of our own"
 
     def close(self) -> None:
         self.valkey.stop()
@@ -285,27 +278,22 @@ def plot(seconds: list[dict[str, Any]], events: dict[str, tuple[float, float]], 
 
 async def main_async(args: Any) -> None:
     out = kit.run_dir("fault_timeline")
+    log = out / "rag-serve.log"
     cached = kit.passage_questions(HIT_POOL, prefix="what does the corpus say about", skip=3)
     n = int(args.rate * args.phase * len(PHASES)) + 10
     fresh = kit.passage_questions(n, prefix="what do the passages tell us about", skip=5)
     own = OwnServers(DATA)
     try:
-        dsn, documents = await kit.ensure_corpus(kit.Servers(own.pg.url, own.valkey.url), args.limit_corpus, DATA)
-        token = await kit.create_key(dsn)
-        with redis.Redis.from_url(own.valkey.url) as client:
-            client.flushdb()  # a run starts cold
-        async with kit.ProviderProcess(args.first_token_delay, args.token_interval, args.answer_tokens) as provider:
-            log = out / "rag-serve.log"
-            async with kit.rag_serve(
-                dsn=dsn, redis_url=own.valkey.url, provider_url=provider.base_url, log=log
-            ) as server:
+        async with kit.replay_stack(args, kit.Servers(own.pg.url, own.valkey.url, DATA)) as stack:
+            async with stack.serve(await stack.fresh(0), log) as server:  # a run starts cold
                 kit.say(f"warming the cache with {HIT_POOL} questions")
                 for q in cached:
-                    if not (await kit.ask(server.url, token, {"question": q})).ok:
+                    if not (await kit.ask(server.url, stack.token, {"question": q})).ok:
                         raise SystemExit(f"warming the cache failed on {q!r}")
                 await asyncio.sleep(1.5)  # Valkey's append-only file is fsynced every second: it survives a restart
                 kit.say(f"== {args.rate:g} req/s for {args.phase * len(PHASES):.0f} s; faults every {args.phase:g} s")
-                run = await timeline(server.url, token, own, args, cached, fresh)
+                run = await timeline(server.url, stack.token, own, args, cached, fresh)
+            documents = stack.documents
     finally:
         own.close()
     seconds = per_second(run, int(args.phase * len(PHASES)))
@@ -317,8 +305,8 @@ async def main_async(args: Any) -> None:
         f"{args.hit_share:.0%} for {HIT_POOL} cached questions, the rest fresh; an error = non-200, an SSE `error`, "
         "or no complete answer."
     )
-    body = "\n\n".join([kit.run_line(args.command), setup, report(run, seconds, args, plotted)])
-    body += f"\n\nServer log warnings: {'; '.join(f'{k} ×{v}' for k, v in warnings_in(log).items()) or 'none'}."
+    warnings = f"Server log warnings: {'; '.join(f'{k} ×{v}' for k, v in kit.warnings_in(log).items()) or 'none'}."
+    body = kit.section(args, setup, report(run, seconds, args, plotted), warnings)
     kit.publish(SECTION, body, args, {"events": run["events"], "seconds": seconds}, out)
 
 

@@ -151,26 +151,24 @@ async def measure(
     return share, results
 
 
-def report(
-    share: dict[str, str], results: dict[str, dict[str, Case]], queries: int, repeat: int, ef_search: int
-) -> str:
+def report(share: dict[str, str], results: dict[str, dict[str, Case]], queries: int, args: argparse.Namespace) -> str:
     service, hnsw, off = (results[m] for m in MODES)
     rows = [
         [label, share[label], service[label].plan, *service[label].row(), *hnsw[label].row(), *off[label].row()]
         for label in SCOPES
     ]
-    header = ["the key may read", "chunks", "service: plan", f"recall@{K}", "short", "p50 ms"]
-    header += [f"HNSW + iterative scan: recall@{K}", "short", "p50 ms", f"HNSW, iterative off: recall@{K}", "short"]
-    header += ["p50 ms"]
-    return "\n\n".join(
-        [
-            f"{queries} msmarco-5k queries × {repeat}; `hnsw.ef_search` {ef_search}, `hnsw.max_scan_tuples` "
-            f"{Settings.model_fields['hnsw_max_scan_tuples'].default:,} (`RAG_HNSW_MAX_SCAN_TUPLES`). recall@{K}: the "
-            "service's dense top 10 against an exact cosine scan inside the same collections; *short*: "
-            f"queries that got fewer than {K} chunks; p50: one `Retriever.search` (dense and full-text halves). "
-            "The three plans (*service*, *HNSW*, *iterative off*) are described under Notes.",
-            kit.table(header, rows),
-        ]
+    cells = " | ".join(
+        f"{plan}recall@{K} | short | p50 ms" for plan in ("", "HNSW + iterative scan: ", "HNSW, iterative off: ")
+    )
+    header = f"the key may read | chunks | service: plan | {cells}"
+    return kit.section(
+        args,
+        f"{queries} msmarco-5k queries × {args.repeat}; `hnsw.ef_search` {args.ef_search}, `hnsw.max_scan_tuples` "
+        f"{Settings.model_fields['hnsw_max_scan_tuples'].default:,} (`RAG_HNSW_MAX_SCAN_TUPLES`). recall@{K}: the "
+        "service's dense top 10 against an exact cosine scan inside the same collections; *short*: "
+        f"queries that got fewer than {K} chunks; p50: one `Retriever.search` (dense and full-text halves). "
+        "The three plans (*service*, *HNSW*, *iterative off*) are described under Notes.",
+        kit.table(header, rows),
     )
 
 
@@ -192,7 +190,7 @@ async def run(args: argparse.Namespace) -> str:
         queries = [(t, (await embedder.embed([t]))[0]) for t in texts]
         kit.say(f"{documents} documents, {len(queries)} queries")
         share, results = await measure(dsn, queries, args.repeat, args.ef_search)
-    return kit.run_line(args.command) + "\n\n" + report(share, results, len(queries), args.repeat, args.ef_search)
+    return report(share, results, len(queries), args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

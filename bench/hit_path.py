@@ -19,12 +19,10 @@ import itertools
 import json
 import os
 import pstats
-import shutil
 import sys
-import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +32,8 @@ from fastapi import FastAPI, Request, Response
 
 from bench import _kit as kit
 from tests.support.asgi import asgi_request
+from tests.support.demo import ingest_examples
+from tests.support.processes import Served, clean_env, serve_process
 from tests.support.servers import free_port
 from tests.support.sse import first_event
 
@@ -45,12 +45,11 @@ LOGS = kit.RESULTS / "hit_path"
 UVICORN_FLAGS = "--host 127.0.0.1 --workers 1 --log-level warning --no-access-log --loop uvloop --http httptools"
 
 
-def floor_app(redis_url: str | None = None, key: str | None = None) -> FastAPI:
+def floor_app(redis_url: str | None = None) -> FastAPI:
     """The floor: one Redis GET, the stored bytes back as an event stream. Nothing else."""
     import redis.asyncio as aioredis
 
     url = redis_url or os.environ["BENCH_FLOOR_REDIS_URL"]
-    stored_key = key or os.environ.get("BENCH_FLOOR_KEY", FLOOR_KEY)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -67,7 +66,7 @@ def floor_app(redis_url: str | None = None, key: str | None = None) -> FastAPI:
     @app.post("/rag/stream")
     async def stream(request: Request) -> Response:
         await request.body()
-        raw = await request.app.state.redis.get(stored_key)
+        raw = await request.app.state.redis.get(FLOOR_KEY)
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Request-ID": uuid.uuid4().hex}
         return Response(raw, media_type="text/event-stream", headers=headers)
 
@@ -111,81 +110,31 @@ class Run:
         return max((b - a for a, b in itertools.pairwise(sorted(self.completions))), default=0.0)
 
 
-async def drive(clients: Sequence[kit.Client], raw: bytes, seconds: float, run: Run | None) -> None:
-    """Every client sends the pre-built `raw` request until the deadline; latency is request sent → full body read."""
-    deadline = time.perf_counter() + seconds
-
-    async def worker(client: kit.Client) -> None:
-        while (started := time.perf_counter()) < deadline:
-            reply = await client.request("POST", "/rag/stream", raw=raw, limit_s=30)  # a broken connection reopens
-            if run is not None and reply.status == 200 and is_hit(reply.body):
-                run.latencies.append(time.perf_counter() - started)
-                run.completions.append(time.perf_counter())
-            elif run is not None:
-                run.errors.append(f"status {reply.status}: {reply.client_error or reply.body[:160]!r}")
-
-    await asyncio.gather(*(worker(c) for c in clients))
-
-
-async def measure(name: str, server: kit.Served, args: Any, token: str, c: int, rnd: int) -> Run:
-    """One side at one level: `c` keep-alive clients, warmed up, then measured with both processes' CPU."""
+async def measure(name: str, server: Served, args: Any, token: str, c: int, rnd: int) -> Run:
+    """One side at one level: `c` keep-alive clients sending a pre-built request, warmed up, then measured with both
+    processes' CPU; latency is request sent → full body read."""
     run = Run(name, c, rnd)
     clients = [kit.Client(server.url, kit.bearer(token)) for _ in range(c)]
     raw = clients[0].encode("POST", "/rag/stream", json.dumps({"question": QUESTION}).encode(), close=False)
-    await drive(clients, raw, args.warmup, None)
+
+    async def send(client: kit.Client) -> kit.Reply:
+        return await client.request("POST", "/rag/stream", raw=raw, limit_s=30)  # a broken connection reopens
+
+    await kit.closed_loop(clients, args.warmup, send)
     cpu0, server0, t0 = time.process_time(), cpu_seconds(server.pid), time.perf_counter()
-    await drive(clients, raw, args.duration, run)
+    replies = await kit.closed_loop(clients, args.duration, send)
     run.seconds = time.perf_counter() - t0
     run.client_cpu = time.process_time() - cpu0
     run.server_cpu = cpu_seconds(server.pid) - server0
+    for reply in replies:
+        if reply.status == 200 and is_hit(reply.body):
+            run.latencies.append(reply.total_s)
+            run.completions.append(reply.started + reply.total_s)
+        else:
+            run.errors.append(f"status {reply.status}: {reply.client_error or reply.body[:160]!r}")
     for client in clients:
         client.close()
     return run
-
-
-@dataclass
-class Stack:
-    settings: Any  # the project's, over the embedded servers
-    embedder: Any
-    token: str
-    servers: dict[str, kit.Served]
-    hit_bytes: int = 0
-
-
-@asynccontextmanager
-async def stack() -> AsyncIterator[Stack]:
-    """Embedded Postgres + Valkey in a temp dir, `examples/` ingested, both servers up, one hit warmed."""
-    import redis
-
-    from service.embeddings.encoders import LocalEmbedder
-
-    data_dir = Path(tempfile.mkdtemp(prefix="ragbench-hit-"))
-    with contextlib.ExitStack() as cleanup:
-        cleanup.callback(shutil.rmtree, data_dir, ignore_errors=True)  # after the servers stop
-        db = cleanup.enter_context(kit.embedded_servers(data_dir))
-        settings, embedder = kit.make_settings(db.admin_dsn, db.redis_base, data_dir), LocalEmbedder()
-        await kit.ingest_path(settings, embedder, kit.ROOT / "examples", source="handbook")
-        s = Stack(settings, embedder, await kit.create_key(db.admin_dsn), {})
-        project_env = {"DATABASE_URL": db.admin_dsn, "REDIS_URL": db.redis_base, "RAG_DATA_DIR": str(data_dir)}
-        apps = {
-            "project": ("service.http.app:app_factory", kit.clean_env(RAG_LOG_LEVEL="warning", **project_env)),
-            "floor": ("bench.hit_path:floor_app", kit.clean_env(BENCH_FLOOR_REDIS_URL=db.redis_base)),
-        }
-        kit.say("starting both servers (the project loads the embedding model first)")
-        async with contextlib.AsyncExitStack() as servers:
-            for name, (target, env) in apps.items():
-                port = free_port()
-                command = f"{sys.executable} -m uvicorn {target} --factory --port {port} {UVICORN_FLAGS}"
-                serve = kit.serve_process(command, port, env, LOGS / f"{name}.log", kit.ROOT)
-                s.servers[name] = await servers.enter_async_context(serve)
-            for _ in range(2):
-                reply = await kit.ask(s.servers["project"].url, s.token, {"question": QUESTION})
-            if not is_hit(reply.body):
-                raise SystemExit(f"the second request was not a cache hit: {reply.status} {reply.body[:300]!r}")
-            s.hit_bytes = len(reply.body)
-            with redis.Redis.from_url(db.redis_base) as client:
-                client.set(FLOOR_KEY, reply.body)
-            yield s
 
 
 COLUMNS = "concurrency | server | requests | errors | req/s | p50 ms | p99 ms"
@@ -232,12 +181,6 @@ def report(runs: list[Run], args: Any) -> str:
 # --------------------------------------------------------------------------- in-process profile
 
 
-async def asgi_post(app: Any, payload: bytes, token: str) -> tuple[int, bytes]:
-    """One POST /rag/stream straight through the ASGI interface: no sockets, no uvicorn."""
-    headers = {"content-type": "application/json", **kit.bearer(token)}
-    return await asgi_request(app, "POST", "/rag/stream", payload, headers)
-
-
 # Self time by package: a built-in's time (dict.get, isinstance …) goes to its callers' packages.
 PACKAGES = {
     "project code (service/)": ("/service/",),
@@ -275,14 +218,17 @@ def heaviest(stats: pstats.Stats, n: int = 8) -> list[tuple[str, float]]:
     return sorted(found, key=lambda x: -x[1])[:n]
 
 
-async def profile_in_process(s: Stack, n: int) -> str:
+async def profile_in_process(settings: Any, embedder: Any, token: str, n: int) -> str:
     from service.http.app import create_app
 
-    apps = {
-        "project": create_app(s.settings, embedder=s.embedder),
-        "floor": floor_app(str(s.settings.redis_url), FLOOR_KEY),
-    }
+    apps = {"project": create_app(settings, embedder=embedder), "floor": floor_app(str(settings.redis_url))}
     payload = json.dumps({"question": QUESTION}).encode()
+    headers = {"content-type": "application/json", **kit.bearer(token)}
+
+    async def hits(app: Any, count: int) -> list[tuple[int, bytes]]:
+        """`count` sequential POST /rag/stream straight through the ASGI interface: no sockets, no uvicorn."""
+        return [await asgi_request(app, "POST", "/rag/stream", payload, headers) for _ in range(count)]
+
     cpu: dict[str, float] = {}
     profiles: dict[str, pstats.Stats] = {}
     async with (
@@ -290,25 +236,22 @@ async def profile_in_process(s: Stack, n: int) -> str:
         apps["floor"].router.lifespan_context(apps["floor"]),
     ):
         for name, app in apps.items():
-            for _ in range(200):  # warm-up, and a check that both really answer hits
-                status, body = await asgi_post(app, payload, s.token)
+            for status, body in await hits(app, 200):  # warm-up, and a check that both really answer hits
                 if status != 200 or not is_hit(body):
                     raise SystemExit(f"in-process {name}: not a hit: {status} {body[:200]!r}")
         for _ in range(2):
             for name, app in apps.items():
                 started = time.process_time()
-                for _ in range(n):
-                    await asgi_post(app, payload, s.token)
+                await hits(app, n)
                 cpu[name] = min(cpu.get(name, 1e9), (time.process_time() - started) / n)
         for name, app in apps.items():
             profiler = cProfile.Profile(time.process_time)
             profiler.enable()
-            for _ in range(n):
-                await asgi_post(app, payload, s.token)
+            await hits(app, n)
             profiler.disable()
             profiles[name] = pstats.Stats(profiler)
             profiles[name].dump_stats(str(LOGS / f"{name}_hit.prof"))
-        gc_line = await gc_pauses(apps["project"], payload, s.token, hits=64 * max(1, n // 32))
+        gc_line = await gc_pauses(lambda: hits(apps["project"], 1), hits=64 * max(1, n // 32))
     # cProfile inflates times: scale each app's numbers to its unprofiled CPU per hit (approximate).
     scale = {k: cpu[k] / profiles[k].total_tt for k in apps}  # type: ignore[attr-defined]
     packages = {k: by_package(profiles[k]) for k in apps}
@@ -330,7 +273,7 @@ async def profile_in_process(s: Stack, n: int) -> str:
     )
 
 
-async def gc_pauses(app: Any, payload: bytes, token: str, hits: int = 4096, concurrency: int = 64) -> str:
+async def gc_pauses(hit: Callable[[], Awaitable[object]], hits: int, concurrency: int = 64) -> str:
     """Heap size and the collector's pauses while hits run concurrently, in a process holding the model."""
     frozen, tracked = gc.get_freeze_count(), len(gc.get_objects())
     started = time.perf_counter()
@@ -347,7 +290,7 @@ async def gc_pauses(app: Any, payload: bytes, token: str, hits: int = 4096, conc
 
     async def worker() -> None:
         for _ in range(hits // concurrency):
-            await asgi_post(app, payload, token)
+            await hit()
 
     gc.callbacks.append(callback)
     try:
@@ -363,22 +306,50 @@ async def gc_pauses(app: Any, payload: bytes, token: str, hits: int = 4096, conc
 
 
 async def bench(args: Any) -> str:
+    """Embedded Postgres + Valkey in a temp dir, `examples/` ingested, both servers up and one hit warmed; then each
+    level and round, side by side, and the in-process profile."""
+    import redis
+
+    from service.embeddings.encoders import LocalEmbedder
+
     first = kit.run_line(args.command)
-    async with stack() as s:
-        runs: list[Run] = []
-        for c in args.concurrency:
-            for rnd in range(1, args.rounds + 1):
-                for name in ["project", "floor"][:: 1 if rnd % 2 else -1]:
-                    runs.append(run := await measure(name, s.servers[name], args, s.token, c, rnd))
-                    kit.say(f"c={c:<3} round {rnd} {name:8} {run.rps:8,.0f} req/s  errors {len(run.errors)}")
-        setup = (
-            "Both servers `uvicorn --workers 1 --loop uvloop --http httptools --no-access-log`; "
-            f"tests.support.load client, "
-            f"one keep-alive connection per concurrent request, every body checked; {args.rounds} rounds × "
-            f"{args.duration:g} s per side and level after {args.warmup:g} s warm-up, order alternating; cached "
-            f"response {s.hit_bytes:,} bytes; API key without `rpm` or `tokens_per_day`."
-        )
-        profile = await profile_in_process(s, args.profile_requests) if args.profile else ""
+    with kit.embedded_servers(None) as db:
+        settings, embedder = kit.make_settings(db.admin_dsn, db.redis_base, db.data_dir), LocalEmbedder()
+        await ingest_examples(settings, embedder)
+        token = await kit.create_key(db.admin_dsn)
+        project_env = {"DATABASE_URL": db.admin_dsn, "REDIS_URL": db.redis_base, "RAG_DATA_DIR": str(db.data_dir)}
+        apps = {
+            "project": ("service.http.app:app_factory", clean_env(RAG_LOG_LEVEL="warning", **project_env)),
+            "floor": ("bench.hit_path:floor_app", clean_env(BENCH_FLOOR_REDIS_URL=db.redis_base)),
+        }
+        kit.say("starting both servers (the project loads the embedding model first)")
+        servers: dict[str, Served] = {}
+        async with contextlib.AsyncExitStack() as stack:
+            for name, (target, env) in apps.items():
+                port = free_port()
+                command = f"{sys.executable} -m uvicorn {target} --factory --port {port} {UVICORN_FLAGS}"
+                servers[name] = await stack.enter_async_context(
+                    serve_process(command, port, env, LOGS / f"{name}.log", kit.ROOT)
+                )
+            for _ in range(2):
+                reply = await kit.ask(servers["project"].url, token, {"question": QUESTION})
+            if not is_hit(reply.body):
+                raise SystemExit(f"the second request was not a cache hit: {reply.status} {reply.body[:300]!r}")
+            with redis.Redis.from_url(db.redis_base) as client:
+                client.set(FLOOR_KEY, reply.body)
+            runs: list[Run] = []
+            for c in args.concurrency:
+                for rnd in range(1, args.rounds + 1):
+                    for name in ["project", "floor"][:: 1 if rnd % 2 else -1]:
+                        runs.append(run := await measure(name, servers[name], args, token, c, rnd))
+                        kit.say(f"c={c:<3} round {rnd} {name:8} {run.rps:8,.0f} req/s  errors {len(run.errors)}")
+            setup = (
+                "Both servers `uvicorn --workers 1 --loop uvloop --http httptools --no-access-log`; tests.support.load "
+                f"client, one keep-alive connection per concurrent request, every body checked; {args.rounds} rounds × "
+                f"{args.duration:g} s per side and level after {args.warmup:g} s warm-up, order alternating; cached "
+                f"response {len(reply.body):,} bytes; API key without `rpm` or `tokens_per_day`."
+            )
+            profile = await profile_in_process(settings, embedder, token, args.profile_requests) if args.profile else ""
     return "\n\n".join(
         x for x in [f"{first} Load average after: {kit.load_text()}.", setup, report(runs, args), profile] if x
     )

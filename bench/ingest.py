@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
-import shutil
 import statistics
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,10 +19,10 @@ from typing import Any
 from bench import _kit as kit
 from ingest.loaders import LoadFailure, SourceDocument, discover, load
 from ingest.pipeline import IngestOptions, IngestReport, ingest_documents, prepare
-from service.embedded import start_postgres
 from service.embeddings.encoders import LocalEmbedder
 from service.postgres.corpus import open_corpus
 from service.postgres.documents import DocumentStore, PreparedDocument, WriteResult
+from tests.support.servers import fresh_database
 
 DEFAULT_CORPUS = kit.SHARED_DATA / "msmarco-5k" / "corpus.jsonl"
 SECTION = "Ingest"
@@ -99,13 +96,12 @@ def timed_raw(embedder: LocalEmbedder, texts: list[str], batch: int | None = Non
 
 
 async def run_round(
-    number: int, pg: Any, data_dir: Path, embedder: LocalEmbedder, texts: list[str], args: Any
+    number: int, servers: kit.Servers, embedder: LocalEmbedder, texts: list[str], args: Any
 ) -> dict[str, Any]:
     options = IngestOptions(window=args.window)
     raw_first = number % 2 == 1
     order = "raw → ingest → re-run" if raw_first else "ingest → re-run → raw"
     result: dict[str, Any] = {"number": number, "order": order}
-    name = f"bench_ingest_{os.getpid()}_{number}"
 
     def raw_side() -> None:
         result["raw"] = timed_raw(embedder, texts)
@@ -114,16 +110,14 @@ async def run_round(
     if raw_first:
         raw_side()
     # Creating and migrating the fresh database is setup, not ingest.
-    settings = kit.make_settings(kit.with_database(pg.url, name), "redis://127.0.0.1:1", data_dir)
-    await kit.fetchval(pg.url, f'CREATE DATABASE "{name}"')
-    try:
-        async with open_corpus(settings) as corpus:
-            store = TimedStore(corpus.pool)
-            result["ingest"] = await timed_ingest(store, embedder, args, options)
-            result["rerun"] = await timed_ingest(store, embedder, args, options)
-            result["db"] = [await corpus.pool.fetchval(f"SELECT count(*) FROM {t}") for t in ("documents", "chunks")]
-    finally:
-        await kit.fetchval(pg.url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    async with (
+        fresh_database(servers.admin_dsn, "bench_ingest") as dsn,
+        open_corpus(kit.make_settings(dsn, "redis://127.0.0.1:1", servers.data_dir)) as corpus,
+    ):
+        store = TimedStore(corpus.pool)
+        result["ingest"] = await timed_ingest(store, embedder, args, options)
+        result["rerun"] = await timed_ingest(store, embedder, args, options)
+        result["db"] = [await corpus.pool.fetchval(f"SELECT count(*) FROM {t}") for t in ("documents", "chunks")]
     if not raw_first:
         raw_side()
     result["load_average"] = kit.load_text()
@@ -172,21 +166,18 @@ def render(rounds: list[dict[str, Any]], documents: int, n: int, args: Any) -> s
         "sentence_transformers": sentence_transformers.__version__,
     }
     summary = [f"{documents:,}", f"{n:,}", args.batch_size, f"{n / raw:.1f}", f"{n / ing:.1f}", f"**{ratio:.2f}**"]
-    return "\n\n".join(
-        [
-            kit.run_line(args.command, **versions),
-            kit.table(
-                "documents | chunks | batch size | raw encoder chunks/s | ingest chunks/s | ingest / raw", [summary]
-            ),
-            f"Goal ingest / raw ≥ {GOAL_RATIO}: **{'met' if ratio >= GOAL_RATIO else 'not met'}** "
-            f"(medians of {len(rounds)} rounds; ingest = load + hash + chunk + embed + COPY + index maintenance).",
-            kit.table(
-                "round | order | raw s | raw, pipeline batches s | ingest s | load / awaiting model / other s "
-                "| DB writes (overlapped) | ratio | re-run s | load avg after",
-                per_round,
-                "rlrrrlrrrl",
-            ),
-        ]
+    return kit.section(
+        args,
+        kit.table("documents | chunks | batch size | raw encoder chunks/s | ingest chunks/s | ingest / raw", [summary]),
+        f"Goal ingest / raw ≥ {GOAL_RATIO}: **{'met' if ratio >= GOAL_RATIO else 'not met'}** "
+        f"(medians of {len(rounds)} rounds; ingest = load + hash + chunk + embed + COPY + index maintenance).",
+        kit.table(
+            "round | order | raw s | raw, pipeline batches s | ingest s | load / awaiting model / other s "
+            "| DB writes (overlapped) | ratio | re-run s | load avg after",
+            per_round,
+            "rlrrrlrrrl",
+        ),
+        **versions,
     )
 
 
@@ -199,17 +190,12 @@ async def bench(args: argparse.Namespace) -> str:
     kit.say(f"{args.corpus}: {documents} documents, {len(texts)} chunks")
     embedder = LocalEmbedder(batch_size=args.batch_size)
     embedder.encode(texts[: args.batch_size])  # model load and first-call allocations: excluded from both sides
-    data_dir = Path(tempfile.mkdtemp(prefix="ragbench-"))
-    pg = start_postgres(data_dir)
     rounds = []
-    try:
-        full = args.limit is None and args.corpus.resolve() == DEFAULT_CORPUS.resolve()
+    full = args.limit is None and args.corpus.resolve() == DEFAULT_CORPUS.resolve()
+    with kit.embedded_servers(None) as servers:
         for number in range(1, args.repeat + 1):
-            rounds.append(await run_round(number, pg, data_dir, embedder, texts, args))
+            rounds.append(await run_round(number, servers, embedder, texts, args))
             check_round(rounds[-1], documents, len(texts), full)
-    finally:
-        pg.stop()
-        shutil.rmtree(data_dir, ignore_errors=True)
     return render(rounds, documents, len(texts), args)
 
 

@@ -15,42 +15,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import itertools
 import math
 import multiprocessing
-import re
 import statistics
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
 
-from bench._kit import (
-    Client,
-    ReplayStack,
-    Reply,
-    arguments,
-    ask,
-    bearer,
-    create_key,
-    fetchval,
-    load_text,
-    model_line,
-    ms,
-    parse,
-    passage_questions,
-    publish,
-    replay_arguments,
-    replay_stack,
-    run_dir,
-    run_line,
-    say,
-    stats,
-    table,
-    warm_up,
-)
+from bench import _kit as kit
 
 SECTION = "Load"
 REDIS_DB = 8  # bench.workload uses 1-3, bench.stampede 4-6
@@ -94,7 +72,7 @@ async def wait_for_workers(root: int, workers: int, min_kb: int = 250_000, withi
             return
         last = total
         await asyncio.sleep(1)
-    say(f"warning: {workers} loaded workers not seen within {within:.0f} s")
+    kit.say(f"warning: {workers} loaded workers not seen within {within:.0f} s")
 
 
 class Sampler:
@@ -129,7 +107,7 @@ def _probe_main(url: str, interval: float, control: Any) -> None:
     """In a process of its own: GET /health every `interval` s on one keep-alive connection until told to stop."""
 
     async def probe() -> list[tuple[float, float]]:
-        client, samples = Client(url), []
+        client, samples = kit.Client(url), []
         next_at = time.monotonic()
         control.send("ready")  # importing this module in a spawned process takes seconds on a busy machine
         while not control.poll(0):
@@ -143,58 +121,38 @@ def _probe_main(url: str, interval: float, control: Any) -> None:
     control.send(asyncio.run(probe()))
 
 
-class HealthProbe:
-    async def start(self, url: str, interval: float = 0.1) -> None:
-        ctx = multiprocessing.get_context("spawn")
-        self._mine, theirs = ctx.Pipe()
-        self._proc = ctx.Process(target=_probe_main, args=(url, interval, theirs), daemon=True)
-        self._proc.start()
-        await asyncio.to_thread(self._mine.recv)  # "ready"
-
-    async def stop(self) -> list[tuple[float, float]]:
-        self._mine.send("stop")
-        samples: list[tuple[float, float]] = await asyncio.to_thread(self._mine.recv)
-        await asyncio.to_thread(self._proc.join, 10)
-        return samples
+@asynccontextmanager
+async def health_probe(url: str) -> AsyncIterator[list[tuple[float, float]]]:
+    """`_probe_main` every 100 ms in a spawned process while open; its samples are in the list once closed."""
+    ctx = multiprocessing.get_context("spawn")
+    mine, theirs = ctx.Pipe()
+    process = ctx.Process(target=_probe_main, args=(url, 0.1, theirs), daemon=True)
+    process.start()
+    await asyncio.to_thread(mine.recv)  # "ready"
+    samples: list[tuple[float, float]] = []
+    yield samples
+    mine.send("stop")
+    samples += await asyncio.to_thread(mine.recv)
+    await asyncio.to_thread(process.join, 10)
 
 
 # --------------------------------------------------------------------------- one run
 
 
-def warnings_in(log: Path) -> dict[str, int]:
-    """WARNING/ERROR lines of a server log (JSON lines or plain text), digits collapsed to N."""
-    counts: Counter[str] = Counter()
-    with contextlib.suppress(OSError):
-        for line in log.read_text(errors="replace").splitlines():
-            record: Any = None
-            with contextlib.suppress(ValueError):
-                record = json.loads(line) if line.startswith("{") else None
-            if isinstance(record, dict) and str(record.get("level", "")).upper() in ("WARNING", "ERROR", "CRITICAL"):
-                counts[
-                    f"{record['level']} {record.get('logger', '?')}: "
-                    f"{re.sub(r'[0-9]+', 'N', str(record.get('event')))[:100]}"
-                ] += 1
-            elif record is None and ("Traceback" in line or re.search(r"\b(WARNING|ERROR|CRITICAL)\b", line)):
-                counts[re.sub(r"[0-9]+", "N", line)[:100]] += 1
-    return dict(counts.most_common(8))
-
-
 async def miss_burst(url: str, token: str, server_pid: int, questions: list[str], victim: str) -> dict[str, Any]:
-    probe = HealthProbe()
-    await probe.start(url)
-    await asyncio.sleep(3)  # the probe's idle baseline
-    rss_before = sum(process_tree_rss(server_pid).values())
-    idle = await ask(url, victim, {"question": questions[-2]})  # the victim key's miss on an idle server
-    with Sampler(server_pid) as sampler:
-        started = time.monotonic()
-        burst = [asyncio.create_task(ask(url, token, {"question": q})) for q in questions[:-2]]
-        await asyncio.sleep(0.5)  # the burst is in the server
-        noisy = await ask(url, victim, {"question": questions[-1]})
-        results = await asyncio.gather(*burst)
-        ended = time.monotonic()
-    await asyncio.sleep(2)
-    rss_after = sum(process_tree_rss(server_pid).values())
-    samples = await probe.stop()
+    async with health_probe(url) as samples:
+        await asyncio.sleep(3)  # the probe's idle baseline
+        rss_before = sum(process_tree_rss(server_pid).values())
+        idle = await kit.ask(url, victim, {"question": questions[-2]})  # the victim key's miss on an idle server
+        with Sampler(server_pid) as sampler:
+            started = time.monotonic()
+            burst = [asyncio.create_task(kit.ask(url, token, {"question": q})) for q in questions[:-2]]
+            await asyncio.sleep(0.5)  # the burst is in the server
+            noisy = await kit.ask(url, victim, {"question": questions[-1]})
+            results = await asyncio.gather(*burst)
+            ended = time.monotonic()
+        await asyncio.sleep(2)
+        rss_after = sum(process_tree_rss(server_pid).values())
     ok = [r for r in results if r.ok]
     shed = sum(r.outcome == SHED for r in results)
     return {
@@ -204,44 +162,39 @@ async def miss_burst(url: str, token: str, server_pid: int, questions: list[str]
         "victim": [idle.outcome, noisy.outcome, noisy.ttft_s / idle.ttft_s],
         "outcomes": dict(Counter(r.outcome for r in results)),
         "failures": [f"{r.outcome}: {r.error}" for r in results if not r.ok and r.outcome != SHED][:10],
-        "ttft": stats([r.ttft_s for r in ok]),
-        "server_ttft_ms": stats([r.server_ttft_ms for r in ok]),
+        "ttft": kit.stats([r.ttft_s for r in ok]),
+        "server_ttft_ms": kit.stats([r.server_ttft_ms for r in ok]),
         "duration_s": ended - started,
         "rps": len(ok) / (ended - started),
         "rss_kb": [rss_before, max(sampler.peak_kb, rss_before, rss_after), rss_after],
-        "health_idle": stats([lat for at, lat in samples if at < started - 0.2]),
-        "health": stats([lat for at, lat in samples if started <= at <= ended]),
-        "client_lag": stats(sampler.lags),
+        "health_idle": kit.stats([lat for at, lat in samples if at < started - 0.2]),
+        "health": kit.stats([lat for at, lat in samples if started <= at <= ended]),
+        "client_lag": kit.stats(sampler.lags),
     }
 
 
 async def hit_load(url: str, token: str, questions: list[str], concurrency: int, seconds: float) -> dict[str, Any]:
     """Closed loop: `concurrency` keep-alive clients asking cached questions round-robin (after 2 s of warm-up)."""
-    warm_until = time.monotonic() + 2
-    stop_at = warm_until + seconds
-    results: list[Reply] = []
-    counter = iter(range(10**9))
+    clients, asked = [kit.Client(url, kit.bearer(token)) for _ in range(concurrency)], itertools.cycle(questions)
 
-    async def client() -> None:
-        conn = Client(url, bearer(token))
-        while (now := time.monotonic()) < stop_at:
-            reply = await conn.request("POST", "/rag/stream", {"question": questions[next(counter) % len(questions)]})
-            if now >= warm_until:
-                results.append(reply)
-        conn.close()
+    async def send(client: kit.Client) -> kit.Reply:
+        return await client.request("POST", "/rag/stream", {"question": next(asked)})
 
-    await asyncio.gather(*(client() for _ in range(concurrency)))
+    await kit.closed_loop(clients, 2, send)
+    results = await kit.closed_loop(clients, seconds, send)
+    for client in clients:
+        client.close()
     ok = [r for r in results if r.ok]
     return {
         "ok": len(ok),
         "rps": len(ok) / seconds,
         "outcomes": dict(Counter(r.outcome for r in results)),
-        "latency": stats([r.total_s for r in ok]),
+        "latency": kit.stats([r.total_s for r in ok]),
     }
 
 
 async def one_run(
-    args: Any, stack: ReplayStack, workers: int, rnd: int, admission: str, questions: list[str], out: Path
+    args: Any, stack: kit.ReplayStack, workers: int, rnd: int, admission: str, questions: list[str], out: Path
 ) -> dict[str, Any]:
     redis_url = await stack.fresh(REDIS_DB)
     await stack.provider.reset()
@@ -252,26 +205,26 @@ async def one_run(
         env["PROMETHEUS_MULTIPROC_DIR"] = str(out / f"prom-w{workers}-r{rnd}-{admission}")
     async with stack.serve(redis_url, log, env, workers) as server:
         await wait_for_workers(server.pid, workers)
-        await warm_up(server.url, stack.token, 2 * workers)
+        await kit.warm_up(server.url, stack.token, 2 * workers)
         await stack.provider.reset()
-        say(f"== round {rnd}, {workers} worker(s), admission {admission}: {len(questions) - 2} concurrent streams")
+        kit.say(f"== round {rnd}, {workers} worker(s), admission {admission}: {len(questions) - 2} concurrent streams")
         burst = await miss_burst(server.url, stack.token, server.pid, questions, stack.victim)
         calls = await stack.provider.calls()
         async with aioredis.from_url(redis_url) as client:
             cached = len([k async for k in client.scan_iter(match="ragcache:answer:*", count=1000)])
-        say(
+        kit.say(
             f"   complete {burst['complete']}/{len(questions) - 2} (shed {burst['shed']}), "
-            f"TTFT p99 {ms(burst['ttft']['p99'])} ms; {cached} cached"
+            f"TTFT p99 {kit.ms(burst['ttft']['p99'])} ms; {cached} cached"
         )
         sem = asyncio.Semaphore(16)
 
         async def again(question: str) -> str:
             async with sem:
-                return (await ask(server.url, stack.token, {"question": question})).outcome
+                return (await kit.ask(server.url, stack.token, {"question": question})).outcome
 
         primed = Counter(await asyncio.gather(*(again(q) for q in questions[:-2])))
         hits = await hit_load(server.url, stack.token, questions[:-2], args.hit_concurrency, args.hit_seconds)
-        say(f"   prime pass {dict(primed)}; hit load {hits['rps']:.0f} req/s")
+        kit.say(f"   prime pass {dict(primed)}; hit load {hits['rps']:.0f} req/s")
     first = [c["first_token_s"] for c in calls if c["first_token_s"] is not None]
     return {
         "workers": workers,
@@ -279,10 +232,10 @@ async def one_run(
         "admission": admission,
         "burst": burst,
         "provider_calls": len(calls),
-        "provider_first_token": stats(first),
+        "provider_first_token": kit.stats(first),
         "primed_hits": primed.get("hit", 0),
         "hits": hits,
-        "warnings": warnings_in(log),
+        "warnings": kit.warnings_in(log),
     }
 
 
@@ -292,16 +245,17 @@ def report(runs: list[dict[str, Any]], streams: int) -> str:
         b, h = r["burst"], r["hits"]
         rows.append(
             f"{r['workers']} | {r['round']} | {r['admission']} | **{b['complete']}** / {b['shed']} / {b['failed']} | "
-            f"{ms(b['ttft']['p50'])} / {ms(b['ttft']['p95'])} / **{ms(b['ttft']['p99'])}** | "
+            f"{kit.ms(b['ttft']['p50'])} / {kit.ms(b['ttft']['p95'])} / **{kit.ms(b['ttft']['p99'])}** | "
             f"{b['duration_s']:.1f} s, {b['rps']:.1f}/s | "
             f"{' / '.join(f'{kb / 1024:,.0f}' for kb in b['rss_kb'])} | "
-            f"{ms(b['health_idle']['p50'])} → {ms(b['health']['p50'])} / {ms(b['health']['max'])} | "
-            f"{ms(b['client_lag']['p95'])} / {ms(b['client_lag']['max'])} | ×{b['victim'][2]:.1f} ({b['victim'][1]}) | "
+            f"{kit.ms(b['health_idle']['p50'])} → {kit.ms(b['health']['p50'])} / {kit.ms(b['health']['max'])} | "
+            f"{kit.ms(b['client_lag']['p95'])} / {kit.ms(b['client_lag']['max'])} | "
+            f"×{b['victim'][2]:.1f} ({b['victim'][1]}) | "
             f"{r['primed_hits']} / {streams} | "
-            f"**{h['rps']:.0f}** | {ms(h['latency']['p50'])} / {ms(h['latency']['p99'])}"
+            f"**{h['rps']:.0f}** | {kit.ms(h['latency']['p50'])} / {kit.ms(h['latency']['p99'])}"
         )
     lines = [
-        table(
+        kit.table(
             "workers | round | admission | complete / shed / failed | TTFT p50 / p95 / p99 ms | burst | RSS before "
             "/ peak / after MB | /health idle p50 → during p50 / max ms | client lag p95 / max ms | victim TTFT "
             "/ idle | cached by the burst "
@@ -336,43 +290,42 @@ def report(runs: list[dict[str, Any]], streams: int) -> str:
 
 
 async def main_async(args: Any) -> None:
-    out = run_dir("load")
-    load_start = load_text()
+    out = kit.run_dir("load")
+    load_start = kit.load_text()
     orders = [(w, a) for w in args.workers for a in args.admission]
     plan = [(rnd, *wa) for rnd in range(1, args.rounds + 1) for wa in (orders if rnd % 2 else orders[::-1])]
     per_run = args.streams + 2  # and the victim's two questions
-    questions = passage_questions(per_run * len(plan), prefix=QUESTION_PREFIX)
+    questions = kit.passage_questions(per_run * len(plan), prefix=QUESTION_PREFIX)
     runs: list[dict[str, Any]] = []
-    async with replay_stack(args) as stack:
+    async with kit.replay_stack(args) as stack:
         try:
-            stack.victim = await create_key(stack.dsn)
+            stack.victim = await kit.create_key(stack.dsn)
             for i, (rnd, workers, admission) in enumerate(plan):
                 mine = questions[i * per_run : (i + 1) * per_run]
                 runs.append(await one_run(args, stack, workers, rnd, admission, mine, out))
         finally:  # the burst's questions went into the shared corpus database's semantic index
-            await fetchval(stack.dsn, "DELETE FROM semantic_cache WHERE question LIKE $1", f"{QUESTION_PREFIX} %")
+            await kit.fetchval(stack.dsn, "DELETE FROM semantic_cache WHERE question LIKE $1", f"{QUESTION_PREFIX} %")
         documents = stack.documents
     setup = (
-        f"{model_line(args, documents)} Load average at start {load_start}. Miss burst: {args.streams} distinct "
+        f"{kit.model_line(args, documents)} Load average at start {load_start}. Miss burst: {args.streams} distinct "
         "questions at once, each on a new connection; TTFT = request sent → first `token` event at the client; RSS "
         "= VmRSS summed over `rag-serve` and its descendants; /health probed every 100 ms from a separate process. "
         f"Hit load: {args.hit_concurrency} keep-alive clients for {args.hit_seconds:g} s."
     )
-    body = "\n\n".join([run_line(args.command), setup, report(runs, args.streams)])
-    publish(SECTION, body, args, {"runs": runs}, out)
+    kit.publish(SECTION, kit.section(args, setup, report(runs, args.streams)), args, {"runs": runs}, out)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = arguments("load", __doc__)
+    parser = kit.arguments("load", __doc__)
     parser.add_argument("--streams", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--admission", nargs="+", choices=["off", "on"], default=["off", "on"])
     parser.add_argument("--hit-seconds", type=float, default=15)
     parser.add_argument("--hit-concurrency", type=int, default=32)
-    replay_arguments(parser, first_token_delay=0.5, token_interval=0.025)
+    kit.replay_arguments(parser, first_token_delay=0.5, token_interval=0.025)
     quick = {"streams": 10, "rounds": 1, "workers": [1], "hit_seconds": 1.0, "hit_concurrency": 4}
-    args = parse(parser, argv, **quick, limit_corpus=200, answer_tokens=20)
+    args = kit.parse(parser, argv, **quick, limit_corpus=200, answer_tokens=20)
     asyncio.run(main_async(args))
 
 

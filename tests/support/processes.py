@@ -1,6 +1,6 @@
 """A server under test as a process of its own: a clean environment, started until GET /health answers, stopped after.
 
-Benchmarks start `rag-serve` and uvicorn this way (bench/_kit.rag_serve, bench/hit_path).
+Benchmarks start `rag-serve` and uvicorn this way (bench/_kit.ReplayStack.serve, bench/hit_path).
 """
 
 from __future__ import annotations
