@@ -157,7 +157,7 @@ async def run(args: argparse.Namespace) -> str:
         settings = kit.make_settings(
             db.admin_dsn, db.redis_base, DB_DIR, anthropic_api_key=api_key, anthropic_base_url=provider.base_url
         )
-        embedder = create_embedder(settings)
+        embedder: Any = create_embedder(settings)  # the local ONNX encoder (has `encode`)
         embedder.encode(["warm up"])
         corpus_line = await ensure_corpus(settings, embedder, args.data / "corpus.jsonl", args.limit_corpus)
         token = await kit.create_key(db.admin_dsn)
