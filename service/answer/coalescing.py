@@ -208,7 +208,8 @@ class Coalescer:
         `PoolExhausted` when this worker's pool is busy (a 503: going solo would cost a generation).
         """
         lease = Lease(self, key)
-        if not await self.take_lease(keys=[self.lease_key(key), self.stream_key(key)], args=[lease.token, self.lease_ms]):
+        keys = [self.lease_key(key), self.stream_key(key)]
+        if not await self.take_lease(keys=keys, args=[lease.token, self.lease_ms]):
             return None
         lease.start()
         return lease
