@@ -94,8 +94,9 @@ def build_providers(settings: Settings) -> dict[str, Provider]:
     """Every configured provider; the offline extractive generator is always there."""
     providers: dict[str, Provider] = {"extractive": ExtractiveProvider()}
     retries, connect, read = settings.provider_max_retries, settings.connect_timeout_s, settings.first_token_timeout_s
-    # Each SDK is imported only when its provider is configured: `anthropic` alone adds ~43 MB
-    # to a worker's RSS, `openai` ~15 MB (docs/benchmarks.md, "API worker memory").
+    # A provider's code is imported only when it is configured: the `openai` SDK adds ~15 MB to a
+    # worker's RSS; Anthropic is called over httpx, without its SDK's ~43 MB (docs/benchmarks.md,
+    # "API worker memory").
     if settings.anthropic_api_key:
         from service.providers.anthropic import AnthropicProvider
 
