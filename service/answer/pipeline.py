@@ -152,12 +152,18 @@ class AnswerService:
         (disconnect, cancellation, error) is charged what was generated, never more than reserved.
         """
         cached: list[Event] | None = None
+        searched: tuple[int, list[Source]] | None = None
         async with self.admission.slot(tenant(budget)):
-            if question.request.cache == "use":
+            if question.request.cache == "use" and self._alone():
+                cached, searched = await self._cached_beside_search(question, request_id, clock, look_again)
+            elif question.request.cache == "use":
                 cached = await self._cached(question, request_id, clock, look_again=look_again)
             if cached is None:
-                corpus_version = self.watcher.corpus_version
-                route, prompt = self.plan(question, await self.retrieve(question))
+                if searched is None:
+                    corpus_version = self.watcher.corpus_version
+                    searched = corpus_version, await self.retrieve(question)
+                corpus_version, sources = searched
+                route, prompt = self.plan(question, sources)
         if cached is not None:
             for event in cached:
                 yield event
@@ -166,6 +172,31 @@ class AnswerService:
         answer = self._generate(question, request_id, clock, corpus_version, route, prompt)
         async for event in settling(answer, reservation, prompt.prompt_tokens):
             yield event
+
+    def _alone(self) -> bool:
+        """This miss is the only one in the admission gate: its Postgres look-ups may run side by side."""
+        return self.admission.slots > 0 and self.admission.running <= 1 and self.admission.waiting == 0
+
+    async def _cached_beside_search(
+        self, question: Question, request_id: str, clock: Clock, look_again: bool
+    ) -> tuple[list[Event] | None, tuple[int, list[Source]] | None]:
+        """`_cached`, with retrieval (step 4) running beside the semantic look-up: both need only the
+        question's vector. A semantic hit drops the search; a miss has its sources (and the corpus
+        version read before the search began) one Postgres round trip sooner. Used on an idle worker
+        only: under load each miss keeps to one pooled connection at a time."""
+        if look_again and (hit := await self.lookup(question.key)) is not None:
+            return replayed(hit, request_id, clock), None
+        await self.embed(question)  # once, for both
+        corpus_version = self.watcher.corpus_version
+        searching = asyncio.create_task(self.retrieve(question), name="rag-retrieve")
+        try:
+            cached = await self._cached(question, request_id, clock, look_again=False)
+            if cached is None:
+                return None, (corpus_version, await searching)
+            return cached, None
+        finally:  # a dropped search is cancelled; its outcome (cancelled, or an error) is consumed here
+            searching.cancel()
+            searching.add_done_callback(lambda task: task.cancelled() or task.exception())
 
     async def _cached(
         self, question: Question, request_id: str, clock: Clock, *, look_again: bool
