@@ -14,8 +14,9 @@ generation reserves its key's tokens before calling a model and settles them as 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import suppress
 from dataclasses import replace
 from functools import partial
@@ -180,32 +181,43 @@ class AnswerService:
     async def _cached_beside_search(
         self, question: Question, request_id: str, clock: Clock, look_again: bool
     ) -> tuple[list[Event] | None, tuple[int, list[Source]] | None]:
-        """`_cached`, with retrieval (step 4) running beside the semantic look-up: both need only the
-        question's vector. A semantic hit drops the search; a miss has its sources (and the corpus
-        version read before the search began) one Postgres round trip sooner. Used on an idle worker
-        only: under load each miss keeps to one pooled connection at a time."""
-        if look_again and (hit := await self.lookup(question.key)) is not None:
-            return replayed(hit, request_id, clock), None
-        await self.embed(question)  # once, for both
-        corpus_version = self.watcher.corpus_version
-        searching = asyncio.create_task(self.retrieve(question), name="rag-retrieve")
+        """`_cached`, with retrieval (step 4) started as soon as the semantic look-up has the question's
+        vector: the two Postgres queries run side by side. A semantic hit drops the search; a miss has
+        its sources (and the corpus version read before the search began) one round trip sooner. Used
+        on an idle worker only: under load each miss keeps to one pooled connection at a time."""
+        outer = contextvars.copy_context()  # the search's span belongs to the request, not the look-up
+        searching: asyncio.Task[list[Source]] | None = None
+        corpus_version = 0
+
+        def search() -> None:
+            nonlocal searching, corpus_version
+            corpus_version = self.watcher.corpus_version
+            searching = asyncio.create_task(self.retrieve(question), name="rag-retrieve", context=outer.copy())
+
         try:
-            cached = await self._cached(question, request_id, clock, look_again=False)
-            if cached is None:
-                return None, (corpus_version, await searching)
-            return cached, None
+            cached = await self._cached(question, request_id, clock, look_again=look_again, on_vector=search)
+            if cached is not None or searching is None:
+                return cached, None
+            return None, (corpus_version, await searching)
         finally:  # a dropped search is cancelled; its outcome (cancelled, or an error) is consumed here
-            searching.cancel()
-            searching.add_done_callback(lambda task: task.cancelled() or task.exception())
+            if searching is not None:
+                searching.cancel()
+                searching.add_done_callback(lambda task: task.cancelled() or task.exception())
 
     async def _cached(
-        self, question: Question, request_id: str, clock: Clock, *, look_again: bool
+        self,
+        question: Question,
+        request_id: str,
+        clock: Clock,
+        *,
+        look_again: bool,
+        on_vector: Callable[[], None] | None = None,
     ) -> list[Event] | None:
         """The exact cache once more (a leader that just finished may have written it), then the semantic cache."""
         if look_again and (hit := await self.lookup(question.key)) is not None:
             return replayed(hit, request_id, clock)
         corpus_version = self.watcher.corpus_version
-        similar = await self.semantic_lookup(question)
+        similar = await self.semantic_lookup(question, on_vector)
         if similar is None:
             return None
         answer, match = similar
@@ -260,13 +272,18 @@ class AnswerService:
         return hit
 
     # -- 3. semantic cache --------------------------------------------------------------
-    async def semantic_lookup(self, question: Question) -> tuple[CachedAnswer, SemanticMatch] | None:
-        """A cached answer to a question that means the same, or None. Never fails the request."""
+    async def semantic_lookup(
+        self, question: Question, on_vector: Callable[[], None] | None = None
+    ) -> tuple[CachedAnswer, SemanticMatch] | None:
+        """A cached answer to a question that means the same, or None. Never fails the request.
+        `on_vector` is called once the question is embedded, before the index is searched."""
         if self.semantic is None or not self.cache.available:
             return None
         with span("rag.semantic_cache") as traced:
             try:
                 vector = await self.embed(question)
+                if on_vector is not None:
+                    on_vector()
                 for match in await self.semantic.candidates(question.scope, vector, question.text):
                     hit = await self.cache.get(match.key)
                     if hit is not None:
