@@ -102,7 +102,8 @@ async def run_rss(args: Any) -> None:
             for variant, db, env in ((args.base, 10, {"PYTHONPATH": base_dir}), ("this branch", 11, {})):
                 kit.say(f"{variant} …")
                 rows += await rss_scenario(stack, variant, db, env, args.burst)
-            setup = kit.model_line(args, stack.documents)
+            # The stand-in speaks Anthropic's wire format; the base may still call it through the SDK.
+            setup = kit.model_line(args, stack.documents).replace("the real Anthropic SDK", "the Anthropic provider")
     body = "\n\n".join(
         [
             kit.run_line(f"python -m bench.caps --rss --base {args.base}"),

@@ -66,8 +66,9 @@ class Settings(BaseSettings):
     # Where the ONNX export of the local model is cached; unset: RAG_DATA_DIR/models.
     model_dir: Path | None = Field(default=None, alias="RAG_MODEL_DIR")
     # Micro-batching of concurrent embeddings in one process (onnx runtime): the first waiting
-    # text waits at most this long for others to share its encode, and one encode takes at most
-    # RAG_EMBED_MAX_BATCH texts from waiting requests.
+    # text waits at most this long for others to share its encode (a lone one, with no other call
+    # in the window before it, does not wait), and one encode takes at most RAG_EMBED_MAX_BATCH
+    # texts from waiting requests.
     embed_batch_window_ms: float = Field(default=2.0, alias="RAG_EMBED_BATCH_WINDOW_MS", ge=0, le=100)
     embed_max_batch: int = Field(default=32, alias="RAG_EMBED_MAX_BATCH", ge=1, le=1024)
     # CPU threads of the local model per process; unset: the runtime's default (one per core).

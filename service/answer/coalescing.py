@@ -60,6 +60,11 @@ if redis.call('get', KEYS[2]) == ARGV[1] then
   redis.call('del', KEYS[2])
 end
 return 1"""
+# Take the lease if free and drop a finished generation's leftover stream: one round trip, not two.
+_LEAD = """
+if not redis.call('set', KEYS[1], ARGV[1], 'nx', 'px', ARGV[2]) then return 0 end
+redis.call('del', KEYS[2])
+return 1"""
 # A follower counts itself in and learns whether there is still a leader to follow.
 _JOIN = """
 redis.call('incr', KEYS[1])
@@ -185,6 +190,7 @@ class Coalescer:
         self.lease_ms = lease_ms
         self.keys = keys
         self.publish_events = self.publisher.register_script(_PUBLISH)  # EVALSHA: the script is sent once
+        self.take_lease = self.client.register_script(_LEAD)
 
     def lease_key(self, key: str) -> str:
         return self.keys.lease(key)
@@ -202,9 +208,9 @@ class Coalescer:
         `PoolExhausted` when this worker's pool is busy (a 503: going solo would cost a generation).
         """
         lease = Lease(self, key)
-        if not await self.client.set(self.lease_key(key), lease.token, nx=True, px=self.lease_ms):
+        keys = [self.lease_key(key), self.stream_key(key)]
+        if not await self.take_lease(keys=keys, args=[lease.token, self.lease_ms]):
             return None
-        await self.client.delete(self.stream_key(key))  # a new generation: drop a finished one's leftovers
         lease.start()
         return lease
 

@@ -32,6 +32,7 @@ class _Request:
     texts: list[str]
     future: asyncio.Future[Vectors]
     since: float  # loop time when it started waiting
+    alone: bool  # no other call arrived within the window before it
 
 
 @dataclass
@@ -42,13 +43,15 @@ class _LoopState:
     texts_waiting: int = 0
     full: asyncio.Event = field(default_factory=asyncio.Event)
     runner: asyncio.Task[None] | None = None
+    last_arrival: float = float("-inf")  # loop time of the latest call
 
 
 class MicroBatcher:
     """`await submit(texts)` returns the rows of `encode(texts)`, encoded together with other calls'.
 
     `window_s`: how long the oldest waiting call waits for company (0: no wait; calls that arrive
-    while an encode runs are batched anyway). `max_batch`: most texts per encode; one call with
+    while an encode runs are batched anyway). A lone call (none other waiting, and none arrived in
+    the window before it) does not wait. `max_batch`: most texts per encode; one call with
     more texts than that is encoded alone (`encode` splits it itself).
     """
 
@@ -68,7 +71,9 @@ class MicroBatcher:
         if state is None:
             state = self._states[loop] = _LoopState()
         future: asyncio.Future[Vectors] = loop.create_future()
-        state.pending.append(_Request(list(texts), future, loop.time()))
+        now = loop.time()
+        state.pending.append(_Request(list(texts), future, now, alone=now - state.last_arrival > self.window_s))
+        state.last_arrival = now
         state.texts_waiting += len(texts)
         if state.texts_waiting >= self.max_batch:
             state.full.set()
@@ -82,8 +87,12 @@ class MicroBatcher:
         batch: list[_Request] = []
         try:
             while state.pending:
-                delay = state.pending[0].since + self.window_s - loop.time()
-                if delay > 0 and state.texts_waiting < self.max_batch:
+                first = state.pending[0]
+                delay = first.since + self.window_s - loop.time()
+                # A call with no other in sight (an idle worker) is encoded at once: the window
+                # would only add its length to the request. Under load calls arrive in runs.
+                lone = first.alone and len(state.pending) == 1
+                if delay > 0 and not lone and state.texts_waiting < self.max_batch:
                     state.full.clear()
                     with contextlib.suppress(TimeoutError):  # the window closed before the batch filled
                         await asyncio.wait_for(state.full.wait(), delay)

@@ -174,13 +174,15 @@ def build_prompt(
         raise ValueError("context_budget must be positive")
     included: list[Source] = []
     entries: list[str] = []
+    context_tokens: int | None = 0  # of the joined entries so far, when known (none counted twice)
     for source in sources:
         numbered = replace(source, n=len(included) + 1)
         entry = render_source(numbered)
         # Count the joined context, not the entry alone: tokens can merge across the separator.
-        if count_tokens(_SEPARATOR.join([*entries, entry])) <= context_budget:
+        if (joined := count_tokens(_SEPARATOR.join([*entries, entry]))) <= context_budget:
             included.append(numbered)
             entries.append(entry)
+            context_tokens = joined
         elif not included:
             truncated = _truncate(source, 1, context_budget)
             if truncated is None:
@@ -189,6 +191,7 @@ def build_prompt(
                 truncated = (replace(numbered, text=""), render_source(replace(numbered, text="")) + TRUNCATION_MARK)
             included.append(truncated[0])
             entries.append(truncated[1])
+            context_tokens = None
             break  # the budget is spent on the top source
     context = _SEPARATOR.join(entries)
     question = question.strip()
@@ -214,5 +217,5 @@ def build_prompt(
         user=user,
         sources=tuple(included),
         prompt_tokens=count_tokens(system) + count_tokens(user),
-        context_tokens=count_tokens(context),
+        context_tokens=count_tokens(context) if context_tokens is None else context_tokens,
     )

@@ -144,3 +144,12 @@ def test_invalid_configuration_is_refused() -> None:
         MicroBatcher(GatedEncode(), window_s=-1, max_batch=1)
     with pytest.raises(ValueError):
         MicroBatcher(GatedEncode(), window_s=0, max_batch=0)
+
+
+async def test_a_lone_call_is_encoded_at_once_not_after_the_window() -> None:
+    encode = GatedEncode()
+    # An hour-long window: a call that waited for company would never finish within the test.
+    batcher = MicroBatcher(encode, window_s=3600.0, max_batch=8)
+    got = await asyncio.wait_for(batcher.submit(["alone"]), timeout=60)
+    assert np.array_equal(got[0], row("alone"))
+    assert encode.batches == [["alone"]]
