@@ -150,6 +150,47 @@ async def test_followers_take_no_in_flight_slot_and_the_cap_still_holds(
         await client.aclose()
 
 
+async def test_a_follower_that_takes_over_needs_a_slot_of_its_own(
+    settings: Settings, local_embedder: LocalEmbedder, provider: ProviderServer
+) -> None:
+    # The leader's lease lapses before its first event (its renewals cannot get a connection of
+    # the publish pool, held here), so its follower takes the generation over: that one now
+    # generates, so it needs a slot of its key's, and its key has none free: 429, nothing leaked.
+    settings = (await seeded_slow(settings, local_embedder, provider)).model_copy(
+        update={"redis_publish_connections": 1, "coalesce_lease_ms": 3000}
+    )
+    provider.default = Behavior(text=SLOW_ANSWER, first_token_delay=6.0, token_interval=0.02)
+    capped = await make_key(settings, "query", max_inflight=1)
+    parsed = parse_key(capped)
+    assert parsed is not None
+    app = create_app(settings, embedder=local_embedder)
+    key = await make_key(settings, "query")
+    async with serve_app(app) as url, httpx.AsyncClient(base_url=url, timeout=60, headers=bearer(key)) as http:
+        client = aioredis.from_url(str(settings.redis_url))
+        resources: Resources = app.state.resources
+        pool = resources.pools.publish.connection_pool
+        held = await pool.get_connection()  # type: ignore[no-untyped-call]  # its only connection
+        try:
+            busy = asyncio.create_task(ask(http, PDF, headers=bearer(capped)))  # the capped key's one slot
+            await provider.async_wait_for(lambda: len(provider.calls) == 1, timeout=10)
+            leader = asyncio.create_task(ask(http))
+            await provider.async_wait_for(lambda: len(provider.calls) == 2, timeout=10)
+            follower = asyncio.create_task(ask(http, headers=bearer(capped)))
+            await wait_until(lambda: followers_joined(client, 1), within=10)
+            taken_over = await follower
+            assert taken_over.status == 429 and taken_over.body["error"]["code"] == "too_many_inflight"
+            assert len(provider.calls) == 2  # refused before any work
+        finally:
+            await pool.release(held)
+        assert (await leader).text == SLOW_ANSWER and (await busy).status == 200
+
+        async def slots_free() -> bool:
+            return int(await client.zcard(KEYS.inflight_slots(parsed[0]))) == 0
+
+        await wait_until(slots_free, within=10)
+        await client.aclose()
+
+
 # -- leaders publish only while someone follows --------------------------------------------------
 
 
