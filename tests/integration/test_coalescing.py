@@ -150,6 +150,34 @@ async def test_followers_take_no_in_flight_slot_and_the_cap_still_holds(
         await client.aclose()
 
 
+async def test_a_generation_gives_its_slot_back_however_it_ends(
+    settings: Settings, local_embedder: LocalEmbedder, provider: ProviderServer
+) -> None:
+    # The slot is now held by the generation (its producer), not by the request: a leader whose client
+    # hangs up with nobody following is cancelled, and one followed goes on; both give it back.
+    settings = await seeded_slow(settings, local_embedder, provider)
+    key = await make_key(settings, "query", max_inflight=1)
+    parsed = parse_key(key)
+    assert parsed is not None
+    async with running(settings, local_embedder, key=key) as http:
+        client = aioredis.from_url(str(settings.redis_url))
+
+        async def slots_free() -> bool:
+            return int(await client.zcard(KEYS.inflight_slots(parsed[0]))) == 0
+
+        await hang_up_after_first_token(http)  # alone: cancelled
+        await wait_until(slots_free, within=10)
+        leader = asyncio.create_task(hang_up_after_first_token(http, PDF))  # followed: goes on without its client
+        await provider.async_wait_for(lambda: len(provider.calls) == 2, timeout=10)
+        follower = asyncio.create_task(ask(http, PDF))
+        await wait_until(lambda: followers_joined(client, 1), within=10)
+        await leader
+        assert (await follower).text == SLOW_ANSWER
+        await wait_until(slots_free, within=10)
+        assert len(provider.calls_to("messages")) == 2
+        await client.aclose()
+
+
 async def test_a_follower_that_takes_over_needs_a_slot_of_its_own(
     settings: Settings, local_embedder: LocalEmbedder, provider: ProviderServer
 ) -> None:
