@@ -208,13 +208,16 @@ async def one_run(
         await kit.warm_up(server.url, stack.token, 2 * workers)
         await stack.provider.reset()
         kit.say(f"== round {rnd}, {workers} worker(s), admission {admission}: {len(questions) - 2} concurrent streams")
+        async with aioredis.from_url(redis_url) as client:
+            xadds = await xadd_calls(client)
         burst = await miss_burst(server.url, stack.token, server.pid, questions, stack.victim)
         calls = await stack.provider.calls()
         async with aioredis.from_url(redis_url) as client:
             cached = len([k async for k in client.scan_iter(match="ragcache:answer:*", count=1000)])
+            xadds = await xadd_calls(client) - xadds
         kit.say(
             f"   complete {burst['complete']}/{len(questions) - 2} (shed {burst['shed']}), "
-            f"TTFT p99 {kit.ms(burst['ttft']['p99'])} ms; {cached} cached"
+            f"TTFT p99 {kit.ms(burst['ttft']['p99'])} ms; {cached} cached; {xadds} XADDs (followers' streams)"
         )
         sem = asyncio.Semaphore(16)
 
@@ -236,7 +239,14 @@ async def one_run(
         "primed_hits": primed.get("hit", 0),
         "hits": hits,
         "warnings": kit.warnings_in(log),
+        "xadds": xadds,
     }
+
+
+async def xadd_calls(client: aioredis.Redis) -> int:
+    """XADDs the Valkey server has run so far (INFO commandstats; the bench's server is its own)."""
+    stats: dict[str, Any] = await client.info("commandstats")
+    return int(stats.get("cmdstat_xadd", {}).get("calls", 0))
 
 
 def report(runs: list[dict[str, Any]], streams: int) -> str:

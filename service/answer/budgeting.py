@@ -1,6 +1,7 @@
-"""The caller's token budget around a generation, from outside it: a miss checks the budget and takes
-one of its key's in-flight slots; a generation reserves its tokens before a model is called and
-settles them as its events end (`settling`). Without a budget (`None`) each of these does nothing.
+"""The caller's token budget around a generation, from outside it: a miss checks the budget; the
+request that will generate (a coalescing leader, not its followers) holds one of its key's
+in-flight slots while it does (`in_flight`); a generation reserves its tokens before a model is
+called and settles them as its events end (`settling`). Without a budget (`None`) each of these does nothing.
 
 The counters themselves live in Redis (service/redis/limits.py: `TokenBudget`, `Reservation`).
 """
@@ -8,7 +9,7 @@ The counters themselves live in Redis (service/redis/limits.py: `TokenBudget`, `
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from service.answer.events import Done, Event, Token
 from service.policy.tokens import count_tokens
@@ -26,17 +27,24 @@ async def checked(budget: TokenBudget | None) -> None:
         await budget.check()
 
 
-async def occupied(budget: TokenBudget | None) -> None:
-    """The request takes one of its key's in-flight slots (`RateLimited` `too_many_inflight` when all
-    are taken); the slot is vacated when the request ends."""
+async def in_flight(
+    budget: TokenBudget | None, produce: Callable[[bool], AsyncIterator[Event]], look_again: bool
+) -> AsyncIterator[Event]:
+    """`produce(look_again)`'s events, holding one of the key's in-flight slots while they last.
+
+    The slot is taken first (`RateLimited` `too_many_inflight` when all are taken) and vacated as
+    the events end, however they end (done, error, a cancelled producer), so only a request that
+    generates holds one: a coalescing leader (or a follower that took over), never a follower.
+    A slot left by a crashed worker lapses on its own (`RAG_TOTAL_TIMEOUT_S` + 30 s: service/http/app.py).
+    """
     if budget is not None:
         await budget.occupy()
-
-
-async def missed(budget: TokenBudget | None) -> None:
-    """A miss: the budget is not spent, and the request takes one of its key's in-flight slots."""
-    await checked(budget)
-    await occupied(budget)
+    try:
+        async for event in produce(look_again):
+            yield event
+    finally:
+        if budget is not None and budget.occupied:
+            await asyncio.shield(budget.vacate())
 
 
 async def reserved(budget: TokenBudget | None, tokens: int) -> Reservation | None:

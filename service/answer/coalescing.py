@@ -1,9 +1,12 @@
 """Coalesced misses: N identical in-flight questions cost one generation.
 
-The first request for a key takes a lease (`SET NX PX`) and becomes the leader; it
-publishes every event of its answer to a Redis Stream. Requests that find the lease
-taken follow the stream live (`XREAD BLOCK`, on a pool of their own so that waiting never
-holds the request pool's connections), from any worker process. The leader
+The first request for a key takes a lease (`SET NX PX`) and becomes the leader. Requests that
+find the lease taken count themselves in (`followers:`) and follow the leader's Redis Stream live
+(`XREAD BLOCK`, on a pool of their own so that waiting never holds the request pool's connections),
+from any worker process. The leader writes that stream only while someone follows: it keeps its
+events in memory, looks at the follower count before each batch, and on seeing a follower writes
+every event from the first one on; its release of the lease takes one last look atomically, so a
+follower that counted itself in after the leader's last look is never left with holes. The leader
 renews its lease while generating; if it dies, the lease expires and a follower that has
 not yet shown anything takes over, while one that has gets a clean error event.
 Redis being down turns coalescing off (every request answers on its own).
@@ -36,34 +39,38 @@ log = logging.getLogger(__name__)
 
 STREAM_RETENTION_S = 60  # late followers can still replay a finished answer
 PUBLISH_ATTEMPTS = 5  # round trips a batch may find the publish pool busy (each waits for a connection)
-CANCELLED = "cancelled"  # the leader's client left and nobody was following
+CANCELLED = "cancelled"  # a stream's end marker from leaders before issue 11 (their client left)
 
 # Each script is atomic in Redis, which is what makes joining and abandoning race-free.
+# A new generation: take the lease and drop a finished one's stream, at once (no follower reads it).
+_LEAD = """
+if not redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
+redis.call('del', KEYS[2])
+return 1"""
+# Let go of the lease, unless followers came while nothing was written (ARGV[2] '0'): then return 0,
+# and the leader writes every event before trying again. Atomic with `_JOIN`: no follower slips between.
 _RELEASE = """
-if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
-return 0"""
+redis.call('expire', KEYS[3], ARGV[3])
+if redis.call('get', KEYS[1]) ~= ARGV[1] then return 1 end
+if ARGV[2] == '0' and tonumber(redis.call('get', KEYS[2]) or '0') > 0 then return 0 end
+redis.call('del', KEYS[1])
+return 1"""
+# Keep the lease; returns how many follow (a follower that joined during a pause in the answer).
 _RENEW = """
-if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
-return 0"""
+if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('pexpire', KEYS[1], ARGV[2])
+return tonumber(redis.call('get', KEYS[2]) or '0')"""
 # Only the current leader may write to the stream (a cancelled one may still hold a token in flight).
 # ARGV[2..]: (event, data) pairs, in order: one call carries every event queued meanwhile.
 _PUBLISH = """
 if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
 for i = 2, #ARGV, 2 do redis.call('xadd', KEYS[2], '*', 'e', ARGV[i], 'd', ARGV[i + 1]) end
 return 1"""
-# The leader's client left: give up only if nobody follows, and then at once.
+# The leader's client left: give up only if nobody follows, and then at once (a follower that
+# comes later finds no lease and looks again).
 _ABANDON = """
 if tonumber(redis.call('get', KEYS[1]) or '0') > 0 then return 0 end
-if redis.call('get', KEYS[2]) == ARGV[1] then
-  redis.call('xadd', KEYS[3], '*', 'e', ARGV[2], 'd', ARGV[3])
-  redis.call('expire', KEYS[3], ARGV[4])
-  redis.call('del', KEYS[2])
-end
-return 1"""
-# Take the lease if free and drop a finished generation's leftover stream: one round trip, not two.
-_LEAD = """
-if not redis.call('set', KEYS[1], ARGV[1], 'nx', 'px', ARGV[2]) then return 0 end
-redis.call('del', KEYS[2])
+if redis.call('get', KEYS[2]) == ARGV[1] then redis.call('del', KEYS[2]) end
 return 1"""
 # A follower counts itself in and learns whether there is still a leader to follow.
 _JOIN = """
@@ -78,13 +85,15 @@ class LeaderLostError(Exception):
 
 @dataclass
 class Lease:
-    """Leadership of one key; publishes events and keeps the lease alive until closed."""
+    """Leadership of one key; publishes events while someone follows, and keeps the lease alive until closed."""
 
     coalescer: Coalescer
     key: str
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
     _renewer: asyncio.Task[None] | None = None
-    _pending: list[Event] = field(default_factory=list)
+    _events: list[Event] = field(default_factory=list)  # every event so far, in order
+    _written: int = 0  # how many of them are in the stream
+    _followed: bool = False  # someone follows: every event goes to the stream, from the first on
     _flusher: asyncio.Task[None] | None = None
     _broken: bool = False  # a batch could not be published: followers must not get the rest
 
@@ -96,40 +105,54 @@ class Lease:
         while True:
             await asyncio.sleep(c.lease_ms / 3000)
             with contextlib.suppress(*BEST_EFFORT_ERRORS):
-                await c.publisher.eval(_RENEW, 1, c.lease_key(self.key), self.token, c.lease_ms)
+                keys = (c.lease_key(self.key), c.followers_key(self.key))
+                if int(await c.publisher.eval(_RENEW, 2, *keys, self.token, c.lease_ms)) > 0 and not self._followed:
+                    self._followed = True  # joined while the answer paused: it need not wait for the next event
+                    self._kick()
 
     def publish(self, event: Event) -> None:
-        """Queue an event for the followers; one round trip carries all that queued meanwhile.
+        """Keep an event for the followers; once someone follows, one round trip writes all that queued meanwhile.
 
-        A Redis call per token per stream exhausted the connection pool under a few hundred
-        concurrent streams (bench/load.py), which then switched the cache off; the leader's
-        writes now go through a pool of their own (`Coalescer.publisher`), where a busy pool
-        makes batches larger rather than starving cache reads and writes.
+        Every leader wrote every batch of its events to Redis, and under a few hundred concurrent
+        streams (bench/load.py) that kept the publish pool busy, though nearly none had a follower;
+        now a leader only looks at its follower count (a GET) until it has one. The writes go
+        through a pool of their own (`Coalescer.publisher`), where a busy pool makes batches
+        larger rather than starving cache reads and writes.
         """
         if self._broken:
             return
-        self._pending.append(event)
+        self._events.append(event)
+        self._kick()
+
+    def _kick(self) -> None:
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush(), name=f"publish-{self.key[:8]}")
 
     async def _flush(self) -> None:
         c = self.coalescer
         busy = 0
-        while self._pending:
-            batch, self._pending = self._pending, []
+        while not self._broken and self._written < len(self._events):
+            if not self._followed:
+                try:
+                    self._followed = int(await c.publisher.get(c.followers_key(self.key)) or 0) > 0
+                except BEST_EFFORT_ERRORS:
+                    return  # cannot tell now: nothing is lost, the next event (or `close`) looks again
+                if not self._followed:
+                    return  # nobody follows: the events stay here, for a follower that may still come
+            batch = self._events[self._written :]
             args = [self.token]
             for event in batch:
                 fields = encode(event)
                 args += [fields["e"], fields["d"]]
             try:
                 await c.publish_events(keys=[c.lease_key(self.key), c.stream_key(self.key)], args=args)
+                self._written += len(batch)
                 busy = 0
             except PoolExhausted as exc:
-                # No connection came free in time: keep the batch (in order, ahead of what queued
-                # meanwhile) for the next round trip, so followers get every event, only later.
+                # No connection came free in time: the batch stays unwritten (and grows with what
+                # queues meanwhile) for the next round trip, so followers get every event, only later.
                 busy += 1
                 if busy < PUBLISH_ATTEMPTS:
-                    self._pending = batch + self._pending
                     continue
                 log.warning("cannot publish to followers: %s", type(exc).__name__)
                 self._stop_publishing()
@@ -143,32 +166,46 @@ class Lease:
         Followers then see the stream end without `done` once the lease is released, and get a
         clean `leader_lost` error event (or take over if they had shown nothing).
         """
-        self._pending = []
+        self._events = []
+        self._written = 0
         self._broken = True
+
+    async def drained(self) -> None:
+        """Until every event so far is in the stream, or was kept back because nobody followed."""
+        if self._flusher is not None:
+            await asyncio.shield(self._flusher)
 
     async def abandon(self) -> bool:
         """Give the answer up because our client left; False if others follow it (keep going)."""
         c = self.coalescer
-        fields = encode(Failed(CANCELLED, "the generation of this answer was cancelled"))
-        keys = (c.followers_key(self.key), c.lease_key(self.key), c.stream_key(self.key))
+        keys = (c.followers_key(self.key), c.lease_key(self.key))
         try:
-            alone = await c.publisher.eval(_ABANDON, 3, *keys, self.token, fields["e"], fields["d"], STREAM_RETENTION_S)
+            alone = await c.publisher.eval(_ABANDON, 2, *keys, self.token)
         except BEST_EFFORT_ERRORS:
             return True  # cannot tell: stop paying for an answer nobody may read
         return bool(alone)
 
     async def close(self) -> None:
-        """Publish what is queued, then release the lease (followers see every event first)."""
+        """Publish what followers need, then release the lease (followers see every event first).
+
+        The release looks at the follower count once more, in one script with it: a follower that
+        counted itself in after the last look makes the leader write every event, then release.
+        """
         if self._renewer is not None:
             self._renewer.cancel()
-        if self._flusher is not None:
-            await asyncio.shield(self._flusher)
+        await self.drained()
         c = self.coalescer
-        with contextlib.suppress(*BEST_EFFORT_ERRORS):
-            async with c.publisher.pipeline(transaction=False) as pipe:
-                pipe.expire(c.stream_key(self.key), STREAM_RETENTION_S)
-                pipe.eval(_RELEASE, 1, c.lease_key(self.key), self.token)
-                await pipe.execute()
+        keys = (c.lease_key(self.key), c.followers_key(self.key), c.stream_key(self.key))
+        for _ in range(2):  # the second time, everything was written (or could not be)
+            written = "1" if self._followed or self._broken else "0"
+            try:
+                if await c.publisher.eval(_RELEASE, 3, *keys, self.token, written, STREAM_RETENTION_S):
+                    return
+            except BEST_EFFORT_ERRORS:
+                return  # the lease lapses on its own; its followers then take over or hear `leader_lost`
+            self._followed = True
+            self._kick()
+            await self.drained()
 
 
 class Coalescer:
@@ -250,9 +287,10 @@ Produce = Callable[[bool], AsyncIterator[Event]]  # the answer, told whether to 
 Free = Callable[[], Awaitable[list[Event] | None]]  # an answer that costs nothing now (a cache hit), or None
 
 
-# Refusals that concern the leader's request alone, not the answer: its key's token budget, or
-# its turn in the admission queue (fair by key: a follower queues under its own key instead).
-_LEADERS_OWN = frozenset({"token_budget_exceeded", "overloaded"})
+# Refusals that concern the leader's request alone, not the answer: its key's token budget or
+# in-flight cap (a follower holds no slot: taking over, it takes one of its own key's), or its turn
+# in the admission queue (fair by key: a follower queues under its own key instead).
+_LEADERS_OWN = frozenset({"token_budget_exceeded", "overloaded", "too_many_inflight"})
 
 
 class _TakeOverError(Exception):

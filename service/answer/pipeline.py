@@ -2,12 +2,13 @@
 standalone question: service/answer/question.py), 2. exact cache, 3. semantic cache (its optional verifier:
 service/answer/verification.py), 4. retrieval, 5. routing and prompt, 6. streaming generation, 7. cache write.
 
-Identical misses in flight share one generation (service/answer/coalescing.py). A miss's work before its
-first token (steps 3-5) runs in a slot of the admission gate (service/answer/admission.py), which exact hits
-never wait for. A miss holds one of its key's in-flight slots until it ends; a generation reserves its key's
-tokens before calling a model and settles them as it ends (service/answer/budgeting.py). The access log and
-metrics watch the events from outside (service/answer/observe.py). Before the first event a failure is a
-domain error (service/errors.py); after it, a `Failed` event.
+Identical misses in flight share one generation (service/answer/coalescing.py). A miss's work
+before its first token (steps 3-5) runs in a slot of the admission gate (service/answer/admission.py),
+which exact hits never wait for. A generation (never a follower) holds one of its key's in-flight
+slots while it runs; it reserves its key's tokens before calling a model and settles them as it ends
+(service/answer/budgeting.py). The access log and metrics watch the events from outside
+(service/answer/observe.py). Before the first event a failure is a domain error
+(service/errors.py); after it, a `Failed` event.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import asyncpg
 
 from service.answer.admission import AdmissionGate
 from service.answer.background import Background
-from service.answer.budgeting import checked, missed, occupied, reserved, settling, tenant
+from service.answer.budgeting import checked, in_flight, reserved, settling, tenant
 from service.answer.coalescing import Coalescer, Coalescing, Free
 from service.answer.events import Admitted, Clock, Done, Event, Failed, Meta, Token
 from service.answer.generation import AllProvidersFailedError, Answering, Models
@@ -108,19 +109,15 @@ class AnswerService:
             question = self.questions.guard(request, granted)
         question = await self.questions.understand(question, budget)  # a model rewrite is charged to it
         yield Admitted(question.hash, question.permissions.collections)
-        produce = partial(self._cached_or_generated, question, request_id, clock, budget)
+        produce = partial(in_flight, budget, partial(self._cached_or_generated, question, request_id, clock, budget))
         key: str | None = question.key
         free: Free = partial(self._free, question, request_id, clock, budget)
         if request.cache != "use":  # bypass or refresh: never read the caches, never share the generation
-            key, free = None, partial(missed, budget)
-        try:
-            async for event in self.coalescing.run(key, produce, free=free, request_id=request_id, clock=clock):
-                if isinstance(event, Meta):  # this request's rewrite, whoever produced the answer
-                    event = replace(event, standalone_question=question.standalone_question)
-                yield event
-        finally:
-            if budget is not None and budget.occupied:  # detached: a cancelled request may not await here
-                self._background.run(budget.vacate())
+            key, free = None, partial(checked, budget)
+        async for event in self.coalescing.run(key, produce, free=free, request_id=request_id, clock=clock):
+            if isinstance(event, Meta):  # this request's rewrite, whoever produced the answer
+                event = replace(event, standalone_question=question.standalone_question)
+            yield event
 
     async def _free(
         self, question: Question, request_id: str, clock: Clock, budget: TokenBudget | None
@@ -136,8 +133,7 @@ class AnswerService:
                     if (similar := await self._cached(question, request_id, clock, budget, False)) is not None:
                         return similar
             raise
-        await occupied(budget)  # the budget was just checked: a miss
-        return None
+        return None  # a miss: the budget was just checked
 
     async def _cached_or_generated(
         self, question: Question, request_id: str, clock: Clock, budget: TokenBudget | None, look_again: bool

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import httpx
 import redis.asyncio as aioredis
 
+from service.answer.coalescing import Coalescer
+from service.answer.events import Event, Failed, Token
 from service.embeddings.encoders import LocalEmbedder
 from service.http.app import Resources, create_app
+from service.http.auth import parse_key
+from service.redis.keyspace import KEYS
 from service.settings import Settings
 from tests.support.answers import (
+    FLUSH,
     SLOW_ANSWER,
+    Reply,
     ask,
     followers_joined,
     hang_up_after_first_token,
@@ -20,6 +27,9 @@ from tests.support.answers import (
 )
 from tests.support.provider_server import Behavior, ProviderServer
 from tests.support.servers import bearer, make_key, serve_app, wait_until
+from tests.support.sse import aiter_sse
+
+PDF = "Which library parses PDF files?"
 
 
 async def test_leader_client_leaving_keeps_the_answer_going_for_followers(
@@ -101,3 +111,175 @@ async def test_a_busy_publish_pool_delays_the_followers_events_but_loses_none(
         assert (await leader).text == SLOW_ANSWER
         assert (await ask(http)).meta["cache"] == "hit"
         await client.aclose()
+
+
+# -- in-flight slots: only a generation holds one ----------------------------------------------------
+
+
+async def test_followers_take_no_in_flight_slot_and_the_cap_still_holds(
+    settings: Settings, local_embedder: LocalEmbedder, provider: ProviderServer
+) -> None:
+    # Issue 11: a follower took one of its key's in-flight slots though it costs no generation, so
+    # identical questions beyond `max_inflight` got 429 `too_many_inflight`.
+    settings = await seeded_slow(settings, local_embedder, provider)
+    provider.default = Behavior(text=SLOW_ANSWER, first_token_delay=3.0, token_interval=0.05)
+    key = await make_key(settings, "query", max_inflight=1)
+    parsed = parse_key(key)
+    assert parsed is not None
+    async with running(settings, local_embedder, key=key) as http:
+        client = aioredis.from_url(str(settings.redis_url))
+        leader = asyncio.create_task(ask(http))
+        await provider.async_wait_for(lambda: len(provider.calls) == 1, timeout=10)
+        followers = [asyncio.create_task(ask(http)) for _ in range(4)]
+        await wait_until(lambda: followers_joined(client, 4), within=20)
+        over = await ask(http, PDF)  # a distinct question would generate: beyond the cap
+        assert over.status == 429 and over.body["error"]["code"] == "too_many_inflight"
+        assert not provider.calls[0].completed  # the leader still held its slot meanwhile
+        replies = await asyncio.gather(leader, *followers)
+        assert [r.status for r in replies] == [200] * 5
+        assert all(r.text == SLOW_ANSWER and r.names[-1] == "done" for r in replies)
+        assert sorted(r.meta["cache"] for r in replies) == ["coalesced"] * 4 + ["miss"]
+        assert len(provider.calls_to("messages")) == 1
+
+        async def slots_free() -> bool:  # released as the generation ended: none leaks
+            return int(await client.zcard(KEYS.inflight_slots(parsed[0]))) == 0
+
+        await wait_until(slots_free, within=10)
+        provider.default = Behavior()
+        assert (await ask(http, PDF)).status == 200
+        await client.aclose()
+
+
+async def test_a_generation_gives_its_slot_back_however_it_ends(
+    settings: Settings, local_embedder: LocalEmbedder, provider: ProviderServer
+) -> None:
+    # The slot is now held by the generation (its producer), not by the request: a leader whose client
+    # hangs up with nobody following is cancelled, and one followed goes on; both give it back.
+    settings = await seeded_slow(settings, local_embedder, provider)
+    key = await make_key(settings, "query", max_inflight=1)
+    parsed = parse_key(key)
+    assert parsed is not None
+    async with running(settings, local_embedder, key=key) as http:
+        client = aioredis.from_url(str(settings.redis_url))
+
+        async def slots_free() -> bool:
+            return int(await client.zcard(KEYS.inflight_slots(parsed[0]))) == 0
+
+        await hang_up_after_first_token(http)  # alone: cancelled
+        await wait_until(slots_free, within=10)
+        leader = asyncio.create_task(hang_up_after_first_token(http, PDF))  # followed: goes on without its client
+        await provider.async_wait_for(lambda: len(provider.calls) == 2, timeout=10)
+        follower = asyncio.create_task(ask(http, PDF))
+        await wait_until(lambda: followers_joined(client, 1), within=10)
+        await leader
+        assert (await follower).text == SLOW_ANSWER
+        await wait_until(slots_free, within=10)
+        assert len(provider.calls_to("messages")) == 2
+        await client.aclose()
+
+
+async def test_a_follower_that_takes_over_needs_a_slot_of_its_own(
+    settings: Settings, local_embedder: LocalEmbedder, provider: ProviderServer
+) -> None:
+    # The leader's lease lapses before its first event (its renewals cannot get a connection of
+    # the publish pool, held here), so its follower takes the generation over: that one now
+    # generates, so it needs a slot of its key's, and its key has none free: 429, nothing leaked.
+    settings = (await seeded_slow(settings, local_embedder, provider)).model_copy(
+        update={"redis_publish_connections": 1, "coalesce_lease_ms": 3000}
+    )
+    provider.default = Behavior(text=SLOW_ANSWER, first_token_delay=6.0, token_interval=0.02)
+    capped = await make_key(settings, "query", max_inflight=1)
+    parsed = parse_key(capped)
+    assert parsed is not None
+    app = create_app(settings, embedder=local_embedder)
+    key = await make_key(settings, "query")
+    async with serve_app(app) as url, httpx.AsyncClient(base_url=url, timeout=60, headers=bearer(key)) as http:
+        client = aioredis.from_url(str(settings.redis_url))
+        resources: Resources = app.state.resources
+        pool = resources.pools.publish.connection_pool
+        held = await pool.get_connection()  # type: ignore[no-untyped-call]  # its only connection
+        try:
+            busy = asyncio.create_task(ask(http, PDF, headers=bearer(capped)))  # the capped key's one slot
+            await provider.async_wait_for(lambda: len(provider.calls) == 1, timeout=10)
+            leader = asyncio.create_task(ask(http))
+            await provider.async_wait_for(lambda: len(provider.calls) == 2, timeout=10)
+            follower = asyncio.create_task(ask(http, headers=bearer(capped)))
+            await wait_until(lambda: followers_joined(client, 1), within=10)
+            taken_over = await follower
+            assert taken_over.status == 429 and taken_over.body["error"]["code"] == "too_many_inflight"
+            assert len(provider.calls) == 2  # refused before any work
+        finally:
+            await pool.release(held)
+        assert (await leader).text == SLOW_ANSWER and (await busy).status == 200
+
+        async def slots_free() -> bool:
+            return int(await client.zcard(KEYS.inflight_slots(parsed[0]))) == 0
+
+        await wait_until(slots_free, within=10)
+        await client.aclose()
+
+
+# -- leaders publish only while someone follows --------------------------------------------------
+
+
+async def test_a_leader_nobody_follows_writes_no_stream(
+    settings: Settings, local_embedder: LocalEmbedder, provider: ProviderServer
+) -> None:
+    # Issue 11: every leader wrote each batch of its tokens to a Redis stream for followers that
+    # mostly did not exist; under a burst of distinct misses that alone kept the publish pool busy.
+    settings = await seeded_slow(settings, local_embedder, provider)
+    async with running(settings, local_embedder) as http:
+        reply = await ask(http)
+        assert reply.meta["cache"] == "miss" and reply.text == SLOW_ANSWER and reply.names[-1] == "done"
+    client = aioredis.from_url(str(settings.redis_url))
+    try:  # a written stream would be kept for late followers (`STREAM_RETENTION_S`)
+        assert [k async for k in client.scan_iter(match=KEYS.family("stream"))] == []
+    finally:
+        await client.aclose()
+
+
+async def test_a_follower_joining_mid_answer_gets_all_of_it(
+    settings: Settings, local_embedder: LocalEmbedder, provider: ProviderServer
+) -> None:
+    settings = await seeded_slow(settings, local_embedder, provider)
+    provider.default = Behavior(text=SLOW_ANSWER, first_token_delay=0.5, token_interval=0.15)
+    async with running(settings, local_embedder) as http:
+        client = aioredis.from_url(str(settings.redis_url))
+        leader: list[str] = []
+        follower: asyncio.Task[Reply] | None = None
+        async with http.stream("POST", "/rag/stream", json={"question": FLUSH}) as response:
+            async for name, data in aiter_sse(response.aiter_lines()):
+                if name == "token":
+                    leader.append(data["text"])
+                if len(leader) == 5 and follower is None:  # tokens the leader kept to itself so far
+                    follower = asyncio.create_task(ask(http))
+                    await wait_until(lambda: followers_joined(client, 1), within=10)
+        assert follower is not None and "".join(leader) == SLOW_ANSWER
+        reply = await follower
+        assert reply.meta["cache"] == "coalesced" and reply.text == SLOW_ANSWER and reply.names[-1] == "done"
+        assert len(provider.calls_to("messages")) == 1
+        await client.aclose()
+
+
+async def test_a_follower_that_joins_after_the_last_event_still_gets_every_one(settings: Settings) -> None:
+    # The leader's last look found nobody; the follower joined before the lease was released: the
+    # release itself must notice it and write the whole answer first.
+    client = aioredis.from_url(str(settings.redis_url))
+    coalescer = Coalescer(client)
+    key = uuid.uuid4().hex
+    lease = await coalescer.lead(key)
+    assert lease is not None
+    events: list[Event] = [Token("a"), Token(" b"), Failed("generation_failed", "stopped")]
+    for event in events:
+        lease.publish(event)
+    await lease.drained()
+    assert not await client.exists(coalescer.stream_key(key))  # nobody followed: nothing written
+
+    async def follow() -> list[Event]:
+        return [event async for event in coalescer.follow(key)]
+
+    follower = asyncio.create_task(follow())
+    await wait_until(lambda: followers_joined(client, 1), within=10)
+    await lease.close()
+    assert await follower == events
+    await client.aclose()
