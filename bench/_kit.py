@@ -33,7 +33,6 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 
-from service.settings import Settings
 from tests.support.load import Client, ProviderProcess, Reply, fetch
 from tests.support.processes import Served, clean_env, serve_process
 from tests.support.servers import SHARED_DATA, bearer, free_port, make_key, make_settings, with_database
@@ -252,22 +251,6 @@ def passage_questions(n: int, *, prefix: str, skip: int = 0) -> list[str]:
             if len(out) == n:
                 return out
     raise SystemExit(f"only {len(out)} distinct questions could be built, {n} needed")
-
-
-async def ingest_path(settings: Settings, embedder: Any, path: Path, fmt: str) -> Any:
-    """`rag-ingest add PATH --format FMT` in-process; returns the IngestReport (unchanged documents are skipped)."""
-    from ingest.loaders import discover, load
-    from ingest.pipeline import IngestOptions, ingest_documents
-    from service.postgres.corpus import open_corpus
-
-    async with open_corpus(settings) as corpus:
-        entries, failures = discover([str(path)])
-        items = [*failures, *(doc for entry in entries for doc in load(entry, fmt))]  # type: ignore[arg-type]
-        options = IngestOptions(settings.chunk_tokens, settings.chunk_overlap, settings.embed_batch_size)
-        report = await ingest_documents(corpus.store, embedder, items, options)
-        if report.failures:
-            raise SystemExit(f"ingest of {path}: {len(report.failures)} failures, first: {report.failures[0]}")
-        return report
 
 
 async def create_key(dsn: str) -> str:
