@@ -314,15 +314,6 @@ async def _documents(dsn: str) -> int:
     return int(await fetchval(dsn, "SELECT count(*) FROM documents"))
 
 
-def corpus_subset(corpus: Path, limit: int, subset: Path) -> Path:
-    """`subset`, holding the first `limit` lines of `corpus` (rewritten only when they differ)."""
-    subset.parent.mkdir(parents=True, exist_ok=True)
-    head = b"".join(line + b"\n" for line in corpus.read_bytes().split(b"\n")[:limit])
-    if not subset.exists() or subset.read_bytes() != head:
-        subset.write_bytes(head)
-    return subset
-
-
 async def ensure_corpus(servers: Servers, limit: int | None) -> tuple[str, int]:
     """A database holding msmarco-5k (or its first `limit` passages), ingested once with `rag-ingest`, then reused."""
     corpus = MSMARCO / "corpus.jsonl"
@@ -331,7 +322,11 @@ async def ensure_corpus(servers: Servers, limit: int | None) -> tuple[str, int]:
         await fetchval(servers.admin_dsn, f'CREATE DATABASE "{name}"')
     dsn, data_dir = with_database(servers.admin_dsn, name), servers.data_dir
     if limit is not None:  # beside the data directory, not in it: rag-ingest never ingests from RAG_DATA_DIR
-        corpus = corpus_subset(corpus, limit, data_dir.parent / f"corpus-{limit}" / "corpus.jsonl")
+        head = b"".join(line + b"\n" for line in corpus.read_bytes().split(b"\n")[:limit])
+        corpus = data_dir.parent / f"corpus-{limit}" / "corpus.jsonl"
+        corpus.parent.mkdir(parents=True, exist_ok=True)
+        if not corpus.exists() or corpus.read_bytes() != head:  # rewritten only when it differs
+            corpus.write_bytes(head)
     expected = len(jsonl(corpus))
     have = await _documents(dsn)
     if have != expected:
@@ -445,7 +440,6 @@ class ReplayStack:
     dsn: str
     documents: int
     token: str
-    victim: str = ""  # a second API key, for the benchmarks that need one
 
     async def fresh(self, redis_db: int) -> str:
         """The URL of logical Redis db `redis_db`, emptied, with the semantic index emptied too."""
