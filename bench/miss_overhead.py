@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import inspect
 import itertools
 import statistics
 import time
@@ -113,9 +114,11 @@ class Samples:
     errors: list[str] = field(default_factory=list)
 
 
-async def timed(call: Callable[[], Awaitable[Any]]) -> tuple[float, Any]:
+async def timed(call: Callable[[], Any]) -> tuple[float, Any]:
+    """Seconds `call()` took (awaited if it returns an awaitable), and its result."""
     started = time.perf_counter()
-    result = await call()
+    result = call()
+    result = await result if inspect.isawaitable(result) else result
     return time.perf_counter() - started, result
 
 
@@ -180,9 +183,7 @@ async def run(args: argparse.Namespace) -> str:
                 await forget(question)
                 request = RagRequest(question=question, cache="use")
                 out: dict[str, float] = {}
-                started = time.perf_counter()
-                checked = service.questions.guard(request)
-                out["guard"] = time.perf_counter() - started
+                out["guard"], checked = await timed(lambda: service.questions.guard(request))
                 out["cache_get"], hit = await timed(lambda: service.cache.get(checked.key))
                 if hit is not None:
                     raise RuntimeError("steps: unexpected cache hit")
@@ -190,9 +191,7 @@ async def run(args: argparse.Namespace) -> str:
                 if similar is not None:
                     raise RuntimeError("steps: unexpected semantic hit")
                 out["retrieve"], sources = await timed(lambda: service.retrieve(checked))
-                started = time.perf_counter()
-                service.plan(checked, sources)
-                out["plan"] = time.perf_counter() - started
+                out["plan"], _ = await timed(lambda: service.plan(checked, sources))
                 out["steps_sum"] = sum(out.values())
                 vector = (await embedder.embed([checked.text]))[0]
                 out["search"], _ = await timed(
@@ -202,9 +201,8 @@ async def run(args: argparse.Namespace) -> str:
 
             async def bare(question: str) -> dict[str, float]:
                 embed_s, _ = await timed(lambda: embedder.embed([question]))
-                started = time.perf_counter()
-                embedder.encode([question])
-                return {"embed": embed_s, "encode": time.perf_counter() - started}
+                encode_s, _ = await timed(lambda: embedder.encode([question]))
+                return {"embed": embed_s, "encode": encode_s}
 
             async def health(_question: str) -> dict[str, float]:
                 reply = await client.request("GET", "/health")
