@@ -33,7 +33,6 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 
-from service.settings import Settings
 from tests.support.load import Client, ProviderProcess, Reply, fetch
 from tests.support.processes import Served, clean_env, serve_process
 from tests.support.servers import SHARED_DATA, bearer, free_port, make_key, make_settings, with_database
@@ -254,22 +253,6 @@ def passage_questions(n: int, *, prefix: str, skip: int = 0) -> list[str]:
     raise SystemExit(f"only {len(out)} distinct questions could be built, {n} needed")
 
 
-async def ingest_path(settings: Settings, embedder: Any, path: Path, fmt: str) -> Any:
-    """`rag-ingest add PATH --format FMT` in-process; returns the IngestReport (unchanged documents are skipped)."""
-    from ingest.loaders import discover, load
-    from ingest.pipeline import IngestOptions, ingest_documents
-    from service.postgres.corpus import open_corpus
-
-    async with open_corpus(settings) as corpus:
-        entries, failures = discover([str(path)])
-        items = [*failures, *(doc for entry in entries for doc in load(entry, fmt))]  # type: ignore[arg-type]
-        options = IngestOptions(settings.chunk_tokens, settings.chunk_overlap, settings.embed_batch_size)
-        report = await ingest_documents(corpus.store, embedder, items, options)
-        if report.failures:
-            raise SystemExit(f"ingest of {path}: {len(report.failures)} failures, first: {report.failures[0]}")
-        return report
-
-
 async def create_key(dsn: str) -> str:
     """A query key without `rpm` or `tokens_per_day`: the default path (no rate-limit call to Redis)."""
     return await make_key(make_settings(dsn, "redis://127.0.0.1:1", RESULTS), "query")
@@ -331,15 +314,6 @@ async def _documents(dsn: str) -> int:
     return int(await fetchval(dsn, "SELECT count(*) FROM documents"))
 
 
-def corpus_subset(corpus: Path, limit: int, subset: Path) -> Path:
-    """`subset`, holding the first `limit` lines of `corpus` (rewritten only when they differ)."""
-    subset.parent.mkdir(parents=True, exist_ok=True)
-    head = b"".join(line + b"\n" for line in corpus.read_bytes().split(b"\n")[:limit])
-    if not subset.exists() or subset.read_bytes() != head:
-        subset.write_bytes(head)
-    return subset
-
-
 async def ensure_corpus(servers: Servers, limit: int | None) -> tuple[str, int]:
     """A database holding msmarco-5k (or its first `limit` passages), ingested once with `rag-ingest`, then reused."""
     corpus = MSMARCO / "corpus.jsonl"
@@ -348,7 +322,11 @@ async def ensure_corpus(servers: Servers, limit: int | None) -> tuple[str, int]:
         await fetchval(servers.admin_dsn, f'CREATE DATABASE "{name}"')
     dsn, data_dir = with_database(servers.admin_dsn, name), servers.data_dir
     if limit is not None:  # beside the data directory, not in it: rag-ingest never ingests from RAG_DATA_DIR
-        corpus = corpus_subset(corpus, limit, data_dir.parent / f"corpus-{limit}" / "corpus.jsonl")
+        head = b"".join(line + b"\n" for line in corpus.read_bytes().split(b"\n")[:limit])
+        corpus = data_dir.parent / f"corpus-{limit}" / "corpus.jsonl"
+        corpus.parent.mkdir(parents=True, exist_ok=True)
+        if not corpus.exists() or corpus.read_bytes() != head:  # rewritten only when it differs
+            corpus.write_bytes(head)
     expected = len(jsonl(corpus))
     have = await _documents(dsn)
     if have != expected:
@@ -462,7 +440,6 @@ class ReplayStack:
     dsn: str
     documents: int
     token: str
-    victim: str = ""  # a second API key, for the benchmarks that need one
 
     async def fresh(self, redis_db: int) -> str:
         """The URL of logical Redis db `redis_db`, emptied, with the semantic index emptied too."""

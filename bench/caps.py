@@ -42,11 +42,12 @@ def export_service(revision: str, into: Path) -> None:
         tar.extractall(into, filter="data")
 
 
-async def scenario(stack: kit.ReplayStack, variant: str, db: int, env: dict[str, str], out: Path) -> dict[str, Any]:
+async def scenario(stack: kit.ReplayStack, variant: str, db: int, env: dict[str, str], args: Any) -> dict[str, Any]:
+    """The key limited to 10/min and the 70 identical questions, sent while 16 generations are in flight."""
     redis_url = await stack.fresh(db)
-    limited = await make_key(kit.make_settings(stack.dsn, redis_url, out), "query", rpm=10)
-    log = out / f"{variant.replace(' ', '-')}.log"
-    async with stack.serve(redis_url, log, env) as srv:
+    limited = await make_key(kit.make_settings(stack.dsn, redis_url, args.out), "query", rpm=10)
+    log = args.out / f"{variant.replace(' ', '-')}.log"
+    async with stack.serve(redis_url, log, env | {"RAG_LOG_LEVEL": "info"}) as srv:  # "not caching" is info
         await kit.ask(srv.url, stack.token, {"question": CACHED})  # the limited key's answer, cached
         await stack.provider.reset()
         questions = [f"tell me about topic {i}" for i in range(15)] + [SAME] * 70
@@ -78,55 +79,44 @@ def memory(pid: int) -> dict[str, float]:
     return {"rss": mb["VmRSS"], "anon": mb["Anonymous"], "file": mb["VmRSS"] - mb["Anonymous"], "peak": mb["VmHWM"]}
 
 
-async def rss_scenario(stack: kit.ReplayStack, variant: str, db: int, env: dict[str, str], burst: int) -> list[str]:
-    """`rag-serve` at rest (started, no request yet), after one answer, then after `burst` distinct misses at once."""
-    log = kit.run_dir("rss") / f"{variant.replace(' ', '-')}.log"
-    async with stack.serve(await stack.fresh(db), log, env) as srv:
+async def rss_scenario(stack: kit.ReplayStack, variant: str, db: int, env: dict[str, str], args: Any) -> list[str]:
+    """`rag-serve` at rest (started, no request yet), after one answer, then after `--burst` distinct misses at once."""
+    async with stack.serve(await stack.fresh(db), args.out / f"{variant.replace(' ', '-')}.log", env) as srv:
         steps = {"at rest": memory(srv.pid)}
         await kit.ask(srv.url, stack.token, {"question": "what is the boiling point of water"})
         steps["after one answer"] = memory(srv.pid)
-        questions = kit.passage_questions(burst, prefix="tell me about")
+        questions = kit.passage_questions(args.burst, prefix="tell me about")
         replies = await asyncio.gather(*(kit.ask(srv.url, stack.token, {"question": q}) for q in questions))
-        steps[f"after {burst} misses at once ({sum(r.status == 200 for r in replies)} answered)"] = memory(srv.pid)
+        answered = sum(r.status == 200 for r in replies)
+        steps[f"after {args.burst} misses at once ({answered} answered)"] = memory(srv.pid)
     return [
         f"{variant} | {step} | " + " | ".join(f"{m[k]:.0f}" for k in ("rss", "anon", "file", "peak"))
         for step, m in steps.items()
     ]
 
 
-async def run_rss(args: Any) -> None:
-    rows: list[str] = []
+async def run(args: Any) -> None:
+    """The scenario (or, with --rss, the memory steps) against the base revision's `service/`, then this one's."""
+    args.out = kit.run_dir("rss" if args.rss else "caps")
+    measure = rss_scenario if args.rss else scenario
+    results: list[Any] = []
     with tempfile.TemporaryDirectory(prefix="ragcache-base-") as base_dir:
         export_service(args.base, Path(base_dir))
         async with kit.replay_stack(args) as stack:
             for variant, db, env in ((args.base, 10, {"PYTHONPATH": base_dir}), ("this branch", 11, {})):
                 kit.say(f"{variant} …")
-                rows += await rss_scenario(stack, variant, db, env, args.burst)
-            # The stand-in speaks Anthropic's wire format; the base may still call it through the SDK.
-            setup = kit.model_line(args, stack.documents).replace("the real Anthropic SDK", "the Anthropic provider")
-    body = "\n\n".join(
-        [
-            kit.run_line(f"python -m bench.caps --rss --base {args.base}"),
+                results.append(await measure(stack, variant, db, env, args))
+            setup = f"{kit.model_line(args, stack.documents)} Base `{args.base}`: {args.base_rev}."
+    if args.rss:
+        text = (
             f"{setup} One worker (`rag-serve --workers 1`), its ONNX encoder, the Anthropic provider configured "
-            f"(the stand-in). Base `{args.base}`: {args.base_rev}. MB from /proc/PID/status and smaps_rollup; "
-            "file = RSS − anonymous (libraries, memory-mapped model weights; shared between workers).",
-            kit.table("code | when | RSS MB | anonymous | file-backed | peak RSS", rows, align="ll"),
-        ]
-    )
-    kit.publish(RSS_SECTION, body, args)
-
-
-async def run(args: Any) -> None:
-    out = kit.run_dir("caps")
-    results = []
-    with tempfile.TemporaryDirectory(prefix="ragcache-base-") as base_dir:
-        export_service(args.base, Path(base_dir))
-        async with kit.replay_stack(args) as stack:
-            info = {"RAG_LOG_LEVEL": "info"}  # "not caching" is an info line
-            for variant, db, env in ((args.base, 10, {"PYTHONPATH": base_dir, **info}), ("this branch", 11, info)):
-                kit.say(f"{variant} …")
-                results.append(await scenario(stack, variant, db, env, out))
-            setup = kit.model_line(args, stack.documents)
+            "(the stand-in). MB from /proc/PID/status and smaps_rollup; file = RSS − anonymous (libraries, "
+            "memory-mapped model weights; shared between workers)."
+        )
+        rows = [row for variant_rows in results for row in variant_rows]
+        header = "code | when | RSS MB | anonymous | file-backed | peak RSS"
+        kit.publish(RSS_SECTION, kit.section(args, text, kit.table(header, rows, align="ll")), args)
+        return
     rows = [
         f"{r['variant']} | {r['limited_answered']}/25 | {r['same_generations']} | {r['fail_open_lines']} | "
         f"{r['not_caching_lines']} | {', '.join(f'{k} {v}' for k, v in sorted(r['same_outcomes'].items()))}"
@@ -135,14 +125,12 @@ async def run(args: Any) -> None:
     header = (
         'code | limited key (10/min) answered | generations for 70 identical | "fail open" lines | "not caching" lines'
     )
-    body = "\n\n".join(
-        [
-            kit.run_line(f"python -m bench.caps --base {args.base}"),
-            f"{setup} One worker, default pools (`RAG_REDIS_MAX_CONNECTIONS=64`). Base `{args.base}`: {args.base_rev}.",
-            kit.table(f"{header} | the 70's outcomes", rows, align="lrrrrl"),
-        ]
+    body = kit.section(
+        args,
+        f"{setup} One worker, default pools (`RAG_REDIS_MAX_CONNECTIONS=64`).",
+        kit.table(f"{header} | the 70's outcomes", rows, align="lrrrrl"),
     )
-    kit.publish(SECTION, body, args, results, out)
+    kit.publish(SECTION, body, args, results, args.out)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -155,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.base_rev = subprocess.run(
         ["git", "-C", str(kit.ROOT), "rev-parse", "--short", args.base], capture_output=True, text=True, check=True
     ).stdout.strip()
-    asyncio.run(run_rss(args) if args.rss else run(args))
+    asyncio.run(run(args))
 
 
 if __name__ == "__main__":

@@ -101,10 +101,9 @@ async def timeline(
     for i in range(int(total * args.rate)):
         at = i / args.rate
         await asyncio.sleep(max(0.0, t0 + at - time.monotonic()))
-        if rng.random() < args.hit_share:
-            tasks.append(asyncio.create_task(one(int(at), "cached", cached[rng.randrange(len(cached))])))
-        else:
-            tasks.append(asyncio.create_task(one(int(at), "fresh", next(fresh_iter))))
+        kind = "cached" if rng.random() < args.hit_share else "fresh"
+        question = cached[rng.randrange(len(cached))] if kind == "cached" else next(fresh_iter)
+        tasks.append(asyncio.create_task(one(int(at), kind, question)))
     await asyncio.gather(*tasks)
     return {"sent": sent, "ready": ready, "events": events, "t0": t0}
 

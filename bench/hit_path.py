@@ -92,7 +92,6 @@ def cpu_seconds(pid: int) -> float:
 class Run:
     side: str
     concurrency: int
-    round: int
     seconds: float = 0.0
     latencies: list[float] = field(default_factory=list)
     completions: list[float] = field(default_factory=list)
@@ -110,10 +109,10 @@ class Run:
         return max((b - a for a, b in itertools.pairwise(sorted(self.completions))), default=0.0)
 
 
-async def measure(name: str, server: Served, args: Any, token: str, c: int, rnd: int) -> Run:
+async def measure(name: str, server: Served, args: Any, token: str, c: int) -> Run:
     """One side at one level: `c` keep-alive clients sending a pre-built request, warmed up, then measured with both
     processes' CPU; latency is request sent → full body read."""
-    run = Run(name, c, rnd)
+    run = Run(name, c)
     clients = [kit.Client(server.url, kit.bearer(token)) for _ in range(c)]
     raw = clients[0].encode("POST", "/rag/stream", json.dumps({"question": QUESTION}).encode(), close=False)
 
@@ -149,11 +148,9 @@ def report(runs: list[Run], args: Any) -> str:
         side = {n: [r for r in runs if r.concurrency == c and r.side == n] for n in ("project", "floor")}
         agg = {}
         for name, rs in side.items():
-            lat = [x for r in rs for x in r.latencies]
-            secs = sum(r.seconds for r in rs)
+            lat, secs = [x for r in rs for x in r.latencies], sum(r.seconds for r in rs)
             cpu_us = sum(r.server_cpu for r in rs) / max(len(lat), 1) * 1e6
-            agg[name] = {"rps": len(lat) / secs, "p50": kit.percentile(lat, 50), "p99": kit.percentile(lat, 99)}
-            agg[name]["cpu_us"] = cpu_us
+            agg[name] = kit.stats(lat) | {"rps": len(lat) / secs, "cpu_us": cpu_us}
             rows.append(
                 f"{c} | {name} | {len(lat):,} | {sum(len(r.errors) for r in rs)} | {agg[name]['rps']:,.0f} | "
                 f"{kit.ms(agg[name]['p50'])} | {kit.ms(agg[name]['p99'])} | {agg[name]['cpu_us']:,.0f} | "
@@ -341,7 +338,7 @@ async def bench(args: Any) -> str:
             for c in args.concurrency:
                 for rnd in range(1, args.rounds + 1):
                     for name in ["project", "floor"][:: 1 if rnd % 2 else -1]:
-                        runs.append(run := await measure(name, servers[name], args, token, c, rnd))
+                        runs.append(run := await measure(name, servers[name], args, token, c))
                         kit.say(f"c={c:<3} round {rnd} {name:8} {run.rps:8,.0f} req/s  errors {len(run.errors)}")
             setup = (
                 "Both servers `uvicorn --workers 1 --loop uvloop --http httptools --no-access-log`; tests.support.load "

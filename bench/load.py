@@ -62,8 +62,9 @@ def process_tree_rss(root: int) -> dict[int, int]:
     return rss
 
 
-async def wait_for_workers(root: int, workers: int, min_kb: int = 250_000, within: float = 180) -> None:
-    """Until `workers` processes of the tree hold the model (RSS ≥ `min_kb`) and the total stopped growing."""
+async def wait_for_workers(root: int, workers: int, min_kb: int = 150_000, within: float = 180) -> None:
+    """Until `workers` processes of the tree hold the model (RSS ≥ `min_kb`; ~175 MB at rest) and the total stopped
+    growing."""
     deadline, last = time.monotonic() + within, 0
     while time.monotonic() < deadline:
         rss = process_tree_rss(root)
@@ -75,31 +76,27 @@ async def wait_for_workers(root: int, workers: int, min_kb: int = 250_000, withi
     kit.say(f"warning: {workers} loaded workers not seen within {within:.0f} s")
 
 
-class Sampler:
-    """Every `interval` s while open: the server tree's RSS peak, and this process's own loop lag."""
+@asynccontextmanager
+async def sampled(root: int, interval: float = 0.05) -> AsyncIterator[dict[str, Any]]:
+    """While open: this process's own loop lag every `interval` s, and the server tree's RSS peak every 0.5 s."""
+    found: dict[str, Any] = {"peak_kb": 0, "lags": []}
 
-    def __init__(self, root: int, interval: float = 0.05) -> None:
-        self.root, self.interval = root, interval
-        self.peak_kb, self.lags = 0, list[float]()
-        self._tasks: list[asyncio.Task[None]] = []
-
-    async def _rss(self) -> None:
+    async def rss() -> None:
         while True:
-            self.peak_kb = max(self.peak_kb, sum((await asyncio.to_thread(process_tree_rss, self.root)).values()))
+            found["peak_kb"] = max(found["peak_kb"], sum((await asyncio.to_thread(process_tree_rss, root)).values()))
             await asyncio.sleep(0.5)
 
-    async def _lag(self) -> None:
+    async def lag() -> None:
         while True:
             before = time.monotonic()
-            await asyncio.sleep(self.interval)
-            self.lags.append(time.monotonic() - before - self.interval)
+            await asyncio.sleep(interval)
+            found["lags"].append(time.monotonic() - before - interval)
 
-    def __enter__(self) -> Sampler:
-        self._tasks = [asyncio.create_task(self._rss()), asyncio.create_task(self._lag())]
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for task in self._tasks:
+    tasks = [asyncio.create_task(rss()), asyncio.create_task(lag())]
+    try:
+        yield found
+    finally:
+        for task in tasks:
             task.cancel()
 
 
@@ -144,7 +141,7 @@ async def miss_burst(url: str, token: str, server_pid: int, questions: list[str]
         await asyncio.sleep(3)  # the probe's idle baseline
         rss_before = sum(process_tree_rss(server_pid).values())
         idle = await kit.ask(url, victim, {"question": questions[-2]})  # the victim key's miss on an idle server
-        with Sampler(server_pid) as sampler:
+        async with sampled(server_pid) as sampler:
             started = time.monotonic()
             burst = [asyncio.create_task(kit.ask(url, token, {"question": q})) for q in questions[:-2]]
             await asyncio.sleep(0.5)  # the burst is in the server
@@ -166,10 +163,10 @@ async def miss_burst(url: str, token: str, server_pid: int, questions: list[str]
         "server_ttft_ms": kit.stats([r.server_ttft_ms for r in ok]),
         "duration_s": ended - started,
         "rps": len(ok) / (ended - started),
-        "rss_kb": [rss_before, max(sampler.peak_kb, rss_before, rss_after), rss_after],
+        "rss_kb": [rss_before, max(sampler["peak_kb"], rss_before, rss_after), rss_after],
         "health_idle": kit.stats([lat for at, lat in samples if at < started - 0.2]),
         "health": kit.stats([lat for at, lat in samples if started <= at <= ended]),
-        "client_lag": kit.stats(sampler.lags),
+        "client_lag": kit.stats(sampler["lags"]),
     }
 
 
@@ -210,7 +207,7 @@ async def one_run(
         kit.say(f"== round {rnd}, {workers} worker(s), admission {admission}: {len(questions) - 2} concurrent streams")
         async with aioredis.from_url(redis_url) as client:
             xadds = await xadd_calls(client)
-        burst = await miss_burst(server.url, stack.token, server.pid, questions, stack.victim)
+        burst = await miss_burst(server.url, stack.token, server.pid, questions, args.victim)
         calls = await stack.provider.calls()
         async with aioredis.from_url(redis_url) as client:
             cached = len([k async for k in client.scan_iter(match="ragcache:answer:*", count=1000)])
@@ -266,10 +263,9 @@ def report(runs: list[dict[str, Any]], streams: int) -> str:
         )
     lines = [
         kit.table(
-            "workers | round | admission | complete / shed / failed | TTFT p50 / p95 / p99 ms | burst | RSS before "
-            "/ peak / after MB | /health idle p50 → during p50 / max ms | client lag p95 / max ms | victim TTFT "
-            "/ idle | cached by the burst "
-            "| hits/s | hit latency p50 / p99 ms",
+            "workers | round | admission | complete / shed / failed | TTFT p50 / p95 / p99 ms | burst | RSS before / "
+            "peak / after MB | /health idle p50 → during p50 / max ms | client lag p95 / max ms | victim TTFT / idle | "
+            "cached by the burst | hits/s | hit latency p50 / p99 ms",
             rows,
         )
     ]
@@ -309,7 +305,7 @@ async def main_async(args: Any) -> None:
     runs: list[dict[str, Any]] = []
     async with kit.replay_stack(args) as stack:
         try:
-            stack.victim = await kit.create_key(stack.dsn)
+            args.victim = await kit.create_key(stack.dsn)  # a second API key
             for i, (rnd, workers, admission) in enumerate(plan):
                 mine = questions[i * per_run : (i + 1) * per_run]
                 runs.append(await one_run(args, stack, workers, rnd, admission, mine, out))

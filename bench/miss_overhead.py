@@ -1,13 +1,12 @@
 """Miss-path overhead: request → provider call, with msmarco-5k loaded, next to the bare embedding.
 
 The real app on uvicorn in this process (the serving embedder of `create_embedder`, real settings, an
-API key without `rpm`),
-the provider server in a thread, one clock. The corpus is ingested once into an embedded Postgres
-under bench/results/miss_overhead/. Per query and pass, in rotating order: end to end with cache
-"use" (a real miss) and "bypass", measured from just before the request is sent to the provider
-server recording the call; the AnswerService's steps called directly; the bare embedding; and a
-`GET /health` round trip. Wrappers around the running service's methods give a timeline of the
-"use" requests. One unmeasured pass warms everything first.
+API key without `rpm`), the provider server in a thread, one clock. The corpus is the replay benchmarks'
+(ingested once with `rag-ingest` into the kit's embedded Postgres, then reused). Per query and pass, in
+rotating order: end to end with cache "use" (a real miss) and "bypass", measured from just before the
+request is sent to the provider server recording the call; the AnswerService's steps called directly;
+the bare embedding; and a `GET /health` round trip. Wrappers around the running service's methods give
+a timeline of the "use" requests. One unmeasured pass warms everything first.
 """
 
 from __future__ import annotations
@@ -15,21 +14,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import inspect
 import itertools
 import statistics
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from bench import _kit as kit
-from tests.support.load import Reply
-from tests.support.servers import SHARED_DATA, serve_app
+from tests.support.servers import serve_app
 
-DEFAULT_DATA = SHARED_DATA / "msmarco-5k"
-DB_DIR = kit.RESULTS / "miss_overhead"
-EXPECTED_DOCUMENTS = 5_000
 GOAL_P50_S = 0.010
 SECTION = "Miss-path overhead"
 
@@ -119,24 +114,11 @@ class Samples:
     errors: list[str] = field(default_factory=list)
 
 
-async def ensure_corpus(settings: Any, embedder: Any, corpus: Path, limit: int | None) -> str:
-    """Ingest (idempotent; the first `limit` passages only if given); returns a one-line description."""
-    from service.postgres.corpus import open_corpus
-
-    if limit is not None:
-        corpus = kit.corpus_subset(corpus, limit, DB_DIR / "corpus.jsonl")
-    report = await kit.ingest_path(settings, embedder, corpus, fmt="beir")
-    async with open_corpus(settings) as opened:
-        documents = int(await opened.pool.fetchval("SELECT count(*) FROM documents"))
-        chunks = int(await opened.pool.fetchval("SELECT count(*) FROM chunks"))
-    if limit is None and documents != EXPECTED_DOCUMENTS and corpus.parent.name == "msmarco-5k":
-        raise SystemExit(f"expected {EXPECTED_DOCUMENTS} documents in the corpus, found {documents}")
-    return f"{documents:,} documents, {chunks:,} chunks ({'ingested now' if report.added else 'reused'})"
-
-
-async def timed(call: Callable[[], Awaitable[Any]]) -> tuple[float, Any]:
+async def timed(call: Callable[[], Any]) -> tuple[float, Any]:
+    """Seconds `call()` took (awaited if it returns an awaitable), and its result."""
     started = time.perf_counter()
-    result = await call()
+    result = call()
+    result = await result if inspect.isawaitable(result) else result
     return time.perf_counter() - started, result
 
 
@@ -149,19 +131,18 @@ async def run(args: argparse.Namespace) -> str:
     from service.http.app import create_app
     from tests.support.provider_server import ProviderServer
 
-    queries = [(str(r["_id"]), str(r["text"])) for r in kit.jsonl(args.data / "queries.jsonl")][: args.queries]
-    DB_DIR.mkdir(parents=True, exist_ok=True)
-    kit.say(f"embedded Postgres + Valkey under {DB_DIR}")
-    with kit.embedded_servers(DB_DIR) as db, ProviderServer() as provider:
+    queries = [str(r["text"]) for r in kit.jsonl(kit.MSMARCO / "queries.jsonl")][: args.queries]
+    with kit.embedded_servers() as db, ProviderServer() as provider:
+        dsn, documents = await kit.ensure_corpus(db, args.limit_corpus)
+        chunks = await kit.fetchval(dsn, "SELECT count(*) FROM chunks")
         api_key = SecretStr("sk-ant-bench")
         settings = kit.make_settings(
-            db.admin_dsn, db.redis_base, DB_DIR, anthropic_api_key=api_key, anthropic_base_url=provider.base_url
+            dsn, db.redis_base, kit.DATA_DIR, anthropic_api_key=api_key, anthropic_base_url=provider.base_url
         )
         embedder: Any = create_embedder(settings)  # the local ONNX encoder (has `encode`)
         embedder.encode(["warm up"])
-        corpus_line = await ensure_corpus(settings, embedder, args.data / "corpus.jsonl", args.limit_corpus)
-        token = await kit.create_key(db.admin_dsn)
-        await kit.fresh_caches(db.admin_dsn, db.redis_base)  # a clean slate: no answers, no semantic-index rows
+        token = await kit.create_key(dsn)
+        await kit.fresh_caches(dsn, db.redis_base)  # a clean slate: no answers, no semantic-index rows
         samples = Samples()
         app = create_app(settings, embedder=embedder)
         async with serve_app(app) as base:
@@ -202,9 +183,7 @@ async def run(args: argparse.Namespace) -> str:
                 await forget(question)
                 request = RagRequest(question=question, cache="use")
                 out: dict[str, float] = {}
-                started = time.perf_counter()
-                checked = service.questions.guard(request)
-                out["guard"] = time.perf_counter() - started
+                out["guard"], checked = await timed(lambda: service.questions.guard(request))
                 out["cache_get"], hit = await timed(lambda: service.cache.get(checked.key))
                 if hit is not None:
                     raise RuntimeError("steps: unexpected cache hit")
@@ -212,9 +191,7 @@ async def run(args: argparse.Namespace) -> str:
                 if similar is not None:
                     raise RuntimeError("steps: unexpected semantic hit")
                 out["retrieve"], sources = await timed(lambda: service.retrieve(checked))
-                started = time.perf_counter()
-                service.plan(checked, sources)
-                out["plan"] = time.perf_counter() - started
+                out["plan"], _ = await timed(lambda: service.plan(checked, sources))
                 out["steps_sum"] = sum(out.values())
                 vector = (await embedder.embed([checked.text]))[0]
                 out["search"], _ = await timed(
@@ -224,12 +201,11 @@ async def run(args: argparse.Namespace) -> str:
 
             async def bare(question: str) -> dict[str, float]:
                 embed_s, _ = await timed(lambda: embedder.embed([question]))
-                started = time.perf_counter()
-                embedder.encode([question])
-                return {"embed": embed_s, "encode": time.perf_counter() - started}
+                encode_s, _ = await timed(lambda: embedder.encode([question]))
+                return {"embed": embed_s, "encode": encode_s}
 
             async def health(_question: str) -> dict[str, float]:
-                reply: Reply = await client.request("GET", "/health")
+                reply = await client.request("GET", "/health")
                 if reply.status != 200:
                     raise RuntimeError(f"/health: {reply.status} {reply.error}")
                 return {"health": reply.total_s}
@@ -245,7 +221,7 @@ async def run(args: argparse.Namespace) -> str:
             for number in range(args.passes + 1):
                 record = number > 0
                 kit.say(f"pass {number}/{args.passes}" + ("" if record else " (warm-up, not recorded)"))
-                for index, (_qid, question) in enumerate(queries):
+                for index, question in enumerate(queries):
                     shift = (index + number) % len(kinds)  # rotate the order: drift hits every measure
                     for kind in kinds[shift:] + kinds[:shift]:
                         try:
@@ -261,8 +237,8 @@ async def run(args: argparse.Namespace) -> str:
                             samples.timeline.setdefault(label, []).append(seconds)
                             samples.timeline_order.setdefault(label, []).append(position)
             client.close()
-        await kit.fresh_caches(db.admin_dsn, db.redis_base)
-        return render(samples, args, corpus_line, len(queries))
+        await kit.fresh_caches(dsn, db.redis_base)
+        return render(samples, args, f"{documents:,} documents, {chunks:,} chunks", len(queries))
 
 
 def render(samples: Samples, args: argparse.Namespace, corpus: str, queries: int) -> str:
@@ -285,35 +261,30 @@ def render(samples: Samples, args: argparse.Namespace, corpus: str, queries: int
     ]
     e2e = kit.percentile(values["e2e_use"], 50)
     errors = "".join(f"; `{e[:160]}`" for e in samples.errors[:3])
-    return "\n\n".join(
-        [
-            kit.run_line(args.command, onnxruntime=onnxruntime.__version__),
-            f"Corpus: {corpus}; {queries} queries × {args.passes} passes after a warm-up pass; app, uvicorn, "
-            "client and provider server in one process and one clock.",
-            kit.table("measure | n | p50 ms | p99 ms | p50 / bare encode", rows),
-            "Timeline of the cache-`use` requests (↓ start, ↑ end of the running service's calls; intervals "
-            "between consecutive marks add up to the total, those with p99 < 0.1 ms left out):",
-            kit.table("interval | n | p50 ms | p99 ms", segments),
-            f"Goal p50 ≤ {GOAL_P50_S * 1000:.0f} ms: "
-            f"**{kit.ms(e2e)} ms, {'met' if e2e <= GOAL_P50_S else 'not met'}**; "
-            f"the bare encode is {kit.ms(embed50)} ms ({e2e / embed50:.1f}×). Errors: {len(samples.errors)}{errors}.",
-        ]
+    return kit.section(
+        args,
+        f"Corpus: {corpus}; {queries} queries × {args.passes} passes after a warm-up pass; app, uvicorn, "
+        "client and provider server in one process and one clock.",
+        kit.table("measure | n | p50 ms | p99 ms | p50 / bare encode", rows),
+        "Timeline of the cache-`use` requests (↓ start, ↑ end of the running service's calls; intervals "
+        "between consecutive marks add up to the total, those with p99 < 0.1 ms left out):",
+        kit.table("interval | n | p50 ms | p99 ms", segments),
+        f"Goal p50 ≤ {GOAL_P50_S * 1000:.0f} ms: "
+        f"**{kit.ms(e2e)} ms, {'met' if e2e <= GOAL_P50_S else 'not met'}**; "
+        f"the bare encode is {kit.ms(embed50)} ms ({e2e / embed50:.1f}×). Errors: {len(samples.errors)}{errors}.",
+        onnxruntime=onnxruntime.__version__,
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = kit.arguments("miss_overhead", __doc__)
-    parser.add_argument("data", nargs="?", type=Path, default=DEFAULT_DATA, help="BEIR folder (corpus + queries)")
     parser.add_argument("--passes", type=int, default=5, help="measured passes over the queries")
     parser.add_argument("--queries", type=int, default=None, help="only the first N queries")
     parser.add_argument("--limit-corpus", type=int, default=None, help="only the first N passages")
     args = kit.parse(parser, argv, passes=1, queries=3, limit_corpus=200)
-    if args.quick:
-        global DB_DIR
-        DB_DIR = kit.RESULTS / "miss_overhead_quick"
     if args.passes < 1:
         parser.error("--passes must be positive")
-    return kit.publish_run(SECTION, run(args), args, args.data / "corpus.jsonl", args.data / "queries.jsonl")
+    return kit.publish_run(SECTION, run(args), args, kit.MSMARCO / "corpus.jsonl", kit.MSMARCO / "queries.jsonl")
 
 
 if __name__ == "__main__":

@@ -11,11 +11,13 @@ service/policy/semantic_judge.py.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import hashlib
 import math
+import statistics
 import sys
-import time
+import timeit
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -44,10 +46,6 @@ class Pair:
     similarity: float
     dev: bool
     comparison: semantic_match.Comparison
-
-
-def load_quora() -> list[tuple[str, str, bool]]:
-    return [(str(r["a"]), str(r["b"]), bool(r["duplicate"])) for r in kit.jsonl(QUORA)]
 
 
 def embed(texts: Sequence[str]) -> dict[str, np.ndarray]:
@@ -82,8 +80,8 @@ Policy = Callable[[Pair], bool]
 
 
 def today_guard(pair: Pair) -> bool:
-    threshold = semantic_match.DEFAULT_THRESHOLD
-    return bool(semantic_match.judge_match(pair.similarity, pair.a, pair.b, threshold=threshold).hit)
+    cut = semantic_match.DEFAULT_THRESHOLD
+    return bool(semantic_match.judge_match(pair.similarity, pair.a, pair.b, threshold=cut).hit)
 
 
 def judge_at(threshold: float, *, skip: str | None = None) -> Policy:
@@ -104,9 +102,9 @@ def judge_at(threshold: float, *, skip: str | None = None) -> Policy:
 
 
 @functools.cache
-def relabelled() -> frozenset[tuple[str, str]]:
-    """Pairs labelled "not duplicate" that the hand review found to be duplicates."""
-    return frozenset((r["a"], r["b"]) for r in kit.jsonl(ADJUDICATED) if r["verdict"] == "duplicate")
+def verdicts() -> dict[tuple[str, str], str]:
+    """The hand review of Quora pairs labelled "not duplicate": duplicate, arguable or different."""
+    return {(r["a"], r["b"]): str(r["verdict"]) for r in kit.jsonl(ADJUDICATED)}
 
 
 @dataclass(frozen=True)
@@ -134,8 +132,8 @@ class Score:
 def evaluate(pairs: Sequence[Pair], policy: Policy) -> Score:
     served = [p for p in pairs if policy(p)]
     false = [p for p in served if not p.duplicate]
-    duplicates, relabels = sum(p.duplicate for p in pairs), sum((p.a, p.b) in relabelled() for p in false)
-    return Score(len(served) - len(false), len(false), duplicates, relabels)
+    relabels = sum(verdicts().get((p.a, p.b)) == "duplicate" for p in false)
+    return Score(len(served) - len(false), len(false), sum(p.duplicate for p in pairs), relabels)
 
 
 def choose(quora: Sequence[Pair], semantic_dev: Sequence[Pair]) -> float | None:
@@ -170,12 +168,7 @@ def latency(pairs: Sequence[Pair], threshold: float) -> tuple[float, float, floa
     above = [p for p in pairs if p.similarity >= semantic_judge.MIN_COSINE]
 
     def timed(call: Callable[[], object]) -> float:
-        runs = []
-        for _ in range(3):
-            started = time.perf_counter()
-            call()
-            runs.append(time.perf_counter() - started)
-        return sorted(runs)[1]
+        return statistics.median(timeit.repeat(call, repeat=3, number=1))
 
     cut = semantic_match.DEFAULT_THRESHOLD
     new = [timed(functools.partial(semantic_judge.judge, p.similarity, p.a, p.b, threshold=threshold)) for p in above]
@@ -189,7 +182,7 @@ def fmt(s: Score, adjudicated: bool = False) -> list[str]:
     return [*("–" if math.isnan(x) else f"{x:.3f}" for x in shown), reach, str(s.false_hits)]
 
 
-def report(quora: Sequence[Pair], semantic: Sequence[Pair], threshold: float, command: str) -> str:
+def report(quora: Sequence[Pair], semantic: Sequence[Pair], threshold: float, args: argparse.Namespace) -> str:
     held = {
         f"{name} (held-out half)": [p for p in s if not p.dev]
         for name, s in (("Quora", quora), ("semantic_pairs", semantic))
@@ -217,52 +210,49 @@ def report(quora: Sequence[Pair], semantic: Sequence[Pair], threshold: float, co
         q, s = (evaluate(pairs, judge_at(t)) for pairs in held.values())
         sweep.append([f"{t:.2f}", f"{dev:.3f}", *fmt(q, adjudicated=True), *fmt(s)])
     p50, p99, old50, old99 = latency([*quora, *semantic], threshold)
-    verdicts = {(r["a"], r["b"]): r["verdict"] for r in kit.jsonl(ADJUDICATED)}
     wrong = [p for p in held["Quora (held-out half)"] if judge_at(PREVIOUS)(p) and not p.duplicate]
     scored = sorted(((semantic_judge.score(p.similarity, p.comparison), p) for p in wrong), key=lambda sp: -sp[0])
     served = judge_at(threshold)
     false_hits = [
-        [f"{x:.3f}", f"{p.similarity:.3f}", "yes" if served(p) else "no", verdicts.get((p.a, p.b), "–"), p.a, p.b]
+        [f"{x:.3f}", f"{p.similarity:.3f}", "yes" if served(p) else "no", verdicts().get((p.a, p.b), "–"), p.a, p.b]
         for x, p in scored
     ]
     floor = 0.5
     perfect = evaluate(held["Quora (held-out half)"], judge_at(floor))
-    return "\n\n".join(
-        [
-            kit.run_line(command),
-            f"Sets: `quora-pairs-dev` ({len(quora)} public Quora Question Pairs, half duplicates) and "
-            f"`bench/semantic_pairs.jsonl` ({len(semantic)} pairs), each split in two by a hash of the normalised "
-            "pair. The judge's weights were fitted on the dev halves. Precision = true hits / hits; reach = "
-            "duplicates served / duplicates; adjudicated precision also counts as right the pairs labelled “not "
-            "duplicate” that the hand review (bench/quora_adjudicated.jsonl) calls duplicates, and arguable ones as "
-            "wrong (semantic_pairs: no review, the same as raw). The threshold is the lowest swept score at which "
-            "semantic_pairs' dev half and both Quora halves (adjudicated) reach 0.99, so the held-out Quora figure "
-            "at it is not blind.",
-            kit.table("held-out set | policy | precision | adjudicated | reach | false hits", rows, "llrrrr"),
-            "What each hard constraint is worth at the chosen threshold (held-out halves; what dropping it would add):",
-            kit.table("rule dropped | set | true hits | false hits", ablation, "llrr"),
-            "Other thresholds: Quora's dev half adjudicated, then the held-out halves: Quora precision (raw, "
-            "adjudicated) / reach / false hits, then semantic_pairs.",
-            kit.table(
-                "threshold | Q dev adj. | Q precision | Q adj. | Q reach | Q false | S precision | S reach | S false",
-                sweep,
-                "lrrrrrrrr",
-            ),
-            f"A verifier that is always right (`RAG_SEMANTIC_VERIFY=small`, floor {floor}) would be asked about "
-            f"{perfect.true_hits + perfect.false_hits} held-out Quora pairs and serve {100 * perfect.reach:.1f}% of "
-            "the duplicates: the ceiling of verification with this judge's candidates.",
-            f"Cost per judgement (pure Python, median of 3 calls per pair above cosine {semantic_judge.MIN_COSINE}): "
-            f"judge p50 {1e3 * p50:.3f} ms, p99 {1e3 * p99:.3f} ms; "
-            f"the old guard p50 {1e3 * old50:.3f} ms, p99 {1e3 * old99:.3f} ms.",
-            f"<details><summary>Quora held-out pairs labelled “not duplicate” that the judge serves at {PREVIOUS:.2f} "
-            f"({len(false_hits)}), by score, with the hand review's verdict</summary>\n\n"
-            + kit.table(
-                f"score | cosine | served at {threshold:.2f} | verdict | question | cached question",
-                false_hits,
-                "rrllll",
-            )
-            + "\n</details>",
-        ]
+    return kit.section(
+        args,
+        f"Sets: `quora-pairs-dev` ({len(quora)} public Quora Question Pairs, half duplicates) and "
+        f"`bench/semantic_pairs.jsonl` ({len(semantic)} pairs), each split in two by a hash of the normalised "
+        "pair. The judge's weights were fitted on the dev halves. Precision = true hits / hits; reach = "
+        "duplicates served / duplicates; adjudicated precision also counts as right the pairs labelled “not "
+        "duplicate” that the hand review (bench/quora_adjudicated.jsonl) calls duplicates, and arguable ones as "
+        "wrong (semantic_pairs: no review, the same as raw). The threshold is the lowest swept score at which "
+        "semantic_pairs' dev half and both Quora halves (adjudicated) reach 0.99, so the held-out Quora figure "
+        "at it is not blind.",
+        kit.table("held-out set | policy | precision | adjudicated | reach | false hits", rows, "llrrrr"),
+        "What each hard constraint is worth at the chosen threshold (held-out halves; what dropping it would add):",
+        kit.table("rule dropped | set | true hits | false hits", ablation, "llrr"),
+        "Other thresholds: Quora's dev half adjudicated, then the held-out halves: Quora precision (raw, "
+        "adjudicated) / reach / false hits, then semantic_pairs.",
+        kit.table(
+            "threshold | Q dev adj. | Q precision | Q adj. | Q reach | Q false | S precision | S reach | S false",
+            sweep,
+            "lrrrrrrrr",
+        ),
+        f"A verifier that is always right (`RAG_SEMANTIC_VERIFY=small`, floor {floor}) would be asked about "
+        f"{perfect.true_hits + perfect.false_hits} held-out Quora pairs and serve {100 * perfect.reach:.1f}% of "
+        "the duplicates: the ceiling of verification with this judge's candidates.",
+        f"Cost per judgement (pure Python, median of 3 calls per pair above cosine {semantic_judge.MIN_COSINE}): "
+        f"judge p50 {1e3 * p50:.3f} ms, p99 {1e3 * p99:.3f} ms; "
+        f"the old guard p50 {1e3 * old50:.3f} ms, p99 {1e3 * old99:.3f} ms.",
+        f"<details><summary>Quora held-out pairs labelled “not duplicate” that the judge serves at {PREVIOUS:.2f} "
+        f"({len(false_hits)}), by score, with the hand review's verdict</summary>\n\n"
+        + kit.table(
+            f"score | cosine | served at {threshold:.2f} | verdict | question | cached question",
+            false_hits,
+            "rrllll",
+        )
+        + "\n</details>",
     )
 
 
@@ -270,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = kit.arguments("semantic_judge", __doc__)
     parser.add_argument("--fit", action="store_true", help="refit the regression on the dev halves and print it")
     args = kit.parse(parser, argv)
-    quora_raw = load_quora()
+    quora_raw = [(str(r["a"]), str(r["b"]), bool(r["duplicate"])) for r in kit.jsonl(QUORA)]
     semantic_raw = [(str(r["a"]), str(r["b"]), bool(r["match"])) for r in kit.jsonl(PAIRS)]
     texts = [normalize_for_key(t) for a, b, _ in [*quora_raw, *semantic_raw] for t in (a, b)]
     vectors = embed(texts)
@@ -282,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     chosen = choose(quora, semantic_dev)
     threshold = chosen if chosen is not None else SWEEP[-1]
     kit.say(f"threshold chosen: {chosen} (DEFAULT_THRESHOLD {semantic_judge.DEFAULT_THRESHOLD})")
-    kit.publish(SECTION, report(quora, semantic, threshold, args.command), args)
+    kit.publish(SECTION, report(quora, semantic, threshold, args), args)
     return 0 if chosen is not None and math.isclose(chosen, semantic_judge.DEFAULT_THRESHOLD) else 1
 
 

@@ -17,7 +17,6 @@ import itertools
 import json
 import math
 import random
-import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -33,24 +32,21 @@ class Config:
     name: str
     cache: str  # the request's "cache" field
     env: dict[str, str]
-    redis_db: int
 
 
 CONFIGS = [
-    Config("off", "bypass", {}, 1),
-    Config("exact", "use", {"RAG_SEMANTIC_CACHE": "false"}, 2),
-    Config("judge-0.80-previous", "use", {"RAG_SEMANTIC_CACHE_THRESHOLD": "0.80"}, 3),
-    Config("judge-default", "use", {}, 4),
-    Config("judge-default+oracle-verifier", "use", {"RAG_SEMANTIC_VERIFY": "small"}, 5),
+    Config("off", "bypass", {}),
+    Config("exact", "use", {"RAG_SEMANTIC_CACHE": "false"}),
+    Config("judge-0.80-previous", "use", {"RAG_SEMANTIC_CACHE_THRESHOLD": "0.80"}),
+    Config("judge-default", "use", {}),
+    Config("judge-default+oracle-verifier", "use", {"RAG_SEMANTIC_VERIFY": "small"}),
 ]
 
 
 @dataclass(frozen=True)
 class Draw:
-    index: int
     query_id: str
     text: str
-    paraphrase: bool
 
 
 def draw_workload(queries: list[kit.Query], n: int, s: float, share: float, seed: int) -> list[Draw]:
@@ -59,12 +55,10 @@ def draw_workload(queries: list[kit.Query], n: int, s: float, share: float, seed
     rng.shuffle(ranked)  # popularity rank; not the file's order
     weights = [1.0 / (rank + 1) ** s for rank in range(len(ranked))]
     draws = []
-    for i in range(n):
+    for _ in range(n):
         query = rng.choices(ranked, weights)[0]
-        if query.paraphrases and rng.random() < share:
-            draws.append(Draw(i, query.query_id, rng.choice(query.paraphrases), True))
-        else:
-            draws.append(Draw(i, query.query_id, query.text, False))
+        paraphrase = query.paraphrases and rng.random() < share
+        draws.append(Draw(query.query_id, rng.choice(query.paraphrases) if paraphrase else query.text))
     return draws
 
 
@@ -81,31 +75,25 @@ def opportunities(draws: list[Draw]) -> dict[str, int]:
     return dict(counts)
 
 
-async def run_config(config: Config, draws: list[Draw], stack: kit.ReplayStack, args: Any, out: Any) -> dict[str, Any]:
-    redis_url = await stack.fresh(config.redis_db)
+async def run_config(
+    config: Config, redis_db: int, draws: list[Draw], stack: kit.ReplayStack, args: Any, hash_to_query: dict[str, str]
+) -> dict[str, Any]:
+    """Replay `draws` against a fresh `rag-serve` in `config`, on fresh caches; the figures of the report."""
     # A known secret, so that the bench can map matched-question hashes back to the queries it sent.
     env = {"RAG_HASH_SECRET": HASH_SECRET, **config.env}
-    async with stack.serve(redis_url, out / f"rag-serve-{config.name}.log", env) as server:
+    log = args.out / f"rag-serve-{config.name}.log"
+    async with stack.serve(await stack.fresh(redis_db), log, env) as server:
         await kit.warm_up(server.url, stack.token)
         await stack.provider.reset()
-        replies: list[kit.Reply | None] = [None] * len(draws)
-        cursor = itertools.count()
+        gate = asyncio.Semaphore(args.concurrency)  # first come, first served: the draws' order
 
-        async def client() -> None:
-            while (i := next(cursor)) < len(draws):
-                replies[i] = await kit.ask(server.url, stack.token, {"question": draws[i].text, "cache": config.cache})
+        async def send(draw: Draw) -> kit.Reply:
+            async with gate:
+                return await kit.ask(server.url, stack.token, {"question": draw.text, "cache": config.cache})
 
-        started = time.perf_counter()
-        await asyncio.gather(*(client() for _ in range(args.concurrency)))
-        wall = time.perf_counter() - started
+        replies = await asyncio.gather(*(send(d) for d in draws))
         calls = await stack.provider.calls()
     verify = sum(bool(c.get("verify")) for c in calls)
-    run: dict[str, Any] = {"config": config.name, "wall_s": wall, "provider_calls": len(calls) - verify}
-    return run | {"verify_calls": verify, "replies": [r for r in replies if r]}
-
-
-def summarize(run: dict[str, Any], draws: list[Draw], hash_to_query: dict[str, str]) -> dict[str, Any]:
-    replies: list[kit.Reply] = run.pop("replies")
     n = len(replies)
     outcomes = Counter(r.outcome for r in replies)
     ok = [r for r in replies if r.ok]
@@ -122,21 +110,22 @@ def summarize(run: dict[str, Any], draws: list[Draw], hash_to_query: dict[str, s
     def total(event: str, key: str, pick: Any = int) -> Any:
         return sum(pick((r.data("done").get(event) or {}).get(key, 0)) for r in ok)
 
-    return run | {
+    return {
+        "config": config.name,
+        "provider_calls": len(calls) - verify,
+        "verify_calls": verify,
         "requests": n,
         "errors": n - len(ok),
         "error_samples": [r.error for r in replies if not r.ok][:5],
         "outcomes": dict(outcomes),
         **{f"ratio_{k}": outcomes[k] / n for k in ("hit", "semantic_hit", "coalesced")},
-        "ttft_p50": kit.percentile([r.ttft_s * 1000 for r in ok], 50),
-        "ttft_p95": kit.percentile([r.ttft_s * 1000 for r in ok], 95),
+        "ttft": kit.stats([r.ttft_s * 1000 for r in ok]),
         "server_ttft": {o: kit.percentile([r.server_ttft_ms for r in ok if r.outcome == o], 50) for o in outcomes},
         "tokens_saved": total("saved", "input_tokens") + total("saved", "output_tokens"),
         "usd_saved": total("saved", "cost_usd", float),
         "usd_spent": total("usage", "cost_usd", float),
         "semantic_hits": semantic,
         "false_hits": [h for h in semantic if h["matched_query_id"] != h["query_id"]],
-        "throughput_rps": n / run["wall_s"] if run["wall_s"] else math.nan,
     }
 
 
@@ -169,7 +158,7 @@ def report(summaries: list[dict[str, Any]], pairs: dict[str, Any], draws: list[D
         (
             f"{s['config']} | {s['provider_calls']} / {s['requests']} | {s['verify_calls']} | {s['ratio_hit']:.1%} | "
             f"{s['ratio_semantic_hit']:.1%} | {s['ratio_coalesced']:.1%} | "
-            f"{kit.fmt_ms(s['ttft_p50'])} / {kit.fmt_ms(s['ttft_p95'])} | "
+            f"{kit.fmt_ms(s['ttft']['p50'])} / {kit.fmt_ms(s['ttft']['p95'])} | "
             f"{', '.join(f'{o} {kit.fmt_ms(v)}' for o, v in sorted(s['server_ttft'].items()))} | "
             f"{s['tokens_saved']:,} | ${s['usd_saved']:.4f} | ${s['usd_spent']:.4f} | "
             f"{s['errors']} {'; '.join(s['error_samples'])}"
@@ -211,15 +200,15 @@ async def main_async(args: Any) -> None:
     draws = draw_workload(queries, args.requests, args.zipf, args.paraphrase_share, args.seed)
     key = HASH_SECRET.encode()
     hash_to_query = {question_hash(t, key): q.query_id for q in queries for t in (q.text, *q.paraphrases)}
-    out = kit.run_dir("workload")
-    args.oracle = out / "oracle.json"  # the verifier stand-in's ground truth: which texts ask the same query
+    args.out = kit.run_dir("workload")
+    args.oracle = args.out / "oracle.json"  # the verifier stand-in's ground truth: which texts ask the same query
     groups = {normalize_for_key(t): q.query_id for q in queries for t in (q.text, *q.paraphrases)}
     args.oracle.write_text(json.dumps(groups))
     summaries = []
     async with kit.replay_stack(args) as stack:
-        for config in CONFIGS:
+        for redis_db, config in enumerate(CONFIGS, 1):
             kit.say(f"== {config.name}: {len(draws)} requests")
-            summary = summarize(await run_config(config, draws, stack, args, out), draws, hash_to_query)
+            summary = await run_config(config, redis_db, draws, stack, args, hash_to_query)
             kit.say(f"   {summary['provider_calls']} provider calls, {summary['outcomes']}, {summary['errors']} errors")
             summaries.append(summary)
         documents = stack.documents
@@ -229,8 +218,10 @@ async def main_async(args: Any) -> None:
         f"{args.paraphrase_share:.0%} paraphrase share, {args.concurrency} concurrent clients; one fresh "
         "`rag-serve` and fresh caches per configuration; TTFT measured by the client."
     )
-    body = "\n\n".join([kit.run_line(args.command), setup, report(summaries, pairs, draws)])
-    kit.publish(SECTION, body, args, {"draws": [asdict(d) for d in draws], "summaries": summaries, "pairs": pairs}, out)
+    body = kit.section(args, setup, report(summaries, pairs, draws))
+    kit.publish(
+        SECTION, body, args, {"draws": [asdict(d) for d in draws], "summaries": summaries, "pairs": pairs}, args.out
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
