@@ -61,10 +61,11 @@ if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('pexpire', KEYS[1], ARGV[2])
 return tonumber(redis.call('get', KEYS[2]) or '0')"""
 # Only the current leader may write to the stream (a cancelled one may still hold a token in flight).
-# ARGV[2..]: (event, data) pairs, in order: one call carries every event queued meanwhile.
+# ARGV[2..]: (event, data) pairs, in order: one call carries every event queued meanwhile. Each entry
+# names its generation (`g`, the lease token): a follower of a lapsed leader must not read a successor's.
 _PUBLISH = """
 if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
-for i = 2, #ARGV, 2 do redis.call('xadd', KEYS[2], '*', 'e', ARGV[i], 'd', ARGV[i + 1]) end
+for i = 2, #ARGV, 2 do redis.call('xadd', KEYS[2], '*', 'g', ARGV[1], 'e', ARGV[i], 'd', ARGV[i + 1]) end
 return 1"""
 # The leader's client left: give up only if nobody follows, and then at once (a follower that
 # comes later finds no lease and looks again).
@@ -72,11 +73,11 @@ _ABANDON = """
 if tonumber(redis.call('get', KEYS[1]) or '0') > 0 then return 0 end
 if redis.call('get', KEYS[2]) == ARGV[1] then redis.call('del', KEYS[2]) end
 return 1"""
-# A follower counts itself in and learns whether there is still a leader to follow.
+# A follower counts itself in and learns which generation it follows (the lease token), if any.
 _JOIN = """
 redis.call('incr', KEYS[1])
 redis.call('expire', KEYS[1], ARGV[1])
-return redis.call('exists', KEYS[2])"""
+return redis.call('get', KEYS[2])"""
 
 
 class LeaderLostError(Exception):
@@ -252,10 +253,16 @@ class Coalescer:
         return lease
 
     async def follow(self, key: str, *, block_ms: int = 500) -> AsyncIterator[Event]:
-        """The leader's events from the first one on, live; raises LeaderLostError if it dies."""
+        """The leader's events from the first one on, live; raises LeaderLostError if it dies.
+
+        Only the generation joined is followed: if its lease lapses and another request leads the
+        key meanwhile (which restarts the stream), that one's entries (another `g`) end this follow
+        as a lost leader, never spliced after what was already shown.
+        """
         stream, lease = self.stream_key(key), self.lease_key(key)
         client = self.followers
-        if not await client.eval(_JOIN, 2, self.followers_key(key), lease, STREAM_RETENTION_S):
+        generation = await client.eval(_JOIN, 2, self.followers_key(key), lease, STREAM_RETENTION_S)
+        if not generation:
             await client.decr(self.followers_key(key))
             raise LeaderLostError(key)  # finished or abandoned just now: look again
         last = "0-0"
@@ -267,13 +274,15 @@ class Coalescer:
                     quiet_since = time.monotonic()
                     for entry_id, fields in batch[0][1]:
                         last = entry_id
+                        if fields.get(b"g", generation) != generation:
+                            raise LeaderLostError(key)  # a successor's generation: ours lapsed
                         event = decode(fields)
                         if isinstance(event, Failed) and event.code == CANCELLED:
                             raise LeaderLostError(key)
                         yield event
                         if isinstance(event, Done | Failed):
                             return
-                elif not await client.exists(lease) and time.monotonic() - quiet_since > block_ms / 1000:
+                elif await client.get(lease) != generation and time.monotonic() - quiet_since > block_ms / 1000:
                     raise LeaderLostError(key)
         finally:
             with contextlib.suppress(*BEST_EFFORT_ERRORS):
