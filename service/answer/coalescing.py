@@ -55,10 +55,12 @@ if redis.call('get', KEYS[1]) ~= ARGV[1] then return 1 end
 if ARGV[2] == '0' and tonumber(redis.call('get', KEYS[2]) or '0') > 0 then return 0 end
 redis.call('del', KEYS[1])
 return 1"""
-# Keep the lease; returns how many follow (a follower that joined during a pause in the answer).
+# Keep the lease, and the follower count with it (an answer may outlast the count's TTL set at
+# join); returns how many follow (a follower that joined during a pause in the answer).
 _RENEW = """
 if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('pexpire', KEYS[1], ARGV[2])
+redis.call('expire', KEYS[2], ARGV[3])
 return tonumber(redis.call('get', KEYS[2]) or '0')"""
 # Only the current leader may write to the stream (a cancelled one may still hold a token in flight).
 # ARGV[2..]: (event, data) pairs, in order: one call carries every event queued meanwhile. Each entry
@@ -78,6 +80,13 @@ _JOIN = """
 redis.call('incr', KEYS[1])
 redis.call('expire', KEYS[1], ARGV[1])
 return redis.call('get', KEYS[2])"""
+# A follower leaves: never recreate a lapsed count (a -1 without TTL would hide the next follower of
+# the key from its leader), and never leave one at 0 or below.
+_LEAVE = """
+if redis.call('exists', KEYS[1]) == 0 then return 0 end
+local n = redis.call('decr', KEYS[1])
+if n <= 0 then redis.call('del', KEYS[1]) end
+return n"""
 
 
 class LeaderLostError(Exception):
@@ -107,7 +116,9 @@ class Lease:
             await asyncio.sleep(c.lease_ms / 3000)
             with contextlib.suppress(*BEST_EFFORT_ERRORS):
                 keys = (c.lease_key(self.key), c.followers_key(self.key))
-                if int(await c.publisher.eval(_RENEW, 2, *keys, self.token, c.lease_ms)) > 0 and not self._followed:
+                ttl = STREAM_RETENTION_S + c.lease_ms // 1000  # the count outlives every renewal's interval
+                renewed = await c.publisher.eval(_RENEW, 2, *keys, self.token, c.lease_ms, ttl)
+                if int(renewed) > 0 and not self._followed:
                     self._followed = True  # joined while the answer paused: it need not wait for the next event
                     self._kick()
 
@@ -229,6 +240,7 @@ class Coalescer:
         self.keys = keys
         self.publish_events = self.publisher.register_script(_PUBLISH)  # EVALSHA: the script is sent once
         self.take_lease = self.client.register_script(_LEAD)
+        self.leave = self.followers.register_script(_LEAVE)
 
     def lease_key(self, key: str) -> str:
         return self.keys.lease(key)
@@ -263,7 +275,7 @@ class Coalescer:
         client = self.followers
         generation = await client.eval(_JOIN, 2, self.followers_key(key), lease, STREAM_RETENTION_S)
         if not generation:
-            await client.decr(self.followers_key(key))
+            await self.leave(keys=[self.followers_key(key)])
             raise LeaderLostError(key)  # finished or abandoned just now: look again
         last = "0-0"
         quiet_since = time.monotonic()
@@ -286,7 +298,7 @@ class Coalescer:
                     raise LeaderLostError(key)
         finally:
             with contextlib.suppress(*BEST_EFFORT_ERRORS):
-                await client.decr(self.followers_key(key))
+                await self.leave(keys=[self.followers_key(key)])
 
 
 # -- the choreography ------------------------------------------------------------------------

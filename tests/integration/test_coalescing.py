@@ -368,3 +368,65 @@ async def test_a_follower_that_showed_nothing_follows_the_next_generation_instea
     await asyncio.wait_for(follower, 10)
     assert seen[:2] == [Token("B1"), Token("B2")] and isinstance(seen[2], Done) and len(seen) == 3
     await client.aclose()
+
+
+async def test_a_follower_leaving_a_lapsed_count_does_not_hide_the_next_generations_follower(
+    settings: Settings,
+) -> None:
+    # Review: the count's TTL was set at join only; an answer outliving it made the follower's DECR
+    # recreate it at -1 with no TTL, and the next leader of the key then saw nobody following.
+    client = aioredis.from_url(str(settings.redis_url))
+    coalescer = Coalescer(client)
+    key = uuid.uuid4().hex
+    count = coalescer.followers_key(key)
+    a = await coalescer.lead(key)
+    assert a is not None
+
+    async def follow() -> list[Event]:
+        return [event async for event in coalescer.follow(key)]
+
+    first = asyncio.create_task(follow())
+    await wait_until(lambda: followers_joined(client, 1), within=10)
+    a.publish(Token("x"))
+    await wait_until(lambda: client.exists(coalescer.stream_key(key)), within=10)  # A saw its follower
+    await client.delete(count)  # what its TTL does to a long answer
+    a.publish(_done())
+    await a.close()
+    assert len(await first) == 2
+    assert not await client.exists(count)
+
+    b = await coalescer.lead(key)
+    assert b is not None
+    second = asyncio.create_task(follow())
+    await wait_until(lambda: followers_joined(client, 1), within=10)
+    assert await b.abandon() is False  # someone follows: the answer goes on
+    b.publish(_done())
+    await b.close()
+    assert len(await second) == 1
+    assert not await client.exists(count)  # the last one out leaves no count behind
+    await client.aclose()
+
+
+async def test_the_leaders_renewals_keep_its_follower_count_alive(settings: Settings) -> None:
+    client = aioredis.from_url(str(settings.redis_url))
+    coalescer = Coalescer(client, lease_ms=300)
+    key = uuid.uuid4().hex
+    count = coalescer.followers_key(key)
+    lease = await coalescer.lead(key)
+    assert lease is not None
+
+    async def follow() -> list[Event]:
+        return [event async for event in coalescer.follow(key)]
+
+    follower = asyncio.create_task(follow())
+    await wait_until(lambda: followers_joined(client, 1), within=10)
+    await client.expire(count, 5)  # about to lapse, as after most of a long answer
+
+    async def renewed() -> bool:
+        return int(await client.ttl(count)) > 5
+
+    await wait_until(renewed, within=10)
+    lease.publish(_done())
+    await lease.close()
+    assert len(await follower) == 1
+    await client.aclose()
