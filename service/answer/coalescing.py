@@ -49,9 +49,12 @@ redis.call('del', KEYS[2])
 return 1"""
 # Let go of the lease, unless followers came while nothing was written (ARGV[2] '0'): then return 0,
 # and the leader writes every event before trying again. Atomic with `_JOIN`: no follower slips between.
+# A leader whose lease lapsed leaves the stream alone if another leads now (it is that one's, live).
 _RELEASE = """
+local owner = redis.call('get', KEYS[1])
+if owner and owner ~= ARGV[1] then return 1 end
 redis.call('expire', KEYS[3], ARGV[3])
-if redis.call('get', KEYS[1]) ~= ARGV[1] then return 1 end
+if not owner then return 1 end
 if ARGV[2] == '0' and tonumber(redis.call('get', KEYS[2]) or '0') > 0 then return 0 end
 redis.call('del', KEYS[1])
 return 1"""

@@ -430,3 +430,31 @@ async def test_the_leaders_renewals_keep_its_follower_count_alive(settings: Sett
     await lease.close()
     assert len(await follower) == 1
     await client.aclose()
+
+
+async def test_a_lapsed_leaders_release_leaves_its_successors_live_stream_alone(settings: Settings) -> None:
+    # Review: the release set the stream's retention TTL before checking it still held the lease,
+    # so a stale leader's release put a 60 s TTL on the next generation's live stream.
+    client = aioredis.from_url(str(settings.redis_url))
+    coalescer = Coalescer(client)
+    key = uuid.uuid4().hex
+    stream = coalescer.stream_key(key)
+    a = await _lapsed_leader(client, coalescer, key)
+    await client.delete(coalescer.lease_key(key))  # A's lease lapses
+    b = await coalescer.lead(key)
+    assert b is not None
+
+    async def follow() -> list[Event]:
+        return [event async for event in coalescer.follow(key)]
+
+    follower = asyncio.create_task(follow())
+    await wait_until(lambda: followers_joined(client, 1), within=10)
+    b.publish(Token("B1"))
+    await wait_until(lambda: client.exists(stream), within=10)
+    await a.close()  # A comes back and lets go of what it thinks is its lease
+    assert int(await client.ttl(stream)) == -1  # B's stream: live, no retention TTL yet
+    b.publish(_done())
+    await b.close()
+    assert len(await follower) == 2
+    assert int(await client.ttl(stream)) > 0  # B's own release sets it
+    await client.aclose()
