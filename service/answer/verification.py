@@ -74,8 +74,9 @@ class Verifier:
         503) or "failed" (the call failed or timed out)."""
         assert self.choice is not None and self.provider is not None
         prompt = verify_prompt(question, cached)
+        prompt_tokens = count_tokens(VERIFY_SYSTEM + prompt)
         try:
-            reservation = await reserved(budget, count_tokens(VERIFY_SYSTEM + prompt) + VERIFY_MAX_TOKENS)
+            reservation = await reserved(budget, prompt_tokens + VERIFY_MAX_TOKENS)
         except (BudgetExceeded, Overloaded):
             return "refused"
         request = GenerationRequest(self.choice.model, VERIFY_SYSTEM, prompt, VERIFY_MAX_TOKENS, 0.0, question)
@@ -94,16 +95,26 @@ class Verifier:
             finally:
                 await stream.aclose()
 
+        billed = True  # the provider has the prompt: a timeout or a cancellation is billed for it
         try:
             with span("rag.semantic_verify", provider=self.choice.provider, model=self.choice.model):
                 await asyncio.wait_for(collect(), self.timeout_s)
         except (ProviderError, TimeoutError) as exc:
+            billed = isinstance(exc, TimeoutError) or bool(pieces)  # a refused call bills nothing
             log.warning("semantic verification failed, no semantic hit: %s", type(exc).__name__)
             return "failed"
         finally:
             if reservation is not None:  # what the call cost, never more than was reserved
-                await asyncio.shield(reservation.settle(sum(u.input_tokens + u.output_tokens for u in spent)))
+                await asyncio.shield(reservation.settle(_cost(spent, pieces, prompt_tokens if billed else None)))
         return verdict("".join(pieces))
+
+
+def _cost(spent: list[Usage], pieces: list[str], prompt_tokens: int | None) -> int:
+    """The usage the provider reported (it comes only as the stream ends); else, when the call was
+    billed, its prompt (None: it was not) plus what streamed."""
+    if spent:
+        return sum(u.input_tokens + u.output_tokens for u in spent)
+    return 0 if prompt_tokens is None else prompt_tokens + count_tokens("".join(pieces))
 
 
 class Check:

@@ -12,7 +12,8 @@ from service.embeddings.encoders import LocalEmbedder
 from service.http.app import build_providers, routing_policy
 from service.http.auth import Principal
 from service.observability.logs import access_record
-from service.policy.semantic_verify import VERIFY_SYSTEM
+from service.policy.semantic_verify import VERIFY_SYSTEM, verify_prompt
+from service.policy.tokens import count_tokens
 from service.postgres.semantic_index import SemanticMatch
 from service.redis.client import worker_client
 from service.redis.keyspace import KEYS
@@ -145,5 +146,32 @@ async def test_a_reservation_refused_means_no_hit_not_a_503_and_the_log_says_ref
         finally:
             await limits.connection_pool.release(held)
         assert verify_calls(provider) == []
+    finally:
+        await limits.aclose()
+
+
+async def test_a_verification_that_times_out_is_charged_its_prompt(
+    settings: Settings, provider: ProviderServer
+) -> None:
+    # Review: usage arrives only as the stream ends, so a verification cut short by its timeout (or
+    # cancelled) settled to 0 tokens, though the provider bills the prompt it was sent.
+    served = verifying(settings, provider, [])
+    verifier = Verifier(mode="small", providers=build_providers(served), policy=routing_policy(served), timeout_s=0.5)
+    match = SemanticMatch("entry", 0.93, "hash", FLUSH)
+    limits = worker_client(str(settings.redis_url), max_connections=2, name="limits")
+    caller = Principal(uuid.uuid4().hex, "k", ("query",), rpm=None, tokens_per_day=10**6)
+    budget = TokenBudget(Limiter(limits), caller)
+
+    async def used() -> int:
+        return int(await limits.hget(KEYS.token_budget(caller.key_id), "used") or 0)
+
+    try:
+        provider.enqueue(Behavior(status=400))  # refused: billed nothing
+        assert await verifier.check(PARAPHRASE, budget)(match) is None
+        assert await used() == 0
+        provider.enqueue(Behavior(hang=True))  # never answers: its own timeout ends it
+        assert await verifier.check(PARAPHRASE, budget)(match) is None
+        assert await used() == count_tokens(VERIFY_SYSTEM + verify_prompt(PARAPHRASE, FLUSH))
+        assert len(verify_calls(provider)) == 2
     finally:
         await limits.aclose()
