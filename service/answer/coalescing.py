@@ -104,8 +104,9 @@ class Lease:
     key: str
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
     _renewer: asyncio.Task[None] | None = None
-    _events: list[Event] = field(default_factory=list)  # every event so far, in order
-    _written: int = 0  # how many of them are in the stream
+    # The events not in the stream yet, in order: every one until someone follows (a follower needs
+    # the answer from its first event), then only those still to write (memory bounded by the backlog).
+    _events: list[Event] = field(default_factory=list)
     _followed: bool = False  # someone follows: every event goes to the stream, from the first on
     _flusher: asyncio.Task[None] | None = None
     _broken: bool = False  # a batch could not be published: followers must not get the rest
@@ -146,7 +147,7 @@ class Lease:
     async def _flush(self) -> None:
         c = self.coalescer
         busy = 0
-        while not self._broken and self._written < len(self._events):
+        while not self._broken and self._events:
             if not self._followed:
                 try:
                     self._followed = int(await c.publisher.get(c.followers_key(self.key)) or 0) > 0
@@ -154,14 +155,14 @@ class Lease:
                     return  # cannot tell now: nothing is lost, the next event (or `close`) looks again
                 if not self._followed:
                     return  # nobody follows: the events stay here, for a follower that may still come
-            batch = self._events[self._written :]
+            batch = self._events[:]
             args = [self.token]
             for event in batch:
                 fields = encode(event)
                 args += [fields["e"], fields["d"]]
             try:
                 await c.publish_events(keys=[c.lease_key(self.key), c.stream_key(self.key)], args=args)
-                self._written += len(batch)
+                del self._events[: len(batch)]  # in the stream now: followers read them there
                 busy = 0
             except PoolExhausted as exc:
                 # No connection came free in time: the batch stays unwritten (and grows with what
@@ -182,7 +183,6 @@ class Lease:
         clean `leader_lost` error event (or take over if they had shown nothing).
         """
         self._events = []
-        self._written = 0
         self._broken = True
 
     async def drained(self) -> None:

@@ -458,3 +458,32 @@ async def test_a_lapsed_leaders_release_leaves_its_successors_live_stream_alone(
     assert len(await follower) == 2
     assert int(await client.ttl(stream)) > 0  # B's own release sets it
     await client.aclose()
+
+
+async def test_a_followed_leader_keeps_only_what_it_has_not_written_yet(settings: Settings) -> None:
+    # Review: a leader kept every event of its answer in memory, even once written for its followers.
+    client = aioredis.from_url(str(settings.redis_url))
+    coalescer = Coalescer(client)
+    key = uuid.uuid4().hex
+    lease = await coalescer.lead(key)
+    assert lease is not None
+    before: list[Event] = [Token("a"), Token(" b")]
+    for event in before:
+        lease.publish(event)
+    await lease.drained()
+    assert lease._events == before  # nobody follows yet: kept for a follower that may still come
+
+    async def follow() -> list[Event]:
+        return [event async for event in coalescer.follow(key)]
+
+    follower = asyncio.create_task(follow())
+    await wait_until(lambda: followers_joined(client, 1), within=10)
+    after: list[Event] = [Token(f" {i}") for i in range(50)]
+    for event in after:
+        lease.publish(event)
+    await lease.drained()
+    assert lease._events == []  # all in the stream: nothing kept
+    lease.publish(_done())
+    await lease.close()
+    assert await follower == [*before, *after, _done()]
+    await client.aclose()
