@@ -37,9 +37,9 @@ async def in_flight(
     generates holds one: a coalescing leader (or a follower that took over), never a follower.
     A slot left by a crashed worker lapses on its own (`RAG_TOTAL_TIMEOUT_S` + 30 s: service/http/app.py).
     """
-    if budget is not None:
-        await budget.occupy()
     try:
+        if budget is not None:
+            await budget.occupy()  # inside: cancelled while taking it, the slot is still vacated
         async for event in produce(look_again):
             yield event
     finally:

@@ -49,22 +49,28 @@ redis.call('del', KEYS[2])
 return 1"""
 # Let go of the lease, unless followers came while nothing was written (ARGV[2] '0'): then return 0,
 # and the leader writes every event before trying again. Atomic with `_JOIN`: no follower slips between.
+# A leader whose lease lapsed leaves the stream alone if another leads now (it is that one's, live).
 _RELEASE = """
+local owner = redis.call('get', KEYS[1])
+if owner and owner ~= ARGV[1] then return 1 end
 redis.call('expire', KEYS[3], ARGV[3])
-if redis.call('get', KEYS[1]) ~= ARGV[1] then return 1 end
+if not owner then return 1 end
 if ARGV[2] == '0' and tonumber(redis.call('get', KEYS[2]) or '0') > 0 then return 0 end
 redis.call('del', KEYS[1])
 return 1"""
-# Keep the lease; returns how many follow (a follower that joined during a pause in the answer).
+# Keep the lease, and the follower count with it (an answer may outlast the count's TTL set at
+# join); returns how many follow (a follower that joined during a pause in the answer).
 _RENEW = """
 if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('pexpire', KEYS[1], ARGV[2])
+redis.call('expire', KEYS[2], ARGV[3])
 return tonumber(redis.call('get', KEYS[2]) or '0')"""
 # Only the current leader may write to the stream (a cancelled one may still hold a token in flight).
-# ARGV[2..]: (event, data) pairs, in order: one call carries every event queued meanwhile.
+# ARGV[2..]: (event, data) pairs, in order: one call carries every event queued meanwhile. Each entry
+# names its generation (`g`, the lease token): a follower of a lapsed leader must not read a successor's.
 _PUBLISH = """
 if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
-for i = 2, #ARGV, 2 do redis.call('xadd', KEYS[2], '*', 'e', ARGV[i], 'd', ARGV[i + 1]) end
+for i = 2, #ARGV, 2 do redis.call('xadd', KEYS[2], '*', 'g', ARGV[1], 'e', ARGV[i], 'd', ARGV[i + 1]) end
 return 1"""
 # The leader's client left: give up only if nobody follows, and then at once (a follower that
 # comes later finds no lease and looks again).
@@ -72,11 +78,18 @@ _ABANDON = """
 if tonumber(redis.call('get', KEYS[1]) or '0') > 0 then return 0 end
 if redis.call('get', KEYS[2]) == ARGV[1] then redis.call('del', KEYS[2]) end
 return 1"""
-# A follower counts itself in and learns whether there is still a leader to follow.
+# A follower counts itself in and learns which generation it follows (the lease token), if any.
 _JOIN = """
 redis.call('incr', KEYS[1])
 redis.call('expire', KEYS[1], ARGV[1])
-return redis.call('exists', KEYS[2])"""
+return redis.call('get', KEYS[2])"""
+# A follower leaves: never recreate a lapsed count (a -1 without TTL would hide the next follower of
+# the key from its leader), and never leave one at 0 or below.
+_LEAVE = """
+if redis.call('exists', KEYS[1]) == 0 then return 0 end
+local n = redis.call('decr', KEYS[1])
+if n <= 0 then redis.call('del', KEYS[1]) end
+return n"""
 
 
 class LeaderLostError(Exception):
@@ -91,8 +104,9 @@ class Lease:
     key: str
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
     _renewer: asyncio.Task[None] | None = None
-    _events: list[Event] = field(default_factory=list)  # every event so far, in order
-    _written: int = 0  # how many of them are in the stream
+    # The events not in the stream yet, in order: every one until someone follows (a follower needs
+    # the answer from its first event), then only those still to write (memory bounded by the backlog).
+    _events: list[Event] = field(default_factory=list)
     _followed: bool = False  # someone follows: every event goes to the stream, from the first on
     _flusher: asyncio.Task[None] | None = None
     _broken: bool = False  # a batch could not be published: followers must not get the rest
@@ -106,7 +120,9 @@ class Lease:
             await asyncio.sleep(c.lease_ms / 3000)
             with contextlib.suppress(*BEST_EFFORT_ERRORS):
                 keys = (c.lease_key(self.key), c.followers_key(self.key))
-                if int(await c.publisher.eval(_RENEW, 2, *keys, self.token, c.lease_ms)) > 0 and not self._followed:
+                ttl = STREAM_RETENTION_S + c.lease_ms // 1000  # the count outlives every renewal's interval
+                renewed = await c.publisher.eval(_RENEW, 2, *keys, self.token, c.lease_ms, ttl)
+                if int(renewed) > 0 and not self._followed:
                     self._followed = True  # joined while the answer paused: it need not wait for the next event
                     self._kick()
 
@@ -131,7 +147,7 @@ class Lease:
     async def _flush(self) -> None:
         c = self.coalescer
         busy = 0
-        while not self._broken and self._written < len(self._events):
+        while not self._broken and self._events:
             if not self._followed:
                 try:
                     self._followed = int(await c.publisher.get(c.followers_key(self.key)) or 0) > 0
@@ -139,14 +155,14 @@ class Lease:
                     return  # cannot tell now: nothing is lost, the next event (or `close`) looks again
                 if not self._followed:
                     return  # nobody follows: the events stay here, for a follower that may still come
-            batch = self._events[self._written :]
+            batch = self._events[:]
             args = [self.token]
             for event in batch:
                 fields = encode(event)
                 args += [fields["e"], fields["d"]]
             try:
                 await c.publish_events(keys=[c.lease_key(self.key), c.stream_key(self.key)], args=args)
-                self._written += len(batch)
+                del self._events[: len(batch)]  # in the stream now: followers read them there
                 busy = 0
             except PoolExhausted as exc:
                 # No connection came free in time: the batch stays unwritten (and grows with what
@@ -167,7 +183,6 @@ class Lease:
         clean `leader_lost` error event (or take over if they had shown nothing).
         """
         self._events = []
-        self._written = 0
         self._broken = True
 
     async def drained(self) -> None:
@@ -228,6 +243,7 @@ class Coalescer:
         self.keys = keys
         self.publish_events = self.publisher.register_script(_PUBLISH)  # EVALSHA: the script is sent once
         self.take_lease = self.client.register_script(_LEAD)
+        self.leave = self.followers.register_script(_LEAVE)
 
     def lease_key(self, key: str) -> str:
         return self.keys.lease(key)
@@ -252,11 +268,17 @@ class Coalescer:
         return lease
 
     async def follow(self, key: str, *, block_ms: int = 500) -> AsyncIterator[Event]:
-        """The leader's events from the first one on, live; raises LeaderLostError if it dies."""
+        """The leader's events from the first one on, live; raises LeaderLostError if it dies.
+
+        Only the generation joined is followed: if its lease lapses and another request leads the
+        key meanwhile (which restarts the stream), that one's entries (another `g`) end this follow
+        as a lost leader, never spliced after what was already shown.
+        """
         stream, lease = self.stream_key(key), self.lease_key(key)
         client = self.followers
-        if not await client.eval(_JOIN, 2, self.followers_key(key), lease, STREAM_RETENTION_S):
-            await client.decr(self.followers_key(key))
+        generation = await client.eval(_JOIN, 2, self.followers_key(key), lease, STREAM_RETENTION_S)
+        if not generation:
+            await self.leave(keys=[self.followers_key(key)])
             raise LeaderLostError(key)  # finished or abandoned just now: look again
         last = "0-0"
         quiet_since = time.monotonic()
@@ -267,17 +289,19 @@ class Coalescer:
                     quiet_since = time.monotonic()
                     for entry_id, fields in batch[0][1]:
                         last = entry_id
+                        if fields.get(b"g", generation) != generation:
+                            raise LeaderLostError(key)  # a successor's generation: ours lapsed
                         event = decode(fields)
                         if isinstance(event, Failed) and event.code == CANCELLED:
                             raise LeaderLostError(key)
                         yield event
                         if isinstance(event, Done | Failed):
                             return
-                elif not await client.exists(lease) and time.monotonic() - quiet_since > block_ms / 1000:
+                elif await client.get(lease) != generation and time.monotonic() - quiet_since > block_ms / 1000:
                     raise LeaderLostError(key)
         finally:
             with contextlib.suppress(*BEST_EFFORT_ERRORS):
-                await client.decr(self.followers_key(key))
+                await self.leave(keys=[self.followers_key(key)])
 
 
 # -- the choreography ------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from dataclasses import replace
 from typing import Literal
 
 from service.answer.budgeting import reserved
-from service.errors import BudgetExceeded
+from service.errors import BudgetExceeded, Overloaded
 from service.observability.logs import note
 from service.observability.tracing import span
 from service.policy.guardrails import normalize_for_key
@@ -39,6 +39,7 @@ from service.redis.verdicts import VerdictCache
 log = logging.getLogger(__name__)
 
 VerifyMode = Literal["off", "small"]
+Unjudged = Literal["refused", "failed"]  # why a candidate got no verdict (the access log's `semantic_verify`)
 
 
 class Verifier:
@@ -67,14 +68,17 @@ class Verifier:
     def check(self, question: str, budget: TokenBudget | None) -> Check:
         return Check(self, question, budget)
 
-    async def ask(self, question: str, cached: str, budget: TokenBudget | None) -> bool | None:
-        """The model's verdict (True: the same information), or None when it could not be had."""
+    async def ask(self, question: str, cached: str, budget: TokenBudget | None) -> bool | Unjudged:
+        """The model's verdict (True: the same information), or why it could not be had: "refused" (the
+        key's budget is spent, or its limits pool too busy to reserve: the step is optional, never a
+        503) or "failed" (the call failed or timed out)."""
         assert self.choice is not None and self.provider is not None
         prompt = verify_prompt(question, cached)
+        prompt_tokens = count_tokens(VERIFY_SYSTEM + prompt)
         try:
-            reservation = await reserved(budget, count_tokens(VERIFY_SYSTEM + prompt) + VERIFY_MAX_TOKENS)
-        except BudgetExceeded:
-            return None
+            reservation = await reserved(budget, prompt_tokens + VERIFY_MAX_TOKENS)
+        except (BudgetExceeded, Overloaded):
+            return "refused"
         request = GenerationRequest(self.choice.model, VERIFY_SYSTEM, prompt, VERIFY_MAX_TOKENS, 0.0, question)
         pieces: list[str] = []
         spent: list[Usage] = []
@@ -91,16 +95,26 @@ class Verifier:
             finally:
                 await stream.aclose()
 
+        billed = True  # the provider has the prompt: a timeout or a cancellation is billed for it
         try:
             with span("rag.semantic_verify", provider=self.choice.provider, model=self.choice.model):
                 await asyncio.wait_for(collect(), self.timeout_s)
         except (ProviderError, TimeoutError) as exc:
+            billed = isinstance(exc, TimeoutError) or bool(pieces)  # a refused call bills nothing
             log.warning("semantic verification failed, no semantic hit: %s", type(exc).__name__)
-            return None
+            return "failed"
         finally:
             if reservation is not None:  # what the call cost, never more than was reserved
-                await asyncio.shield(reservation.settle(sum(u.input_tokens + u.output_tokens for u in spent)))
+                await asyncio.shield(reservation.settle(_cost(spent, pieces, prompt_tokens if billed else None)))
         return verdict("".join(pieces))
+
+
+def _cost(spent: list[Usage], pieces: list[str], prompt_tokens: int | None) -> int:
+    """The usage the provider reported (it comes only as the stream ends); else, when the call was
+    billed, its prompt (None: it was not) plus what streamed."""
+    if spent:
+        return sum(u.input_tokens + u.output_tokens for u in spent)
+    return 0 if prompt_tokens is None else prompt_tokens + count_tokens("".join(pieces))
 
 
 class Check:
@@ -123,11 +137,12 @@ class Check:
             if self.calls_left <= 0:
                 return None
             self.calls_left -= 1
-            same, how = await v.ask(self.question, match.question, self.budget), "model"
-            if same is None:  # a failure: no hit, and no more calls for this lookup
+            judged, how = await v.ask(self.question, match.question, self.budget), "model"
+            if not isinstance(judged, bool):  # no verdict: no hit, and no more calls for this lookup
                 self.calls_left = 0
-                note(semantic_verify="failed")
+                note(semantic_verify=judged)
                 return None
+            same = judged
             if v.verdicts is not None:
                 await v.verdicts.put(match.key, self.question, model, same)
         note(semantic_verify=f"{how}:{'yes' if same else 'no'}")

@@ -353,9 +353,16 @@ class TokenBudget:
     async def occupy(self) -> None:
         """Count this request among its key's misses in flight (once); `RateLimited` over the cap."""
         if self._slot is None:
-            slot = uuid.uuid4().hex
-            if await self.limiter.occupy_slot(self.principal, slot):
-                self._slot = slot
+            # Recorded before the call: a request cancelled while the script runs (or its reply is on
+            # the way) still vacates the slot it may hold; a refusal, or nothing taken, forgets it.
+            self._slot = slot = uuid.uuid4().hex
+            try:
+                taken = await self.limiter.occupy_slot(self.principal, slot)
+            except ServiceError:
+                self._slot = None
+                raise
+            if not taken:
+                self._slot = None
 
     @property
     def occupied(self) -> bool:

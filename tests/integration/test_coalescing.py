@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
 
 import httpx
 import redis.asyncio as aioredis
 
-from service.answer.coalescing import Coalescer
-from service.answer.events import Event, Failed, Token
+from service.answer.coalescing import Coalescer, Coalescing, Lease
+from service.answer.events import Clock, Done, Event, Failed, Token
+from service.answer.schemas import UsageInfo
 from service.embeddings.encoders import LocalEmbedder
 from service.http.app import Resources, create_app
 from service.http.auth import parse_key
@@ -282,4 +284,206 @@ async def test_a_follower_that_joins_after_the_last_event_still_gets_every_one(s
     await wait_until(lambda: followers_joined(client, 1), within=10)
     await lease.close()
     assert await follower == events
+    await client.aclose()
+
+
+# -- a follower follows one generation only ------------------------------------------------------
+
+
+def _done() -> Done:
+    return Done(UsageInfo(input_tokens=1, output_tokens=2, cost_usd=0.0), 1.0, 1.0, cached=False)
+
+
+async def _nothing_free() -> list[Event] | None:
+    return None
+
+
+async def _never(look_again: bool) -> AsyncIterator[Event]:
+    raise AssertionError("a follower must not generate here")
+    yield Token("")  # pragma: no cover
+
+
+async def _lapsed_leader(client: aioredis.Redis, coalescer: Coalescer, key: str) -> Lease:
+    """A leader whose worker died: no more renewals, no release (its lease lapses when the test says)."""
+    lease = await coalescer.lead(key)
+    assert lease is not None and lease._renewer is not None
+    lease._renewer.cancel()
+    return lease
+
+
+async def test_a_follower_that_showed_text_is_told_its_leader_was_lost_not_given_the_next_generation(
+    settings: Settings,
+) -> None:
+    # Review: A's lease lapsed, B led the key (restarting its stream), and A's follower, still
+    # counted in, read B's answer after A's partial one: "A1A2" + B's whole answer + done.
+    client = aioredis.from_url(str(settings.redis_url))
+    coalescer = Coalescer(client)
+    coalescing = Coalescing(coalescer, available=lambda: True, detach=lambda coro: coro.close())
+    key = uuid.uuid4().hex
+    a = await _lapsed_leader(client, coalescer, key)
+    seen: list[Event] = []
+
+    async def follow() -> None:
+        async for event in coalescing.run(key, _never, free=_nothing_free, request_id="g", clock=Clock()):
+            seen.append(event)
+
+    follower = asyncio.create_task(follow())
+    await wait_until(lambda: followers_joined(client, 1), within=10)
+    a.publish(Token("A1"))
+    a.publish(Token("A2"))
+    await wait_until(lambda: len(seen) == 2, within=10)
+    await client.delete(coalescer.lease_key(key))  # A's lease lapses
+    b = await coalescer.lead(key)
+    assert b is not None
+    for event in (Token("B1"), Token("B2"), _done()):
+        b.publish(event)
+    await b.close()
+    await asyncio.wait_for(follower, 10)
+    assert seen == [Token("A1"), Token("A2"), Failed("leader_lost", seen[-1].message)]  # type: ignore[union-attr]
+    await client.aclose()
+
+
+async def test_a_follower_that_showed_nothing_follows_the_next_generation_instead(settings: Settings) -> None:
+    client = aioredis.from_url(str(settings.redis_url))
+    coalescer = Coalescer(client)
+    coalescing = Coalescing(coalescer, available=lambda: True, detach=lambda coro: coro.close())
+    key = uuid.uuid4().hex
+    await _lapsed_leader(client, coalescer, key)
+    seen: list[Event] = []
+
+    async def follow() -> None:
+        async for event in coalescing.run(key, _never, free=_nothing_free, request_id="g", clock=Clock()):
+            seen.append(event)
+
+    follower = asyncio.create_task(follow())
+    await wait_until(lambda: followers_joined(client, 1), within=10)
+    await client.delete(coalescer.lease_key(key))  # A lapses before its first event
+    b = await coalescer.lead(key)
+    assert b is not None
+    b.publish(Token("B1"))
+    await wait_until(lambda: len(seen) == 1, within=10)  # it follows B now (B keeps its lease meanwhile)
+    b.publish(Token("B2"))
+    b.publish(_done())
+    await b.close()
+    await asyncio.wait_for(follower, 10)
+    assert seen[:2] == [Token("B1"), Token("B2")] and isinstance(seen[2], Done) and len(seen) == 3
+    await client.aclose()
+
+
+async def test_a_follower_leaving_a_lapsed_count_does_not_hide_the_next_generations_follower(
+    settings: Settings,
+) -> None:
+    # Review: the count's TTL was set at join only; an answer outliving it made the follower's DECR
+    # recreate it at -1 with no TTL, and the next leader of the key then saw nobody following.
+    client = aioredis.from_url(str(settings.redis_url))
+    coalescer = Coalescer(client)
+    key = uuid.uuid4().hex
+    count = coalescer.followers_key(key)
+    a = await coalescer.lead(key)
+    assert a is not None
+
+    async def follow() -> list[Event]:
+        return [event async for event in coalescer.follow(key)]
+
+    first = asyncio.create_task(follow())
+    await wait_until(lambda: followers_joined(client, 1), within=10)
+    a.publish(Token("x"))
+    await wait_until(lambda: client.exists(coalescer.stream_key(key)), within=10)  # A saw its follower
+    await client.delete(count)  # what its TTL does to a long answer
+    a.publish(_done())
+    await a.close()
+    assert len(await first) == 2
+    assert not await client.exists(count)
+
+    b = await coalescer.lead(key)
+    assert b is not None
+    second = asyncio.create_task(follow())
+    await wait_until(lambda: followers_joined(client, 1), within=10)
+    assert await b.abandon() is False  # someone follows: the answer goes on
+    b.publish(_done())
+    await b.close()
+    assert len(await second) == 1
+    assert not await client.exists(count)  # the last one out leaves no count behind
+    await client.aclose()
+
+
+async def test_the_leaders_renewals_keep_its_follower_count_alive(settings: Settings) -> None:
+    client = aioredis.from_url(str(settings.redis_url))
+    coalescer = Coalescer(client, lease_ms=300)
+    key = uuid.uuid4().hex
+    count = coalescer.followers_key(key)
+    lease = await coalescer.lead(key)
+    assert lease is not None
+
+    async def follow() -> list[Event]:
+        return [event async for event in coalescer.follow(key)]
+
+    follower = asyncio.create_task(follow())
+    await wait_until(lambda: followers_joined(client, 1), within=10)
+    await client.expire(count, 5)  # about to lapse, as after most of a long answer
+
+    async def renewed() -> bool:
+        return int(await client.ttl(count)) > 5
+
+    await wait_until(renewed, within=10)
+    lease.publish(_done())
+    await lease.close()
+    assert len(await follower) == 1
+    await client.aclose()
+
+
+async def test_a_lapsed_leaders_release_leaves_its_successors_live_stream_alone(settings: Settings) -> None:
+    # Review: the release set the stream's retention TTL before checking it still held the lease,
+    # so a stale leader's release put a 60 s TTL on the next generation's live stream.
+    client = aioredis.from_url(str(settings.redis_url))
+    coalescer = Coalescer(client)
+    key = uuid.uuid4().hex
+    stream = coalescer.stream_key(key)
+    a = await _lapsed_leader(client, coalescer, key)
+    await client.delete(coalescer.lease_key(key))  # A's lease lapses
+    b = await coalescer.lead(key)
+    assert b is not None
+
+    async def follow() -> list[Event]:
+        return [event async for event in coalescer.follow(key)]
+
+    follower = asyncio.create_task(follow())
+    await wait_until(lambda: followers_joined(client, 1), within=10)
+    b.publish(Token("B1"))
+    await wait_until(lambda: client.exists(stream), within=10)
+    await a.close()  # A comes back and lets go of what it thinks is its lease
+    assert int(await client.ttl(stream)) == -1  # B's stream: live, no retention TTL yet
+    b.publish(_done())
+    await b.close()
+    assert len(await follower) == 2
+    assert int(await client.ttl(stream)) > 0  # B's own release sets it
+    await client.aclose()
+
+
+async def test_a_followed_leader_keeps_only_what_it_has_not_written_yet(settings: Settings) -> None:
+    # Review: a leader kept every event of its answer in memory, even once written for its followers.
+    client = aioredis.from_url(str(settings.redis_url))
+    coalescer = Coalescer(client)
+    key = uuid.uuid4().hex
+    lease = await coalescer.lead(key)
+    assert lease is not None
+    before: list[Event] = [Token("a"), Token(" b")]
+    for event in before:
+        lease.publish(event)
+    await lease.drained()
+    assert lease._events == before  # nobody follows yet: kept for a follower that may still come
+
+    async def follow() -> list[Event]:
+        return [event async for event in coalescer.follow(key)]
+
+    follower = asyncio.create_task(follow())
+    await wait_until(lambda: followers_joined(client, 1), within=10)
+    after: list[Event] = [Token(f" {i}") for i in range(50)]
+    for event in after:
+        lease.publish(event)
+    await lease.drained()
+    assert lease._events == []  # all in the stream: nothing kept
+    lease.publish(_done())
+    await lease.close()
+    assert await follower == [*before, *after, _done()]
     await client.aclose()

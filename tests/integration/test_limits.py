@@ -3,19 +3,26 @@ hits free of token budgets, failed-auth limits per address, and failing open wit
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import uuid
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
 import redis.asyncio as aioredis
 
+from service.answer.budgeting import in_flight
+from service.answer.events import Event, Token
 from service.embeddings.encoders import LocalEmbedder
 from service.http.app import create_app
 from service.http.auth import Principal
-from service.redis.limits import Limiter
+from service.redis.keyspace import KEYS
+from service.redis.limits import Limiter, TokenBudget
 from service.settings import Settings
 from tests.support.answers import FLUSH, ask, running, seed
-from tests.support.servers import bearer, make_key, serve_app
+from tests.support.proxy import ReplyHoldingProxy
+from tests.support.servers import bearer, make_key, serve_app, wait_until
 
 
 async def test_requests_per_minute_are_per_key_and_shared_by_workers(
@@ -121,3 +128,40 @@ async def test_ready_reports_enforced_limits(settings: Settings, local_embedder:
     async with running(settings, local_embedder) as http:
         checks = (await http.get("/ready")).json()["checks"]
         assert checks["limits"] == {"ok": True, "mode": "enforced"}
+
+
+async def test_a_request_cancelled_while_taking_its_in_flight_slot_gives_it_back(redis_url: str) -> None:
+    # Review: the slot was recorded only once the script's reply came back, and taken outside the
+    # `try` that vacates it: a client hanging up in between left the slot held until it lapsed.
+    direct = aioredis.from_url(redis_url)
+    caller = Principal(uuid.uuid4().hex, "k", ("query",), rpm=None, tokens_per_day=None, max_inflight=1)
+    slots = KEYS.inflight_slots(caller.key_id)
+
+    async def produce(look_again: bool) -> AsyncIterator[Event]:
+        yield Token("x")
+
+    async with ReplyHoldingProxy(redis_url).running() as proxy:
+        proxied = aioredis.from_url(proxy.url)
+        limiter = Limiter(proxied, inflight_lapse_s=150)
+        warm = TokenBudget(limiter, caller)  # connects and loads the script, with replies flowing
+        await warm.occupy()
+        await warm.vacate()
+        budget = TokenBudget(limiter, caller)
+
+        async def consume() -> None:
+            async for _ in in_flight(budget, produce, False):
+                pass
+
+        proxy.hold()
+        task = asyncio.create_task(consume())
+
+        async def taken() -> bool:  # the script ran; its reply waits in the proxy
+            return int(await direct.zcard(slots)) == 1
+
+        await wait_until(taken, within=10)
+        task.cancel()  # the client hangs up while the slot is being taken
+        proxy.release()
+        await asyncio.gather(task, return_exceptions=True)
+        assert int(await direct.zcard(slots)) == 0
+        await proxied.aclose()
+    await direct.aclose()

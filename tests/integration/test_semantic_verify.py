@@ -3,16 +3,21 @@ Valkey and all-MiniLM-L6-v2, and the loopback model behind the real Anthropic SD
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
 from service.answer.verification import Verifier
 from service.embeddings.encoders import LocalEmbedder
 from service.http.app import build_providers, routing_policy
-from service.policy.semantic_verify import VERIFY_SYSTEM
+from service.http.auth import Principal
+from service.observability.logs import access_record
+from service.policy.semantic_verify import VERIFY_SYSTEM, verify_prompt
+from service.policy.tokens import count_tokens
 from service.postgres.semantic_index import SemanticMatch
 from service.redis.client import worker_client
 from service.redis.keyspace import KEYS
+from service.redis.limits import Limiter, TokenBudget
 from service.redis.verdicts import VerdictCache
 from service.settings import Settings
 from tests.support.answers import FLUSH, ask, charged, running, seed, with_providers
@@ -115,3 +120,58 @@ async def test_a_verdict_is_remembered_for_as_long_as_its_entry_lives(
         assert 0 < await client.pttl(stored) <= 600_000
     finally:
         await client.aclose()
+
+
+async def test_a_reservation_refused_means_no_hit_not_a_503_and_the_log_says_refused(
+    settings: Settings, provider: ProviderServer
+) -> None:
+    # Review: only `BudgetExceeded` was caught; a busy limits pool (`PoolExhausted`) escaped the
+    # optional step as a 503, and a spent budget was logged as `semantic_verify=failed`.
+    served = verifying(settings, provider, ["yes"])
+    verifier = Verifier(mode="small", providers=build_providers(served), policy=routing_policy(served))
+    match = SemanticMatch("entry", 0.93, "hash", FLUSH)
+    limits = worker_client(str(settings.redis_url), max_connections=1, wait_s=0.1, name="limits")
+    limiter = Limiter(limits)
+    spent = TokenBudget(limiter, Principal(uuid.uuid4().hex, "k", ("query",), rpm=None, tokens_per_day=1))
+    metered = TokenBudget(limiter, Principal(uuid.uuid4().hex, "k", ("query",), rpm=None, tokens_per_day=10**6))
+    try:
+        with access_record() as record:
+            assert await verifier.check(PARAPHRASE, spent)(match) is None
+        assert record["semantic_verify"] == "refused"
+        held = await limits.connection_pool.get_connection()  # type: ignore[no-untyped-call]  # its only one
+        try:
+            with access_record() as record:
+                assert await verifier.check(PARAPHRASE, metered)(match) is None  # not `PoolExhausted`
+            assert record["semantic_verify"] == "refused"
+        finally:
+            await limits.connection_pool.release(held)
+        assert verify_calls(provider) == []
+    finally:
+        await limits.aclose()
+
+
+async def test_a_verification_that_times_out_is_charged_its_prompt(
+    settings: Settings, provider: ProviderServer
+) -> None:
+    # Review: usage arrives only as the stream ends, so a verification cut short by its timeout (or
+    # cancelled) settled to 0 tokens, though the provider bills the prompt it was sent.
+    served = verifying(settings, provider, [])
+    verifier = Verifier(mode="small", providers=build_providers(served), policy=routing_policy(served), timeout_s=0.5)
+    match = SemanticMatch("entry", 0.93, "hash", FLUSH)
+    limits = worker_client(str(settings.redis_url), max_connections=2, name="limits")
+    caller = Principal(uuid.uuid4().hex, "k", ("query",), rpm=None, tokens_per_day=10**6)
+    budget = TokenBudget(Limiter(limits), caller)
+
+    async def used() -> int:
+        return int(await limits.hget(KEYS.token_budget(caller.key_id), "used") or 0)
+
+    try:
+        provider.enqueue(Behavior(status=400))  # refused: billed nothing
+        assert await verifier.check(PARAPHRASE, budget)(match) is None
+        assert await used() == 0
+        provider.enqueue(Behavior(hang=True))  # never answers: its own timeout ends it
+        assert await verifier.check(PARAPHRASE, budget)(match) is None
+        assert await used() == count_tokens(VERIFY_SYSTEM + verify_prompt(PARAPHRASE, FLUSH))
+        assert len(verify_calls(provider)) == 2
+    finally:
+        await limits.aclose()
