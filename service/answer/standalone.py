@@ -30,7 +30,7 @@ from service.policy.history import History
 from service.policy.prompt import neutralize
 from service.policy.routing import RoutingPolicy
 from service.policy.tokens import count_tokens
-from service.providers.base import GenerationRequest, Provider, ProviderError, Usage
+from service.providers.base import GenerationRequest, Provider, ProviderError, Usage, collect
 from service.redis.limits import TokenBudget
 from service.redis.rewrites import RewriteCache, rewrite_key
 
@@ -136,20 +136,8 @@ class Rewriter:
         )
         pieces: list[str] = []
 
-        async def collect() -> None:
-            stream = self.provider.stream(request) if self.provider else None
-            assert stream is not None
-            try:
-                async for item in stream:
-                    if isinstance(item, str):
-                        pieces.append(item)
-                    else:
-                        spent.append(item)
-            finally:
-                await stream.aclose()
-
         try:
-            await asyncio.wait_for(collect(), self.timeout_s)
+            await asyncio.wait_for(collect(self.provider, request, pieces, spent), self.timeout_s)
         except (ProviderError, TimeoutError) as exc:
             log.warning("rewrite failed, using the offline rules: %s", type(exc).__name__)
             return None

@@ -32,7 +32,7 @@ from service.policy.routing import RoutingPolicy
 from service.policy.semantic_verify import VERIFY_MAX_TOKENS, VERIFY_SYSTEM, verdict, verify_prompt
 from service.policy.tokens import count_tokens
 from service.postgres.semantic_index import SemanticMatch
-from service.providers.base import GenerationRequest, Provider, ProviderError, Usage
+from service.providers.base import GenerationRequest, Provider, ProviderError, Usage, collect
 from service.redis.limits import TokenBudget
 from service.redis.verdicts import VerdictCache
 
@@ -83,22 +83,10 @@ class Verifier:
         pieces: list[str] = []
         spent: list[Usage] = []
 
-        async def collect() -> None:
-            assert self.provider is not None
-            stream = self.provider.stream(request)
-            try:
-                async for item in stream:
-                    if isinstance(item, str):
-                        pieces.append(item)
-                    else:
-                        spent.append(item)
-            finally:
-                await stream.aclose()
-
         billed = True  # the provider has the prompt: a timeout or a cancellation is billed for it
         try:
             with span("rag.semantic_verify", provider=self.choice.provider, model=self.choice.model):
-                await asyncio.wait_for(collect(), self.timeout_s)
+                await asyncio.wait_for(collect(self.provider, request, pieces, spent), self.timeout_s)
         except (ProviderError, TimeoutError) as exc:
             billed = isinstance(exc, TimeoutError) or bool(pieces)  # a refused call bills nothing
             log.warning("semantic verification failed, no semantic hit: %s", type(exc).__name__)

@@ -46,6 +46,20 @@ class Provider(Protocol):
         ...
 
 
+async def collect(provider: Provider, request: GenerationRequest, pieces: list[str], spent: list[Usage]) -> None:
+    """A short answer whole: its text into `pieces`, its usage into `spent` (what arrived before a
+    failure stays there). For the small tier's side calls (a follow-up's rewrite, a verification)."""
+    stream = provider.stream(request)
+    try:
+        async for item in stream:
+            if isinstance(item, str):
+                pieces.append(item)
+            else:
+                spent.append(item)
+    finally:
+        await stream.aclose()
+
+
 def is_retryable_status(status: int) -> bool:
     """Rate limits, overload (Anthropic's 529), timeouts and server errors may pass; 4xx will not."""
     return status in (408, 409, 429) or status >= 500
