@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
 import httpx
 import redis.asyncio as aioredis
@@ -15,6 +16,7 @@ from service.answer.schemas import UsageInfo
 from service.embeddings.encoders import LocalEmbedder
 from service.http.app import Resources, create_app
 from service.http.auth import parse_key
+from service.redis.client import WorkerRedis
 from service.redis.keyspace import KEYS
 from service.settings import Settings
 from tests.support.answers import (
@@ -32,6 +34,22 @@ from tests.support.servers import bearer, make_key, serve_app, wait_until
 from tests.support.sse import aiter_sse
 
 PDF = "Which library parses PDF files?"
+
+
+@asynccontextmanager
+async def served(
+    settings: Settings, local_embedder: LocalEmbedder
+) -> AsyncIterator[tuple[httpx.AsyncClient, aioredis.Redis, WorkerRedis]]:
+    """The app served to a query key's client, a Redis client, and the worker's Redis pools (to hold)."""
+    app = create_app(settings, embedder=local_embedder)
+    key = await make_key(settings, "query")
+    async with serve_app(app) as url, httpx.AsyncClient(base_url=url, timeout=60, headers=bearer(key)) as http:
+        client = aioredis.from_url(str(settings.redis_url))
+        try:
+            resources: Resources = app.state.resources
+            yield http, client, resources.pools
+        finally:
+            await client.aclose()
 
 
 async def test_leader_client_leaving_keeps_the_answer_going_for_followers(
@@ -59,16 +77,12 @@ async def test_a_busy_request_pool_does_not_keep_the_leaders_events_from_its_fol
     # streams publishing starved the cache, and a busy request pool dropped followers' events.
     settings = (await seeded_slow(settings, local_embedder, provider)).model_copy(update={"redis_max_connections": 2})
     provider.default = Behavior(text=SLOW_ANSWER, first_token_delay=2.0, token_interval=0.05)
-    app = create_app(settings, embedder=local_embedder)
-    key = await make_key(settings, "query")
-    async with serve_app(app) as url, httpx.AsyncClient(base_url=url, timeout=60, headers=bearer(key)) as http:
-        client = aioredis.from_url(str(settings.redis_url))
+    async with served(settings, local_embedder) as (http, client, pools):
         leader = asyncio.create_task(ask(http))
         await provider.async_wait_for(lambda: len(provider.calls) == 1, timeout=10)
         follower = asyncio.create_task(ask(http))
         await wait_until(lambda: followers_joined(client, 1), within=10)
-        resources: Resources = app.state.resources
-        pool = resources.pools.requests.connection_pool
+        pool = pools.requests.connection_pool
         # Every request-pool connection held while the whole answer streams (its first token is 2 s away).
         held = [await pool.get_connection() for _ in range(settings.redis_max_connections)]  # type: ignore[no-untyped-call]
         try:
@@ -81,7 +95,6 @@ async def test_a_busy_request_pool_does_not_keep_the_leaders_events_from_its_fol
         assert reply.text == SLOW_ANSWER and reply.names[-1] == "done"
         assert (await leader).text == SLOW_ANSWER
         assert len(provider.calls_to("messages")) == 1
-        await client.aclose()
 
 
 async def test_a_busy_publish_pool_delays_the_followers_events_but_loses_none(
@@ -92,12 +105,8 @@ async def test_a_busy_publish_pool_delays_the_followers_events_but_loses_none(
         update={"redis_publish_connections": 1}
     )
     provider.default = Behavior(text=SLOW_ANSWER, first_token_delay=0.5, token_interval=0.06)
-    app = create_app(settings, embedder=local_embedder)
-    key = await make_key(settings, "query")
-    async with serve_app(app) as url, httpx.AsyncClient(base_url=url, timeout=60, headers=bearer(key)) as http:
-        client = aioredis.from_url(str(settings.redis_url))
-        resources: Resources = app.state.resources
-        pool = resources.pools.publish.connection_pool
+    async with served(settings, local_embedder) as (http, client, pools):
+        pool = pools.publish.connection_pool
         held = await pool.get_connection()  # type: ignore[no-untyped-call]  # its only connection
         try:
             leader = asyncio.create_task(ask(http))
@@ -112,10 +121,26 @@ async def test_a_busy_publish_pool_delays_the_followers_events_but_loses_none(
         assert reply.text == SLOW_ANSWER and reply.names[-1] == "done"
         assert (await leader).text == SLOW_ANSWER
         assert (await ask(http)).meta["cache"] == "hit"
-        await client.aclose()
 
 
 # -- in-flight slots: only a generation holds one ----------------------------------------------------
+
+
+async def capped_key(settings: Settings) -> tuple[str, str]:
+    """A query key allowed one answer in flight, and the Redis key of its in-flight slots."""
+    key = await make_key(settings, "query", max_inflight=1)
+    parsed = parse_key(key)
+    assert parsed is not None
+    return key, KEYS.inflight_slots(parsed[0])
+
+
+def slots_free(client: aioredis.Redis, slots: str) -> Callable[[], Awaitable[bool]]:
+    """A `wait_until` predicate: every slot of the key given back (none leaks)."""
+
+    async def free() -> bool:
+        return int(await client.zcard(slots)) == 0
+
+    return free
 
 
 async def test_followers_take_no_in_flight_slot_and_the_cap_still_holds(
@@ -125,9 +150,7 @@ async def test_followers_take_no_in_flight_slot_and_the_cap_still_holds(
     # identical questions beyond `max_inflight` got 429 `too_many_inflight`.
     settings = await seeded_slow(settings, local_embedder, provider)
     provider.default = Behavior(text=SLOW_ANSWER, first_token_delay=3.0, token_interval=0.05)
-    key = await make_key(settings, "query", max_inflight=1)
-    parsed = parse_key(key)
-    assert parsed is not None
+    key, slots = await capped_key(settings)
     async with running(settings, local_embedder, key=key) as http:
         client = aioredis.from_url(str(settings.redis_url))
         leader = asyncio.create_task(ask(http))
@@ -142,11 +165,7 @@ async def test_followers_take_no_in_flight_slot_and_the_cap_still_holds(
         assert all(r.text == SLOW_ANSWER and r.names[-1] == "done" for r in replies)
         assert sorted(r.meta["cache"] for r in replies) == ["coalesced"] * 4 + ["miss"]
         assert len(provider.calls_to("messages")) == 1
-
-        async def slots_free() -> bool:  # released as the generation ended: none leaks
-            return int(await client.zcard(KEYS.inflight_slots(parsed[0]))) == 0
-
-        await wait_until(slots_free, within=10)
+        await wait_until(slots_free(client, slots), within=10)  # released as the generation ended
         provider.default = Behavior()
         assert (await ask(http, PDF)).status == 200
         await client.aclose()
@@ -158,24 +177,18 @@ async def test_a_generation_gives_its_slot_back_however_it_ends(
     # The slot is now held by the generation (its producer), not by the request: a leader whose client
     # hangs up with nobody following is cancelled, and one followed goes on; both give it back.
     settings = await seeded_slow(settings, local_embedder, provider)
-    key = await make_key(settings, "query", max_inflight=1)
-    parsed = parse_key(key)
-    assert parsed is not None
+    key, slots = await capped_key(settings)
     async with running(settings, local_embedder, key=key) as http:
         client = aioredis.from_url(str(settings.redis_url))
-
-        async def slots_free() -> bool:
-            return int(await client.zcard(KEYS.inflight_slots(parsed[0]))) == 0
-
         await hang_up_after_first_token(http)  # alone: cancelled
-        await wait_until(slots_free, within=10)
+        await wait_until(slots_free(client, slots), within=10)
         leader = asyncio.create_task(hang_up_after_first_token(http, PDF))  # followed: goes on without its client
         await provider.async_wait_for(lambda: len(provider.calls) == 2, timeout=10)
         follower = asyncio.create_task(ask(http, PDF))
         await wait_until(lambda: followers_joined(client, 1), within=10)
         await leader
         assert (await follower).text == SLOW_ANSWER
-        await wait_until(slots_free, within=10)
+        await wait_until(slots_free(client, slots), within=10)
         assert len(provider.calls_to("messages")) == 2
         await client.aclose()
 
@@ -190,15 +203,9 @@ async def test_a_follower_that_takes_over_needs_a_slot_of_its_own(
         update={"redis_publish_connections": 1, "coalesce_lease_ms": 3000}
     )
     provider.default = Behavior(text=SLOW_ANSWER, first_token_delay=6.0, token_interval=0.02)
-    capped = await make_key(settings, "query", max_inflight=1)
-    parsed = parse_key(capped)
-    assert parsed is not None
-    app = create_app(settings, embedder=local_embedder)
-    key = await make_key(settings, "query")
-    async with serve_app(app) as url, httpx.AsyncClient(base_url=url, timeout=60, headers=bearer(key)) as http:
-        client = aioredis.from_url(str(settings.redis_url))
-        resources: Resources = app.state.resources
-        pool = resources.pools.publish.connection_pool
+    capped, slots = await capped_key(settings)
+    async with served(settings, local_embedder) as (http, client, pools):
+        pool = pools.publish.connection_pool
         held = await pool.get_connection()  # type: ignore[no-untyped-call]  # its only connection
         try:
             busy = asyncio.create_task(ask(http, PDF, headers=bearer(capped)))  # the capped key's one slot
@@ -213,12 +220,7 @@ async def test_a_follower_that_takes_over_needs_a_slot_of_its_own(
         finally:
             await pool.release(held)
         assert (await leader).text == SLOW_ANSWER and (await busy).status == 200
-
-        async def slots_free() -> bool:
-            return int(await client.zcard(KEYS.inflight_slots(parsed[0]))) == 0
-
-        await wait_until(slots_free, within=10)
-        await client.aclose()
+        await wait_until(slots_free(client, slots), within=10)
 
 
 # -- leaders publish only while someone follows --------------------------------------------------
