@@ -271,18 +271,14 @@ async def test_a_follower_that_joins_after_the_last_event_still_gets_every_one(s
     client = aioredis.from_url(str(settings.redis_url))
     coalescer = Coalescer(client)
     key = uuid.uuid4().hex
-    lease = await coalescer.lead(key)
-    assert lease is not None
+    lease = await leading(coalescer, key)
     events: list[Event] = [Token("a"), Token(" b"), Failed("generation_failed", "stopped")]
     for event in events:
         lease.publish(event)
     await lease.drained()
     assert not await client.exists(coalescer.stream_key(key))  # nobody followed: nothing written
 
-    async def follow() -> list[Event]:
-        return [event async for event in coalescer.follow(key)]
-
-    follower = asyncio.create_task(follow())
+    follower = following(coalescer, key)
     await wait_until(lambda: followers_joined(client, 1), within=10)
     await lease.close()
     assert await follower == events
@@ -305,6 +301,32 @@ async def _never(look_again: bool) -> AsyncIterator[Event]:
     yield Token("")  # pragma: no cover
 
 
+async def leading(coalescer: Coalescer, key: str) -> Lease:
+    """The lease of `key`'s generation: the key must be free."""
+    lease = await coalescer.lead(key)
+    assert lease is not None
+    return lease
+
+
+def following(coalescer: Coalescer, key: str) -> asyncio.Task[list[Event]]:
+    """A follower of `key`'s generation, collecting every event it relays."""
+
+    async def follow() -> list[Event]:
+        return [event async for event in coalescer.follow(key)]
+
+    return asyncio.create_task(follow())
+
+
+def relaying(coalescing: Coalescing, key: str, seen: list[Event]) -> asyncio.Task[None]:
+    """A request for `key` that must follow (it may not generate), its events appended to `seen`."""
+
+    async def relay() -> None:
+        async for event in coalescing.run(key, _never, free=_nothing_free, request_id="g", clock=Clock()):
+            seen.append(event)
+
+    return asyncio.create_task(relay())
+
+
 async def _lapsed_leader(client: aioredis.Redis, coalescer: Coalescer, key: str) -> Lease:
     """A leader whose worker died: no more renewals, no release (its lease lapses when the test says)."""
     lease = await coalescer.lead(key)
@@ -325,18 +347,13 @@ async def test_a_follower_that_showed_text_is_told_its_leader_was_lost_not_given
     a = await _lapsed_leader(client, coalescer, key)
     seen: list[Event] = []
 
-    async def follow() -> None:
-        async for event in coalescing.run(key, _never, free=_nothing_free, request_id="g", clock=Clock()):
-            seen.append(event)
-
-    follower = asyncio.create_task(follow())
+    follower = relaying(coalescing, key, seen)
     await wait_until(lambda: followers_joined(client, 1), within=10)
     a.publish(Token("A1"))
     a.publish(Token("A2"))
     await wait_until(lambda: len(seen) == 2, within=10)
     await client.delete(coalescer.lease_key(key))  # A's lease lapses
-    b = await coalescer.lead(key)
-    assert b is not None
+    b = await leading(coalescer, key)
     for event in (Token("B1"), Token("B2"), _done()):
         b.publish(event)
     await b.close()
@@ -353,15 +370,10 @@ async def test_a_follower_that_showed_nothing_follows_the_next_generation_instea
     await _lapsed_leader(client, coalescer, key)
     seen: list[Event] = []
 
-    async def follow() -> None:
-        async for event in coalescing.run(key, _never, free=_nothing_free, request_id="g", clock=Clock()):
-            seen.append(event)
-
-    follower = asyncio.create_task(follow())
+    follower = relaying(coalescing, key, seen)
     await wait_until(lambda: followers_joined(client, 1), within=10)
     await client.delete(coalescer.lease_key(key))  # A lapses before its first event
-    b = await coalescer.lead(key)
-    assert b is not None
+    b = await leading(coalescer, key)
     b.publish(Token("B1"))
     await wait_until(lambda: len(seen) == 1, within=10)  # it follows B now (B keeps its lease meanwhile)
     b.publish(Token("B2"))
@@ -381,13 +393,9 @@ async def test_a_follower_leaving_a_lapsed_count_does_not_hide_the_next_generati
     coalescer = Coalescer(client)
     key = uuid.uuid4().hex
     count = coalescer.followers_key(key)
-    a = await coalescer.lead(key)
-    assert a is not None
+    a = await leading(coalescer, key)
 
-    async def follow() -> list[Event]:
-        return [event async for event in coalescer.follow(key)]
-
-    first = asyncio.create_task(follow())
+    first = following(coalescer, key)
     await wait_until(lambda: followers_joined(client, 1), within=10)
     a.publish(Token("x"))
     await wait_until(lambda: client.exists(coalescer.stream_key(key)), within=10)  # A saw its follower
@@ -397,9 +405,8 @@ async def test_a_follower_leaving_a_lapsed_count_does_not_hide_the_next_generati
     assert len(await first) == 2
     assert not await client.exists(count)
 
-    b = await coalescer.lead(key)
-    assert b is not None
-    second = asyncio.create_task(follow())
+    b = await leading(coalescer, key)
+    second = following(coalescer, key)
     await wait_until(lambda: followers_joined(client, 1), within=10)
     assert await b.abandon() is False  # someone follows: the answer goes on
     b.publish(_done())
@@ -414,13 +421,9 @@ async def test_the_leaders_renewals_keep_its_follower_count_alive(settings: Sett
     coalescer = Coalescer(client, lease_ms=300)
     key = uuid.uuid4().hex
     count = coalescer.followers_key(key)
-    lease = await coalescer.lead(key)
-    assert lease is not None
+    lease = await leading(coalescer, key)
 
-    async def follow() -> list[Event]:
-        return [event async for event in coalescer.follow(key)]
-
-    follower = asyncio.create_task(follow())
+    follower = following(coalescer, key)
     await wait_until(lambda: followers_joined(client, 1), within=10)
     await client.expire(count, 5)  # about to lapse, as after most of a long answer
 
@@ -443,13 +446,9 @@ async def test_a_lapsed_leaders_release_leaves_its_successors_live_stream_alone(
     stream = coalescer.stream_key(key)
     a = await _lapsed_leader(client, coalescer, key)
     await client.delete(coalescer.lease_key(key))  # A's lease lapses
-    b = await coalescer.lead(key)
-    assert b is not None
+    b = await leading(coalescer, key)
 
-    async def follow() -> list[Event]:
-        return [event async for event in coalescer.follow(key)]
-
-    follower = asyncio.create_task(follow())
+    follower = following(coalescer, key)
     await wait_until(lambda: followers_joined(client, 1), within=10)
     b.publish(Token("B1"))
     await wait_until(lambda: client.exists(stream), within=10)
@@ -467,18 +466,14 @@ async def test_a_followed_leader_keeps_only_what_it_has_not_written_yet(settings
     client = aioredis.from_url(str(settings.redis_url))
     coalescer = Coalescer(client)
     key = uuid.uuid4().hex
-    lease = await coalescer.lead(key)
-    assert lease is not None
+    lease = await leading(coalescer, key)
     before: list[Event] = [Token("a"), Token(" b")]
     for event in before:
         lease.publish(event)
     await lease.drained()
     assert lease._events == before  # nobody follows yet: kept for a follower that may still come
 
-    async def follow() -> list[Event]:
-        return [event async for event in coalescer.follow(key)]
-
-    follower = asyncio.create_task(follow())
+    follower = following(coalescer, key)
     await wait_until(lambda: followers_joined(client, 1), within=10)
     after: list[Event] = [Token(f" {i}") for i in range(50)]
     for event in after:
