@@ -268,9 +268,7 @@ async def test_a_follower_joining_mid_answer_gets_all_of_it(
 async def test_a_follower_that_joins_after_the_last_event_still_gets_every_one(settings: Settings) -> None:
     # The leader's last look found nobody; the follower joined before the lease was released: the
     # release itself must notice it and write the whole answer first.
-    client = aioredis.from_url(str(settings.redis_url))
-    coalescer = Coalescer(client)
-    key = uuid.uuid4().hex
+    client, coalescer, key = coalescing_on(settings)
     lease = await leading(coalescer, key)
     events: list[Event] = [Token("a"), Token(" b"), Failed("generation_failed", "stopped")]
     for event in events:
@@ -299,6 +297,12 @@ async def _nothing_free() -> list[Event] | None:
 async def _never(look_again: bool) -> AsyncIterator[Event]:
     raise AssertionError("a follower must not generate here")
     yield Token("")  # pragma: no cover
+
+
+def coalescing_on(settings: Settings, lease_ms: int = 5000) -> tuple[aioredis.Redis, Coalescer, str]:
+    """A Redis client, a coalescer on it, and a key nobody has asked for."""
+    client = aioredis.from_url(str(settings.redis_url))
+    return client, Coalescer(client, lease_ms=lease_ms), uuid.uuid4().hex
 
 
 async def leading(coalescer: Coalescer, key: str) -> Lease:
@@ -340,10 +344,8 @@ async def test_a_follower_that_showed_text_is_told_its_leader_was_lost_not_given
 ) -> None:
     # Review: A's lease lapsed, B led the key (restarting its stream), and A's follower, still
     # counted in, read B's answer after A's partial one: "A1A2" + B's whole answer + done.
-    client = aioredis.from_url(str(settings.redis_url))
-    coalescer = Coalescer(client)
+    client, coalescer, key = coalescing_on(settings)
     coalescing = Coalescing(coalescer, available=lambda: True, detach=lambda coro: coro.close())
-    key = uuid.uuid4().hex
     a = await _lapsed_leader(client, coalescer, key)
     seen: list[Event] = []
 
@@ -363,10 +365,8 @@ async def test_a_follower_that_showed_text_is_told_its_leader_was_lost_not_given
 
 
 async def test_a_follower_that_showed_nothing_follows_the_next_generation_instead(settings: Settings) -> None:
-    client = aioredis.from_url(str(settings.redis_url))
-    coalescer = Coalescer(client)
+    client, coalescer, key = coalescing_on(settings)
     coalescing = Coalescing(coalescer, available=lambda: True, detach=lambda coro: coro.close())
-    key = uuid.uuid4().hex
     await _lapsed_leader(client, coalescer, key)
     seen: list[Event] = []
 
@@ -389,9 +389,7 @@ async def test_a_follower_leaving_a_lapsed_count_does_not_hide_the_next_generati
 ) -> None:
     # Review: the count's TTL was set at join only; an answer outliving it made the follower's DECR
     # recreate it at -1 with no TTL, and the next leader of the key then saw nobody following.
-    client = aioredis.from_url(str(settings.redis_url))
-    coalescer = Coalescer(client)
-    key = uuid.uuid4().hex
+    client, coalescer, key = coalescing_on(settings)
     count = coalescer.followers_key(key)
     a = await leading(coalescer, key)
 
@@ -417,9 +415,7 @@ async def test_a_follower_leaving_a_lapsed_count_does_not_hide_the_next_generati
 
 
 async def test_the_leaders_renewals_keep_its_follower_count_alive(settings: Settings) -> None:
-    client = aioredis.from_url(str(settings.redis_url))
-    coalescer = Coalescer(client, lease_ms=300)
-    key = uuid.uuid4().hex
+    client, coalescer, key = coalescing_on(settings, lease_ms=300)
     count = coalescer.followers_key(key)
     lease = await leading(coalescer, key)
 
@@ -440,9 +436,7 @@ async def test_the_leaders_renewals_keep_its_follower_count_alive(settings: Sett
 async def test_a_lapsed_leaders_release_leaves_its_successors_live_stream_alone(settings: Settings) -> None:
     # Review: the release set the stream's retention TTL before checking it still held the lease,
     # so a stale leader's release put a 60 s TTL on the next generation's live stream.
-    client = aioredis.from_url(str(settings.redis_url))
-    coalescer = Coalescer(client)
-    key = uuid.uuid4().hex
+    client, coalescer, key = coalescing_on(settings)
     stream = coalescer.stream_key(key)
     a = await _lapsed_leader(client, coalescer, key)
     await client.delete(coalescer.lease_key(key))  # A's lease lapses
@@ -463,9 +457,7 @@ async def test_a_lapsed_leaders_release_leaves_its_successors_live_stream_alone(
 
 async def test_a_followed_leader_keeps_only_what_it_has_not_written_yet(settings: Settings) -> None:
     # Review: a leader kept every event of its answer in memory, even once written for its followers.
-    client = aioredis.from_url(str(settings.redis_url))
-    coalescer = Coalescer(client)
-    key = uuid.uuid4().hex
+    client, coalescer, key = coalescing_on(settings)
     lease = await leading(coalescer, key)
     before: list[Event] = [Token("a"), Token(" b")]
     for event in before:
