@@ -278,7 +278,7 @@ class Coalescer:
         client = self.followers
         generation = await client.eval(_JOIN, 2, self.followers_key(key), lease, STREAM_RETENTION_S)
         if not generation:
-            await self.leave(keys=[self.followers_key(key)])
+            await asyncio.shield(self.leave(keys=[self.followers_key(key)]))
             raise LeaderLostError(key)  # finished or abandoned just now: look again
         last = "0-0"
         quiet_since = time.monotonic()
@@ -301,7 +301,7 @@ class Coalescer:
                     raise LeaderLostError(key)
         finally:
             with contextlib.suppress(*BEST_EFFORT_ERRORS):
-                await self.leave(keys=[self.followers_key(key)])
+                await asyncio.shield(self.leave(keys=[self.followers_key(key)]))
 
 
 # -- the choreography ------------------------------------------------------------------------

@@ -248,16 +248,18 @@ class Limiter:
     async def occupy_slot(self, principal: Principal, slot: str) -> bool:
         """Take one of the key's in-flight slots; `RateLimited` (`too_many_inflight`) if all are taken.
 
-        False when nothing was taken: no cap on this key, or Redis is away (fail open).
+        False when nothing was taken (no cap on this key). A Redis error is not checked (fail open)
+        but returns True: the script may have run and only its reply been lost, so the caller gives
+        the slot back as if it held it (a ZREM of nothing is harmless).
         """
         if principal.max_inflight is None or not self.enforcing:
             return False
         try:
             key = KEYS.inflight_slots(principal.key_id)
             taken = await self._occupy(keys=[key], args=[slot, principal.max_inflight, self.inflight_lapse_ms])
-        except (RedisError, OSError) as exc:
-            self._fail_open("in-flight cap", exc)
-            return False
+        except (RedisError, OSError) as exc:  # not checked (fail open); the script may still have run,
+            self._fail_open("in-flight cap", exc)  # its reply lost: the caller gives the slot back anyway
+            return True
         if not int(taken):
             raise RateLimited(
                 "too_many_inflight",

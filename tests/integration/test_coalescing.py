@@ -7,6 +7,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
+import anyio
 import httpx
 import redis.asyncio as aioredis
 
@@ -472,4 +473,28 @@ async def test_a_followed_leader_keeps_only_what_it_has_not_written_yet(settings
     lease.publish(_done())
     await lease.close()
     assert await follower == [*before, *after, _done()]
+    await client.aclose()
+
+
+async def test_a_follower_cancelled_with_its_clients_scope_still_leaves_the_count(settings: Settings) -> None:
+    # Review: a client that hangs up is cancelled through an anyio cancel scope (sse-starlette), which
+    # also cancelled the follower's unshielded leave: it stayed counted, renewals kept the count alive,
+    # and a leader whose own client then left went on generating for nobody.
+    client, coalescer, key = coalescing_on(settings)
+    lease = await leading(coalescer, key)
+
+    async def follow() -> None:
+        async for _ in coalescer.follow(key):
+            pass
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(follow)
+        await wait_until(lambda: followers_joined(client, 1), within=10)
+        group.cancel_scope.cancel()
+
+    async def nobody_follows() -> bool:
+        return not await client.exists(coalescer.followers_key(key))
+
+    await wait_until(nobody_follows, within=10)
+    assert await lease.abandon() is True  # nobody follows: the answer may stop
     await client.aclose()

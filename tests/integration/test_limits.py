@@ -165,3 +165,30 @@ async def test_a_request_cancelled_while_taking_its_in_flight_slot_gives_it_back
         assert int(await direct.zcard(slots)) == 0
         await proxied.aclose()
     await direct.aclose()
+
+
+async def test_an_in_flight_slot_whose_reply_was_lost_is_given_back(redis_url: str) -> None:
+    # Review: the script ran but its reply missed the socket timeout; the limiter failed open with
+    # "nothing taken", so the slot was never given back and the key got 429s until it lapsed.
+    direct = aioredis.from_url(redis_url)
+    caller = Principal(uuid.uuid4().hex, "k", ("query",), rpm=None, tokens_per_day=None, max_inflight=1)
+    slots = KEYS.inflight_slots(caller.key_id)
+
+    async with ReplyHoldingProxy(redis_url).running() as proxy:
+
+        async def produce(look_again: bool) -> AsyncIterator[Event]:
+            proxy.release()  # the stall is over by the time the answer runs
+            yield Token("x")
+
+        proxied = aioredis.from_url(proxy.url, socket_timeout=0.5)
+        limiter = Limiter(proxied, inflight_lapse_s=150)
+        warm = TokenBudget(limiter, caller)  # connects and loads the script, with replies flowing
+        await warm.occupy()
+        await warm.vacate()
+        budget = TokenBudget(limiter, caller)
+        proxy.hold()  # the slot script's reply is lost to the client's timeout; the script still runs
+        events = [event async for event in in_flight(budget, produce, False)]
+        assert events == [Token("x")]  # not checked: the answer went on (fail open)
+        assert int(await direct.zcard(slots)) == 0  # and the slot its script took was given back
+        await proxied.aclose()
+    await direct.aclose()
