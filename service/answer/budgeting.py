@@ -1,7 +1,9 @@
 """The caller's token budget around a generation, from outside it: a miss checks the budget; the
 request that will generate (a coalescing leader, not its followers) holds one of its key's
 in-flight slots while it does (`in_flight`); a generation reserves its tokens before a model is
-called and settles them as its events end (`settling`). Without a budget (`None`) each of these does nothing.
+called and settles them as its events end (`settling`); a short side call to the small tier (a
+follow-up's rewrite, a semantic verification) is reserved and charged the same way (`charged_call`).
+Without a budget (`None`) each of these does nothing.
 
 The counters themselves live in Redis (service/redis/limits.py: `TokenBudget`, `Reservation`).
 """
@@ -9,11 +11,15 @@ The counters themselves live in Redis (service/redis/limits.py: `TokenBudget`, `
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable
 
 from service.answer.events import Done, Event, Token
 from service.policy.tokens import count_tokens
+from service.providers.base import GenerationRequest, Provider, ProviderError, Usage, collect
 from service.redis.limits import Reservation, TokenBudget
+
+log = logging.getLogger(__name__)
 
 
 def tenant(budget: TokenBudget | None) -> str:
@@ -50,6 +56,37 @@ async def in_flight(
 async def reserved(budget: TokenBudget | None, tokens: int) -> Reservation | None:
     """Today's tokens for this generation, reserved at once (`BudgetExceeded` if they are not all left)."""
     return await budget.reserve(tokens) if budget is not None else None
+
+
+async def charged_call(
+    budget: TokenBudget | None, provider: Provider, request: GenerationRequest, timeout_s: float, purpose: str
+) -> str | None:
+    """A short side call's whole text, or None when it failed or timed out (logged as `purpose`).
+
+    Its prompt plus `max_tokens` are reserved first (`BudgetExceeded`, or `Overloaded` when the
+    limits pool is busy: the caller falls back, the step is optional). It is charged as it ends: the
+    usage the provider reported; else, when the provider had the prompt (a timeout, a cancellation,
+    a dropped connection), the prompt and what streamed; a refusal with a status and no text, nothing.
+    """
+    prompt_tokens = count_tokens(request.system + request.prompt)
+    reservation = await reserved(budget, prompt_tokens + request.max_tokens)
+    pieces: list[str] = []
+    spent: list[Usage] = []
+    billed = True
+    try:
+        await asyncio.wait_for(collect(provider, request, pieces, spent), timeout_s)
+    except (ProviderError, TimeoutError) as exc:
+        billed = not isinstance(exc, ProviderError) or exc.status is None or bool(pieces)
+        log.warning("%s failed: %s", purpose, type(exc).__name__)
+        return None
+    finally:
+        if reservation is not None:  # what the call cost, never more than was reserved
+            if spent:
+                used = sum(u.input_tokens + u.output_tokens for u in spent)
+            else:
+                used = prompt_tokens + count_tokens("".join(pieces)) if billed else 0
+            await asyncio.shield(reservation.settle(used))
+    return "".join(pieces)
 
 
 async def settling(

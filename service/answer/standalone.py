@@ -16,21 +16,19 @@ nothing, with or without a model.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from service.answer.budgeting import reserved
-from service.errors import BudgetExceeded
+from service.answer.budgeting import charged_call
+from service.errors import BudgetExceeded, Overloaded
 from service.observability.tracing import span
 from service.policy.followups import needs_rewrite, rewrite
 from service.policy.history import History
 from service.policy.prompt import neutralize
 from service.policy.routing import RoutingPolicy
-from service.policy.tokens import count_tokens
-from service.providers.base import GenerationRequest, Provider, ProviderError, Usage, collect
+from service.providers.base import GenerationRequest, Provider
 from service.redis.limits import TokenBudget
 from service.redis.rewrites import RewriteCache, rewrite_key
 
@@ -105,40 +103,18 @@ class Rewriter:
         if self.cache is not None and (cached := await self.cache.get(key)) is not None:
             return Standalone(cached, "cached", offline)
         prompt = rewrite_prompt(recent, question)
-        try:
-            reservation = await reserved(budget, count_tokens(REWRITE_SYSTEM + prompt) + REWRITE_MAX_TOKENS)
-        except BudgetExceeded:
-            return Standalone(offline, "offline", offline)
-        spent: list[Usage] = []
+        request = GenerationRequest(self.choice.model, REWRITE_SYSTEM, prompt, REWRITE_MAX_TOKENS, 0.0, question)
         try:
             with span("rag.rewrite", provider=self.choice.provider, model=self.choice.model) as traced:
-                reply = await self._ask(prompt, question, spent)
+                text = await charged_call(
+                    budget, self.provider, request, self.timeout_s, "rewrite (the offline rules answer)"
+                )
+                reply = _usable(text) if text is not None else None
                 traced.set(outcome="ok" if reply else "fallback")
-        finally:
-            if reservation is not None:  # what the call cost, never more than was reserved
-                used = sum(u.input_tokens + u.output_tokens for u in spent)
-                await asyncio.shield(reservation.settle(used))
+        except (BudgetExceeded, Overloaded):  # spent, or the limits pool busy: the rules cost nothing
+            return Standalone(offline, "offline", offline)
         if reply is None:
             return Standalone(offline, "fallback", offline)
         if self.cache is not None:
             await self.cache.put(key, reply)
         return Standalone(reply, "model", offline)
-
-    async def _ask(self, prompt: str, question: str, spent: list[Usage]) -> str | None:
-        assert self.choice is not None and self.provider is not None
-        request = GenerationRequest(
-            model=self.choice.model,
-            system=REWRITE_SYSTEM,
-            prompt=prompt,
-            max_tokens=REWRITE_MAX_TOKENS,
-            temperature=0.0,
-            question=question,
-        )
-        pieces: list[str] = []
-
-        try:
-            await asyncio.wait_for(collect(self.provider, request, pieces, spent), self.timeout_s)
-        except (ProviderError, TimeoutError) as exc:
-            log.warning("rewrite failed, using the offline rules: %s", type(exc).__name__)
-            return None
-        return _usable("".join(pieces))

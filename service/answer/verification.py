@@ -17,22 +17,20 @@ the setting says, and the worker says so once when it starts.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Literal
 
-from service.answer.budgeting import reserved
+from service.answer.budgeting import charged_call
 from service.errors import BudgetExceeded, Overloaded
 from service.observability.logs import note
 from service.observability.tracing import span
 from service.policy.guardrails import normalize_for_key
 from service.policy.routing import RoutingPolicy
 from service.policy.semantic_verify import VERIFY_MAX_TOKENS, VERIFY_SYSTEM, verdict, verify_prompt
-from service.policy.tokens import count_tokens
 from service.postgres.semantic_index import SemanticMatch
-from service.providers.base import GenerationRequest, Provider, ProviderError, Usage, collect
+from service.providers.base import GenerationRequest, Provider
 from service.redis.limits import TokenBudget
 from service.redis.verdicts import VerdictCache
 
@@ -74,35 +72,13 @@ class Verifier:
         503) or "failed" (the call failed or timed out)."""
         assert self.choice is not None and self.provider is not None
         prompt = verify_prompt(question, cached)
-        prompt_tokens = count_tokens(VERIFY_SYSTEM + prompt)
-        try:
-            reservation = await reserved(budget, prompt_tokens + VERIFY_MAX_TOKENS)
-        except (BudgetExceeded, Overloaded):
-            return "refused"
         request = GenerationRequest(self.choice.model, VERIFY_SYSTEM, prompt, VERIFY_MAX_TOKENS, 0.0, question)
-        pieces: list[str] = []
-        spent: list[Usage] = []
-
-        billed = True  # the provider has the prompt: a timeout or a cancellation is billed for it
         try:
             with span("rag.semantic_verify", provider=self.choice.provider, model=self.choice.model):
-                await asyncio.wait_for(collect(self.provider, request, pieces, spent), self.timeout_s)
-        except (ProviderError, TimeoutError) as exc:
-            billed = isinstance(exc, TimeoutError) or bool(pieces)  # a refused call bills nothing
-            log.warning("semantic verification failed, no semantic hit: %s", type(exc).__name__)
-            return "failed"
-        finally:
-            if reservation is not None:  # what the call cost, never more than was reserved
-                await asyncio.shield(reservation.settle(_cost(spent, pieces, prompt_tokens if billed else None)))
-        return verdict("".join(pieces))
-
-
-def _cost(spent: list[Usage], pieces: list[str], prompt_tokens: int | None) -> int:
-    """The usage the provider reported (it comes only as the stream ends); else, when the call was
-    billed, its prompt (None: it was not) plus what streamed."""
-    if spent:
-        return sum(u.input_tokens + u.output_tokens for u in spent)
-    return 0 if prompt_tokens is None else prompt_tokens + count_tokens("".join(pieces))
+                reply = await charged_call(budget, self.provider, request, self.timeout_s, "semantic verification")
+        except (BudgetExceeded, Overloaded):
+            return "refused"
+        return "failed" if reply is None else verdict(reply)
 
 
 class Check:

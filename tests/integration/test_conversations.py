@@ -7,6 +7,7 @@ or the loopback provider where a test needs a model for the rewrite.
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -15,9 +16,15 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 
-from service.answer.standalone import REWRITE_SYSTEM
+from service.answer.standalone import REWRITE_SYSTEM, Rewriter, rewrite_prompt
 from service.embeddings.encoders import LocalEmbedder
+from service.http.app import build_providers, routing_policy
+from service.http.auth import Principal
+from service.policy.history import History, Turn
+from service.policy.tokens import count_tokens
 from service.redis.client import worker_client
+from service.redis.keyspace import KEYS
+from service.redis.limits import Limiter, TokenBudget
 from service.redis.rewrites import RewriteCache
 from service.settings import Settings
 from tests.integration.test_openai_compat import Served, rag, serving
@@ -278,3 +285,39 @@ async def test_a_model_rewrite_is_charged_to_the_key_and_skipped_when_it_cannot_
         with pytest.raises(openai.RateLimitError):  # no answer it could pay for either
             await served.client(broke).chat.completions.create(model="auto", messages=conversation(SEMANTIC, FOLLOW_UP))
         assert len(rewrite_calls(provider)) == 1  # and no paid rewrite on its way to the refusal
+
+
+async def test_a_rewrite_it_cannot_reserve_for_is_the_rules_and_a_cut_one_is_charged_its_prompt(
+    settings: Settings, provider: ProviderServer
+) -> None:
+    # Review: the rewrite caught only `BudgetExceeded`, so a busy limits pool (`PoolExhausted`) turned
+    # an optional step into a 503; and a rewrite cut by its timeout settled to 0 tokens, though the
+    # provider bills the prompt it was sent (the verification's fixes, missing here).
+    served = with_providers(settings, provider)
+    rewriter = Rewriter(
+        mode="auto",
+        providers=build_providers(served),
+        policy=routing_policy(served),
+        cache=None,
+        timeout_s=0.5,
+        turns=3,
+    )
+    history = History((Turn("user", COALESCING),))
+    limits = worker_client(str(settings.redis_url), max_connections=1, wait_s=0.1, name="limits")
+    caller = Principal(uuid.uuid4().hex, "k", ("query",), rpm=None, tokens_per_day=10**6)
+    budget = TokenBudget(Limiter(limits), caller)
+    try:
+        held = await limits.connection_pool.get_connection()  # type: ignore[no-untyped-call]  # its only one
+        try:
+            busy = await rewriter.standalone(FOLLOW_UP, history, budget)  # not `PoolExhausted`
+        finally:
+            await limits.connection_pool.release(held)
+        assert busy.how == "offline" and rewrite_calls(provider) == []
+
+        provider.enqueue(Behavior(hang=True))  # never answers: its own timeout ends it
+        cut = await rewriter.standalone(FOLLOW_UP, history, budget)
+        assert cut.how == "fallback" and len(rewrite_calls(provider)) == 1
+        prompt = count_tokens(REWRITE_SYSTEM + rewrite_prompt((COALESCING,), FOLLOW_UP))
+        assert int(await limits.hget(KEYS.token_budget(caller.key_id), "used") or 0) == prompt
+    finally:
+        await limits.aclose()
