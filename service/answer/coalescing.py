@@ -121,7 +121,7 @@ class Lease:
             with contextlib.suppress(*BEST_EFFORT_ERRORS):
                 keys = (c.lease_key(self.key), c.followers_key(self.key))
                 ttl = STREAM_RETENTION_S + c.lease_ms // 1000  # the count outlives every renewal's interval
-                renewed = await c.publisher.eval(_RENEW, 2, *keys, self.token, c.lease_ms, ttl)
+                renewed = await c.renew_lease(keys=keys, args=[self.token, c.lease_ms, ttl])
                 if int(renewed) > 0 and not self._followed:
                     self._followed = True  # joined while the answer paused: it need not wait for the next event
                     self._kick()
@@ -195,7 +195,7 @@ class Lease:
         c = self.coalescer
         keys = (c.followers_key(self.key), c.lease_key(self.key))
         try:
-            alone = await c.publisher.eval(_ABANDON, 2, *keys, self.token)
+            alone = await c.abandon_lease(keys=keys, args=[self.token])
         except BEST_EFFORT_ERRORS:
             return True  # cannot tell: stop paying for an answer nobody may read
         return bool(alone)
@@ -214,7 +214,7 @@ class Lease:
         for _ in range(2):  # the second time, everything was written (or could not be)
             written = "1" if self._followed or self._broken else "0"
             try:
-                if await c.publisher.eval(_RELEASE, 3, *keys, self.token, written, STREAM_RETENTION_S):
+                if await c.release_lease(keys=keys, args=[self.token, written, STREAM_RETENTION_S]):
                     return
             except BEST_EFFORT_ERRORS:
                 return  # the lease lapses on its own; its followers then take over or hear `leader_lost`
@@ -244,6 +244,10 @@ class Coalescer:
         self.publish_events = self.publisher.register_script(_PUBLISH)  # EVALSHA: the script is sent once
         self.take_lease = self.client.register_script(_LEAD)
         self.leave = self.followers.register_script(_LEAVE)
+        self.join = self.followers.register_script(_JOIN)
+        self.renew_lease = self.publisher.register_script(_RENEW)
+        self.abandon_lease = self.publisher.register_script(_ABANDON)
+        self.release_lease = self.publisher.register_script(_RELEASE)
 
     def lease_key(self, key: str) -> str:
         return self.keys.lease(key)
@@ -276,7 +280,7 @@ class Coalescer:
         """
         stream, lease = self.stream_key(key), self.lease_key(key)
         client = self.followers
-        generation = await client.eval(_JOIN, 2, self.followers_key(key), lease, STREAM_RETENTION_S)
+        generation = await self.join(keys=[self.followers_key(key), lease], args=[STREAM_RETENTION_S])
         if not generation:
             await asyncio.shield(self.leave(keys=[self.followers_key(key)]))
             raise LeaderLostError(key)  # finished or abandoned just now: look again
