@@ -20,8 +20,6 @@ from contextlib import suppress
 from dataclasses import replace
 from functools import partial
 
-import asyncpg
-
 from service.answer.admission import AdmissionGate
 from service.answer.background import Background
 from service.answer.budgeting import checked, in_flight, reserved, settling, tenant
@@ -40,6 +38,7 @@ from service.observability.tracing import span
 from service.policy.collections import DEFAULT
 from service.policy.prompt import Prompt
 from service.policy.routing import Route, RoutingPolicy
+from service.postgres.db import DATABASE_ERRORS
 from service.postgres.retrieval import Retriever, Source
 from service.postgres.semantic_index import SemanticCache, SemanticMatch
 from service.postgres.watcher import CorpusWatcher
@@ -49,8 +48,6 @@ from service.redis.limits import TokenBudget
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
-
-_POSTGRES_DOWN = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 
 
 class AnswerService:
@@ -239,7 +236,7 @@ class AnswerService:
                     elif (confirmed := await check(match)) is not None:
                         traced.set(hit=True, similarity=match.similarity)
                         return hit, confirmed
-            except _POSTGRES_DOWN as exc:
+            except DATABASE_ERRORS as exc:
                 log.warning("semantic cache skipped: %s", type(exc).__name__)
                 traced.set(skipped=type(exc).__name__)
             traced.set(hit=False)
@@ -268,7 +265,7 @@ class AnswerService:
                     filters=question.filters,
                     collections=question.permissions.names,
                 )
-            except _POSTGRES_DOWN as exc:
+            except DATABASE_ERRORS as exc:
                 log.warning("retrieval failed: %s", type(exc).__name__)
                 message = "the document store is unavailable"
                 raise DependencyUnavailable("database", "database_unavailable", message) from exc
@@ -292,5 +289,5 @@ class AnswerService:
         if await asyncio.shield(self.cache.put(question.key, entry)) and self.semantic and question.vector is not None:
             try:
                 await self.semantic.add(question.key, question.scope, question.text, question.hash, question.vector)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except DATABASE_ERRORS as exc:
                 log.warning("semantic index not updated: %s", type(exc).__name__)

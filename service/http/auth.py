@@ -35,6 +35,7 @@ from service.errors import AuthUnavailable
 from service.http.errors import APIError
 from service.http.proxies import throttle_address
 from service.policy.collections import ALL, DEFAULT, parse_grant
+from service.postgres.db import DATABASE_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +258,7 @@ class Authenticator:
             return cached[1]
         try:
             key = await self.lookup(key_id)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        except DATABASE_ERRORS as exc:
             if cached is not None:  # stale beats unavailable: cached answers keep flowing
                 return cached[1]
             raise AuthUnavailable(type(exc).__name__) from exc

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import asyncpg
 
+from service.postgres.db import DATABASE_ERRORS
 from service.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ class NotificationRelay:
             self._connection = await asyncpg.connect(self.dsn, timeout=5)
             for channel, callback in self._callbacks.items():
                 await self._connection.add_listener(channel, _payload_to(callback))
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        except DATABASE_ERRORS as exc:
             log.warning("cannot LISTEN for corpus changes (%s); polling", type(exc).__name__)
             self._connection = None
 

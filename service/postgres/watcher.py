@@ -18,13 +18,14 @@ import asyncpg
 from redis.exceptions import RedisError
 
 from service.errors import PoolExhausted
-from service.postgres.db import NOTIFY_CHANNEL
+from service.postgres.db import DATABASE_ERRORS, NOTIFY_CHANNEL
 from service.postgres.documents import changes_since
 from service.postgres.notifications import NotificationRelay
 from service.redis.answer_cache import AnswerCache
 from service.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
+_OUTAGES: tuple[type[Exception], ...] = (RedisError, *DATABASE_ERRORS)  # either store away: retry later
 
 
 class CorpusWatcher:
@@ -78,7 +79,7 @@ class CorpusWatcher:
             # This worker's Redis pool is busy, Redis is fine: keep the version we know and retry
             # on the next tick (a change missed meanwhile is applied then, as with a late NOTIFY).
             log.info("cache invalidation check deferred: the Redis pool is busy")
-        except (RedisError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except _OUTAGES as exc:
             # Retried on the next tick; until then the cache may serve answers of the previous
             # corpus version, so writes are held back by the moving version check.
             self.corpus_version = -1
