@@ -33,7 +33,7 @@ from redis.exceptions import RedisError
 from service.answer.events import Clock, Done, Event, Failed, Meta, Token, decode, encode
 from service.answer.schemas import UsageInfo
 from service.errors import LeaderFailed, Overloaded, PoolExhausted, ServiceError
-from service.redis.keyspace import BEST_EFFORT_ERRORS, KEYS, Keyspace
+from service.redis.keyspace import BEST_EFFORT_ERRORS, KEYS, REDIS_ERRORS, Keyspace
 
 log = logging.getLogger(__name__)
 
@@ -374,7 +374,7 @@ class Coalescing:
             return None
         try:
             lease = await self.coalescer.lead(key)
-        except (RedisError, OSError):
+        except REDIS_ERRORS:
             return None  # no Redis, no coalescing: answer on our own
         return "follow" if lease is None else lease
 

@@ -14,7 +14,6 @@ from typing import Annotated, Any, NoReturn, TypeVar
 
 import redis.asyncio as aioredis
 import typer
-from redis.exceptions import RedisError
 from rich.console import Console
 from rich.table import Table
 
@@ -25,6 +24,7 @@ from service.postgres.corpus import open_corpus
 from service.postgres.db import DATABASE_ERRORS
 from service.redis.answer_cache import AnswerCache
 from service.redis.client import cli_client, redis_url
+from service.redis.keyspace import REDIS_ERRORS
 from service.settings import Settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Administer ragcache.")
@@ -57,7 +57,7 @@ def _with_redis(action: Callable[[aioredis.Redis, Settings], Awaitable[T]]) -> T
 
     try:
         return asyncio.run(run())
-    except (RedisError, OSError) as exc:
+    except REDIS_ERRORS as exc:
         err.print(f"[red]error:[/] cannot reach Redis: {type(exc).__name__}: {exc}")
         raise typer.Exit(2) from None
 

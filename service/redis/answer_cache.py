@@ -27,11 +27,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from service.policy.guardrails import normalize_for_key
 from service.postgres.retrieval import Filters
-from service.redis.keyspace import BEST_EFFORT_ERRORS, KEYS, CoolDown, Keyspace
+from service.redis.keyspace import BEST_EFFORT_ERRORS, KEYS, REDIS_ERRORS, CoolDown, Keyspace
 
 
 @dataclass(frozen=True)
@@ -146,7 +145,7 @@ class AnswerCache:
             return None
         try:
             raw = await self._get_listed(keys=[self.keys.answer(key)], args=[key, self.keys.deps_prefix])
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             self._failed("get", exc)
             return None
         if raw is None:

@@ -40,7 +40,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from service.errors import BudgetExceeded, RateLimited, ServiceError
-from service.redis.keyspace import KEYS, CoolDown
+from service.redis.keyspace import KEYS, REDIS_ERRORS, CoolDown
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ class Limiter:
         try:
             key = KEYS.requests_per_minute(principal.key_id)
             wait_ms = int(await self._gcra(keys=[key], args=[60_000 / principal.rpm, 60_000]))
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             self._fail_open("rate limit", exc)
             return
         if wait_ms > 0:
@@ -215,7 +215,7 @@ class Limiter:
         day = utc_day(now)
         try:
             used = int(await self._used(keys=self._budget_keys(principal, day), args=[day]))
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             self._fail_open("token budget", exc)
             return
         if used >= principal.tokens_per_day:
@@ -232,7 +232,7 @@ class Limiter:
             return Reservation(self, principal.key_id, keys[0], day, 0)  # settles to what is spent, uncapped
         try:
             reserved_on = int(await self._reserve(keys=keys, args=[day, tokens, principal.tokens_per_day]))
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             self._fail_open("token budget", exc)
             return Reservation(self, principal.key_id, keys[0], day, 0)
         if not reserved_on:
@@ -257,7 +257,7 @@ class Limiter:
         try:
             key = KEYS.inflight_slots(principal.key_id)
             taken = await self._occupy(keys=[key], args=[slot, principal.max_inflight, self.inflight_lapse_ms])
-        except (RedisError, OSError) as exc:  # not checked (fail open); the script may still have run,
+        except REDIS_ERRORS as exc:  # not checked (fail open); the script may still have run,
             self._fail_open("in-flight cap", exc)  # its reply lost: the caller gives the slot back anyway
             return True
         if not int(taken):
@@ -283,7 +283,7 @@ class Limiter:
         """
         try:
             count, ttl = await self._failure(keys=[KEYS.auth_failures], args=[address, 60])
-        except (RedisError, OSError):
+        except REDIS_ERRORS:
             return
         if int(count) > self.auth_failures_per_minute:
             raise self._blocked(int(ttl))
