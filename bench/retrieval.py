@@ -24,13 +24,13 @@ from service.settings import Settings
 
 SETS = (kit.SHARED_DATA / "msmarco-5k", kit.SHARED_DATA / "business-reports")
 METHODS = [
-    Method("dense (default)", "dense", C()),
-    Method("full-text, ts_rank", "sparse", C(rank="ts_rank")),
-    Method("full-text, ts_rank_cd", "sparse", C(rank="ts_rank_cd")),
-    Method("RRF, ts_rank_cd (the old default)", "hybrid", C(fusion="rrf", dense_weight=0.5, rank="ts_rank_cd")),
-    Method("RRF, ts_rank", "hybrid", C(fusion="rrf", dense_weight=0.5)),
-    Method("RRF 0.7 dense, ts_rank", "hybrid", C(fusion="rrf", dense_weight=0.7)),
-    *(Method(f"convex {w} dense, ts_rank", "hybrid", C(dense_weight=w)) for w in (0.5, 0.6, 0.7, 0.8)),
+    Method("dense (default)", C()),
+    Method("full-text, ts_rank", C(mode="sparse", rank="ts_rank")),
+    Method("full-text, ts_rank_cd", C(mode="sparse", rank="ts_rank_cd")),
+    Method("RRF, ts_rank_cd (the old default)", C(mode="hybrid", fusion="rrf", dense_weight=0.5, rank="ts_rank_cd")),
+    Method("RRF, ts_rank", C(mode="hybrid", fusion="rrf", dense_weight=0.5)),
+    Method("RRF 0.7 dense, ts_rank", C(mode="hybrid", fusion="rrf", dense_weight=0.7)),
+    *(Method(f"convex {w} dense, ts_rank", C(mode="hybrid", dense_weight=w)) for w in (0.5, 0.6, 0.7, 0.8)),
 ]
 EF_SEARCH = (10, 20, 40, 100)
 _TOP = "SELECT id FROM chunks ORDER BY embedding <=> $1 LIMIT $2"

@@ -20,7 +20,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +39,9 @@ MODES: dict[str, Mode] = {"dense": "dense", "full-text": "sparse", "fused": "hyb
 
 @dataclass(frozen=True)
 class Method:
-    """One way of retrieving: a named mode of the service's Retriever with its configuration."""
+    """One way of retrieving: the service's Retriever with a configuration (its mode among it), named."""
 
     name: str
-    mode: Mode
     config: RetrievalConfig
 
 
@@ -130,23 +129,21 @@ async def measure(settings: Settings, dataset: Dataset, methods: Sequence[Method
             vector = (await corpus.embedder.embed([query.text]))[0]
             for method in methods:
                 started = time.perf_counter()
-                ranked = await _documents(retrievers[method.name], method.mode, vector, query.text, names, k)
+                ranked = await _documents(retrievers[method.name], vector, query.text, names, k)
                 got = scores[method.name]
                 got.seconds.append(time.perf_counter() - started)
                 got.ndcg.append(metrics.ndcg(ranked, query.judgments, k))
                 got.recall.append(metrics.recall(ranked, query.judgments, k))
                 got.rr.append(metrics.reciprocal_rank(ranked, query.judgments, k))
-    baseline = next((m.name for m in methods if m.mode == "dense"), None)
+    baseline = next((m.name for m in methods if m.config.mode == "dense"), None)
     return Report(dataset, k, len(names), missing, scores, baseline)
 
 
-async def _documents(
-    retriever: Retriever, mode: Mode, vector: Any, question: str, names: dict[int, str], k: int
-) -> list[str]:
+async def _documents(retriever: Retriever, vector: Any, question: str, names: dict[int, str], k: int) -> list[str]:
     """The top k distinct documents; asks for more chunks while a document's chunks crowd the top."""
     top = k
     while True:
-        sources = await retriever.search(vector, question, top_k=top, mode=mode)
+        sources = await retriever.search(vector, question, top_k=top)
         ranked = list(dict.fromkeys(names[s.document_id] for s in sources))
         if len(ranked) >= k or len(sources) < top:
             return ranked[:k]
@@ -159,7 +156,7 @@ def methods_for(args: argparse.Namespace, settings: Settings) -> list[Method]:
         dense_weight=settings.hybrid_dense_weight if args.dense_weight is None else args.dense_weight,
         rank=args.rank or settings.fulltext_rank,
     )
-    return [Method(name, MODES[name], config) for name in dict.fromkeys(args.mode or MODES)]
+    return [Method(name, replace(config, mode=MODES[name])) for name in dict.fromkeys(args.mode or MODES)]
 
 
 def parser() -> argparse.ArgumentParser:
