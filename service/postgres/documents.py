@@ -211,32 +211,33 @@ def _vectors(doc: PreparedDocument) -> npt.NDArray[np.float32]:
 
 
 async def corpus_status(pool: asyncpg.Pool | asyncpg.Connection) -> CorpusStatus:
-    """Counts for `rag-ingest status` and `/ready`; works on a database not yet migrated."""
+    """Counts for `rag-ingest status`; works on a database not yet migrated."""
     exists = await pool.fetchval("SELECT to_regclass('public.corpus') IS NOT NULL")
     if not exists:
         return CorpusStatus(initialised=False)
     corpus = await pool.fetchrow("SELECT embedding_model, embedding_dim, generation FROM corpus")
-    per_source = await pool.fetch(
-        """SELECT source, count(*) AS documents, sum(chunk_count) AS chunks, sum(token_count) AS tokens
-           FROM documents GROUP BY source ORDER BY source"""
+    sources = _counts(
+        await pool.fetch(
+            """SELECT source AS name, count(*) AS documents, sum(chunk_count) AS chunks, sum(token_count) AS tokens
+               FROM documents GROUP BY source ORDER BY source"""
+        )
     )
     has_collections = await pool.fetchval(
         """SELECT EXISTS (SELECT 1 FROM information_schema.columns
                           WHERE table_name = 'documents' AND column_name = 'collection')"""
     )
-    per_collection = (
-        await pool.fetch(
-            """SELECT collection, count(*) AS documents, sum(chunk_count) AS chunks, sum(token_count) AS tokens
-               FROM documents GROUP BY collection ORDER BY collection"""
+    collections = (
+        _counts(
+            await pool.fetch(
+                """SELECT collection AS name, count(*) AS documents, sum(chunk_count) AS chunks,
+                          sum(token_count) AS tokens
+                   FROM documents GROUP BY collection ORDER BY collection"""
+            )
         )
         if has_collections
-        else []
+        else {}
     )
     indexes = {r["indexname"] for r in await pool.fetch("SELECT indexname FROM pg_indexes WHERE tablename = 'chunks'")}
-    sources = {
-        r["source"]: {"documents": r["documents"], "chunks": int(r["chunks"]), "tokens": int(r["tokens"])}
-        for r in per_source
-    }
     return CorpusStatus(
         initialised=corpus is not None,
         embedding_model=corpus["embedding_model"] if corpus else None,
@@ -248,8 +249,12 @@ async def corpus_status(pool: asyncpg.Pool | asyncpg.Connection) -> CorpusStatus
         hnsw_index="chunks_embedding_hnsw" in indexes,
         fulltext_index="chunks_tsv_gin" in indexes,
         sources=sources,
-        collections={
-            r["collection"]: {"documents": r["documents"], "chunks": int(r["chunks"]), "tokens": int(r["tokens"])}
-            for r in per_collection
-        },
+        collections=collections,
     )
+
+
+def _counts(rows: list[asyncpg.Record]) -> dict[str, dict[str, int]]:
+    """Documents, chunks and tokens per `name` (a source or a collection)."""
+    return {
+        r["name"]: {"documents": r["documents"], "chunks": int(r["chunks"]), "tokens": int(r["tokens"])} for r in rows
+    }
